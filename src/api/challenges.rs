@@ -1,0 +1,109 @@
+//! `ChallengeService`: the IdP's side of a sign-in.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::auth::TenantKeys;
+use super::convert::challenge_to_pb;
+use crate::domain::broker::{Broker, ChallengeRequest};
+use crate::domain::ids::ChallengeId;
+use crate::error::BrokerError;
+use crate::pb;
+use crate::pb::challenge_service_server::ChallengeService;
+use crate::store::ChallengeWatch;
+
+pub struct ChallengeApi {
+    broker: Arc<Broker>,
+    keys: Arc<TenantKeys>,
+    /// Fires when the server drains: open watch streams end with UNAVAILABLE so the
+    /// IdP re-attaches to another replica.
+    shutdown: CancellationToken,
+}
+
+impl ChallengeApi {
+    pub fn new(broker: Arc<Broker>, keys: Arc<TenantKeys>, shutdown: CancellationToken) -> Self {
+        Self { broker, keys, shutdown }
+    }
+}
+
+pub type ChallengeStream = Pin<Box<dyn Stream<Item = Result<pb::Challenge, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ChallengeService for ChallengeApi {
+    async fn create_challenge(&self, request: Request<pb::CreateChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
+        let tenant = self.keys.authenticate(request.metadata())?;
+        let request = ChallengeRequest::try_from(request.into_inner())?;
+        let challenge = self.broker.create_challenge(&tenant, request).await?;
+        Ok(Response::new(challenge_to_pb(&challenge)))
+    }
+
+    async fn get_challenge(&self, request: Request<pb::GetChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
+        let tenant = self.keys.authenticate(request.metadata())?;
+        let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
+        let challenge = self.broker.get_challenge(&tenant, &id).await?;
+        Ok(Response::new(challenge_to_pb(&challenge)))
+    }
+
+    type WatchChallengeStream = ChallengeStream;
+
+    async fn watch_challenge(&self, request: Request<pb::WatchChallengeRequest>) -> Result<Response<ChallengeStream>, Status> {
+        let tenant = self.keys.authenticate(request.metadata())?;
+        let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
+        let watch = self.broker.watch_challenge(&tenant, &id).await?;
+        Ok(Response::new(watch_stream(watch, self.shutdown.clone())))
+    }
+
+    async fn cancel_challenge(&self, request: Request<pb::CancelChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
+        let tenant = self.keys.authenticate(request.metadata())?;
+        let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
+        let challenge = self.broker.cancel_challenge(&tenant, &id).await?;
+        Ok(Response::new(challenge_to_pb(&challenge)))
+    }
+
+    async fn verify_totp(&self, request: Request<pb::VerifyTotpRequest>) -> Result<Response<pb::VerifyTotpResponse>, Status> {
+        self.keys.authenticate(request.metadata())?;
+        Err(BrokerError::Unimplemented("VerifyTotp is not available in this version yet").into())
+    }
+}
+
+enum WatchState {
+    First(ChallengeWatch),
+    Following(ChallengeWatch),
+    Done,
+}
+
+/// The current state at once, then every change; ends after the first final state.
+/// A slow reader may skip intermediate delivery updates (each message is the latest
+/// state), never the final one.
+fn watch_stream(watch: ChallengeWatch, shutdown: CancellationToken) -> ChallengeStream {
+    Box::pin(futures::stream::unfold(WatchState::First(watch), move |state| {
+        let shutdown = shutdown.clone();
+        async move {
+            let mut watch = match state {
+                WatchState::Done => return None,
+                WatchState::First(mut watch) => {
+                    let current = watch.borrow_and_update().clone();
+                    let next = if current.state.is_final() { WatchState::Done } else { WatchState::Following(watch) };
+                    return Some((Ok(challenge_to_pb(&current)), next));
+                }
+                WatchState::Following(watch) => watch,
+            };
+            tokio::select! {
+                changed = watch.changed() => {
+                    // The challenge left the store (purged): its final state was sent already.
+                    changed.ok()?;
+                    let current = watch.borrow_and_update().clone();
+                    let next = if current.state.is_final() { WatchState::Done } else { WatchState::Following(watch) };
+                    Some((Ok(challenge_to_pb(&current)), next))
+                }
+                () = shutdown.cancelled() => {
+                    Some((Err(Status::unavailable("the server is shutting down; watch the challenge again")), WatchState::Done))
+                }
+            }
+        }
+    }))
+}

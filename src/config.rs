@@ -1,0 +1,545 @@
+//! Configuration: defaults, then the TOML file, then `PUSHMATCH_*` environment
+//! variables (`PUSHMATCH_` + the key's path in capitals joined by `__`, e.g.
+//! `PUSHMATCH_SERVER__LISTEN=0.0.0.0:50051`). Everything is validated before a port
+//! opens. The environment is passed in, so tests need no process globals.
+//!
+//! The layering is written here by hand (about fifty lines over `toml::Value`)
+//! rather than with figment or config-rs: those read the process environment
+//! themselves, and we want the environment as an argument.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::broker::{BrokerSettings, Tenant};
+use crate::domain::ids::TenantId;
+use crate::push::dispatcher::DispatcherSettings;
+use crate::store::{AdmissionPolicy, WrongNumberPolicy};
+
+/// The environment variable that names the configuration file.
+pub const CONFIG_FILE_VAR: &str = "PUSHMATCH_CONFIG";
+const ENV_PREFIX: &str = "PUSHMATCH_";
+
+/// The development tenant's API key, used only when no configuration file exists.
+/// It is public (documented in the README): never run like that in production.
+pub const DEVELOPMENT_API_KEY: &str = "pushmatch-dev-key";
+pub const DEVELOPMENT_TENANT: &str = "dev";
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub store: StoreConfig,
+    pub challenge: ChallengeConfig,
+    pub limits: LimitsConfig,
+    pub enrollment: EnrollmentConfig,
+    pub device: DeviceConfig,
+    pub push: PushConfig,
+    pub log: LogConfig,
+    pub tenants: Vec<TenantConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// gRPC listen address.
+    pub listen: String,
+    /// Where enrollment QR codes send apps.
+    pub public_url: String,
+    /// `/metrics` and `/healthz`; "" turns it off.
+    pub metrics_listen: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_cert_path: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_key_path: Option<PathBuf>,
+    /// Concurrent requests per HTTP/2 connection.
+    pub max_concurrent_requests_per_connection: u32,
+    /// Deadline for a unary call (watch streams are not bound by it).
+    pub request_timeout_seconds: u32,
+    /// How long shutdown waits for calls to finish.
+    pub shutdown_grace_seconds: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".into(),
+            public_url: "http://127.0.0.1:50051".into(),
+            metrics_listen: "127.0.0.1:9464".into(),
+            tls_cert_path: None,
+            tls_key_path: None,
+            max_concurrent_requests_per_connection: 256,
+            request_timeout_seconds: 30,
+            shutdown_grace_seconds: 10,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    Embedded,
+    Redis,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    pub backend: StoreBackend,
+    /// Embedded: the folder that holds the durable file.
+    pub path: PathBuf,
+    pub redis_url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { backend: StoreBackend::Embedded, path: "./pushmatch-data".into(), redis_url: "redis://127.0.0.1:6379".into() }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChallengeConfig {
+    pub default_ttl_seconds: u32,
+    pub max_ttl_seconds: u32,
+    /// How long a resolved or expired challenge stays readable.
+    pub retention_seconds: u32,
+}
+
+impl Default for ChallengeConfig {
+    fn default() -> Self {
+        Self { default_ttl_seconds: 60, max_ttl_seconds: 300, retention_seconds: 300 }
+    }
+}
+
+/// Per-user limits against push bombing and number guessing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_pending_per_user: u32,
+    pub max_challenges_per_window: u32,
+    pub challenge_window_seconds: u32,
+    pub wrong_number_limit: u32,
+    pub wrong_number_window_seconds: u32,
+    pub wrong_number_block_seconds: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_pending_per_user: 3,
+            max_challenges_per_window: 10,
+            challenge_window_seconds: 600,
+            wrong_number_limit: 3,
+            wrong_number_window_seconds: 900,
+            wrong_number_block_seconds: 900,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EnrollmentConfig {
+    /// How long an enrollment QR code stays valid.
+    pub code_ttl_seconds: u32,
+}
+
+impl Default for EnrollmentConfig {
+    fn default() -> Self {
+        Self { code_ttl_seconds: 600 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// How far a proof's timestamp may be from the server's clock.
+    pub max_clock_skew_seconds: u32,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        Self { max_clock_skew_seconds: 300 }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Push jobs waiting to be sent; when full, CreateChallenge answers RESOURCE_EXHAUSTED.
+    pub queue_capacity: u32,
+    /// Pushes in flight at once.
+    pub max_in_flight: u32,
+    pub max_attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apns: Option<ApnsConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<FcmConfig>,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self { queue_capacity: 10_000, max_in_flight: 512, max_attempts: 5, apns: None, fcm: None }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    pub team_id: String,
+    pub key_id: String,
+    pub private_key_path: PathBuf,
+    pub topic: String,
+    #[serde(default = "default_apns_endpoint")]
+    pub endpoint: String,
+    #[serde(default)]
+    pub ca_cert_path: String,
+}
+
+fn default_apns_endpoint() -> String {
+    "https://api.push.apple.com".into()
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    pub service_account_path: PathBuf,
+    #[serde(default = "default_fcm_endpoint")]
+    pub endpoint: String,
+    #[serde(default)]
+    pub ca_cert_path: String,
+}
+
+fn default_fcm_endpoint() -> String {
+    "https://fcm.googleapis.com".into()
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. "info" or "pushmatch=debug"; `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    pub id: String,
+    pub display_name: String,
+    /// Hex SHA-256 digests of the tenant's API keys (`pushmatch hash-key` makes them).
+    /// Several allow rotation without downtime.
+    pub api_key_sha256: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// A loaded, validated configuration.
+#[derive(Clone, Debug)]
+pub struct LoadedConfig {
+    pub config: Config,
+    /// No file was given: the development tenant is in use.
+    pub development: bool,
+}
+
+impl Config {
+    /// Layers defaults, the file (if any) and the `PUSHMATCH_*` entries of `env`, then
+    /// validates. With no file and no tenants, adds the development tenant.
+    pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<LoadedConfig, ConfigError> {
+        let mut merged = toml::Value::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse { origin: "defaults".into(), message: e.to_string() })?;
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+            let table: toml::Table = toml::from_str(&text)
+                .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+            merge(&mut merged, toml::Value::Table(table));
+        }
+        let mut env: Vec<(String, String)> =
+            env.into_iter().filter(|(key, _)| key.starts_with(ENV_PREFIX) && key != CONFIG_FILE_VAR).collect();
+        env.sort();
+        for (key, value) in env {
+            let path: Vec<String> = key[ENV_PREFIX.len()..].split("__").map(str::to_lowercase).collect();
+            set_path(&mut merged, &path, &value).map_err(|message| ConfigError::Parse { origin: key.clone(), message })?;
+        }
+        let mut config: Config = serde_path_to_error::deserialize(merged)
+            .map_err(|e| ConfigError::Parse { origin: e.path().to_string(), message: e.into_inner().message().to_owned() })?;
+        let development = file.is_none();
+        if development && config.tenants.is_empty() {
+            config.tenants.push(TenantConfig {
+                id: DEVELOPMENT_TENANT.into(),
+                display_name: "pushmatch (development)".into(),
+                api_key_sha256: vec![crate::api::auth::api_key_digest_hex(DEVELOPMENT_API_KEY)],
+            });
+        }
+        config.validate()?;
+        Ok(LoadedConfig { config, development })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server.listen.parse::<SocketAddr>().map_err(|e| invalid("server.listen", format!("not an address: {e}")))?;
+        if !(self.server.public_url.starts_with("http://") || self.server.public_url.starts_with("https://")) {
+            return Err(invalid("server.public_url", "must start with http:// or https://"));
+        }
+        if !self.server.metrics_listen.is_empty() {
+            self.server
+                .metrics_listen
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid("server.metrics_listen", format!("not an address: {e}")))?;
+        }
+        if self.server.tls_cert_path.is_some() || self.server.tls_key_path.is_some() {
+            return Err(invalid("server.tls_cert_path", "TLS termination is not in this build yet; terminate TLS in a proxy"));
+        }
+        if self.server.max_concurrent_requests_per_connection == 0 {
+            return Err(invalid("server.max_concurrent_requests_per_connection", "must be at least 1"));
+        }
+        if self.server.request_timeout_seconds == 0 {
+            return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
+        }
+        if self.store.backend == StoreBackend::Redis {
+            return Err(invalid("store.backend", "\"redis\" is not in this build yet; use \"embedded\""));
+        }
+        let challenge = &self.challenge;
+        if challenge.default_ttl_seconds == 0 || challenge.default_ttl_seconds > challenge.max_ttl_seconds {
+            return Err(invalid("challenge.default_ttl_seconds", "must be between 1 and challenge.max_ttl_seconds"));
+        }
+        if challenge.max_ttl_seconds > 3_600 {
+            return Err(invalid("challenge.max_ttl_seconds", "must be at most 3600"));
+        }
+        for (key, value) in [
+            ("limits.max_pending_per_user", self.limits.max_pending_per_user),
+            ("limits.max_challenges_per_window", self.limits.max_challenges_per_window),
+            ("limits.challenge_window_seconds", self.limits.challenge_window_seconds),
+            ("limits.wrong_number_limit", self.limits.wrong_number_limit),
+            ("limits.wrong_number_window_seconds", self.limits.wrong_number_window_seconds),
+            ("enrollment.code_ttl_seconds", self.enrollment.code_ttl_seconds),
+            ("device.max_clock_skew_seconds", self.device.max_clock_skew_seconds),
+            ("push.queue_capacity", self.push.queue_capacity),
+            ("push.max_in_flight", self.push.max_in_flight),
+            ("push.max_attempts", self.push.max_attempts),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.tenants.is_empty() {
+            return Err(invalid("tenants", "no [[tenants]]: nobody could call the identity-provider services"));
+        }
+        let mut ids = HashSet::new();
+        let mut keys = HashSet::new();
+        for tenant in &self.tenants {
+            let valid_id = !tenant.id.is_empty()
+                && tenant.id.len() <= 64
+                && tenant.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid_id {
+                return Err(invalid("tenants.id", format!("{:?}: 1 to 64 of [A-Za-z0-9_-]", tenant.id)));
+            }
+            if !ids.insert(tenant.id.as_str()) {
+                return Err(invalid("tenants.id", format!("{:?} appears twice", tenant.id)));
+            }
+            if tenant.api_key_sha256.is_empty() {
+                return Err(invalid("tenants.api_key_sha256", format!("tenant {:?} has no API key", tenant.id)));
+            }
+            for digest in &tenant.api_key_sha256 {
+                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        "tenants.api_key_sha256",
+                        format!("tenant {:?}: not 64 hex digits (use `pushmatch hash-key`)", tenant.id),
+                    ));
+                }
+                if !keys.insert(digest.to_ascii_lowercase()) {
+                    return Err(invalid("tenants.api_key_sha256", format!("tenant {:?}: a key digest appears twice", tenant.id)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server.listen.parse().map_err(|e| invalid("server.listen", format!("not an address: {e}")))
+    }
+
+    pub fn broker_settings(&self) -> BrokerSettings {
+        let seconds = |s: u32| Duration::from_secs(u64::from(s));
+        BrokerSettings {
+            default_ttl: seconds(self.challenge.default_ttl_seconds),
+            max_ttl: seconds(self.challenge.max_ttl_seconds),
+            admission: AdmissionPolicy {
+                max_pending: self.limits.max_pending_per_user,
+                max_per_window: self.limits.max_challenges_per_window,
+                window: seconds(self.limits.challenge_window_seconds),
+                retention: seconds(self.challenge.retention_seconds),
+            },
+            wrong_numbers: WrongNumberPolicy {
+                limit: self.limits.wrong_number_limit,
+                window: seconds(self.limits.wrong_number_window_seconds),
+                block_for: seconds(self.limits.wrong_number_block_seconds),
+            },
+            enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
+            max_clock_skew: seconds(self.device.max_clock_skew_seconds),
+            public_url: self.server.public_url.clone(),
+        }
+    }
+
+    pub fn dispatcher_settings(&self) -> DispatcherSettings {
+        DispatcherSettings {
+            queue_capacity: self.push.queue_capacity as usize,
+            max_in_flight: self.push.max_in_flight as usize,
+            max_attempts: self.push.max_attempts,
+            ..DispatcherSettings::default()
+        }
+    }
+
+    pub fn domain_tenants(&self) -> Vec<Tenant> {
+        self.tenants.iter().map(|t| Tenant { id: TenantId(t.id.clone()), display_name: t.display_name.clone() }).collect()
+    }
+}
+
+/// Deep-merges `overlay` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Value, overlay: toml::Value) {
+    match (base, overlay) {
+        (toml::Value::Table(base), toml::Value::Table(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// Sets `path` to `raw`. Where the key holds a string already, `raw` stays a string;
+/// elsewhere it is read as a TOML value (numbers, booleans, arrays, inline tables)
+/// and falls back to a string.
+fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else { return Err("empty key".into()) };
+    let mut node = root;
+    for key in parents {
+        let toml::Value::Table(table) = node else { return Err(format!("{key} is not a table")) };
+        node = table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    }
+    let toml::Value::Table(table) = node else { return Err(format!("{last} is not inside a table")) };
+    let value = match table.get(last) {
+        Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+        _ => toml::from_str::<toml::Table>(&format!("v = {raw}"))
+            .ok()
+            .and_then(|mut parsed| parsed.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+    };
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    const TENANT: &str = r#"
+[[tenants]]
+id = "gors"
+display_name = "Gors"
+api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875b4b"]
+"#;
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write");
+        file
+    }
+
+    #[test]
+    fn no_file_gives_the_development_defaults() {
+        let loaded = Config::load(None, env(&[("HOME", "/root")])).expect("loads");
+        assert!(loaded.development);
+        assert_eq!(loaded.config.server.listen, "127.0.0.1:50051");
+        assert_eq!(loaded.config.store.backend, StoreBackend::Embedded);
+        assert_eq!(loaded.config.tenants[0].id, DEVELOPMENT_TENANT);
+        assert_eq!(loaded.config.challenge.default_ttl_seconds, 60);
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let file = file(&format!("[server]\nlisten = \"127.0.0.1:7000\"\n[challenge]\ndefault_ttl_seconds = 30\n{TENANT}"));
+        let loaded = Config::load(
+            Some(file.path()),
+            env(&[
+                ("PUSHMATCH_SERVER__LISTEN", "0.0.0.0:50051"),
+                ("PUSHMATCH_CHALLENGE__MAX_TTL_SECONDS", "120"),
+                ("PUSHMATCH_CONFIG", "/ignored"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .expect("loads");
+        assert!(!loaded.development);
+        assert_eq!(loaded.config.server.listen, "0.0.0.0:50051");
+        assert_eq!(loaded.config.challenge.default_ttl_seconds, 30);
+        assert_eq!(loaded.config.challenge.max_ttl_seconds, 120);
+        assert_eq!(loaded.config.tenants[0].display_name, "Gors");
+    }
+
+    #[test]
+    fn numeric_looking_strings_stay_strings() {
+        let file = file(TENANT);
+        let loaded = Config::load(Some(file.path()), env(&[("PUSHMATCH_SERVER__METRICS_LISTEN", "")])).expect("loads");
+        assert_eq!(loaded.config.server.metrics_listen, "");
+    }
+
+    #[test]
+    fn mistakes_are_named() {
+        let cases: Vec<(String, Vec<(String, String)>, &str)> = vec![
+            (format!("[server]\nlisten = \"nowhere\"\n{TENANT}"), vec![], "server.listen"),
+            (format!("[challenge]\ndefault_ttl_seconds = 400\n{TENANT}"), vec![], "challenge.default_ttl_seconds"),
+            (format!("[server]\nlisten_typo = \"x\"\n{TENANT}"), vec![], "listen_typo"),
+            ("".into(), vec![], "tenants"),
+            (TENANT.replace("6b86", "zz86"), vec![], "tenants.api_key_sha256"),
+            (TENANT.into(), env(&[("PUSHMATCH_LIMITS__MAX_PENDING_PER_USER", "0")]), "limits.max_pending_per_user"),
+            (TENANT.into(), env(&[("PUSHMATCH_STORE__BACKEND", "mysql")]), "backend"),
+        ];
+        for (text, env, expected) in cases {
+            let file = file(&text);
+            let error = Config::load(Some(file.path()), env).expect_err("invalid");
+            assert!(error.to_string().contains(expected), "{error} should name {expected}");
+        }
+    }
+
+    #[test]
+    fn a_missing_file_is_named() {
+        let error = Config::load(Some(Path::new("/nonexistent/pushmatch.toml")), vec![]).expect_err("missing");
+        assert!(error.to_string().contains("/nonexistent/pushmatch.toml"));
+    }
+}

@@ -1,0 +1,273 @@
+//! Enrolled devices and the proofs that authenticate their calls.
+//!
+//! A device proves a call by signing its signing string (see `DeviceProof` in the
+//! proto) with the key it made at enrollment. That signature, not the number, is
+//! what authenticates: the number only binds the answer to the screen the user sees.
+
+use std::time::Duration;
+
+use p256::ecdsa::signature::Verifier as _;
+use p256::pkcs8::DecodePublicKey as _;
+use serde::{Deserialize, Serialize};
+
+use super::challenge::Platform;
+use super::ids::{DeviceId, TenantId, UserId};
+use super::time::Millis;
+use crate::error::BrokerError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeyAlgorithm {
+    EcdsaP256Sha256,
+    Ed25519,
+}
+
+/// A device's public key, checked when it enrolled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DevicePublicKey {
+    pub algorithm: KeyAlgorithm,
+    /// As the device sent it: SEC1 or SubjectPublicKeyInfo DER for P-256, 32 raw bytes for Ed25519.
+    #[serde(with = "hex_bytes")]
+    pub bytes: Vec<u8>,
+}
+
+enum ParsedKey {
+    P256(p256::ecdsa::VerifyingKey),
+    Ed25519(ed25519_dalek::VerifyingKey),
+}
+
+impl DevicePublicKey {
+    /// Checks that `bytes` is a valid key of `algorithm` (a point on the curve).
+    pub fn new(algorithm: KeyAlgorithm, bytes: Vec<u8>) -> Result<Self, BrokerError> {
+        let key = Self { algorithm, bytes };
+        key.parse()?;
+        Ok(key)
+    }
+
+    fn parse(&self) -> Result<ParsedKey, BrokerError> {
+        match self.algorithm {
+            KeyAlgorithm::EcdsaP256Sha256 => {
+                let parsed = match self.bytes.len() {
+                    33 | 65 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.bytes).ok(),
+                    _ => p256::ecdsa::VerifyingKey::from_public_key_der(&self.bytes).ok(),
+                };
+                parsed.map(ParsedKey::P256).ok_or_else(|| {
+                    BrokerError::invalid("public_key", "is not a P-256 key (SEC1 point or SubjectPublicKeyInfo DER)")
+                })
+            }
+            KeyAlgorithm::Ed25519 => <[u8; 32]>::try_from(self.bytes.as_slice())
+                .ok()
+                .and_then(|raw| ed25519_dalek::VerifyingKey::from_bytes(&raw).ok())
+                .map(ParsedKey::Ed25519)
+                .ok_or_else(|| BrokerError::invalid("public_key", "is not a 32-byte Ed25519 key")),
+        }
+    }
+
+    /// Whether `signature` signs `message` under this key. P-256 takes ASN.1 DER or
+    /// raw r||s; high-S signatures (as some keystores make them) are normalised
+    /// first. Ed25519 uses strict verification (no small-order keys, canonical S).
+    pub fn verifies(&self, message: &[u8], signature: &[u8]) -> bool {
+        match self.parse() {
+            Ok(ParsedKey::P256(key)) => {
+                let parsed = if signature.len() == 64 {
+                    p256::ecdsa::Signature::from_slice(signature)
+                } else {
+                    p256::ecdsa::Signature::from_der(signature)
+                };
+                let Ok(parsed) = parsed else { return false };
+                let parsed = parsed.normalize_s().unwrap_or(parsed);
+                key.verify(message, &parsed).is_ok()
+            }
+            Ok(ParsedKey::Ed25519(key)) => match ed25519_dalek::Signature::from_slice(signature) {
+                Ok(parsed) => key.verify_strict(message, &parsed).is_ok(),
+                Err(_) => false,
+            },
+            Err(_) => false,
+        }
+    }
+}
+
+/// An enrolled authenticator app (or, with no platform, a TOTP-only credential).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: DeviceId,
+    pub tenant: TenantId,
+    pub user_id: UserId,
+    pub display_name: String,
+    /// The label the user's app shows, from the enrollment.
+    pub account_name: String,
+    pub platform: Option<Platform>,
+    /// APNs device token or FCM registration token; empty when the app has none.
+    pub push_token: String,
+    /// False once the provider reported the token dead, until a new token arrives.
+    pub push_enabled: bool,
+    pub public_key: Option<DevicePublicKey>,
+    pub has_totp: bool,
+    pub enrolled_at: Millis,
+    pub last_used_at: Option<Millis>,
+}
+
+impl Device {
+    /// Whether the device can answer challenges (it holds a key): such a user can be
+    /// challenged even when no push reaches the phone, thanks to the pull fallback.
+    pub fn answers_challenges(&self) -> bool {
+        self.public_key.is_some() && self.platform.is_some()
+    }
+
+    /// Whether a push should go to this device now.
+    pub fn takes_pushes(&self) -> bool {
+        self.answers_challenges() && self.push_enabled && !self.push_token.is_empty()
+    }
+}
+
+/// The proof that accompanies every DeviceService call but CompleteEnrollment.
+#[derive(Clone, Debug)]
+pub struct DeviceProof {
+    pub device_id: DeviceId,
+    pub timestamp_ms: i64,
+    pub signature: Vec<u8>,
+}
+
+impl DeviceProof {
+    /// The exact bytes the device signed: "pushmatch/v1", the RPC name, the device
+    /// id, the timestamp in decimal, then the call's own fields, joined by "\n".
+    pub fn signing_string(&self, rpc: &str, fields: &[&str]) -> String {
+        let timestamp = self.timestamp_ms.to_string();
+        let mut parts = vec!["pushmatch/v1", rpc, self.device_id.as_str(), timestamp.as_str()];
+        parts.extend_from_slice(fields);
+        parts.join("\n")
+    }
+
+    /// Checks the timestamp window and the signature against `device`'s key.
+    pub fn verify(
+        &self,
+        device: &Device,
+        rpc: &str,
+        fields: &[&str],
+        now: Millis,
+        max_skew: Duration,
+    ) -> Result<(), BrokerError> {
+        let skew = now.0.abs_diff(self.timestamp_ms);
+        if u128::from(skew) > max_skew.as_millis() {
+            return Err(BrokerError::unauthenticated(format!(
+                "proof.timestamp_ms: more than {} s from the server's clock",
+                max_skew.as_secs()
+            )));
+        }
+        let Some(key) = &device.public_key else {
+            return Err(BrokerError::unauthenticated("proof.device_id: this credential has no device key"));
+        };
+        if key.verifies(self.signing_string(rpc, fields).as_bytes(), &self.signature) {
+            Ok(())
+        } else {
+            Err(BrokerError::unauthenticated("proof.signature: does not verify for this device and call"))
+        }
+    }
+}
+
+/// Serde helper: byte strings as hex in the stores' JSON.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        hex::decode(text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use p256::ecdsa::signature::Signer as _;
+    use p256::elliptic_curve::rand_core::OsRng;
+    use p256::pkcs8::EncodePublicKey as _;
+
+    use super::*;
+
+    fn device_with(key: DevicePublicKey) -> Device {
+        Device {
+            id: DeviceId::generate().expect("id"),
+            tenant: TenantId("t".into()),
+            user_id: UserId::parse("u").expect("user"),
+            display_name: String::new(),
+            account_name: String::new(),
+            platform: Some(Platform::Apns),
+            push_token: "aa".into(),
+            push_enabled: true,
+            public_key: Some(key),
+            has_totp: false,
+            enrolled_at: Millis(0),
+            last_used_at: None,
+        }
+    }
+
+    const NOW: Millis = Millis(1_700_000_000_000);
+    const SKEW: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn p256_keys_in_every_encoding_and_both_signature_forms_verify() {
+        let signing = p256::ecdsa::SigningKey::random(&mut OsRng);
+        let verifying = signing.verifying_key();
+        let encodings = [
+            verifying.to_encoded_point(false).as_bytes().to_vec(),
+            verifying.to_encoded_point(true).as_bytes().to_vec(),
+            verifying.to_public_key_der().expect("spki").as_bytes().to_vec(),
+        ];
+        for bytes in encodings {
+            let device = device_with(DevicePublicKey::new(KeyAlgorithm::EcdsaP256Sha256, bytes).expect("valid key"));
+            let mut proof = DeviceProof { device_id: device.id.clone(), timestamp_ms: NOW.0, signature: vec![] };
+            let message = proof.signing_string("ListPendingChallenges", &[]);
+            let signature: p256::ecdsa::Signature = signing.sign(message.as_bytes());
+            for form in [signature.to_vec(), signature.to_der().as_bytes().to_vec()] {
+                proof.signature = form;
+                proof.verify(&device, "ListPendingChallenges", &[], NOW, SKEW).expect("verifies");
+                assert!(proof.verify(&device, "UpdatePushToken", &[], NOW, SKEW).is_err(), "bound to the rpc name");
+            }
+        }
+    }
+
+    #[test]
+    fn ed25519_verifies_and_rejects_other_fields() {
+        let signing = ed25519_dalek::SigningKey::generate(&mut OsRng);
+        let key = DevicePublicKey::new(KeyAlgorithm::Ed25519, signing.verifying_key().to_bytes().to_vec()).expect("key");
+        let device = device_with(key);
+        let mut proof = DeviceProof { device_id: device.id.clone(), timestamp_ms: NOW.0, signature: vec![] };
+        let fields = ["ch_x", "DECISION_APPROVE", "42"];
+        proof.signature = ed25519_dalek::Signer::sign(&signing, proof.signing_string("RespondToChallenge", &fields).as_bytes())
+            .to_bytes()
+            .to_vec();
+        proof.verify(&device, "RespondToChallenge", &fields, NOW, SKEW).expect("verifies");
+        let tampered = ["ch_x", "DECISION_APPROVE", "43"];
+        assert!(proof.verify(&device, "RespondToChallenge", &tampered, NOW, SKEW).is_err());
+    }
+
+    #[test]
+    fn stale_and_future_timestamps_are_refused() {
+        let signing = ed25519_dalek::SigningKey::generate(&mut OsRng);
+        let device =
+            device_with(DevicePublicKey::new(KeyAlgorithm::Ed25519, signing.verifying_key().to_bytes().to_vec()).expect("key"));
+        for offset in [-301_000i64, 301_000] {
+            let mut proof = DeviceProof { device_id: device.id.clone(), timestamp_ms: NOW.0 + offset, signature: vec![] };
+            proof.signature =
+                ed25519_dalek::Signer::sign(&signing, proof.signing_string("ListPendingChallenges", &[]).as_bytes())
+                    .to_bytes()
+                    .to_vec();
+            let err = proof.verify(&device, "ListPendingChallenges", &[], NOW, SKEW).expect_err("outside the window");
+            assert!(err.to_string().contains("timestamp_ms"));
+        }
+    }
+
+    #[test]
+    fn malformed_keys_are_refused_by_field() {
+        for (algorithm, bytes) in [
+            (KeyAlgorithm::EcdsaP256Sha256, vec![4u8; 65]),
+            (KeyAlgorithm::EcdsaP256Sha256, vec![1, 2, 3]),
+            (KeyAlgorithm::Ed25519, vec![0u8; 31]),
+        ] {
+            let err = DevicePublicKey::new(algorithm, bytes).expect_err("malformed");
+            assert!(err.to_string().starts_with("public_key"), "{err}");
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Enrollment: the QR code on the setup page and the one-time code inside it.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+
+use super::ids::{CodeDigest, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use super::time::Millis;
+use crate::error::BrokerError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollmentKind {
+    Push,
+    Totp,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollmentState {
+    Pending,
+    Completed,
+    Expired,
+}
+
+/// An enrollment as the stores keep it. The one-time code is kept only as its
+/// digest: the URI (and so the QR code) is shown once, by BeginEnrollment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    pub id: EnrollmentId,
+    pub tenant: TenantId,
+    pub user_id: UserId,
+    pub account_name: String,
+    pub kind: EnrollmentKind,
+    pub code_digest: CodeDigest,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub completed: bool,
+    pub device_id: Option<DeviceId>,
+}
+
+impl Enrollment {
+    pub fn state(&self, now: Millis) -> EnrollmentState {
+        if self.completed {
+            EnrollmentState::Completed
+        } else if now >= self.expires_at {
+            EnrollmentState::Expired
+        } else {
+            EnrollmentState::Pending
+        }
+    }
+}
+
+/// RFC 3986 unreserved characters stay; everything else is %-encoded.
+const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+fn encode(component: &str) -> String {
+    utf8_percent_encode(component, URI_COMPONENT).to_string()
+}
+
+/// The push enrollment URI of API.md:
+/// `pushmatch://enroll?v=1&server=…&code=…&issuer=…&account=…`.
+pub fn push_enrollment_uri(public_url: &str, code: &EnrollmentCode, issuer: &str, account: &str) -> String {
+    format!(
+        "pushmatch://enroll?v=1&server={}&code={}&issuer={}&account={}",
+        encode(public_url),
+        encode(code.expose()),
+        encode(issuer),
+        encode(account)
+    )
+}
+
+/// Renders `text` as a QR code PNG: 8 pixels a module, a 4-module quiet zone,
+/// error correction M (what authenticator scanners expect).
+pub fn qr_png(text: &str) -> Result<Vec<u8>, BrokerError> {
+    const SCALE: usize = 8;
+    const QUIET: usize = 4;
+    let code = qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::M)
+        .map_err(|e| BrokerError::Internal(format!("qr encoding failed: {e}")))?;
+    let modules = code.width();
+    let colors = code.to_colors();
+    let side = (modules + 2 * QUIET) * SCALE;
+    let mut pixels = vec![255u8; side * side];
+    for (index, color) in colors.iter().enumerate() {
+        if *color != qrcode::Color::Dark {
+            continue;
+        }
+        let (row, column) = (index / modules + QUIET, index % modules + QUIET);
+        for y in row * SCALE..(row + 1) * SCALE {
+            pixels[y * side + column * SCALE..y * side + (column + 1) * SCALE].fill(0);
+        }
+    }
+    let side = u32::try_from(side).map_err(|_| BrokerError::Internal("qr code too large".into()))?;
+    let mut png_bytes = Vec::new();
+    let mut encoder = png::Encoder::new(&mut png_bytes, side, side);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder
+        .write_header()
+        .and_then(|mut writer| writer.write_image_data(&pixels))
+        .map_err(|e| BrokerError::Internal(format!("png encoding failed: {e}")))?;
+    Ok(png_bytes)
+}
+
+/// Renders `text` as a QR code for a terminal, two modules a character cell.
+pub fn qr_terminal(text: &str) -> Result<String, BrokerError> {
+    let code = qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::M)
+        .map_err(|e| BrokerError::Internal(format!("qr encoding failed: {e}")))?;
+    Ok(code
+        .render::<qrcode::render::unicode::Dense1x2>()
+        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+        .build())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_encodes_every_component() {
+        let code = EnrollmentCode::from_request("abc123").expect("code");
+        let uri = push_enrollment_uri("https://mfa.gors.nl:443/x", &code, "Gors & Co", "jan@gors.nl");
+        assert_eq!(
+            uri,
+            "pushmatch://enroll?v=1&server=https%3A%2F%2Fmfa.gors.nl%3A443%2Fx&code=abc123&issuer=Gors%20%26%20Co&account=jan%40gors.nl"
+        );
+    }
+
+    #[test]
+    fn qr_png_is_a_png() {
+        let png_bytes = qr_png("pushmatch://enroll?v=1").expect("png");
+        assert_eq!(&png_bytes[..8], b"\x89PNG\r\n\x1a\n");
+    }
+
+    #[test]
+    fn enrollment_state_follows_expiry_and_completion() {
+        let mut enrollment = Enrollment {
+            id: EnrollmentId::generate().expect("id"),
+            tenant: TenantId("t".into()),
+            user_id: UserId::parse("u").expect("user"),
+            account_name: "a".into(),
+            kind: EnrollmentKind::Push,
+            code_digest: CodeDigest("d".into()),
+            created_at: Millis(0),
+            expires_at: Millis(600_000),
+            completed: false,
+            device_id: None,
+        };
+        assert_eq!(enrollment.state(Millis(599_999)), EnrollmentState::Pending);
+        assert_eq!(enrollment.state(Millis(600_000)), EnrollmentState::Expired);
+        enrollment.completed = true;
+        assert_eq!(enrollment.state(Millis(900_000)), EnrollmentState::Completed);
+    }
+}

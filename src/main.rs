@@ -1,0 +1,114 @@
+//! The `pushmatch` binary: a thin CLI over the library.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use pushmatch::config::{CONFIG_FILE_VAR, Config, DEVELOPMENT_TENANT};
+
+#[derive(Parser)]
+#[command(name = "pushmatch", version, about = "Push-notification challenge broker for multi-factor sign-in")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the broker. With no configuration file: 127.0.0.1:50051, the embedded
+    /// store in ./pushmatch-data, and the development tenant.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, env = CONFIG_FILE_VAR)]
+        config: Option<PathBuf>,
+    },
+    /// Walks through enrolling a phone and approving a sign-in, all in one process.
+    Demo,
+    /// Prints the SHA-256 of an API key (read from standard input) for
+    /// `[[tenants]] api_key_sha256`; with --generate, makes a new key first.
+    HashKey {
+        #[arg(long)]
+        generate: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::Demo => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+            runtime.block_on(pushmatch::demo::run())?;
+            Ok(())
+        }
+        Command::HashKey { generate } => hash_key(generate),
+    }
+}
+
+fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
+    let loaded = Config::load(file.as_deref(), std::env::vars())?;
+    pushmatch::telemetry::init(&loaded.config.log);
+    if loaded.development {
+        tracing::warn!(
+            tenant = DEVELOPMENT_TENANT,
+            "no configuration file: development mode with the embedded store and the development tenant \
+             (its API key is in the README); never expose this"
+        );
+    }
+    if loaded.config.push.apns.is_some() || loaded.config.push.fcm.is_some() {
+        tracing::warn!("[push.apns] / [push.fcm] are not wired in this build yet: deliveries read FAILED / \"not configured\"");
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    runtime.block_on(async {
+        let addr = loaded.config.listen_addr()?;
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        pushmatch::server::run(listener, loaded.config, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(error) = tokio::signal::ctrl_c().await {
+            tracing::error!(%error, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+fn hash_key(generate: bool) -> anyhow::Result<()> {
+    let key = if generate {
+        let mut bytes = [0u8; 32];
+        pushmatch::domain::ids::os_random(&mut bytes)?;
+        let key = data_encoding::BASE64URL_NOPAD.encode(&bytes);
+        println!("api key:        {key}");
+        key
+    } else {
+        let mut key = String::new();
+        std::io::stdin().read_to_string(&mut key).context("cannot read the key from standard input")?;
+        key.trim().to_owned()
+    };
+    anyhow::ensure!(!key.is_empty(), "no key on standard input (or use --generate)");
+    println!("api_key_sha256: {}", pushmatch::api::auth::api_key_digest_hex(&key));
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The push dispatcher: a bounded queue in front of the providers.
+//!
+//! CreateChallenge enqueues one job per device and returns at once. When the queue
+//! is full, enqueueing fails and the caller answers RESOURCE_EXHAUSTED: overload is
+//! refused quickly instead of queueing without bound. Jobs run concurrently up to a
+//! limit; retryable failures back off exponentially with jitter, honour the
+//! provider's Retry-After, and never retry past the challenge's expiry.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, redact_token};
+use crate::domain::challenge::{DeliveryState, Platform};
+use crate::domain::time::Clock;
+
+#[derive(Clone, Debug)]
+pub struct DispatcherSettings {
+    pub queue_capacity: usize,
+    pub max_in_flight: usize,
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for DispatcherSettings {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 10_000,
+            max_in_flight: 512,
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the push queue is full")]
+pub struct QueueFull;
+
+/// Counters for tests and metrics.
+#[derive(Debug, Default)]
+pub struct DispatcherCounters {
+    pub enqueued: AtomicU64,
+    pub finished: AtomicU64,
+}
+
+/// The handle that enqueues jobs; cheap to clone.
+#[derive(Clone)]
+pub struct Dispatcher {
+    queue: mpsc::Sender<PushJob>,
+    counters: Arc<DispatcherCounters>,
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher's task; it stops when `shutdown` fires.
+    pub fn start(
+        senders: Vec<Arc<dyn PushSender>>,
+        reporter: Arc<dyn DeliveryReporter>,
+        clock: Arc<dyn Clock>,
+        settings: DispatcherSettings,
+        counters: Arc<DispatcherCounters>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (queue, jobs) = mpsc::channel(settings.queue_capacity.max(1));
+        let senders = senders.into_iter().map(|sender| (sender.platform(), sender)).collect();
+        let worker = Worker { senders, reporter, clock, settings: settings.clone(), counters: Arc::clone(&counters) };
+        tokio::spawn(worker.run(jobs, shutdown));
+        Self { queue, counters }
+    }
+
+    /// Queues a job without waiting; fails at once when the queue is full.
+    pub fn enqueue(&self, job: PushJob) -> Result<(), QueueFull> {
+        self.queue.try_send(job).map_err(|_| QueueFull)?;
+        self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether `count` more jobs fit now (CreateChallenge checks before it creates).
+    pub fn has_room_for(&self, count: usize) -> bool {
+        self.queue.capacity() >= count
+    }
+
+    pub fn counters(&self) -> &DispatcherCounters {
+        &self.counters
+    }
+}
+
+struct Worker {
+    senders: HashMap<Platform, Arc<dyn PushSender>>,
+    reporter: Arc<dyn DeliveryReporter>,
+    clock: Arc<dyn Clock>,
+    settings: DispatcherSettings,
+    counters: Arc<DispatcherCounters>,
+}
+
+impl Worker {
+    async fn run(self, mut jobs: mpsc::Receiver<PushJob>, shutdown: CancellationToken) {
+        let this = Arc::new(self);
+        let in_flight = Arc::new(Semaphore::new(this.settings.max_in_flight.max(1)));
+        loop {
+            let job = tokio::select! {
+                job = jobs.recv() => job,
+                () = shutdown.cancelled() => None,
+            };
+            let Some(job) = job else { return };
+            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
+            let worker = Arc::clone(&this);
+            let span = tracing::info_span!("push", challenge_id = %job.challenge_id, device_id = %job.device_id, platform = job.platform.name());
+            tokio::spawn(
+                async move {
+                    worker.deliver(job).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        }
+    }
+
+    async fn deliver(&self, job: PushJob) {
+        let reports = job.kind == PushKind::Challenge;
+        let Some(sender) = self.senders.get(&job.platform) else {
+            if reports {
+                self.reporter.report(&job, DeliveryState::Failed, 0, "not configured").await;
+            }
+            self.counters.finished.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let mut attempts = 0;
+        let mut backoff = self.settings.initial_backoff;
+        let (state, error) = loop {
+            attempts += 1;
+            let outcome = sender.send(&job).await;
+            match outcome {
+                SendOutcome::Sent => break (DeliveryState::Sent, String::new()),
+                SendOutcome::Unregistered { reason } => {
+                    tracing::info!(token = %redact_token(&job.push_token), %reason, "push token unregistered");
+                    break (DeliveryState::Unregistered, reason);
+                }
+                SendOutcome::Failed { reason } => break (DeliveryState::Failed, reason),
+                SendOutcome::Retry { reason, after } => {
+                    let wait = after.unwrap_or_else(|| jittered(backoff));
+                    backoff = (backoff * 2).min(self.settings.max_backoff);
+                    let out_of_time = self.clock.now().plus(wait) >= job.expires_at;
+                    if attempts >= self.settings.max_attempts || out_of_time {
+                        break (DeliveryState::Failed, reason);
+                    }
+                    let retry_at = self.clock.now().plus(wait);
+                    tracing::debug!(attempts, %reason, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "push retry");
+                    if reports {
+                        self.reporter.report(&job, DeliveryState::Queued, attempts, &reason).await;
+                    }
+                    self.clock.sleep_until(retry_at).await;
+                }
+            }
+        };
+        if reports || state == DeliveryState::Unregistered {
+            self.reporter.report(&job, state, attempts, &error).await;
+        }
+        self.counters.finished.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Full jitter: a uniform wait between half and all of `backoff`, so retries from
+/// many devices do not arrive at the provider in lockstep.
+fn jittered(backoff: Duration) -> Duration {
+    let mut byte = [0u8; 2];
+    let fraction = match getrandom::fill(&mut byte) {
+        Ok(()) => f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX),
+        Err(_) => 1.0,
+    };
+    backoff.mul_f64(0.5 + fraction / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::domain::ids::{ChallengeId, DeviceId};
+    use crate::domain::time::{ManualClock, Millis};
+
+    struct Scripted {
+        outcomes: Mutex<Vec<SendOutcome>>,
+    }
+
+    #[async_trait]
+    impl PushSender for Scripted {
+        fn platform(&self) -> Platform {
+            Platform::Fcm
+        }
+        async fn send(&self, _job: &PushJob) -> SendOutcome {
+            let mut outcomes = self.outcomes.lock().expect("lock");
+            if outcomes.is_empty() { SendOutcome::Sent } else { outcomes.remove(0) }
+        }
+    }
+
+    /// Every report, in order, behind a watch so several waiters can follow it.
+    struct Reports {
+        seen: tokio::sync::watch::Sender<Vec<(DeliveryState, u32, String)>>,
+    }
+
+    impl Default for Reports {
+        fn default() -> Self {
+            Self { seen: tokio::sync::watch::Sender::new(vec![]) }
+        }
+    }
+
+    #[async_trait]
+    impl DeliveryReporter for Reports {
+        async fn report(&self, _job: &PushJob, state: DeliveryState, attempts: u32, error: &str) {
+            self.seen.send_modify(|seen| seen.push((state, attempts, error.to_owned())));
+        }
+    }
+
+    fn job(platform: Platform, clock: &ManualClock) -> PushJob {
+        PushJob {
+            kind: PushKind::Challenge,
+            challenge_id: ChallengeId::generate().expect("id"),
+            device_id: DeviceId::generate().expect("id"),
+            platform,
+            push_token: "token".into(),
+            expires_at: clock.now().plus(Duration::from_secs(60)),
+        }
+    }
+
+    async fn final_report(reports: &Reports) -> (DeliveryState, u32, String) {
+        let mut seen = reports.seen.subscribe();
+        let last = tokio::time::timeout(
+            Duration::from_secs(5),
+            seen.wait_for(|seen| seen.last().is_some_and(|r| r.0 != DeliveryState::Queued)),
+        )
+        .await
+        .expect("a final report in time")
+        .expect("reporter alive");
+        last.last().cloned().expect("a report")
+    }
+
+    fn start(outcomes: Vec<SendOutcome>, clock: &ManualClock, reports: &Arc<Reports>, capacity: usize) -> Dispatcher {
+        let sender: Arc<dyn PushSender> = Arc::new(Scripted { outcomes: Mutex::new(outcomes) });
+        let settings = DispatcherSettings { queue_capacity: capacity, ..DispatcherSettings::default() };
+        Dispatcher::start(
+            vec![sender],
+            reports.clone(),
+            Arc::new(clock.clone()),
+            settings,
+            Arc::default(),
+            CancellationToken::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_platform_without_sender_reads_not_configured() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        let dispatcher = start(vec![], &clock, &reports, 8);
+        dispatcher.enqueue(job(Platform::Apns, &clock)).expect("room");
+        assert_eq!(final_report(&reports).await, (DeliveryState::Failed, 0, "not configured".into()));
+    }
+
+    #[tokio::test]
+    async fn retryable_failures_are_retried_until_sent() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        let retry = || SendOutcome::Retry { reason: "503".into(), after: Some(Duration::from_millis(1)) };
+        let dispatcher = start(vec![retry(), retry()], &clock, &reports, 8);
+        dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+        let advancing = {
+            let clock = clock.clone();
+            let reports = reports.clone();
+            async move {
+                // Each retry sleeps on the manual clock: move it along as the queued reports appear.
+                let mut seen = reports.seen.subscribe();
+                while seen.changed().await.is_ok() {
+                    clock.advance(Duration::from_millis(5));
+                }
+            }
+        };
+        let result = tokio::select! { r = final_report(&reports) => r, () = advancing => panic!("reporter gone") };
+        assert_eq!(result, (DeliveryState::Sent, 3, String::new()));
+    }
+
+    #[tokio::test]
+    async fn retries_stop_before_the_challenge_expires() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        let retry = SendOutcome::Retry { reason: "429".into(), after: Some(Duration::from_secs(120)) };
+        let dispatcher = start(vec![retry], &clock, &reports, 8);
+        dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+        assert_eq!(final_report(&reports).await, (DeliveryState::Failed, 1, "429".into()));
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_at_once() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        // Capacity 1 and a worker that may take one job off: at most two fit quickly,
+        // and a burst of ten must see a refusal.
+        let dispatcher = start(vec![], &clock, &reports, 1);
+        let refused = (0..10).map(|_| dispatcher.enqueue(job(Platform::Apns, &clock))).filter(Result::is_err).count();
+        assert!(refused > 0);
+    }
+}

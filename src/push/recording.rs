@@ -1,0 +1,57 @@
+//! A fake provider for tests: records every job and answers `Sent` (or what the test
+//! scripted). Jobs can be awaited, so tests wait on the event, not on a timer.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::{PushJob, PushSender, SendOutcome};
+use crate::domain::challenge::Platform;
+
+#[derive(Clone)]
+pub struct RecordingPushSender {
+    platform: Platform,
+    jobs: Arc<watch::Sender<Vec<PushJob>>>,
+    outcome: Arc<std::sync::Mutex<SendOutcome>>,
+}
+
+impl RecordingPushSender {
+    pub fn new(platform: Platform) -> Self {
+        Self {
+            platform,
+            jobs: Arc::new(watch::Sender::new(Vec::new())),
+            outcome: Arc::new(std::sync::Mutex::new(SendOutcome::Sent)),
+        }
+    }
+
+    /// What every later send answers.
+    pub fn answer_with(&self, outcome: SendOutcome) {
+        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = outcome;
+    }
+
+    pub fn jobs(&self) -> Vec<PushJob> {
+        self.jobs.borrow().clone()
+    }
+
+    /// Waits until a recorded job satisfies `matches`, then returns every job so far.
+    pub async fn wait_for(&self, matches: impl Fn(&PushJob) -> bool) -> Vec<PushJob> {
+        let mut changes = self.jobs.subscribe();
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = changes.wait_for(|jobs| jobs.iter().any(&matches)).await;
+        self.jobs()
+    }
+}
+
+#[async_trait]
+impl PushSender for RecordingPushSender {
+    fn platform(&self) -> Platform {
+        self.platform
+    }
+
+    async fn send(&self, job: &PushJob) -> SendOutcome {
+        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.jobs.send_modify(|jobs| jobs.push(job.clone()));
+        outcome
+    }
+}

@@ -1,0 +1,338 @@
+//! The store conformance suite: the behaviour every [`Store`] backend must show.
+//! Each backend's tests call [`run_all`] with a factory for fresh, empty stores.
+
+use std::future::Future;
+use std::time::Duration;
+
+use super::{AdmissionPolicy, BlockReason, CompleteOutcome, CreateOutcome, Refusal, Store, UserBlock, WrongNumberPolicy};
+use crate::domain::challenge::{
+    Challenge, ChallengeState, Decision, Delivery, DeliveryState, Platform, Resolution, SignInContext,
+};
+use crate::domain::device::{Device, DevicePublicKey, KeyAlgorithm};
+use crate::domain::enrollment::{Enrollment, EnrollmentKind};
+use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use crate::domain::time::{Clock, ManualClock, Millis};
+
+pub fn policy() -> AdmissionPolicy {
+    AdmissionPolicy { max_pending: 3, max_per_window: 10, window: Duration::from_secs(600), retention: Duration::from_secs(300) }
+}
+
+pub fn sample_challenge(tenant: &TenantId, user: &UserId, now: Millis, request_id: Option<&str>) -> Challenge {
+    Challenge {
+        id: ChallengeId::generate().expect("id"),
+        tenant: tenant.clone(),
+        user_id: user.clone(),
+        number: ChallengeNumber::generate().expect("number"),
+        state: ChallengeState::Pending,
+        deny_reason: None,
+        context: SignInContext::default(),
+        created_at: now,
+        expires_at: now.plus(Duration::from_secs(60)),
+        resolved_at: None,
+        resolved_by: None,
+        deliveries: vec![],
+        request_id: request_id.map(str::to_owned),
+    }
+}
+
+pub fn sample_device(tenant: &TenantId, user: &UserId, now: Millis) -> Device {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key().to_bytes().to_vec();
+    Device {
+        id: DeviceId::generate().expect("id"),
+        tenant: tenant.clone(),
+        user_id: user.clone(),
+        display_name: "Jan's phone".into(),
+        account_name: "jan@gors.nl".into(),
+        platform: Some(Platform::Fcm),
+        push_token: "token-1".into(),
+        push_enabled: true,
+        public_key: Some(DevicePublicKey::new(KeyAlgorithm::Ed25519, key).expect("key")),
+        has_totp: true,
+        enrolled_at: now,
+        last_used_at: None,
+    }
+}
+
+pub fn sample_enrollment(tenant: &TenantId, user: &UserId, now: Millis) -> Enrollment {
+    Enrollment {
+        id: EnrollmentId::generate().expect("id"),
+        tenant: tenant.clone(),
+        user_id: user.clone(),
+        account_name: "jan@gors.nl".into(),
+        kind: EnrollmentKind::Push,
+        code_digest: EnrollmentCode::generate().expect("code").digest(),
+        created_at: now,
+        expires_at: now.plus(Duration::from_secs(600)),
+        completed: false,
+        device_id: None,
+    }
+}
+
+fn tenant(name: &str) -> TenantId {
+    TenantId(name.into())
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("user")
+}
+
+async fn create<S: Store>(store: &S, challenge: Challenge, now: Millis) -> Challenge {
+    match store.create_challenge(challenge, &policy(), now).await.expect("create") {
+        CreateOutcome::Created(c) => c,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+/// Runs every check against fresh stores from `make`.
+pub async fn run_all<S, F, Fut>(make: F)
+where
+    S: Store,
+    F: Fn(ManualClock) -> Fut,
+    Fut: Future<Output = S>,
+{
+    macro_rules! check {
+        ($name:ident) => {{
+            let clock = ManualClock::starting_now();
+            let store = make(clock.clone()).await;
+            $name(&store, &clock).await;
+        }};
+    }
+    check!(challenges_are_tenant_scoped);
+    check!(request_id_is_idempotent);
+    check!(per_user_limits_refuse);
+    check!(exactly_one_resolution_wins);
+    check!(expiry_reaches_watchers);
+    check!(deliveries_reach_watchers);
+    check!(pending_lists_newest_first);
+    check!(enrollment_codes_complete_once);
+    check!(devices_are_tenant_scoped_and_push_toggles);
+    check!(blocks_and_wrong_numbers);
+}
+
+async fn challenges_are_tenant_scoped<S: Store>(store: &S, clock: &ManualClock) {
+    let now = clock.now();
+    let created = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    assert_eq!(store.get_challenge(&tenant("a"), &created.id, now).await.expect("get"), Some(created.clone()));
+    assert_eq!(store.get_challenge(&tenant("b"), &created.id, now).await.expect("get"), None);
+    assert!(store.watch_challenge(&tenant("b"), &created.id, now).await.expect("watch").is_none());
+    let resolution = Resolution::cancelled();
+    assert!(store.resolve_challenge(&tenant("b"), &created.id, resolution, now).await.expect("resolve").is_none());
+}
+
+async fn request_id_is_idempotent<S: Store>(store: &S, clock: &ManualClock) {
+    let now = clock.now();
+    let first = create(store, sample_challenge(&tenant("a"), &user("u"), now, Some("req-1")), now).await;
+    let again = store
+        .create_challenge(sample_challenge(&tenant("a"), &user("u"), now, Some("req-1")), &policy(), now)
+        .await
+        .expect("create");
+    assert_eq!(again, CreateOutcome::Existing(first.clone()));
+    // The same request_id for another user is another challenge.
+    create(store, sample_challenge(&tenant("a"), &user("v"), now, Some("req-1")), now).await;
+    // Once the first challenge expired, the key is free again.
+    clock.advance(Duration::from_secs(61));
+    let later = clock.now();
+    let fresh = create(store, sample_challenge(&tenant("a"), &user("u"), later, Some("req-1")), later).await;
+    assert_ne!(fresh.id, first.id);
+}
+
+async fn per_user_limits_refuse<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let mut ids = vec![];
+    for _ in 0..3 {
+        let now = clock.now();
+        ids.push(create(store, sample_challenge(&t, &u, now, None), now).await.id);
+    }
+    let now = clock.now();
+    let refused = store.create_challenge(sample_challenge(&t, &u, now, None), &policy(), now).await.expect("create");
+    assert_eq!(refused, CreateOutcome::Refused(Refusal::TooManyPending { limit: 3 }));
+    // Another user is not affected.
+    create(store, sample_challenge(&t, &user("other"), now, None), now).await;
+    // Resolving frees a pending slot, but the window still counts every creation.
+    for _ in 0..7 {
+        let resolved = ids.remove(0);
+        store.resolve_challenge(&t, &resolved, Resolution::cancelled(), clock.now()).await.expect("resolve");
+        let now = clock.now();
+        ids.push(create(store, sample_challenge(&t, &u, now, None), now).await.id);
+    }
+    store.resolve_challenge(&t, &ids[0], Resolution::cancelled(), clock.now()).await.expect("resolve");
+    let now = clock.now();
+    let refused = store.create_challenge(sample_challenge(&t, &u, now, None), &policy(), now).await.expect("create");
+    assert!(matches!(refused, CreateOutcome::Refused(Refusal::RateLimited { limit: 10, .. })), "{refused:?}");
+    // The window slides.
+    clock.advance(Duration::from_secs(601));
+    let now = clock.now();
+    create(store, sample_challenge(&t, &u, now, None), now).await;
+}
+
+async fn exactly_one_resolution_wins<S: Store>(store: &S, clock: &ManualClock) {
+    let now = clock.now();
+    let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    let device = DeviceId::generate().expect("id");
+    let attempts = (0..50).map(|_| {
+        let resolution = Decision::Approve.resolve(Some(challenge.number), challenge.number, device.clone());
+        store.resolve_challenge(&challenge.tenant, &challenge.id, resolution, now)
+    });
+    let outcomes = futures::future::join_all(attempts).await;
+    let accepted = outcomes.iter().filter(|o| o.as_ref().expect("ok").as_ref().expect("found").accepted).count();
+    assert_eq!(accepted, 1);
+    for outcome in outcomes {
+        assert_eq!(outcome.expect("ok").expect("found").challenge.state, ChallengeState::Approved);
+    }
+}
+
+async fn expiry_reaches_watchers<S: Store>(store: &S, clock: &ManualClock) {
+    let now = clock.now();
+    let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    let mut watch = store.watch_challenge(&challenge.tenant, &challenge.id, now).await.expect("watch").expect("found");
+    assert_eq!(watch.borrow_and_update().state, ChallengeState::Pending);
+    clock.advance(Duration::from_secs(60));
+    let seen = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| c.state.is_final()))
+        .await
+        .expect("expiry reached the watcher in time")
+        .expect("watch open")
+        .clone();
+    assert_eq!(seen.state, ChallengeState::Expired);
+    let read = store.get_challenge(&challenge.tenant, &challenge.id, clock.now()).await.expect("get").expect("retained");
+    assert_eq!(read.state, ChallengeState::Expired);
+    let late = Decision::Deny.resolve(None, challenge.number, DeviceId::generate().expect("id"));
+    let outcome = store.resolve_challenge(&challenge.tenant, &challenge.id, late, clock.now()).await.expect("ok").expect("found");
+    assert!(!outcome.accepted);
+    assert_eq!(outcome.challenge.state, ChallengeState::Expired);
+    // After the retention period the challenge is gone.
+    clock.advance(Duration::from_secs(301));
+    let gone = async {
+        loop {
+            if store.get_challenge(&challenge.tenant, &challenge.id, clock.now()).await.expect("get").is_none() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), gone).await.expect("purged after retention");
+}
+
+async fn deliveries_reach_watchers<S: Store>(store: &S, clock: &ManualClock) {
+    let now = clock.now();
+    let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    let mut watch = store.watch_challenge(&challenge.tenant, &challenge.id, now).await.expect("watch").expect("found");
+    watch.borrow_and_update();
+    let delivery = Delivery {
+        device_id: DeviceId::generate().expect("id"),
+        platform: Platform::Apns,
+        state: DeliveryState::Sent,
+        attempts: 1,
+        error: String::new(),
+    };
+    store.record_delivery(&challenge.id, delivery.clone()).await.expect("record");
+    tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("woken").expect("open");
+    assert_eq!(watch.borrow().deliveries, vec![delivery]);
+    // An unknown challenge is no error.
+    store
+        .record_delivery(&ChallengeId::generate().expect("id"), watch.borrow().deliveries[0].clone())
+        .await
+        .expect("unknown challenge ignored");
+}
+
+async fn pending_lists_newest_first<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let first = create(store, sample_challenge(&t, &u, clock.now(), None), clock.now()).await;
+    clock.advance(Duration::from_secs(1));
+    let second = create(store, sample_challenge(&t, &u, clock.now(), None), clock.now()).await;
+    clock.advance(Duration::from_secs(1));
+    let third = create(store, sample_challenge(&t, &u, clock.now(), None), clock.now()).await;
+    store.resolve_challenge(&t, &second.id, Resolution::cancelled(), clock.now()).await.expect("resolve");
+    let pending: Vec<_> = store.pending_challenges(&t, &u, clock.now()).await.expect("list").into_iter().map(|c| c.id).collect();
+    assert_eq!(pending, vec![third.id, first.id]);
+    assert!(store.pending_challenges(&tenant("b"), &u, clock.now()).await.expect("list").is_empty());
+}
+
+async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let enrollment = sample_enrollment(&t, &u, clock.now());
+    let code = enrollment.code_digest.clone();
+    store.insert_enrollment(enrollment.clone()).await.expect("insert");
+    assert_eq!(store.get_enrollment(&t, &enrollment.id).await.expect("get"), Some(enrollment.clone()));
+    assert_eq!(store.get_enrollment(&tenant("b"), &enrollment.id).await.expect("get"), None);
+
+    assert_eq!(store.enrollment_by_code(&code).await.expect("by code"), Some(enrollment.clone()));
+    let device = sample_device(&t, &u, clock.now());
+    let outcome = store.complete_enrollment(&code, device.clone(), clock.now()).await.expect("complete");
+    let CompleteOutcome::Completed(completed) = outcome else { panic!("expected Completed, got {outcome:?}") };
+    assert_eq!(completed.device_id, Some(device.id.clone()));
+    let again = store.complete_enrollment(&code, sample_device(&t, &u, clock.now()), clock.now()).await.expect("complete");
+    assert_eq!(again, CompleteOutcome::AlreadyUsed);
+    assert_eq!(store.list_devices(&t, &u).await.expect("list").len(), 1, "a reused code adds no device");
+
+    let unknown = EnrollmentCode::generate().expect("code").digest();
+    let outcome = store.complete_enrollment(&unknown, sample_device(&t, &u, clock.now()), clock.now()).await.expect("complete");
+    assert_eq!(outcome, CompleteOutcome::UnknownCode);
+
+    let late = sample_enrollment(&t, &u, clock.now());
+    store.insert_enrollment(late.clone()).await.expect("insert");
+    clock.advance(Duration::from_secs(600));
+    let outcome =
+        store.complete_enrollment(&late.code_digest, sample_device(&t, &u, clock.now()), clock.now()).await.expect("complete");
+    assert_eq!(outcome, CompleteOutcome::Expired);
+
+    // Concurrent completions of one code: exactly one device.
+    let racing = sample_enrollment(&t, &user("racer"), clock.now());
+    store.insert_enrollment(racing.clone()).await.expect("insert");
+    let attempts = (0..10)
+        .map(|_| store.complete_enrollment(&racing.code_digest, sample_device(&t, &user("racer"), clock.now()), clock.now()));
+    let outcomes = futures::future::join_all(attempts).await;
+    let completed = outcomes.iter().filter(|o| matches!(o, Ok(CompleteOutcome::Completed(_)))).count();
+    assert_eq!(completed, 1);
+    assert_eq!(store.list_devices(&t, &user("racer")).await.expect("list").len(), 1);
+}
+
+async fn devices_are_tenant_scoped_and_push_toggles<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let enrollment = sample_enrollment(&t, &u, clock.now());
+    store.insert_enrollment(enrollment.clone()).await.expect("insert");
+    let device = sample_device(&t, &u, clock.now());
+    store.complete_enrollment(&enrollment.code_digest, device.clone(), clock.now()).await.expect("complete");
+
+    store.disable_push(&device.id, "some-older-token").await.expect("disable");
+    assert!(store.get_device(&device.id).await.expect("get").expect("device").push_enabled, "a stale token report is ignored");
+    store.disable_push(&device.id, &device.push_token).await.expect("disable");
+    assert!(!store.get_device(&device.id).await.expect("get").expect("device").push_enabled);
+    assert!(store.set_push_token(&device.id, "token-2").await.expect("set"));
+    let updated = store.get_device(&device.id).await.expect("get").expect("device");
+    assert!(updated.push_enabled);
+    assert_eq!(updated.push_token, "token-2");
+
+    store.touch_device(&device.id, clock.now()).await.expect("touch");
+    assert_eq!(store.get_device(&device.id).await.expect("get").expect("device").last_used_at, Some(clock.now()));
+
+    assert!(!store.remove_device(&tenant("b"), &device.id).await.expect("remove"), "another tenant cannot remove it");
+    assert!(store.remove_device(&t, &device.id).await.expect("remove"));
+    assert_eq!(store.get_device(&device.id).await.expect("get"), None);
+    assert!(store.list_devices(&t, &u).await.expect("list").is_empty());
+    assert!(!store.set_push_token(&device.id, "token-3").await.expect("set"));
+}
+
+async fn blocks_and_wrong_numbers<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let fraud = UserBlock { reason: BlockReason::FraudReported, since: clock.now(), until: None };
+    store.block_user(&t, &u, fraud.clone()).await.expect("block");
+    let now = clock.now();
+    let refused = store.create_challenge(sample_challenge(&t, &u, now, None), &policy(), now).await.expect("create");
+    assert_eq!(refused, CreateOutcome::Refused(Refusal::Blocked(fraud)));
+    store.unblock_user(&t, &u).await.expect("unblock");
+    assert_eq!(store.user_block(&t, &u, now).await.expect("read"), None);
+    create(store, sample_challenge(&t, &u, now, None), now).await;
+
+    let wrong = WrongNumberPolicy { limit: 3, window: Duration::from_secs(900), block_for: Duration::from_secs(900) };
+    let other = user("w");
+    assert_eq!(store.record_wrong_number(&t, &other, &wrong, clock.now()).await.expect("count"), None);
+    clock.advance(Duration::from_secs(901));
+    // The first one fell out of the window: two more do not block yet.
+    assert_eq!(store.record_wrong_number(&t, &other, &wrong, clock.now()).await.expect("count"), None);
+    assert_eq!(store.record_wrong_number(&t, &other, &wrong, clock.now()).await.expect("count"), None);
+    let block = store.record_wrong_number(&t, &other, &wrong, clock.now()).await.expect("count").expect("third blocks");
+    assert_eq!(block.reason, BlockReason::WrongNumbers);
+    assert!(store.user_block(&t, &other, clock.now()).await.expect("read").is_some());
+    clock.advance(Duration::from_secs(900));
+    assert_eq!(store.user_block(&t, &other, clock.now()).await.expect("read"), None, "the block ends by itself");
+}

@@ -1,0 +1,686 @@
+//! The embedded store, the default for one machine.
+//!
+//! Challenges live in memory: they last minutes, and a restart that forgets them is
+//! harmless (the IdP's watchers see their streams end and start a new sign-in).
+//! Devices, enrollments and blocks are durable in a redb file under `store.path`.
+//!
+//! Why redb: it is pure Rust (no C toolchain, no system library), ACID with
+//! copy-on-write B-trees and crash-safe commits, and made for exactly this: a small
+//! embedded key-value file. SQLite would add a C build and a SQL layer we do not need.
+//!
+//! The durable maps are mirrored in memory (they are small: one record per device)
+//! so proofs are checked without I/O. Durable writes take `write_gate`, commit to
+//! redb on the blocking pool, then update the mirror: memory never shows what the
+//! file does not hold.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+use async_trait::async_trait;
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Refusal, ResolveOutcome, Store, StoreError, UserBlock,
+    WrongNumberPolicy,
+};
+use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
+use crate::domain::device::Device;
+use crate::domain::enrollment::{Enrollment, EnrollmentKind};
+use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
+use crate::domain::time::{Clock, Millis};
+
+const BACKEND: &str = "embedded";
+
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
+/// Enrollment code digest -> enrollment id.
+const ENROLLMENT_CODES: TableDefinition<&str, &str> = TableDefinition::new("enrollment_codes");
+/// "tenant\0user" -> block.
+const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
+
+type UserKey = (TenantId, UserId);
+
+fn block_key(tenant: &TenantId, user: &UserId) -> String {
+    format!("{}\0{}", tenant.0, user.as_str())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+fn io_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::unavailable(BACKEND, error)
+}
+
+/// The durable records, mirrored in memory.
+#[derive(Default)]
+struct DurableMirror {
+    devices: HashMap<DeviceId, Device>,
+    user_devices: HashMap<UserKey, Vec<DeviceId>>,
+    enrollments: HashMap<EnrollmentId, Enrollment>,
+    codes: HashMap<CodeDigest, EnrollmentId>,
+    blocks: HashMap<UserKey, UserBlock>,
+}
+
+impl DurableMirror {
+    fn put_device(&mut self, device: Device) {
+        let ids = self.user_devices.entry((device.tenant.clone(), device.user_id.clone())).or_default();
+        if !ids.contains(&device.id) {
+            ids.push(device.id.clone());
+        }
+        self.devices.insert(device.id.clone(), device);
+    }
+
+    fn remove_device(&mut self, id: &DeviceId) {
+        if let Some(device) = self.devices.remove(id) {
+            let key = (device.tenant, device.user_id);
+            if let Some(ids) = self.user_devices.get_mut(&key) {
+                ids.retain(|other| other != id);
+                if ids.is_empty() {
+                    self.user_devices.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// One change to the durable half, written in one redb transaction.
+enum DurableWrite {
+    PutDevice(Device),
+    RemoveDevice(DeviceId),
+    PutEnrollment(Enrollment),
+    PutBlock(UserKey, UserBlock),
+    RemoveBlock(UserKey),
+}
+
+#[derive(Default)]
+struct UserActivity {
+    /// Challenges of the user still held in memory (pending or retained).
+    live: Vec<ChallengeId>,
+    /// When the user's recent challenges were created, oldest first.
+    created: VecDeque<Millis>,
+    /// request_id -> challenge, while that challenge lives.
+    requests: HashMap<String, ChallengeId>,
+    /// When the user's recent wrong numbers were typed, oldest first.
+    wrong_numbers: VecDeque<Millis>,
+}
+
+impl UserActivity {
+    fn is_idle(&self) -> bool {
+        self.live.is_empty() && self.created.is_empty() && self.wrong_numbers.is_empty()
+    }
+}
+
+struct ChallengeEntry {
+    /// The one copy of the challenge: watchers read it, writers change it through it.
+    state: watch::Sender<Challenge>,
+    purge_at: Millis,
+}
+
+#[derive(Default)]
+struct ChallengeTable {
+    entries: HashMap<ChallengeId, ChallengeEntry>,
+    users: HashMap<UserKey, UserActivity>,
+    /// (when, id): expiry of pending challenges, then their purge.
+    deadlines: BTreeSet<(Millis, ChallengeId)>,
+}
+
+impl ChallengeTable {
+    /// Expires the entry if its time is up, waking its watchers.
+    fn refresh(entry: &ChallengeEntry, now: Millis) {
+        entry.state.send_if_modified(|challenge| challenge.expire_if_due(now));
+    }
+
+    fn get(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Option<&ChallengeEntry> {
+        let entry = self.entries.get(id)?;
+        if entry.state.borrow().tenant != *tenant {
+            return None;
+        }
+        Self::refresh(entry, now);
+        Some(entry)
+    }
+
+    fn purge(&mut self, id: &ChallengeId) {
+        let Some(entry) = self.entries.remove(id) else { return };
+        let challenge = entry.state.borrow().clone();
+        let key = (challenge.tenant, challenge.user_id);
+        if let Some(activity) = self.users.get_mut(&key) {
+            activity.live.retain(|other| other != id);
+            activity.requests.retain(|_, other| other != id);
+            if activity.is_idle() {
+                self.users.remove(&key);
+            }
+        }
+    }
+
+    /// Handles every deadline at or before `now`; returns the next one.
+    fn run_deadlines(&mut self, now: Millis) -> Option<Millis> {
+        while let Some((when, id)) = self.deadlines.first().cloned() {
+            if when > now {
+                return Some(when);
+            }
+            self.deadlines.pop_first();
+            let Some(entry) = self.entries.get(&id) else { continue };
+            Self::refresh(entry, now);
+            if now >= entry.purge_at {
+                self.purge(&id);
+            } else {
+                self.deadlines.insert((entry.purge_at, id));
+            }
+        }
+        None
+    }
+}
+
+fn prune_before(times: &mut VecDeque<Millis>, cutoff: Millis) {
+    while times.front().is_some_and(|t| *t <= cutoff) {
+        times.pop_front();
+    }
+}
+
+struct Shared {
+    challenges: Mutex<ChallengeTable>,
+    durable: RwLock<DurableMirror>,
+    /// Serialises durable writes so that check-then-commit steps are atomic.
+    write_gate: tokio::sync::Mutex<()>,
+    db: Arc<Database>,
+    /// Wakes the deadline task when an earlier deadline arrives.
+    deadline_changed: Arc<Notify>,
+}
+
+impl Shared {
+    fn challenges(&self) -> MutexGuard<'_, ChallengeTable> {
+        // A panic while holding the lock would be a bug; the table stays usable.
+        self.challenges.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn durable(&self) -> RwLockReadGuard<'_, DurableMirror> {
+        self.durable.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn durable_mut(&self) -> RwLockWriteGuard<'_, DurableMirror> {
+        self.durable.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Commits `writes` in one transaction on the blocking pool, then mirrors them.
+    /// Callers hold `write_gate`.
+    async fn commit(&self, writes: Vec<DurableWrite>, durability: Durability) -> Result<(), StoreError> {
+        let mut encoded = Vec::with_capacity(writes.len());
+        for write in &writes {
+            encoded.push(match write {
+                DurableWrite::PutDevice(device) => (DEVICES_ID, device.id.to_string(), Some(encode(device)?)),
+                DurableWrite::RemoveDevice(id) => (DEVICES_ID, id.to_string(), None),
+                DurableWrite::PutEnrollment(enrollment) => (ENROLLMENTS_ID, enrollment.id.to_string(), Some(encode(enrollment)?)),
+                DurableWrite::PutBlock((tenant, user), block) => (BLOCKS_ID, block_key(tenant, user), Some(encode(block)?)),
+                DurableWrite::RemoveBlock((tenant, user)) => (BLOCKS_ID, block_key(tenant, user), None),
+            });
+        }
+        let codes: Vec<(String, String)> = writes
+            .iter()
+            .filter_map(|write| match write {
+                DurableWrite::PutEnrollment(enrollment) => Some((enrollment.code_digest.0.clone(), enrollment.id.to_string())),
+                _ => None,
+            })
+            .collect();
+        let db = Arc::clone(&self.db);
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let mut txn = db.begin_write().map_err(io_error)?;
+            txn.set_durability(durability);
+            {
+                let mut devices = txn.open_table(DEVICES).map_err(io_error)?;
+                let mut enrollments = txn.open_table(ENROLLMENTS).map_err(io_error)?;
+                let mut blocks = txn.open_table(BLOCKS).map_err(io_error)?;
+                let mut code_table = txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
+                for (table, key, value) in &encoded {
+                    let table = match *table {
+                        DEVICES_ID => &mut devices,
+                        ENROLLMENTS_ID => &mut enrollments,
+                        _ => &mut blocks,
+                    };
+                    match value {
+                        Some(bytes) => table.insert(key.as_str(), bytes.as_slice()).map(drop),
+                        None => table.remove(key.as_str()).map(drop),
+                    }
+                    .map_err(io_error)?;
+                }
+                for (digest, id) in &codes {
+                    code_table.insert(digest.as_str(), id.as_str()).map_err(io_error)?;
+                }
+            }
+            txn.commit().map_err(io_error)
+        })
+        .await
+        .map_err(io_error)??;
+
+        let mut mirror = self.durable_mut();
+        for write in writes {
+            match write {
+                DurableWrite::PutDevice(device) => mirror.put_device(device),
+                DurableWrite::RemoveDevice(id) => mirror.remove_device(&id),
+                DurableWrite::PutEnrollment(enrollment) => {
+                    mirror.codes.insert(enrollment.code_digest.clone(), enrollment.id.clone());
+                    mirror.enrollments.insert(enrollment.id.clone(), enrollment);
+                }
+                DurableWrite::PutBlock(key, block) => {
+                    mirror.blocks.insert(key, block);
+                }
+                DurableWrite::RemoveBlock(key) => {
+                    mirror.blocks.remove(&key);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+const DEVICES_ID: u8 = 0;
+const ENROLLMENTS_ID: u8 = 1;
+const BLOCKS_ID: u8 = 2;
+
+/// See the module documentation.
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    /// Stops the deadline task when the store is dropped.
+    closing: CancellationToken,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store under `dir` and starts its deadline task on the
+    /// current tokio runtime. `clock` drives expiry.
+    pub async fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let dir = dir.to_owned();
+        let path = dir.join("pushmatch.redb");
+        let open_path = path.clone();
+        let (db, mirror) = tokio::task::spawn_blocking(move || -> Result<(Database, DurableMirror), StoreError> {
+            std::fs::create_dir_all(&dir).map_err(|e| io_error(format!("cannot create {}: {e}", dir.display())))?;
+            let db = Database::create(&open_path).map_err(|e| io_error(format!("cannot open {}: {e}", open_path.display())))?;
+            let mirror = load_mirror(&db)?;
+            Ok((db, mirror))
+        })
+        .await
+        .map_err(io_error)??;
+
+        let shared = Arc::new(Shared {
+            challenges: Mutex::new(ChallengeTable::default()),
+            durable: RwLock::new(mirror),
+            write_gate: tokio::sync::Mutex::new(()),
+            db: Arc::new(db),
+            deadline_changed: Arc::new(Notify::new()),
+        });
+        let closing = CancellationToken::new();
+        let wake = Arc::clone(&shared.deadline_changed);
+        tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, clock, closing.clone()));
+        Ok(Self { shared, path, closing })
+    }
+
+    /// The redb file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.closing.cancel();
+    }
+}
+
+fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
+    // Create the tables on first open so that reads find them.
+    let txn = db.begin_write().map_err(io_error)?;
+    {
+        txn.open_table(DEVICES).map_err(io_error)?;
+        txn.open_table(ENROLLMENTS).map_err(io_error)?;
+        txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
+        txn.open_table(BLOCKS).map_err(io_error)?;
+    }
+    txn.commit().map_err(io_error)?;
+
+    let mut mirror = DurableMirror::default();
+    let txn = db.begin_read().map_err(io_error)?;
+    for row in txn.open_table(DEVICES).map_err(io_error)?.iter().map_err(io_error)? {
+        let (_, value) = row.map_err(io_error)?;
+        mirror.put_device(decode(value.value())?);
+    }
+    for row in txn.open_table(ENROLLMENTS).map_err(io_error)?.iter().map_err(io_error)? {
+        let (_, value) = row.map_err(io_error)?;
+        let enrollment: Enrollment = decode(value.value())?;
+        mirror.codes.insert(enrollment.code_digest.clone(), enrollment.id.clone());
+        mirror.enrollments.insert(enrollment.id.clone(), enrollment);
+    }
+    for row in txn.open_table(BLOCKS).map_err(io_error)?.iter().map_err(io_error)? {
+        let (key, value) = row.map_err(io_error)?;
+        let Some((tenant, user)) = key.value().split_once('\0') else {
+            return Err(StoreError::corrupt(BACKEND, "block key without separator"));
+        };
+        let user = UserId::parse(user).map_err(|e| StoreError::corrupt(BACKEND, e))?;
+        mirror.blocks.insert((TenantId(tenant.to_owned()), user), decode(value.value())?);
+    }
+    Ok(mirror)
+}
+
+/// Expires pending challenges at their deadline and purges old ones, so watchers
+/// learn of expiry without anyone polling. It holds the store only weakly while it
+/// waits, so dropping the store closes the database file at once.
+async fn run_deadlines(shared: Weak<Shared>, wake: Arc<Notify>, clock: Arc<dyn Clock>, closing: CancellationToken) {
+    loop {
+        // Register for wake-ups before reading the next deadline, so none is missed.
+        let changed = wake.notified();
+        let next = match shared.upgrade() {
+            Some(strong) => strong.challenges().run_deadlines(clock.now()),
+            None => return,
+        };
+        let sleep = match next {
+            Some(when) => clock.sleep_until(when),
+            None => Box::pin(std::future::pending()),
+        };
+        tokio::select! {
+            () = sleep => {}
+            () = changed => {}
+            () = closing.cancelled() => return,
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn create_challenge(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        let key = (challenge.tenant.clone(), challenge.user_id.clone());
+        let block = self.shared.durable().blocks.get(&key).filter(|block| block.in_force(now)).cloned();
+        let mut table = self.shared.challenges();
+        let table = &mut *table;
+
+        if let Some(request_id) = &challenge.request_id
+            && let Some(existing) = table.users.get(&key).and_then(|activity| activity.requests.get(request_id))
+            && let Some(entry) = table.entries.get(existing)
+        {
+            ChallengeTable::refresh(entry, now);
+            let current = entry.state.borrow().clone();
+            if now < current.expires_at {
+                return Ok(CreateOutcome::Existing(current));
+            }
+        }
+        if let Some(block) = block {
+            return Ok(CreateOutcome::Refused(Refusal::Blocked(block)));
+        }
+
+        let activity = table.users.entry(key).or_default();
+        let pending = activity
+            .live
+            .iter()
+            .filter_map(|id| table.entries.get(id))
+            .filter(|entry| {
+                ChallengeTable::refresh(entry, now);
+                entry.state.borrow().state == ChallengeState::Pending
+            })
+            .count();
+        if pending >= policy.max_pending as usize {
+            return Ok(CreateOutcome::Refused(Refusal::TooManyPending { limit: policy.max_pending }));
+        }
+        prune_before(&mut activity.created, now.minus(policy.window));
+        if activity.created.len() >= policy.max_per_window as usize {
+            return Ok(CreateOutcome::Refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }));
+        }
+
+        activity.created.push_back(now);
+        activity.live.push(challenge.id.clone());
+        if let Some(request_id) = &challenge.request_id {
+            activity.requests.insert(request_id.clone(), challenge.id.clone());
+        }
+        let earliest = table.deadlines.first().map(|(when, _)| *when);
+        table.deadlines.insert((challenge.expires_at, challenge.id.clone()));
+        table.entries.insert(
+            challenge.id.clone(),
+            ChallengeEntry {
+                state: watch::Sender::new(challenge.clone()),
+                purge_at: challenge.expires_at.plus(policy.retention),
+            },
+        );
+        if earliest.is_none_or(|earliest| challenge.expires_at < earliest) {
+            self.shared.deadline_changed.notify_one();
+        }
+        Ok(CreateOutcome::Created(challenge))
+    }
+
+    async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError> {
+        Ok(self.shared.challenges().get(tenant, id, now).map(|entry| entry.state.borrow().clone()))
+    }
+
+    async fn watch_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeWatch>, StoreError> {
+        Ok(self.shared.challenges().get(tenant, id, now).map(|entry| entry.state.subscribe()))
+    }
+
+    async fn resolve_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        resolution: Resolution,
+        now: Millis,
+    ) -> Result<Option<ResolveOutcome>, StoreError> {
+        let table = self.shared.challenges();
+        let Some(entry) = table.get(tenant, id, now) else { return Ok(None) };
+        let accepted = entry.state.send_if_modified(|challenge| challenge.apply(&resolution, now));
+        let challenge = entry.state.borrow().clone();
+        Ok(Some(ResolveOutcome { accepted, challenge }))
+    }
+
+    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+        if let Some(entry) = self.shared.challenges().entries.get(id) {
+            entry.state.send_if_modified(|challenge| challenge.record_delivery(delivery));
+        }
+        Ok(())
+    }
+
+    async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {
+        let table = self.shared.challenges();
+        let Some(activity) = table.users.get(&(tenant.clone(), user.clone())) else { return Ok(vec![]) };
+        let mut pending: Vec<Challenge> = activity
+            .live
+            .iter()
+            .filter_map(|id| table.entries.get(id))
+            .filter_map(|entry| {
+                ChallengeTable::refresh(entry, now);
+                let challenge = entry.state.borrow();
+                (challenge.state == ChallengeState::Pending).then(|| challenge.clone())
+            })
+            .collect();
+        pending.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        Ok(pending)
+    }
+
+    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        self.shared.commit(vec![DurableWrite::PutEnrollment(enrollment)], Durability::Immediate).await
+    }
+
+    async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
+        Ok(self.shared.durable().enrollments.get(id).filter(|e| e.tenant == *tenant).cloned())
+    }
+
+    async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
+        let mirror = self.shared.durable();
+        Ok(mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id)).cloned())
+    }
+
+    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let enrollment = {
+            let mirror = self.shared.durable();
+            let found = mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id));
+            match found {
+                None => return Ok(CompleteOutcome::UnknownCode),
+                Some(e) if e.kind != EnrollmentKind::Push => return Ok(CompleteOutcome::UnknownCode),
+                Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
+                Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
+                Some(e) => e.clone(),
+            }
+        };
+        let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), ..enrollment };
+        self.shared
+            .commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
+            .await?;
+        Ok(CompleteOutcome::Completed(completed))
+    }
+
+    async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        Ok(self.shared.durable().devices.get(id).cloned())
+    }
+
+    async fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
+        let mirror = self.shared.durable();
+        let ids = mirror.user_devices.get(&(tenant.clone(), user.clone()));
+        Ok(ids.into_iter().flatten().filter_map(|id| mirror.devices.get(id)).cloned().collect())
+    }
+
+    async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let owned = self.shared.durable().devices.get(id).is_some_and(|device| device.tenant == *tenant);
+        if owned {
+            self.shared.commit(vec![DurableWrite::RemoveDevice(id.clone())], Durability::Immediate).await?;
+        }
+        Ok(owned)
+    }
+
+    async fn set_push_token(&self, id: &DeviceId, token: &str) -> Result<bool, StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let Some(device) = self.shared.durable().devices.get(id).cloned() else { return Ok(false) };
+        let updated = Device { push_token: token.to_owned(), push_enabled: !token.is_empty(), ..device };
+        self.shared.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
+        Ok(true)
+    }
+
+    async fn disable_push(&self, id: &DeviceId, token: &str) -> Result<(), StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let device = self.shared.durable().devices.get(id).filter(|d| d.push_token == token && d.push_enabled).cloned();
+        if let Some(device) = device {
+            let updated = Device { push_enabled: false, ..device };
+            self.shared.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
+        }
+        Ok(())
+    }
+
+    async fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let Some(device) = self.shared.durable().devices.get(id).cloned() else { return Ok(()) };
+        let updated = Device { last_used_at: Some(now), ..device };
+        // Informational only: written without an fsync of its own; the next durable
+        // commit carries it to disk.
+        self.shared.commit(vec![DurableWrite::PutDevice(updated)], Durability::None).await
+    }
+
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        self.shared.commit(vec![DurableWrite::PutBlock((tenant.clone(), user.clone()), block)], Durability::Immediate).await
+    }
+
+    async fn record_wrong_number(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &WrongNumberPolicy,
+        now: Millis,
+    ) -> Result<Option<UserBlock>, StoreError> {
+        let key = (tenant.clone(), user.clone());
+        let reached = {
+            let mut table = self.shared.challenges();
+            let activity = table.users.entry(key.clone()).or_default();
+            prune_before(&mut activity.wrong_numbers, now.minus(policy.window));
+            activity.wrong_numbers.push_back(now);
+            let reached = activity.wrong_numbers.len() >= policy.limit as usize;
+            if reached {
+                activity.wrong_numbers.clear();
+            }
+            reached
+        };
+        if !reached {
+            return Ok(None);
+        }
+        let block = UserBlock { reason: super::BlockReason::WrongNumbers, since: now, until: Some(now.plus(policy.block_for)) };
+        self.block_user(tenant, user, block.clone()).await?;
+        Ok(Some(block))
+    }
+
+    async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
+        let key = (tenant.clone(), user.clone());
+        if let Some(activity) = self.shared.challenges().users.get_mut(&key) {
+            activity.wrong_numbers.clear();
+        }
+        let _gate = self.shared.write_gate.lock().await;
+        if self.shared.durable().blocks.contains_key(&key) {
+            self.shared.commit(vec![DurableWrite::RemoveBlock(key)], Durability::Immediate).await?;
+        }
+        Ok(())
+    }
+
+    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
+        let key = (tenant.clone(), user.clone());
+        Ok(self.shared.durable().blocks.get(&key).filter(|block| block.in_force(now)).cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::time::ManualClock;
+
+    #[tokio::test]
+    async fn embedded_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        super::super::conformance::run_all(|clock| {
+            let n = opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.path().join(format!("store-{n}"));
+            async move { EmbeddedStore::open(&path, Arc::new(clock)).await.expect("store opens") }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn durable_records_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::starting_now();
+        let tenant = TenantId("t".into());
+        let user = UserId::parse("jan").expect("user");
+        let device = super::super::conformance::sample_device(&tenant, &user, clock.now());
+        {
+            let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+            let enrollment = super::super::conformance::sample_enrollment(&tenant, &user, clock.now());
+            let code = enrollment.code_digest.clone();
+            store.insert_enrollment(enrollment).await.expect("insert");
+            assert!(matches!(
+                store.complete_enrollment(&code, device.clone(), clock.now()).await.expect("complete"),
+                CompleteOutcome::Completed(_)
+            ));
+            let block = UserBlock { reason: super::super::BlockReason::FraudReported, since: clock.now(), until: None };
+            store.block_user(&tenant, &user, block).await.expect("block");
+        }
+        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
+        assert_eq!(store.get_device(&device.id).await.expect("get"), Some(device.clone()));
+        assert_eq!(store.list_devices(&tenant, &user).await.expect("list"), vec![device]);
+        assert!(store.user_block(&tenant, &user, clock.now()).await.expect("block").is_some());
+    }
+}
