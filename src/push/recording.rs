@@ -36,9 +36,14 @@ impl RecordingPushSender {
 
     /// Waits until a recorded job satisfies `matches`, then returns every job so far.
     pub async fn wait_for(&self, matches: impl Fn(&PushJob) -> bool) -> Vec<PushJob> {
+        self.wait_until(|jobs| jobs.iter().any(&matches)).await
+    }
+
+    /// Waits until the jobs recorded so far satisfy `condition`, then returns them.
+    pub async fn wait_until(&self, condition: impl Fn(&[PushJob]) -> bool) -> Vec<PushJob> {
         let mut changes = self.jobs.subscribe();
         // The sender lives in `self`, so the channel cannot close while we wait.
-        let _ = changes.wait_for(|jobs| jobs.iter().any(&matches)).await;
+        let _ = changes.wait_for(|jobs| condition(jobs)).await;
         self.jobs()
     }
 }

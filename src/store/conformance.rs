@@ -1,3 +1,6 @@
+// Test support: a failed expectation here is a failed test, so panicking is the point.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 //! The store conformance suite: the behaviour every [`Store`] backend must show.
 //! Each backend's tests call [`run_all`] with a factory for fresh, empty stores.
 

@@ -508,7 +508,7 @@ impl Store for EmbeddedStore {
                 (challenge.state == ChallengeState::Pending).then(|| challenge.clone())
             })
             .collect();
-        pending.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        pending.sort_by_key(|c| std::cmp::Reverse(c.created_at));
         Ok(pending)
     }
 
