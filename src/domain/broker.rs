@@ -354,6 +354,9 @@ impl Broker {
     #[tracing::instrument(skip_all, fields(device_id = %proof.device_id))]
     pub async fn update_push_token(&self, proof: &DeviceProof, push_token: &str) -> Result<(), BrokerError> {
         let device = self.authenticate_device(proof, "UpdatePushToken", &[push_token]).await?;
+        if device.platform == Some(Platform::Apns) && !push_token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(BrokerError::invalid("push_token", "an APNs device token is hex"));
+        }
         if !self.store.set_push_token(&device.id, push_token).await? {
             return Err(BrokerError::unauthenticated("proof.device_id: unknown or removed device"));
         }

@@ -124,10 +124,22 @@ mod tests {
         );
     }
 
+    /// Decodes the PNG with an independent QR decoder (rqrr) and checks that the
+    /// camera of a phone would read the URI back.
     #[test]
-    fn qr_png_is_a_png() {
-        let png_bytes = qr_png("pushmatch://enroll?v=1").expect("png");
-        assert_eq!(&png_bytes[..8], b"\x89PNG\r\n\x1a\n");
+    fn qr_png_decodes_back_to_the_uri() {
+        let code = EnrollmentCode::generate().expect("code");
+        let uri = push_enrollment_uri("https://mfa.gors.nl", &code, "Gors", "jan@gors.nl");
+        let png_bytes = qr_png(&uri).expect("png");
+        let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes)).read_info().expect("png header");
+        let mut pixels = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut pixels).expect("png frame");
+        let (width, height) = (info.width as usize, info.height as usize);
+        let mut image = rqrr::PreparedImage::prepare_from_greyscale(width, height, |x, y| pixels[y * width + x]);
+        let grids = image.detect_grids();
+        assert_eq!(grids.len(), 1);
+        let (_, content) = grids[0].decode().expect("decodes");
+        assert_eq!(content, uri);
     }
 
     #[test]
