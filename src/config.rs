@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::domain::broker::{BrokerSettings, Tenant};
 use crate::domain::ids::TenantId;
 use crate::push::dispatcher::DispatcherSettings;
-use crate::store::{AdmissionPolicy, WrongNumberPolicy};
+use crate::store::{AdmissionPolicy, StrikePolicy};
 
 /// The environment variable that names the configuration file.
 pub const CONFIG_FILE_VAR: &str = "PUSHMATCH_CONFIG";
@@ -39,7 +39,33 @@ pub struct Config {
     pub device: DeviceConfig,
     pub push: PushConfig,
     pub log: LogConfig,
+    pub secrets: SecretsConfig,
     pub tenants: Vec<TenantConfig>,
+}
+
+/// The key that seals TOTP secrets at rest (AES-256-GCM).
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecretsConfig {
+    /// 64 hex digits. Empty: the key file is used.
+    pub key_hex: String,
+    /// Read, or created with mode 0600 on the first start. Empty: `<store.path>/secret.key`.
+    pub key_file: String,
+}
+
+impl std::fmt::Debug for SecretsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretsConfig")
+            .field("key_hex", &if self.key_hex.is_empty() { "" } else { "<redacted>" })
+            .field("key_file", &self.key_file)
+            .finish()
+    }
+}
+
+impl SecretsConfig {
+    pub fn key_file_path(&self, store_path: &Path) -> PathBuf {
+        if self.key_file.is_empty() { store_path.join("secret.key") } else { PathBuf::from(&self.key_file) }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -125,6 +151,10 @@ pub struct LimitsConfig {
     pub wrong_number_limit: u32,
     pub wrong_number_window_seconds: u32,
     pub wrong_number_block_seconds: u32,
+    /// Wrong TOTP codes in the window that lock VerifyTotp for the user.
+    pub totp_failure_limit: u32,
+    pub totp_failure_window_seconds: u32,
+    pub totp_lockout_seconds: u32,
 }
 
 impl Default for LimitsConfig {
@@ -136,6 +166,9 @@ impl Default for LimitsConfig {
             wrong_number_limit: 3,
             wrong_number_window_seconds: 900,
             wrong_number_block_seconds: 900,
+            totp_failure_limit: 5,
+            totp_failure_window_seconds: 300,
+            totp_lockout_seconds: 300,
         }
     }
 }
@@ -339,6 +372,8 @@ impl Config {
             ("limits.challenge_window_seconds", self.limits.challenge_window_seconds),
             ("limits.wrong_number_limit", self.limits.wrong_number_limit),
             ("limits.wrong_number_window_seconds", self.limits.wrong_number_window_seconds),
+            ("limits.totp_failure_limit", self.limits.totp_failure_limit),
+            ("limits.totp_failure_window_seconds", self.limits.totp_failure_window_seconds),
             ("enrollment.code_ttl_seconds", self.enrollment.code_ttl_seconds),
             ("device.max_clock_skew_seconds", self.device.max_clock_skew_seconds),
             ("push.queue_capacity", self.push.queue_capacity),
@@ -348,6 +383,9 @@ impl Config {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
+        }
+        if !self.secrets.key_hex.is_empty() && (self.secrets.key_hex.len() != 64 || hex::decode(&self.secrets.key_hex).is_err()) {
+            return Err(invalid("secrets.key_hex", "must be 64 hex digits (32 bytes)"));
         }
         if self.tenants.is_empty() {
             return Err(invalid("tenants", "no [[tenants]]: nobody could call the identity-provider services"));
@@ -397,10 +435,15 @@ impl Config {
                 window: seconds(self.limits.challenge_window_seconds),
                 retention: seconds(self.challenge.retention_seconds),
             },
-            wrong_numbers: WrongNumberPolicy {
+            wrong_numbers: StrikePolicy {
                 limit: self.limits.wrong_number_limit,
                 window: seconds(self.limits.wrong_number_window_seconds),
                 block_for: seconds(self.limits.wrong_number_block_seconds),
+            },
+            totp_lockout: StrikePolicy {
+                limit: self.limits.totp_failure_limit,
+                window: seconds(self.limits.totp_failure_window_seconds),
+                block_for: seconds(self.limits.totp_lockout_seconds),
             },
             enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
             max_clock_skew: seconds(self.device.max_clock_skew_seconds),

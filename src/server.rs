@@ -22,6 +22,7 @@ use crate::api::devices::DeviceApi;
 use crate::api::enrollments::EnrollmentApi;
 use crate::config::Config;
 use crate::domain::broker::{Broker, DeliveryRecorder};
+use crate::domain::secrets::SecretBox;
 use crate::domain::time::{Clock, SystemClock};
 use crate::pb;
 use crate::pb::challenge_service_server::ChallengeServiceServer;
@@ -44,6 +45,8 @@ pub enum ServerError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("secret key {path}: {message}")]
+    SecretKey { path: String, message: String },
 }
 
 /// What the server is built from besides its configuration.
@@ -90,7 +93,8 @@ pub async fn run_with(
         push_counters,
         draining.child_token(),
     );
-    let broker = Arc::new(Broker::new(store, dispatcher, clock, config.broker_settings(), config.domain_tenants()));
+    let secrets = SecretBox::new(&load_secret_key(&config).await?);
+    let broker = Arc::new(Broker::new(store, dispatcher, clock, config.broker_settings(), config.domain_tenants(), secrets));
     let keys = Arc::new(TenantKeys::from_config(&config));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -149,4 +153,41 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The key that seals TOTP secrets: `[secrets] key_hex`, or the key file, which is
+/// created (32 random bytes as hex, mode 0600) on the first start. Losing it makes
+/// stored TOTP secrets unreadable; back it up with the store.
+async fn load_secret_key(config: &Config) -> Result<[u8; 32], ServerError> {
+    let path = config.secrets.key_file_path(&config.store.path);
+    let failed = |message: String| ServerError::SecretKey { path: path.display().to_string(), message };
+    let text = if !config.secrets.key_hex.is_empty() {
+        config.secrets.key_hex.clone()
+    } else {
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = [0u8; 32];
+                crate::domain::ids::os_random(&mut key).map_err(|e| failed(e.to_string()))?;
+                if let Some(folder) = path.parent() {
+                    tokio::fs::create_dir_all(folder).await.map_err(|e| failed(format!("cannot create its folder: {e}")))?;
+                }
+                let mut options = tokio::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                options.mode(0o600);
+                let mut file = options.open(&path).await.map_err(|e| failed(format!("cannot create it: {e}")))?;
+                tokio::io::AsyncWriteExt::write_all(&mut file, hex::encode(key).as_bytes())
+                    .await
+                    .map_err(|e| failed(format!("cannot write it: {e}")))?;
+                file.sync_all().await.map_err(|e| failed(format!("cannot write it: {e}")))?;
+                tracing::info!(path = %path.display(), "created a new secret key for TOTP secrets; back it up with the store");
+                return Ok(key);
+            }
+            Err(error) => return Err(failed(format!("cannot read it: {error}"))),
+        }
+    };
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut key).map_err(|_| failed("must hold 64 hex digits".into()))?;
+    Ok(key)
 }

@@ -18,7 +18,11 @@ use tonic::Code;
 async fn approve_flow(key: PhoneKey, platform: pb::Platform) {
     let server = TestServer::start().await;
     let enrollment = server.begin_enrollment("jan").await;
-    assert!(enrollment.uri.starts_with("pushmatch://enroll?v=1&server=http%3A%2F%2F127.0.0.1%3A50051&code="), "{}", enrollment.uri);
+    assert!(
+        enrollment.uri.starts_with("pushmatch://enroll?v=1&server=http%3A%2F%2F127.0.0.1%3A50051&code="),
+        "{}",
+        enrollment.uri
+    );
     assert!(enrollment.uri.ends_with("&issuer=Gors&account=jan%40gors.nl"), "{}", enrollment.uri);
     assert_eq!(enrollment.state(), pb::EnrollmentState::Pending);
     assert_eq!(&enrollment.qr_png[..8], b"\x89PNG\r\n\x1a\n");
@@ -39,7 +43,11 @@ async fn approve_flow(key: PhoneKey, platform: pb::Platform) {
         .challenges(KEY_A)
         .create_challenge(pb::CreateChallengeRequest {
             user_id: "jan".into(),
-            context: Some(pb::SignInContext { application: "Citrix Workspace".into(), location: "Rotterdam, NL".into(), ..Default::default() }),
+            context: Some(pb::SignInContext {
+                application: "Citrix Workspace".into(),
+                location: "Rotterdam, NL".into(),
+                ..Default::default()
+            }),
             ..Default::default()
         })
         .await
@@ -336,7 +344,10 @@ async fn a_restart_keeps_devices_and_blocks() {
     let server = TestServer::start_on(dir, clock, |_| {}).await;
     let devices = server.enrollments(KEY_A).list_devices(pb::ListDevicesRequest { user_id: "jan".into() }).await.expect("list");
     assert_eq!(devices.into_inner().devices.len(), 1, "the device survived the restart");
-    let blocked = server.challenges(KEY_A).create_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() }).await;
+    let blocked = server
+        .challenges(KEY_A)
+        .create_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() })
+        .await;
     assert_code(blocked, Code::FailedPrecondition, "fraud");
     server.enrollments(KEY_A).unblock_user(pb::UnblockUserRequest { user_id: "jan".into() }).await.expect("unblock");
     // The same phone, with the key it enrolled before the restart, still answers.
@@ -378,7 +389,8 @@ async fn deliveries_reach_the_watcher_and_every_device_is_pushed() {
             .filter(|j| j.kind == PushKind::Clear { state: ChallengeState::Approved })
             .count()
     };
-    let fcm = tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| clears(jobs) == 2)).await.expect("both FCM phones cleared");
+    let fcm =
+        tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| clears(jobs) == 2)).await.expect("both FCM phones cleared");
     let cleared: Vec<_> = fcm.iter().filter(|j| matches!(j.kind, PushKind::Clear { .. })).map(|j| j.device_id.clone()).collect();
     assert_ne!(cleared[0], cleared[1], "one clear message per other phone");
     assert_eq!(clears(&server.apns.jobs()), 0, "the phone that answered gets no clear message");
@@ -403,7 +415,13 @@ async fn a_dead_token_turns_pushes_off_until_a_new_token_arrives() {
     .expect("UNREGISTERED");
     assert_eq!(unregistered.error, "UNREGISTERED");
     let list = || async {
-        server.enrollments(KEY_A).list_devices(pb::ListDevicesRequest { user_id: "jan".into() }).await.expect("list").into_inner().devices
+        server
+            .enrollments(KEY_A)
+            .list_devices(pb::ListDevicesRequest { user_id: "jan".into() })
+            .await
+            .expect("list")
+            .into_inner()
+            .devices
     };
     assert!(!list().await[0].push_enabled);
     // The app can still answer through the pull fallback; the next challenge pushes nothing.
@@ -418,7 +436,9 @@ async fn a_dead_token_turns_pushes_off_until_a_new_token_arrives() {
     phone.respond(&next.challenge_id, pb::Decision::Deny, "").await.expect("respond");
     let third = server.create_challenge("jan").await;
     assert_eq!(third.deliveries.len(), 1);
-    let jobs = tokio::time::timeout(DEADLINE, server.fcm.wait_for(|j| j.challenge_id.as_str() == third.challenge_id)).await.expect("pushed");
+    let jobs = tokio::time::timeout(DEADLINE, server.fcm.wait_for(|j| j.challenge_id.as_str() == third.challenge_id))
+        .await
+        .expect("pushed");
     assert_eq!(jobs.last().expect("job").push_token, "fcm-new-token");
 }
 
@@ -438,19 +458,20 @@ async fn shutdown_ends_watch_streams_cleanly() {
 
 #[tokio::test]
 async fn health_and_reflection_answer() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
     let server = TestServer::start().await;
     let mut health = HealthClient::new(server.channel.clone());
     for service in ["", "pushmatch.v1.ChallengeService", "pushmatch.v1.DeviceService", "pushmatch.v1.EnrollmentService"] {
         let status = health.check(tonic_health::pb::HealthCheckRequest { service: service.into() }).await.expect("health");
         assert_eq!(status.into_inner().status(), ServingStatus::Serving, "{service:?}");
     }
-    let request = ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
+    let request =
+        ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices(String::new())) };
     let mut responses = ServerReflectionClient::new(server.channel.clone())
         .server_reflection_info(futures::stream::iter([request]))
         .await
@@ -459,7 +480,9 @@ async fn health_and_reflection_answer() {
     let response = responses.message().await.expect("message").expect("a response");
     let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
     let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-    for service in ["pushmatch.v1.ChallengeService", "pushmatch.v1.DeviceService", "pushmatch.v1.EnrollmentService", "grpc.health.v1.Health"] {
+    for service in
+        ["pushmatch.v1.ChallengeService", "pushmatch.v1.DeviceService", "pushmatch.v1.EnrollmentService", "grpc.health.v1.Health"]
+    {
         assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
     }
 }

@@ -69,20 +69,32 @@ async fn no_secret_reaches_the_logs() {
     for decision in [pb::Decision::Approve, pb::Decision::Deny, pb::Decision::Approve] {
         let challenge = server.create_challenge("jan").await;
         let mut watch = server.watch(&challenge.challenge_id).await;
-        tokio::time::timeout(DEADLINE, server.apns.wait_for(|j| j.challenge_id.as_str() == challenge.challenge_id)).await.expect("pushed");
+        tokio::time::timeout(DEADLINE, server.apns.wait_for(|j| j.challenge_id.as_str() == challenge.challenge_id))
+            .await
+            .expect("pushed");
         let typed = if numbers.len() == 2 { "00".to_owned() } else { challenge.number.clone() };
-        phone.respond(&challenge.challenge_id, decision, if decision == pb::Decision::Deny { "" } else { &typed }).await.expect("respond");
+        phone
+            .respond(&challenge.challenge_id, decision, if decision == pb::Decision::Deny { "" } else { &typed })
+            .await
+            .expect("respond");
         follow_to_final(&mut watch).await;
         numbers.push(challenge.number);
     }
     phone.update_push_token("b3f9c2e1d4b5a6978812ab34cd56ef78a3f9c2e1d4b5a6978812ab34cd56ef79").await.expect("update");
     // A failed API key attempt is logged by nobody with the key in it either.
-    let _ = server.challenges("wrong-key-0123456789").get_challenge(pb::GetChallengeRequest { challenge_id: "ch_x".into() }).await;
+    let _ =
+        server.challenges("wrong-key-0123456789").get_challenge(pb::GetChallengeRequest { challenge_id: "ch_x".into() }).await;
     server.stop().await;
 
     let logs = String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8 logs");
     assert!(logs.contains("challenge resolved"), "the capture works: {logs}");
-    for secret in [KEY_A, "wrong-key-0123456789", code.as_str(), APNS_TOKEN, "b3f9c2e1d4b5a6978812ab34cd56ef78a3f9c2e1d4b5a6978812ab34cd56ef79"] {
+    for secret in [
+        KEY_A,
+        "wrong-key-0123456789",
+        code.as_str(),
+        APNS_TOKEN,
+        "b3f9c2e1d4b5a6978812ab34cd56ef78a3f9c2e1d4b5a6978812ab34cd56ef79",
+    ] {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
     for (key, text) in string_fields(&logs) {

@@ -10,8 +10,7 @@ use tonic::{Request, Response, Status};
 use super::auth::TenantKeys;
 use super::convert::challenge_to_pb;
 use crate::domain::broker::{Broker, ChallengeRequest};
-use crate::domain::ids::ChallengeId;
-use crate::error::BrokerError;
+use crate::domain::ids::{ChallengeId, UserId};
 use crate::pb;
 use crate::pb::challenge_service_server::ChallengeService;
 use crate::store::ChallengeWatch;
@@ -65,8 +64,14 @@ impl ChallengeService for ChallengeApi {
     }
 
     async fn verify_totp(&self, request: Request<pb::VerifyTotpRequest>) -> Result<Response<pb::VerifyTotpResponse>, Status> {
-        self.keys.authenticate(request.metadata())?;
-        Err(BrokerError::Unimplemented("VerifyTotp is not available in this version yet").into())
+        let tenant = self.keys.authenticate(request.metadata())?;
+        let request = request.into_inner();
+        let user_id = UserId::parse(&request.user_id)?;
+        let verdict = self.broker.verify_totp(&tenant, &user_id, &request.code).await?;
+        Ok(Response::new(pb::VerifyTotpResponse {
+            valid: verdict.valid,
+            device_id: verdict.device_id.map(|id| id.to_string()).unwrap_or_default(),
+        }))
     }
 }
 

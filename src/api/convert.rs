@@ -116,7 +116,7 @@ pub fn device_to_pb(device: &Device) -> pb::Device {
         display_name: device.display_name.clone(),
         platform: platform_to_pb(device.platform).into(),
         push_enabled: device.takes_pushes(),
-        has_totp: device.has_totp,
+        has_totp: device.has_totp(),
         enrolled_at: Some(timestamp(device.enrolled_at)),
         last_used_at: optional_timestamp(device.last_used_at),
     }

@@ -35,7 +35,7 @@ impl DeviceService for DeviceApi {
             device_id: completed.device.id.to_string(),
             account_name: completed.account_name,
             issuer: completed.issuer,
-            totp_secret: Vec::new(),
+            totp_secret: completed.totp_secret,
         }))
     }
 

@@ -8,7 +8,6 @@ use super::auth::TenantKeys;
 use super::convert::{device_to_pb, enrollment_kind_from_pb, enrollment_to_pb};
 use crate::domain::broker::Broker;
 use crate::domain::ids::{DeviceId, EnrollmentId, UserId, check_text};
-use crate::error::BrokerError;
 use crate::pb;
 use crate::pb::enrollment_service_server::EnrollmentService;
 
@@ -53,8 +52,12 @@ impl EnrollmentService for EnrollmentApi {
         &self,
         request: Request<pb::ConfirmTotpEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
-        self.keys.authenticate(request.metadata())?;
-        Err(BrokerError::Unimplemented("ConfirmTotpEnrollment is not available in this version yet").into())
+        let tenant = self.keys.authenticate(request.metadata())?;
+        let request = request.into_inner();
+        let id = EnrollmentId::parse(&request.enrollment_id)?;
+        let enrollment = self.broker.confirm_totp_enrollment(&tenant, &id, &request.code).await?;
+        let state = self.broker.enrollment_state(&enrollment);
+        Ok(Response::new(enrollment_to_pb(&enrollment, state, String::new(), Vec::new())))
     }
 
     async fn list_devices(&self, request: Request<pb::ListDevicesRequest>) -> Result<Response<pb::ListDevicesResponse>, Status> {

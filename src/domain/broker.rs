@@ -12,12 +12,14 @@ use super::challenge::{Challenge, ChallengeState, Decision, Delivery, DeliverySt
 use super::device::{Device, DeviceProof, DevicePublicKey};
 use super::enrollment::{self, Enrollment, EnrollmentKind};
 use super::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use super::secrets::SecretBox;
 use super::time::Clock;
+use super::totp;
 use crate::error::BrokerError;
 use crate::push::dispatcher::Dispatcher;
 use crate::push::{DeliveryReporter, PushJob, PushKind, redact_token};
 use crate::store::{
-    AdmissionPolicy, BlockReason, ChallengeWatch, CompleteOutcome, CreateOutcome, Refusal, Store, UserBlock, WrongNumberPolicy,
+    AdmissionPolicy, BlockReason, ChallengeWatch, CompleteOutcome, CreateOutcome, Refusal, Store, StrikePolicy, UserBlock,
 };
 
 /// The knobs of the rules, from the configuration.
@@ -26,7 +28,9 @@ pub struct BrokerSettings {
     pub default_ttl: Duration,
     pub max_ttl: Duration,
     pub admission: AdmissionPolicy,
-    pub wrong_numbers: WrongNumberPolicy,
+    pub wrong_numbers: StrikePolicy,
+    /// Wrong TOTP codes that lock VerifyTotp for a user.
+    pub totp_lockout: StrikePolicy,
     pub enrollment_ttl: Duration,
     pub max_clock_skew: Duration,
     /// Where enrollment QR codes send apps.
@@ -71,6 +75,15 @@ pub struct CompletedEnrollment {
     pub device: Device,
     pub account_name: String,
     pub issuer: String,
+    /// The raw TOTP secret for the app's offline codes; sent once, stored sealed.
+    pub totp_secret: Vec<u8>,
+}
+
+/// What VerifyTotp answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TotpVerdict {
+    pub valid: bool,
+    pub device_id: Option<DeviceId>,
 }
 
 /// A device's answer, as RespondToChallenge reports it.
@@ -93,6 +106,7 @@ pub struct Broker {
     clock: Arc<dyn Clock>,
     settings: BrokerSettings,
     tenants: HashMap<TenantId, Tenant>,
+    secrets: SecretBox,
 }
 
 impl Broker {
@@ -102,9 +116,10 @@ impl Broker {
         clock: Arc<dyn Clock>,
         settings: BrokerSettings,
         tenants: Vec<Tenant>,
+        secrets: SecretBox,
     ) -> Self {
         let tenants = tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
-        Self { store, dispatcher, clock, settings, tenants }
+        Self { store, dispatcher, clock, settings, tenants, secrets }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -243,25 +258,37 @@ impl Broker {
         account_name: String,
         kind: EnrollmentKind,
     ) -> Result<BegunEnrollment, BrokerError> {
-        if kind == EnrollmentKind::Totp {
-            return Err(BrokerError::Unimplemented("kind: TOTP enrollment is not available in this version yet"));
-        }
         let now = self.clock.now();
-        let code = EnrollmentCode::generate()?;
+        let id = EnrollmentId::generate()?;
+        let issuer = self.issuer(tenant);
+        let (uri, code_digest, totp_secret) = match kind {
+            EnrollmentKind::Push => {
+                let code = EnrollmentCode::generate()?;
+                (
+                    enrollment::push_enrollment_uri(&self.settings.public_url, &code, &issuer, &account_name),
+                    Some(code.digest()),
+                    None,
+                )
+            }
+            EnrollmentKind::Totp => {
+                let secret = totp::generate_secret()?;
+                let sealed = self.secrets.seal(&secret, id.as_str())?;
+                (totp::otpauth_uri(&issuer, &account_name, &secret), None, Some(sealed))
+            }
+        };
         let enrollment = Enrollment {
-            id: EnrollmentId::generate()?,
+            id,
             tenant: tenant.clone(),
             user_id,
             account_name,
             kind,
-            code_digest: code.digest(),
+            code_digest,
+            totp_secret,
             created_at: now,
             expires_at: now.plus(self.settings.enrollment_ttl),
             completed: false,
             device_id: None,
         };
-        let uri =
-            enrollment::push_enrollment_uri(&self.settings.public_url, &code, &self.issuer(tenant), &enrollment.account_name);
         let qr_png = enrollment::qr_png(&uri)?;
         self.store.insert_enrollment(enrollment.clone()).await?;
         tracing::info!(enrollment_id = %enrollment.id, "enrollment begun");
@@ -297,6 +324,93 @@ impl Broker {
         Ok(())
     }
 
+    /// Activates a TOTP enrollment with the first code the user's app shows. That
+    /// code's step is spent: it cannot be used again at VerifyTotp.
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, enrollment_id = %id))]
+    pub async fn confirm_totp_enrollment(
+        &self,
+        tenant: &TenantId,
+        id: &EnrollmentId,
+        code: &str,
+    ) -> Result<Enrollment, BrokerError> {
+        totp::check_code_shape(code)?;
+        let now = self.clock.now();
+        let enrollment = self.get_enrollment(tenant, id).await?;
+        if enrollment.kind != EnrollmentKind::Totp {
+            return Err(BrokerError::FailedPrecondition("enrollment_id: a PUSH enrollment completes from the app".into()));
+        }
+        match enrollment.state(now) {
+            enrollment::EnrollmentState::Completed => return Err(already_confirmed()),
+            enrollment::EnrollmentState::Expired => {
+                return Err(BrokerError::FailedPrecondition("enrollment_id: this enrollment has expired".into()));
+            }
+            enrollment::EnrollmentState::Pending => {}
+        }
+        let sealed = enrollment.totp_secret.as_ref().ok_or_else(already_confirmed)?;
+        let secret = self.secrets.open(sealed, enrollment.id.as_str())?;
+        let step = totp::matching_step(&secret, code, now)
+            .ok_or_else(|| BrokerError::invalid("code", "is not the authenticator's current code"))?;
+        let device_id = DeviceId::generate()?;
+        let credential = Device {
+            totp_secret: Some(self.secrets.seal(&secret, device_id.as_str())?),
+            totp_last_step: Some(step),
+            id: device_id,
+            tenant: tenant.clone(),
+            user_id: enrollment.user_id.clone(),
+            display_name: "Authenticator app".into(),
+            account_name: enrollment.account_name.clone(),
+            platform: None,
+            push_token: String::new(),
+            push_enabled: false,
+            public_key: None,
+            enrolled_at: now,
+            last_used_at: None,
+        };
+        match self.store.confirm_totp_enrollment(tenant, id, credential, now).await? {
+            CompleteOutcome::Completed(completed) => {
+                tracing::info!("totp enrollment confirmed");
+                Ok(completed)
+            }
+            CompleteOutcome::UnknownCode => Err(BrokerError::NotFound("enrollment")),
+            CompleteOutcome::AlreadyUsed => Err(already_confirmed()),
+            CompleteOutcome::Expired => Err(BrokerError::FailedPrecondition("enrollment_id: this enrollment has expired".into())),
+        }
+    }
+
+    /// Checks a 6-digit code against the user's TOTP credentials: the current step
+    /// and one either side, each step of a credential accepted once. Wrong, stale and
+    /// replayed codes count towards the lockout; once it is in force the call is
+    /// refused with RESOURCE_EXHAUSTED until it ends.
+    #[tracing::instrument(skip_all, fields(tenant = %tenant))]
+    pub async fn verify_totp(&self, tenant: &TenantId, user: &UserId, code: &str) -> Result<TotpVerdict, BrokerError> {
+        totp::check_code_shape(code)?;
+        let now = self.clock.now();
+        if let Some(until) = self.store.totp_locked_until(tenant, user, now).await? {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "user_id: too many wrong codes; VerifyTotp is locked for the user until {} (Unix s)",
+                until.as_unix_seconds()
+            )));
+        }
+        for device in self.store.list_devices(tenant, user).await? {
+            let Some(sealed) = &device.totp_secret else { continue };
+            let secret = self.secrets.open(sealed, device.id.as_str())?;
+            let Some(step) = totp::matching_step(&secret, code, now) else { continue };
+            if self.store.spend_totp_step(&device.id, step).await? {
+                if let Err(error) = self.store.touch_device(&device.id, now).await {
+                    tracing::warn!(%error, "could not record the credential's last use");
+                }
+                tracing::info!(device_id = %device.id, "totp code accepted");
+                return Ok(TotpVerdict { valid: true, device_id: Some(device.id) });
+            }
+        }
+        if self.store.record_totp_failure(tenant, user, &self.settings.totp_lockout, now).await?.is_some() {
+            tracing::warn!("too many wrong totp codes: verification locked for the user");
+        } else {
+            tracing::info!("totp code refused");
+        }
+        Ok(TotpVerdict { valid: false, device_id: None })
+    }
+
     // ---- the app's side ----
 
     #[tracing::instrument(skip_all)]
@@ -309,8 +423,11 @@ impl Broker {
             .await?
             .filter(|e| e.kind == EnrollmentKind::Push)
             .ok_or(BrokerError::NotFound("enrollment for this enrollment_code"))?;
+        let device_id = DeviceId::generate()?;
+        let totp_secret = totp::generate_secret()?;
         let device = Device {
-            id: DeviceId::generate()?,
+            totp_secret: Some(self.secrets.seal(&totp_secret, device_id.as_str())?),
+            id: device_id,
             tenant: enrollment.tenant.clone(),
             user_id: enrollment.user_id.clone(),
             display_name: request.display_name,
@@ -319,7 +436,7 @@ impl Broker {
             push_enabled: !request.push_token.is_empty(),
             push_token: request.push_token,
             public_key: Some(request.public_key),
-            has_totp: false,
+            totp_last_step: None,
             enrolled_at: now,
             last_used_at: None,
         };
@@ -328,7 +445,12 @@ impl Broker {
         match self.store.complete_enrollment(&digest, device.clone(), now).await? {
             CompleteOutcome::Completed(enrollment) => {
                 tracing::info!(enrollment_id = %enrollment.id, device_id = %device.id, token = %redact_token(&device.push_token), "device enrolled");
-                Ok(CompletedEnrollment { issuer: self.issuer(&enrollment.tenant), account_name: enrollment.account_name, device })
+                Ok(CompletedEnrollment {
+                    issuer: self.issuer(&enrollment.tenant),
+                    account_name: enrollment.account_name,
+                    device,
+                    totp_secret,
+                })
             }
             CompleteOutcome::UnknownCode => Err(BrokerError::NotFound("enrollment for this enrollment_code")),
             CompleteOutcome::AlreadyUsed => {
@@ -453,6 +575,10 @@ impl Broker {
             .await;
         }
     }
+}
+
+fn already_confirmed() -> BrokerError {
+    BrokerError::FailedPrecondition("enrollment_id: this enrollment was confirmed already".into())
 }
 
 fn refusal_error(refusal: Refusal) -> BrokerError {

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::challenge::Platform;
 use super::ids::{DeviceId, TenantId, UserId};
+use super::secrets::SealedSecret;
 use super::time::Millis;
 use crate::error::BrokerError;
 
@@ -46,8 +47,13 @@ impl DevicePublicKey {
     fn parse(&self) -> Result<ParsedKey, BrokerError> {
         match self.algorithm {
             KeyAlgorithm::EcdsaP256Sha256 => {
-                let parsed = match self.bytes.len() {
-                    33 | 65 => p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.bytes).ok(),
+                // Only the encodings the proto names: SEC1 compressed (33 bytes, tag 2 or 3),
+                // uncompressed (65 bytes, tag 4), or SubjectPublicKeyInfo DER. The SEC1
+                // parser would also take "compact" (tag 5) and hybrid points, which
+                // could store a different key than the phone holds.
+                let parsed = match (self.bytes.len(), self.bytes.first()) {
+                    (33, Some(2 | 3)) | (65, Some(4)) => p256::ecdsa::VerifyingKey::from_sec1_bytes(&self.bytes).ok(),
+                    (33 | 65, _) => None,
                     _ => p256::ecdsa::VerifyingKey::from_public_key_der(&self.bytes).ok(),
                 };
                 parsed.map(ParsedKey::P256).ok_or_else(|| {
@@ -101,7 +107,13 @@ pub struct Device {
     /// False once the provider reported the token dead, until a new token arrives.
     pub push_enabled: bool,
     pub public_key: Option<DevicePublicKey>,
-    pub has_totp: bool,
+    /// The TOTP secret, sealed; `None` for a device without TOTP.
+    #[serde(default)]
+    pub totp_secret: Option<SealedSecret>,
+    /// The highest TOTP step accepted so far: a code is accepted only for a later
+    /// step, so no code (nor an older one) works twice.
+    #[serde(default)]
+    pub totp_last_step: Option<u64>,
     pub enrolled_at: Millis,
     pub last_used_at: Option<Millis>,
 }
@@ -111,6 +123,10 @@ impl Device {
     /// challenged even when no push reaches the phone, thanks to the pull fallback.
     pub fn answers_challenges(&self) -> bool {
         self.public_key.is_some() && self.platform.is_some()
+    }
+
+    pub fn has_totp(&self) -> bool {
+        self.totp_secret.is_some()
     }
 
     /// Whether a push should go to this device now.
@@ -197,7 +213,8 @@ mod tests {
             push_token: "aa".into(),
             push_enabled: true,
             public_key: Some(key),
-            has_totp: false,
+            totp_secret: None,
+            totp_last_step: None,
             enrolled_at: Millis(0),
             last_used_at: None,
         }

@@ -4,6 +4,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
 use super::ids::{CodeDigest, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use super::secrets::SealedSecret;
 use super::time::Millis;
 use crate::error::BrokerError;
 
@@ -29,7 +30,11 @@ pub struct Enrollment {
     pub user_id: UserId,
     pub account_name: String,
     pub kind: EnrollmentKind,
-    pub code_digest: CodeDigest,
+    /// PUSH: the digest of the one-time code. TOTP enrollments have no code.
+    pub code_digest: Option<CodeDigest>,
+    /// TOTP: the secret the QR shows, sealed, until the first code confirms it.
+    #[serde(default)]
+    pub totp_secret: Option<SealedSecret>,
     pub created_at: Millis,
     pub expires_at: Millis,
     pub completed: bool,
@@ -150,7 +155,8 @@ mod tests {
             user_id: UserId::parse("u").expect("user"),
             account_name: "a".into(),
             kind: EnrollmentKind::Push,
-            code_digest: CodeDigest("d".into()),
+            code_digest: Some(CodeDigest("d".into())),
+            totp_secret: None,
             created_at: Millis(0),
             expires_at: Millis(600_000),
             completed: false,

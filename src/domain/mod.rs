@@ -7,4 +7,6 @@ pub mod challenge;
 pub mod device;
 pub mod enrollment;
 pub mod ids;
+pub mod secrets;
 pub mod time;
+pub mod totp;

@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use super::{AdmissionPolicy, BlockReason, CompleteOutcome, CreateOutcome, Refusal, Store, UserBlock, WrongNumberPolicy};
+use super::{AdmissionPolicy, BlockReason, CompleteOutcome, CreateOutcome, Refusal, Store, StrikePolicy, UserBlock};
 use crate::domain::challenge::{
     Challenge, ChallengeState, Decision, Delivery, DeliveryState, Platform, Resolution, SignInContext,
 };
@@ -50,7 +50,8 @@ pub fn sample_device(tenant: &TenantId, user: &UserId, now: Millis) -> Device {
         push_token: "token-1".into(),
         push_enabled: true,
         public_key: Some(DevicePublicKey::new(KeyAlgorithm::Ed25519, key).expect("key")),
-        has_totp: true,
+        totp_secret: None,
+        totp_last_step: None,
         enrolled_at: now,
         last_used_at: None,
     }
@@ -63,7 +64,8 @@ pub fn sample_enrollment(tenant: &TenantId, user: &UserId, now: Millis) -> Enrol
         user_id: user.clone(),
         account_name: "jan@gors.nl".into(),
         kind: EnrollmentKind::Push,
-        code_digest: EnrollmentCode::generate().expect("code").digest(),
+        code_digest: Some(EnrollmentCode::generate().expect("code").digest()),
+        totp_secret: None,
         created_at: now,
         expires_at: now.plus(Duration::from_secs(600)),
         completed: false,
@@ -110,6 +112,64 @@ where
     check!(enrollment_codes_complete_once);
     check!(devices_are_tenant_scoped_and_push_toggles);
     check!(blocks_and_wrong_numbers);
+    check!(totp_steps_are_spent_once_and_failures_lock);
+    check!(totp_enrollments_confirm_once);
+}
+
+async fn totp_steps_are_spent_once_and_failures_lock<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let enrollment = sample_enrollment(&t, &u, clock.now());
+    store.insert_enrollment(enrollment.clone()).await.expect("insert");
+    let device = sample_device(&t, &u, clock.now());
+    store
+        .complete_enrollment(enrollment.code_digest.as_ref().expect("code"), device.clone(), clock.now())
+        .await
+        .expect("complete");
+
+    let racing = (0..20).map(|_| store.spend_totp_step(&device.id, 1000));
+    let spent = futures::future::join_all(racing).await.into_iter().filter(|r| *r.as_ref().expect("spend")).count();
+    assert_eq!(spent, 1, "a step is accepted once, also when 20 uses race");
+    assert!(!store.spend_totp_step(&device.id, 999).await.expect("spend"), "an older step is refused after a newer one");
+    assert!(store.spend_totp_step(&device.id, 1001).await.expect("spend"));
+    assert_eq!(store.get_device(&device.id).await.expect("get").expect("device").totp_last_step, Some(1001));
+
+    let lockout = StrikePolicy { limit: 5, window: Duration::from_secs(300), block_for: Duration::from_secs(300) };
+    for _ in 0..4 {
+        assert_eq!(store.record_totp_failure(&t, &u, &lockout, clock.now()).await.expect("count"), None);
+    }
+    assert_eq!(store.totp_locked_until(&t, &u, clock.now()).await.expect("read"), None);
+    let until = store.record_totp_failure(&t, &u, &lockout, clock.now()).await.expect("count").expect("fifth locks");
+    assert_eq!(until, clock.now().plus(Duration::from_secs(300)));
+    assert_eq!(store.totp_locked_until(&t, &u, clock.now()).await.expect("read"), Some(until));
+    assert_eq!(store.totp_locked_until(&t, &user("other"), clock.now()).await.expect("read"), None);
+    clock.advance(Duration::from_secs(300));
+    assert_eq!(store.totp_locked_until(&t, &u, clock.now()).await.expect("read"), None, "the lockout ends");
+}
+
+async fn totp_enrollments_confirm_once<S: Store>(store: &S, clock: &ManualClock) {
+    let (t, u) = (tenant("a"), user("u"));
+    let enrollment = Enrollment { kind: EnrollmentKind::Totp, code_digest: None, ..sample_enrollment(&t, &u, clock.now()) };
+    store.insert_enrollment(enrollment.clone()).await.expect("insert");
+    let credential = Device { platform: None, public_key: None, ..sample_device(&t, &u, clock.now()) };
+    assert_eq!(
+        store.confirm_totp_enrollment(&tenant("b"), &enrollment.id, credential.clone(), clock.now()).await.expect("confirm"),
+        CompleteOutcome::UnknownCode,
+        "another tenant's enrollment"
+    );
+    let outcome = store.confirm_totp_enrollment(&t, &enrollment.id, credential.clone(), clock.now()).await.expect("confirm");
+    assert!(matches!(outcome, CompleteOutcome::Completed(_)), "{outcome:?}");
+    let again = store.confirm_totp_enrollment(&t, &enrollment.id, credential.clone(), clock.now()).await.expect("confirm");
+    assert_eq!(again, CompleteOutcome::AlreadyUsed);
+    assert_eq!(store.get_device(&credential.id).await.expect("get"), Some(credential));
+
+    let late = Enrollment { kind: EnrollmentKind::Totp, code_digest: None, ..sample_enrollment(&t, &u, clock.now()) };
+    store.insert_enrollment(late.clone()).await.expect("insert");
+    clock.advance(Duration::from_secs(600));
+    let credential = Device { platform: None, public_key: None, ..sample_device(&t, &u, clock.now()) };
+    assert_eq!(
+        store.confirm_totp_enrollment(&t, &late.id, credential, clock.now()).await.expect("confirm"),
+        CompleteOutcome::Expired
+    );
 }
 
 async fn challenges_are_tenant_scoped<S: Store>(store: &S, clock: &ManualClock) {
@@ -253,7 +313,7 @@ async fn pending_lists_newest_first<S: Store>(store: &S, clock: &ManualClock) {
 async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock) {
     let (t, u) = (tenant("a"), user("u"));
     let enrollment = sample_enrollment(&t, &u, clock.now());
-    let code = enrollment.code_digest.clone();
+    let code = enrollment.code_digest.clone().expect("push enrollment");
     store.insert_enrollment(enrollment.clone()).await.expect("insert");
     assert_eq!(store.get_enrollment(&t, &enrollment.id).await.expect("get"), Some(enrollment.clone()));
     assert_eq!(store.get_enrollment(&tenant("b"), &enrollment.id).await.expect("get"), None);
@@ -274,15 +334,22 @@ async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock
     let late = sample_enrollment(&t, &u, clock.now());
     store.insert_enrollment(late.clone()).await.expect("insert");
     clock.advance(Duration::from_secs(600));
-    let outcome =
-        store.complete_enrollment(&late.code_digest, sample_device(&t, &u, clock.now()), clock.now()).await.expect("complete");
+    let outcome = store
+        .complete_enrollment(late.code_digest.as_ref().expect("code"), sample_device(&t, &u, clock.now()), clock.now())
+        .await
+        .expect("complete");
     assert_eq!(outcome, CompleteOutcome::Expired);
 
     // Concurrent completions of one code: exactly one device.
     let racing = sample_enrollment(&t, &user("racer"), clock.now());
     store.insert_enrollment(racing.clone()).await.expect("insert");
-    let attempts = (0..10)
-        .map(|_| store.complete_enrollment(&racing.code_digest, sample_device(&t, &user("racer"), clock.now()), clock.now()));
+    let attempts = (0..10).map(|_| {
+        store.complete_enrollment(
+            racing.code_digest.as_ref().expect("code"),
+            sample_device(&t, &user("racer"), clock.now()),
+            clock.now(),
+        )
+    });
     let outcomes = futures::future::join_all(attempts).await;
     let completed = outcomes.iter().filter(|o| matches!(o, Ok(CompleteOutcome::Completed(_)))).count();
     assert_eq!(completed, 1);
@@ -294,7 +361,10 @@ async fn devices_are_tenant_scoped_and_push_toggles<S: Store>(store: &S, clock: 
     let enrollment = sample_enrollment(&t, &u, clock.now());
     store.insert_enrollment(enrollment.clone()).await.expect("insert");
     let device = sample_device(&t, &u, clock.now());
-    store.complete_enrollment(&enrollment.code_digest, device.clone(), clock.now()).await.expect("complete");
+    store
+        .complete_enrollment(enrollment.code_digest.as_ref().expect("code"), device.clone(), clock.now())
+        .await
+        .expect("complete");
 
     store.disable_push(&device.id, "some-older-token").await.expect("disable");
     assert!(store.get_device(&device.id).await.expect("get").expect("device").push_enabled, "a stale token report is ignored");
@@ -326,7 +396,7 @@ async fn blocks_and_wrong_numbers<S: Store>(store: &S, clock: &ManualClock) {
     assert_eq!(store.user_block(&t, &u, now).await.expect("read"), None);
     create(store, sample_challenge(&t, &u, now, None), now).await;
 
-    let wrong = WrongNumberPolicy { limit: 3, window: Duration::from_secs(900), block_for: Duration::from_secs(900) };
+    let wrong = StrikePolicy { limit: 3, window: Duration::from_secs(900), block_for: Duration::from_secs(900) };
     let other = user("w");
     assert_eq!(store.record_wrong_number(&t, &other, &wrong, clock.now()).await.expect("count"), None);
     clock.advance(Duration::from_secs(901));

@@ -25,8 +25,8 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Refusal, ResolveOutcome, Store, StoreError, UserBlock,
-    WrongNumberPolicy,
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Refusal, ResolveOutcome, Store, StoreError, StrikePolicy,
+    UserBlock,
 };
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::device::Device;
@@ -112,11 +112,18 @@ struct UserActivity {
     requests: HashMap<String, ChallengeId>,
     /// When the user's recent wrong numbers were typed, oldest first.
     wrong_numbers: VecDeque<Millis>,
+    /// When the user's recent wrong TOTP codes were typed, oldest first.
+    totp_failures: VecDeque<Millis>,
+    totp_locked_until: Option<Millis>,
 }
 
 impl UserActivity {
     fn is_idle(&self) -> bool {
-        self.live.is_empty() && self.created.is_empty() && self.wrong_numbers.is_empty()
+        self.live.is_empty()
+            && self.created.is_empty()
+            && self.wrong_numbers.is_empty()
+            && self.totp_failures.is_empty()
+            && self.totp_locked_until.is_none()
     }
 }
 
@@ -227,7 +234,7 @@ impl Shared {
         let codes: Vec<(String, String)> = writes
             .iter()
             .filter_map(|write| match write {
-                DurableWrite::PutEnrollment(enrollment) => Some((enrollment.code_digest.0.clone(), enrollment.id.to_string())),
+                DurableWrite::PutEnrollment(enrollment) => Some((enrollment.code_digest.clone()?.0, enrollment.id.to_string())),
                 _ => None,
             })
             .collect();
@@ -267,7 +274,9 @@ impl Shared {
                 DurableWrite::PutDevice(device) => mirror.put_device(device),
                 DurableWrite::RemoveDevice(id) => mirror.remove_device(&id),
                 DurableWrite::PutEnrollment(enrollment) => {
-                    mirror.codes.insert(enrollment.code_digest.clone(), enrollment.id.clone());
+                    if let Some(digest) = &enrollment.code_digest {
+                        mirror.codes.insert(digest.clone(), enrollment.id.clone());
+                    }
                     mirror.enrollments.insert(enrollment.id.clone(), enrollment);
                 }
                 DurableWrite::PutBlock(key, block) => {
@@ -355,7 +364,9 @@ fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
     for row in txn.open_table(ENROLLMENTS).map_err(io_error)?.iter().map_err(io_error)? {
         let (_, value) = row.map_err(io_error)?;
         let enrollment: Enrollment = decode(value.value())?;
-        mirror.codes.insert(enrollment.code_digest.clone(), enrollment.id.clone());
+        if let Some(digest) = &enrollment.code_digest {
+            mirror.codes.insert(digest.clone(), enrollment.id.clone());
+        }
         mirror.enrollments.insert(enrollment.id.clone(), enrollment);
     }
     for row in txn.open_table(BLOCKS).map_err(io_error)?.iter().map_err(io_error)? {
@@ -601,7 +612,7 @@ impl Store for EmbeddedStore {
         &self,
         tenant: &TenantId,
         user: &UserId,
-        policy: &WrongNumberPolicy,
+        policy: &StrikePolicy,
         now: Millis,
     ) -> Result<Option<UserBlock>, StoreError> {
         let key = (tenant.clone(), user.clone());
@@ -640,6 +651,76 @@ impl Store for EmbeddedStore {
         let key = (tenant.clone(), user.clone());
         Ok(self.shared.durable().blocks.get(&key).filter(|block| block.in_force(now)).cloned())
     }
+
+    async fn confirm_totp_enrollment(
+        &self,
+        tenant: &TenantId,
+        id: &EnrollmentId,
+        device: Device,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let enrollment = {
+            let mirror = self.shared.durable();
+            match mirror.enrollments.get(id).filter(|e| e.tenant == *tenant && e.kind == EnrollmentKind::Totp) {
+                None => return Ok(CompleteOutcome::UnknownCode),
+                Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
+                Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
+                Some(e) => e.clone(),
+            }
+        };
+        // The pending secret moves onto the device: the enrollment keeps no copy.
+        let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), totp_secret: None, ..enrollment };
+        self.shared
+            .commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
+            .await?;
+        Ok(CompleteOutcome::Completed(completed))
+    }
+
+    async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
+        let _gate = self.shared.write_gate.lock().await;
+        let Some(device) = self.shared.durable().devices.get(id).cloned() else { return Ok(false) };
+        if device.totp_last_step.is_some_and(|last| last >= step) {
+            return Ok(false);
+        }
+        let updated = Device { totp_last_step: Some(step), ..device };
+        self.shared.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
+        Ok(true)
+    }
+
+    async fn record_totp_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<Millis>, StoreError> {
+        let mut table = self.shared.challenges();
+        let activity = table.users.entry((tenant.clone(), user.clone())).or_default();
+        prune_before(&mut activity.totp_failures, now.minus(policy.window));
+        activity.totp_failures.push_back(now);
+        if activity.totp_failures.len() < policy.limit as usize {
+            return Ok(None);
+        }
+        activity.totp_failures.clear();
+        let until = now.plus(policy.block_for);
+        activity.totp_locked_until = Some(until);
+        Ok(Some(until))
+    }
+
+    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
+        let mut table = self.shared.challenges();
+        let key = (tenant.clone(), user.clone());
+        let Some(activity) = table.users.get_mut(&key) else { return Ok(None) };
+        if activity.totp_locked_until.is_some_and(|until| now >= until) {
+            activity.totp_locked_until = None;
+        }
+        let locked = activity.totp_locked_until;
+        if activity.is_idle() {
+            table.users.remove(&key);
+        }
+        Ok(locked)
+    }
 }
 
 #[cfg(test)]
@@ -669,7 +750,7 @@ mod tests {
         {
             let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
             let enrollment = super::super::conformance::sample_enrollment(&tenant, &user, clock.now());
-            let code = enrollment.code_digest.clone();
+            let code = enrollment.code_digest.clone().expect("push enrollment");
             store.insert_enrollment(enrollment).await.expect("insert");
             assert!(matches!(
                 store.complete_enrollment(&code, device.clone(), clock.now()).await.expect("complete"),

@@ -56,9 +56,10 @@ pub struct AdmissionPolicy {
     pub retention: Duration,
 }
 
-/// Wrong numbers: `limit` within `window` block the user for `block_for`.
+/// Strikes against a user (wrong numbers, wrong TOTP codes): `limit` within
+/// `window` block the user (or lock TOTP) for `block_for`.
 #[derive(Clone, Debug)]
-pub struct WrongNumberPolicy {
+pub struct StrikePolicy {
     pub limit: u32,
     pub window: Duration,
     pub block_for: Duration,
@@ -200,7 +201,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         tenant: &TenantId,
         user: &UserId,
-        policy: &WrongNumberPolicy,
+        policy: &StrikePolicy,
         now: Millis,
     ) -> Result<Option<UserBlock>, StoreError>;
 
@@ -208,4 +209,32 @@ pub trait Store: Send + Sync + 'static {
     async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError>;
 
     async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError>;
+
+    // ---- TOTP ----
+
+    /// Completes a pending TOTP enrollment of `tenant` with `device` (its credential),
+    /// atomically: an enrollment confirms once.
+    async fn confirm_totp_enrollment(
+        &self,
+        tenant: &TenantId,
+        id: &EnrollmentId,
+        device: Device,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError>;
+
+    /// Accepts TOTP `step` for the device if it is later than every step accepted
+    /// before, atomically: of racing uses of one code exactly one returns true.
+    async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError>;
+
+    /// Counts a wrong TOTP code; when it is the `limit`-th in the window, locks
+    /// VerifyTotp for the user and returns until when.
+    async fn record_totp_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<Millis>, StoreError>;
+
+    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError>;
 }
