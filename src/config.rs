@@ -564,7 +564,8 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
 
     #[test]
     fn mistakes_are_named() {
-        let cases: Vec<(String, Vec<(String, String)>, &str)> = vec![
+        type Case = (String, Vec<(String, String)>, &'static str);
+        let cases: Vec<Case> = vec![
             (format!("[server]\nlisten = \"nowhere\"\n{TENANT}"), vec![], "server.listen"),
             (format!("[challenge]\ndefault_ttl_seconds = 400\n{TENANT}"), vec![], "challenge.default_ttl_seconds"),
             (format!("[server]\nlisten_typo = \"x\"\n{TENANT}"), vec![], "listen_typo"),

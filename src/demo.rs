@@ -15,6 +15,8 @@ use tonic::{Request, Status};
 
 use crate::config::{Config, DEVELOPMENT_API_KEY};
 use crate::domain::enrollment::qr_terminal;
+use crate::domain::time::{Clock as _, SystemClock};
+use crate::domain::totp;
 use crate::pb;
 use crate::pb::challenge_service_client::ChallengeServiceClient;
 use crate::pb::enrollment_service_client::EnrollmentServiceClient;
@@ -180,7 +182,30 @@ async fn walk_through(
     if final_state != (pb::ChallengeState::Denied, pb::DenyReason::UserDenied) {
         return Err(step_failed("deny", format!("expected DENIED / USER_DENIED, the watcher saw {final_state:?}")));
     }
-    println!("   Jan did not recognise the third sign-in and denied it: the IdP's stream: DENIED / USER_DENIED");
+    println!("   Jan did not recognise the third sign-in and denied it: the IdP's stream: DENIED / USER_DENIED\n");
+
+    // The offline fallback: no network on the phone, so Jan types the app's code.
+    let step = "8 TOTP fallback";
+    let now = SystemClock.now();
+    let code = totp::code_for_step(&completed.totp_secret, totp::step_at(now));
+    let verdict = challenges
+        .verify_totp(pb::VerifyTotpRequest { user_id: "jan".into(), code: code.clone() })
+        .await
+        .map_err(call_failed(step))?
+        .into_inner();
+    if !verdict.valid || verdict.device_id != completed.device_id {
+        return Err(step_failed(step, "the app's current code was not accepted"));
+    }
+    let replay = challenges
+        .verify_totp(pb::VerifyTotpRequest { user_id: "jan".into(), code })
+        .await
+        .map_err(call_failed(step))?
+        .into_inner();
+    if replay.valid {
+        return Err(step_failed(step, "the same code was accepted twice"));
+    }
+    println!("8. No network on the phone: Jan chooses \"use a verification code\" and types the app's 6-digit code.");
+    println!("   VerifyTotp: valid (device {}); the same code again: not valid (each code works once)", verdict.device_id);
     Ok(())
 }
 

@@ -369,7 +369,7 @@ impl Broker {
         match self.store.confirm_totp_enrollment(tenant, id, credential, now).await? {
             CompleteOutcome::Completed(completed) => {
                 tracing::info!("totp enrollment confirmed");
-                Ok(completed)
+                Ok(*completed)
             }
             CompleteOutcome::UnknownCode => Err(BrokerError::NotFound("enrollment")),
             CompleteOutcome::AlreadyUsed => Err(already_confirmed()),

@@ -554,7 +554,7 @@ impl Store for EmbeddedStore {
         self.shared
             .commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
             .await?;
-        Ok(CompleteOutcome::Completed(completed))
+        Ok(CompleteOutcome::Completed(Box::new(completed)))
     }
 
     async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -674,7 +674,7 @@ impl Store for EmbeddedStore {
         self.shared
             .commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
             .await?;
-        Ok(CompleteOutcome::Completed(completed))
+        Ok(CompleteOutcome::Completed(Box::new(completed)))
     }
 
     async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {

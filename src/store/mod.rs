@@ -110,7 +110,7 @@ pub struct ResolveOutcome {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CompleteOutcome {
-    Completed(Enrollment),
+    Completed(Box<Enrollment>),
     UnknownCode,
     AlreadyUsed,
     Expired,
