@@ -1,6 +1,7 @@
 //! Nothing secret reaches the logs: the whole flow runs with pushmatch logging at
 //! TRACE (everything else at DEBUG) into a buffer, which is then searched for the
-//! API key, the enrollment code, the full push token and the number.
+//! API key, the enrollment code, the full push tokens, TOTP secrets and codes, and
+//! the numbers.
 
 // Tests: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -10,6 +11,8 @@ mod support;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use pushmatch::domain::time::{Clock as _, SystemClock};
+use pushmatch::domain::totp::{code_for_step, step_at};
 use pushmatch::pb;
 use pushmatch::phone::{P256Encoding, PhoneKey};
 use support::*;
@@ -64,7 +67,24 @@ async fn no_secret_reaches_the_logs() {
     let enrollment = server.begin_enrollment("jan").await;
     let code = pushmatch::phone::enrollment_code_from_uri(&enrollment.uri).expect("code");
     let mut phone = server.phone(PhoneKey::p256(P256Encoding::Sec1Uncompressed), pb::Platform::Apns);
-    phone.enroll(&enrollment.uri, "Jan's iPhone").await.expect("enroll");
+    let totp_secret = phone.enroll(&enrollment.uri, "Jan's iPhone").await.expect("enroll").totp_secret;
+    // The TOTP fallback: a right code, the same code again, a wrong one.
+    let totp_code = code_for_step(&totp_secret, step_at(SystemClock.now()));
+    for code in [totp_code.as_str(), totp_code.as_str(), "000000"] {
+        let request = pb::VerifyTotpRequest { user_id: "jan".into(), code: code.into() };
+        server.challenges(KEY_A).verify_totp(request).await.expect("verify");
+    }
+    let app_enrollment = server
+        .enrollments(KEY_A)
+        .begin_enrollment(pb::BeginEnrollmentRequest {
+            user_id: "jan".into(),
+            account_name: String::new(),
+            kind: pb::EnrollmentKind::Totp.into(),
+        })
+        .await
+        .expect("totp enrollment")
+        .into_inner();
+    let app_secret = app_enrollment.uri.split(['?', '&']).find_map(|p| p.strip_prefix("secret=")).expect("secret").to_owned();
     let mut numbers = Vec::new();
     for decision in [pb::Decision::Approve, pb::Decision::Deny, pb::Decision::Approve] {
         let challenge = server.create_challenge("jan").await;
@@ -86,6 +106,7 @@ async fn no_secret_reaches_the_logs() {
         server.challenges("wrong-key-0123456789").get_challenge(pb::GetChallengeRequest { challenge_id: "ch_x".into() }).await;
     server.stop().await;
 
+    let totp_forms = [hex::encode(&totp_secret), data_encoding::BASE32_NOPAD.encode(&totp_secret), app_secret];
     let logs = String::from_utf8(captured.0.lock().expect("log buffer").clone()).expect("utf-8 logs");
     assert!(logs.contains("challenge resolved"), "the capture works: {logs}");
     for secret in [
@@ -94,13 +115,17 @@ async fn no_secret_reaches_the_logs() {
         code.as_str(),
         APNS_TOKEN,
         "b3f9c2e1d4b5a6978812ab34cd56ef78a3f9c2e1d4b5a6978812ab34cd56ef79",
-    ] {
+    ]
+    .into_iter()
+    .chain(totp_forms.iter().map(String::as_str))
+    {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
     for (key, text) in string_fields(&logs) {
         assert_ne!(key, "number", "no field carries the number");
         for word in text.split(|c: char| !c.is_ascii_alphanumeric()) {
             assert!(!numbers.iter().any(|n| n == word), "the number appears in {key}: {text}");
+            assert_ne!(word, totp_code, "the TOTP code appears in {key}: {text}");
         }
     }
 }
