@@ -39,6 +39,7 @@ pub struct Config {
     pub device: DeviceConfig,
     pub push: PushConfig,
     pub log: LogConfig,
+    pub tracing: TracingConfig,
     pub secrets: SecretsConfig,
     pub tenants: Vec<TenantConfig>,
 }
@@ -77,10 +78,24 @@ pub struct ServerConfig {
     pub public_url: String,
     /// `/metrics` and `/healthz`; "" turns it off.
     pub metrics_listen: String,
+    /// PEM certificate chain and private key: serve gRPC over TLS (reloaded on
+    /// SIGHUP and when the files change).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert_path: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key_path: Option<PathBuf>,
+    /// PEM CA certificates: ChallengeService and EnrollmentService then require a
+    /// client certificate issued by them (mutual TLS); DeviceService does not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_client_ca_path: Option<PathBuf>,
+    /// How often the TLS files are checked for changes; 0: on SIGHUP only.
+    pub tls_reload_interval_seconds: u32,
+    /// Connections older than this are asked to go away (HTTP/2 GOAWAY) so that
+    /// clients reconnect and spread over new replicas; 0: never.
+    pub max_connection_age_seconds: u32,
+    /// After the GOAWAY, how long calls (watch streams) may still run before the
+    /// connection is closed; 0: until they end.
+    pub max_connection_age_grace_seconds: u32,
     /// Concurrent requests per HTTP/2 connection.
     pub max_concurrent_requests_per_connection: u32,
     /// Deadline for a unary call (watch streams are not bound by it).
@@ -97,6 +112,10 @@ impl Default for ServerConfig {
             metrics_listen: "127.0.0.1:9464".into(),
             tls_cert_path: None,
             tls_key_path: None,
+            tls_client_ca_path: None,
+            tls_reload_interval_seconds: 30,
+            max_connection_age_seconds: 0,
+            max_connection_age_grace_seconds: 0,
             max_concurrent_requests_per_connection: 256,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 10,
@@ -118,11 +137,21 @@ pub struct StoreConfig {
     /// Embedded: the folder that holds the durable file.
     pub path: PathBuf,
     pub redis_url: String,
+    /// Seed nodes of a Redis Cluster; when given, `redis_url` is not used.
+    pub redis_cluster_urls: Vec<String>,
+    /// The deadline of one Redis call; past it the request fails with UNAVAILABLE.
+    pub operation_timeout_ms: u32,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { backend: StoreBackend::Embedded, path: "./pushmatch-data".into(), redis_url: "redis://127.0.0.1:6379".into() }
+        Self {
+            backend: StoreBackend::Embedded,
+            path: "./pushmatch-data".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            redis_cluster_urls: Vec::new(),
+            operation_timeout_ms: 2_000,
+        }
     }
 }
 
@@ -215,7 +244,7 @@ pub struct PushConfig {
 
 impl Default for PushConfig {
     fn default() -> Self {
-        Self { queue_capacity: 10_000, max_in_flight: 512, max_attempts: 5, apns: None, fcm: None }
+        Self { queue_capacity: 10_000, max_in_flight: 2_000, max_attempts: 5, apns: None, fcm: None }
     }
 }
 
@@ -230,10 +259,31 @@ pub struct ApnsConfig {
     pub endpoint: String,
     #[serde(default)]
     pub ca_cert_path: String,
+    /// Long-lived HTTP/2 connections; pushes are multiplexed over them as streams.
+    #[serde(default = "default_push_connections")]
+    pub connections: u32,
+    /// Sends to this provider at once (at most `push.max_in_flight` in all).
+    #[serde(default = "default_provider_in_flight")]
+    pub max_in_flight: u32,
+    /// One attempt (connecting, sending, the answer); past it the push is retried.
+    #[serde(default = "default_push_request_timeout_ms")]
+    pub request_timeout_ms: u32,
 }
 
 fn default_apns_endpoint() -> String {
     "https://api.push.apple.com".into()
+}
+
+fn default_push_connections() -> u32 {
+    4
+}
+
+fn default_provider_in_flight() -> u32 {
+    1_000
+}
+
+fn default_push_request_timeout_ms() -> u32 {
+    10_000
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -244,6 +294,12 @@ pub struct FcmConfig {
     pub endpoint: String,
     #[serde(default)]
     pub ca_cert_path: String,
+    #[serde(default = "default_push_connections")]
+    pub connections: u32,
+    #[serde(default = "default_provider_in_flight")]
+    pub max_in_flight: u32,
+    #[serde(default = "default_push_request_timeout_ms")]
+    pub request_timeout_ms: u32,
 }
 
 fn default_fcm_endpoint() -> String {
@@ -268,6 +324,25 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Span export. Logs are `[log]`; spans always reach the log subscriber.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector, e.g. "http://otel-collector:4317"; "" exports nothing.
+    /// Needs a build with the `otlp` cargo feature.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of traces exported, 0.0 to 1.0 (a caller's sampled `traceparent` wins).
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), service_name: "pushmatch".into(), sample_ratio: 1.0 }
     }
 }
 
@@ -347,8 +422,24 @@ impl Config {
                 .parse::<SocketAddr>()
                 .map_err(|e| invalid("server.metrics_listen", format!("not an address: {e}")))?;
         }
-        if self.server.tls_cert_path.is_some() || self.server.tls_key_path.is_some() {
-            return Err(invalid("server.tls_cert_path", "TLS termination is not in this build yet; terminate TLS in a proxy"));
+        match (&self.server.tls_cert_path, &self.server.tls_key_path) {
+            (Some(_), None) => return Err(invalid("server.tls_key_path", "is required with server.tls_cert_path")),
+            (None, Some(_)) => return Err(invalid("server.tls_cert_path", "is required with server.tls_key_path")),
+            _ => {}
+        }
+        if self.server.tls_client_ca_path.is_some() && self.server.tls_cert_path.is_none() {
+            return Err(invalid("server.tls_client_ca_path", "mutual TLS needs TLS: set server.tls_cert_path and tls_key_path"));
+        }
+        if !self.tracing.otlp_endpoint.is_empty() {
+            if !cfg!(feature = "otlp") {
+                return Err(invalid("tracing.otlp_endpoint", "this build has no OTLP exporter; build with `--features otlp`"));
+            }
+            if !(self.tracing.otlp_endpoint.starts_with("http://") || self.tracing.otlp_endpoint.starts_with("https://")) {
+                return Err(invalid("tracing.otlp_endpoint", "must start with http:// or https://"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(invalid("tracing.sample_ratio", "must be between 0.0 and 1.0"));
         }
         if self.server.max_concurrent_requests_per_connection == 0 {
             return Err(invalid("server.max_concurrent_requests_per_connection", "must be at least 1"));
@@ -357,7 +448,20 @@ impl Config {
             return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
         }
         if self.store.backend == StoreBackend::Redis {
-            return Err(invalid("store.backend", "\"redis\" is not in this build yet; use \"embedded\""));
+            let urls = self.redis_settings().urls;
+            if let Some(bad) = urls.iter().find(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
+                return Err(invalid("store.redis_url", format!("{bad:?} is not a redis:// or rediss:// URL")));
+            }
+            if self.store.operation_timeout_ms == 0 {
+                return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
+            }
+            // Replicas must open each other's sealed TOTP secrets: one shared key.
+            if self.secrets.key_hex.is_empty() && self.secrets.key_file.is_empty() {
+                return Err(invalid(
+                    "secrets.key_hex",
+                    "with the redis store every replica needs the same secret key: set [secrets] key_hex or key_file",
+                ));
+            }
         }
         let challenge = &self.challenge;
         if challenge.default_ttl_seconds == 0 || challenge.default_ttl_seconds > challenge.max_ttl_seconds {
@@ -379,6 +483,12 @@ impl Config {
             ("push.queue_capacity", self.push.queue_capacity),
             ("push.max_in_flight", self.push.max_in_flight),
             ("push.max_attempts", self.push.max_attempts),
+            ("push.apns.connections", self.push.apns.as_ref().map_or(1, |p| p.connections)),
+            ("push.apns.max_in_flight", self.push.apns.as_ref().map_or(1, |p| p.max_in_flight)),
+            ("push.apns.request_timeout_ms", self.push.apns.as_ref().map_or(1, |p| p.request_timeout_ms)),
+            ("push.fcm.connections", self.push.fcm.as_ref().map_or(1, |p| p.connections)),
+            ("push.fcm.max_in_flight", self.push.fcm.as_ref().map_or(1, |p| p.max_in_flight)),
+            ("push.fcm.request_timeout_ms", self.push.fcm.as_ref().map_or(1, |p| p.request_timeout_ms)),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
@@ -448,6 +558,18 @@ impl Config {
             enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
             max_clock_skew: seconds(self.device.max_clock_skew_seconds),
             public_url: self.server.public_url.clone(),
+        }
+    }
+
+    pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
+        let urls = if self.store.redis_cluster_urls.is_empty() {
+            vec![self.store.redis_url.clone()]
+        } else {
+            self.store.redis_cluster_urls.clone()
+        };
+        crate::store::redis::RedisSettings {
+            urls,
+            operation_timeout: Duration::from_millis(u64::from(self.store.operation_timeout_ms)),
         }
     }
 

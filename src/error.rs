@@ -75,7 +75,10 @@ impl From<BrokerError> for Status {
         let message = match &error {
             BrokerError::StoreUnavailable(source) => {
                 tracing::warn!(error = %source, "store unavailable");
-                "the store is unavailable; retry shortly".to_owned()
+                let backend = match source {
+                    StoreError::Unavailable { backend, .. } | StoreError::Corrupt { backend, .. } => *backend,
+                };
+                format!("the {backend} store is unavailable; retry shortly")
             }
             BrokerError::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");

@@ -15,7 +15,8 @@
 //! - [`store`]: the `Store` trait and its embedded backend (memory plus a redb file).
 //! - [`push`]: the `PushSender` trait and the dispatcher that queues, sends and retries pushes.
 //! - [`error`]: the domain's error enum and the one mapping to `tonic::Status`.
-//! - [`telemetry`]: the tracing subscriber and the redaction of secrets in logs.
+//! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), Prometheus metrics and `/healthz`.
+//! - [`tls`]: TLS and mutual TLS for the gRPC port, with certificate reload.
 //! - [`phone`]: a simulated authenticator app (a real `DeviceService` client); the demo, tests and benches use it.
 //! - [`demo`]: `pushmatch demo`, the whole flow in one process.
 //! - [`pb`]: the Rust types generated from `proto/pushmatch/v1/pushmatch.proto`.
@@ -30,6 +31,7 @@ pub mod push;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// The generated gRPC types and services. Only [`api`], [`phone`] and [`demo`] use them:
 /// nothing below the edge sees a generated type.

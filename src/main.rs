@@ -31,6 +31,15 @@ enum Command {
         #[arg(long)]
         generate: bool,
     },
+    /// Exits 0 when the server's `/healthz` answers 200 (for container health checks).
+    Healthcheck {
+        /// The TOML configuration file, for `server.metrics_listen`.
+        #[arg(long, env = CONFIG_FILE_VAR)]
+        config: Option<PathBuf>,
+        /// The metrics address to ask instead (host:port).
+        #[arg(long)]
+        addr: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,12 +52,31 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::HashKey { generate } => hash_key(generate),
+        Command::Healthcheck { config, addr } => healthcheck(config, addr),
     }
+}
+
+/// Asks the running server's `/healthz` (the container's HEALTHCHECK: the runtime
+/// image has no shell and no curl).
+fn healthcheck(file: Option<PathBuf>, addr: Option<String>) -> anyhow::Result<()> {
+    let addr = match addr {
+        Some(addr) => addr,
+        None => Config::load(file.as_deref(), std::env::vars())?.config.server.metrics_listen,
+    };
+    anyhow::ensure!(!addr.is_empty(), "server.metrics_listen is \"\": no /healthz to ask");
+    let addr: std::net::SocketAddr = addr.parse().with_context(|| format!("{addr:?} is not an address"))?;
+    pushmatch::telemetry::metrics::check_health(addr, std::time::Duration::from_secs(3))?;
+    Ok(())
 }
 
 fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
     let loaded = Config::load(file.as_deref(), std::env::vars())?;
-    pushmatch::telemetry::init(&loaded.config.log);
+    // The runtime comes first: the OTLP exporter's channel (feature `otlp`) lives on it.
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let _traces = {
+        let _inside = runtime.enter();
+        pushmatch::telemetry::init_with_traces(&loaded.config.log, &loaded.config.tracing)?
+    };
     if loaded.development {
         tracing::warn!(
             tenant = DEVELOPMENT_TENANT,
@@ -56,10 +84,16 @@ fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
              (its API key is in the README); never expose this"
         );
     }
-    if loaded.config.push.apns.is_some() || loaded.config.push.fcm.is_some() {
-        tracing::warn!("[push.apns] / [push.fcm] are not wired in this build yet: deliveries read FAILED / \"not configured\"");
+    for (section, configured) in
+        [("[push.apns]", loaded.config.push.apns.is_some()), ("[push.fcm]", loaded.config.push.fcm.is_some())]
+    {
+        if !configured {
+            tracing::warn!(
+                section,
+                "no push provider configured: its deliveries read FAILED / \"not configured\" (apps still pull)"
+            );
+        }
     }
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     runtime.block_on(async {
         let addr = loaded.config.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;

@@ -20,7 +20,7 @@ use crate::api::auth::TenantKeys;
 use crate::api::challenges::ChallengeApi;
 use crate::api::devices::DeviceApi;
 use crate::api::enrollments::EnrollmentApi;
-use crate::config::Config;
+use crate::config::{Config, StoreBackend};
 use crate::domain::broker::{Broker, DeliveryRecorder};
 use crate::domain::secrets::SecretBox;
 use crate::domain::time::{Clock, SystemClock};
@@ -32,6 +32,11 @@ use crate::push::PushSender;
 use crate::push::dispatcher::{Dispatcher, DispatcherCounters};
 use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
+use crate::telemetry::grpc::GrpcTelemetryLayer;
+use crate::telemetry::metrics::ScrapeSources;
+use crate::telemetry::store::MeteredStore;
+use crate::tls::{ReloadingTls, RequireClientCertLayer, TlsFiles};
 
 /// The largest request the server decodes (API.md: 64 KiB); larger ones are refused
 /// with OUT_OF_RANGE and the connection carries on.
@@ -47,6 +52,12 @@ pub enum ServerError {
     Transport(#[from] tonic::transport::Error),
     #[error("secret key {path}: {message}")]
     SecretKey { path: String, message: String },
+    #[error("push provider: {0}")]
+    Push(#[from] crate::push::PushSetupError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("server.metrics_listen {addr}: {source}")]
+    Metrics { addr: String, source: std::io::Error },
 }
 
 /// What the server is built from besides its configuration.
@@ -55,12 +66,26 @@ pub struct Dependencies {
     pub push_senders: Vec<Arc<dyn PushSender>>,
     /// The dispatcher's counters, shared so tests and metrics can read them.
     pub push_counters: Arc<DispatcherCounters>,
+    /// Where `/metrics` and `/healthz` listen; `None`: bind `server.metrics_listen`
+    /// (tests pass a port-0 listener to learn the port).
+    pub metrics_listener: Option<TcpListener>,
 }
 
 impl Default for Dependencies {
     /// The system clock and no push providers (deliveries read FAILED / "not configured").
     fn default() -> Self {
-        Self { clock: Arc::new(SystemClock), push_senders: Vec::new(), push_counters: Arc::default() }
+        Self { clock: Arc::new(SystemClock), push_senders: Vec::new(), push_counters: Arc::default(), metrics_listener: None }
+    }
+}
+
+impl Dependencies {
+    /// The system clock and a sender for each configured `[push.*]` provider. Fails,
+    /// naming the file, when a key, service-account or CA file is unreadable or
+    /// malformed: `serve` stops before it listens.
+    pub async fn from_config(config: &Config) -> Result<Self, ServerError> {
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let push_senders = crate::push::senders_from_config(&config.push, Arc::clone(&clock)).await?;
+        Ok(Self { clock, push_senders, ..Self::default() })
     }
 }
 
@@ -70,7 +95,8 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    run_with(listener, config, Dependencies::default(), shutdown).await
+    let dependencies = Dependencies::from_config(&config).await?;
+    run_with(listener, config, dependencies, shutdown).await
 }
 
 pub async fn run_with(
@@ -79,11 +105,25 @@ pub async fn run_with(
     dependencies: Dependencies,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Dependencies { clock, push_senders, push_counters } = dependencies;
+    let Dependencies { clock, push_senders, push_counters, metrics_listener } = dependencies;
     let draining = CancellationToken::new();
+    // Everything records through the `metrics` facade; install its recorder first.
+    let metrics_handle = crate::telemetry::metrics::install();
+    let metrics_listener = match (metrics_listener, config.server.metrics_listen.as_str()) {
+        (Some(listener), _) => Some(listener),
+        (None, "") => None,
+        (None, addr) => {
+            Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Metrics { addr: addr.to_owned(), source })?)
+        }
+    };
+    let tls = match TlsFiles::from_config(&config.server) {
+        Some(files) => Some(ReloadingTls::load(files).await?),
+        None => None,
+    };
 
-    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(&config.store.path, Arc::clone(&clock)).await?);
-    tracing::info!(backend = store.backend(), path = %config.store.path.display(), "store open");
+    let store = open_store(&config, Arc::clone(&clock)).await?;
+    let unmetered_store = Arc::clone(&store);
+    let store = MeteredStore::wrap(store);
 
     let dispatcher = Dispatcher::start(
         push_senders,
@@ -94,14 +134,17 @@ pub async fn run_with(
         draining.child_token(),
     );
     let secrets = SecretBox::new(&load_secret_key(&config).await?);
-    let broker = Arc::new(Broker::new(store, dispatcher, clock, config.broker_settings(), config.domain_tenants(), secrets));
+    let broker =
+        Arc::new(Broker::new(store, dispatcher.clone(), clock, config.broker_settings(), config.domain_tenants(), secrets));
     let keys = Arc::new(TenantKeys::from_config(&config));
+    let client_certs = RequireClientCertLayer::new(tls.as_ref().is_some_and(|tls| tls.mutual()), Arc::clone(&keys));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ChallengeServiceServer<ChallengeApi>>().await;
     health.set_serving::<EnrollmentServiceServer<EnrollmentApi>>().await;
     health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
     health.set_service_status("", ServingStatus::Serving).await;
+    tokio::spawn(follow_store_health(Arc::clone(&unmetered_store), health.clone(), draining.child_token()));
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -129,19 +172,48 @@ pub async fn run_with(
         }
     };
 
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving gRPC");
-    let serve = Server::builder()
+    let metrics_stop = CancellationToken::new();
+    let metrics_task = metrics_listener.map(|listener| {
+        let sources = ScrapeSources {
+            handle: metrics_handle,
+            store: unmetered_store,
+            dispatcher: dispatcher.clone(),
+            draining: draining.clone(),
+        };
+        tokio::spawn(crate::telemetry::metrics::serve(listener, sources, metrics_stop.clone().cancelled_owned()))
+    });
+    if let Some(tls) = &tls {
+        tls.spawn_reloader(draining.child_token());
+    }
+
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "serving gRPC");
+    let mut builder = Server::builder();
+    if config.server.max_connection_age_seconds > 0 {
+        builder = builder.max_connection_age(Duration::from_secs(u64::from(config.server.max_connection_age_seconds)));
+    }
+    if config.server.max_connection_age_grace_seconds > 0 {
+        builder =
+            builder.max_connection_age_grace(Duration::from_secs(u64::from(config.server.max_connection_age_grace_seconds)));
+    }
+    let router = builder
         .timeout(Duration::from_secs(u64::from(config.server.request_timeout_seconds)))
         .concurrency_limit_per_connection(config.server.max_concurrent_requests_per_connection as usize)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
+        .layer(GrpcTelemetryLayer)
+        .layer(client_certs)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(challenges)
         .add_service(enrollments)
-        .add_service(devices)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal);
+        .add_service(devices);
+    let serve = async move {
+        match tls {
+            Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal).await,
+            None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal).await,
+        }
+    };
 
     let grace_elapsed = async {
         draining.cancelled().await;
@@ -150,6 +222,13 @@ pub async fn run_with(
     tokio::select! {
         result = serve => result?,
         () = grace_elapsed => tracing::warn!(grace_seconds = grace.as_secs(), "calls still open after the grace period; closing"),
+    }
+    // /healthz answered 503 throughout the drain; now the metrics port closes too.
+    metrics_stop.cancel();
+    if let Some(task) = metrics_task
+        && let Ok(Ok(Err(error))) = tokio::time::timeout(Duration::from_secs(2), task).await
+    {
+        tracing::warn!(%error, "the metrics endpoint failed");
     }
     tracing::info!("stopped");
     Ok(())
@@ -190,4 +269,64 @@ async fn load_secret_key(config: &Config) -> Result<[u8; 32], ServerError> {
     let mut key = [0u8; 32];
     hex::decode_to_slice(text.trim(), &mut key).map_err(|_| failed("must hold 64 hex digits".into()))?;
     Ok(key)
+}
+
+/// Opens the configured store: the embedded one, or Redis (one node, or a cluster
+/// when `[store] redis_cluster_urls` lists its seed nodes).
+async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn Store>, ServerError> {
+    let store: Arc<dyn Store> = match config.store.backend {
+        StoreBackend::Embedded => {
+            let store = EmbeddedStore::open(&config.store.path, clock).await?;
+            tracing::info!(backend = "embedded", path = %config.store.path.display(), "store open");
+            Arc::new(store)
+        }
+        StoreBackend::Redis => {
+            let settings = config.redis_settings();
+            let store = RedisStore::connect(settings.clone(), clock).await?;
+            tracing::info!(backend = "redis", nodes = settings.urls.len(), "store open");
+            Arc::new(store)
+        }
+    };
+    Ok(store)
+}
+
+/// Health follows the store: NOT_SERVING while it does not answer (load balancers
+/// then send sign-ins to a replica that can serve them), SERVING again when it
+/// does. Stops when the server drains (which sets NOT_SERVING for good).
+async fn follow_store_health(store: Arc<dyn Store>, health: tonic_health::server::HealthReporter, draining: CancellationToken) {
+    const EVERY: Duration = Duration::from_secs(1);
+    let mut serving = true;
+    let mut ticks = tokio::time::interval(EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = draining.cancelled() => return,
+            _ = ticks.tick() => {}
+        }
+        let healthy = match store.health().await {
+            Ok(()) => true,
+            Err(error) => {
+                if serving {
+                    tracing::warn!(%error, "store unreachable: health NOT_SERVING");
+                }
+                false
+            }
+        };
+        if healthy == serving || draining.is_cancelled() {
+            continue;
+        }
+        serving = healthy;
+        let status = if healthy { ServingStatus::Serving } else { ServingStatus::NotServing };
+        if healthy {
+            tracing::info!("store reachable again: health SERVING");
+        }
+        health.set_service_status("", status).await;
+        for service in [
+            <ChallengeServiceServer<ChallengeApi> as tonic::server::NamedService>::NAME,
+            <EnrollmentServiceServer<EnrollmentApi> as tonic::server::NamedService>::NAME,
+            <DeviceServiceServer<DeviceApi> as tonic::server::NamedService>::NAME,
+        ] {
+            health.set_service_status(service, status).await;
+        }
+    }
 }

@@ -1,12 +1,35 @@
-//! Logs. `RUST_LOG` overrides `[log] level`; `[log] format = "json"` gives one JSON
-//! object a line. What may never appear in a log (API keys, enrollment codes,
-//! numbers, TOTP secrets, full push tokens) is kept out at the source: handlers log
-//! ids and outcomes, never requests; secret types redact their `Debug`; tokens go
-//! through [`crate::push::redact_token`].
+//! Logs, traces and metrics. `RUST_LOG` overrides `[log] level`; `[log] format =
+//! "json"` gives one JSON object a line. What may never appear in a log (API keys,
+//! enrollment codes, numbers, TOTP secrets, full push tokens) is kept out at the
+//! source: handlers log ids and outcomes, never requests; secret types redact their
+//! `Debug`; tokens go through [`crate::push::redact_token`].
+//!
+//! Traces: every gRPC call opens a `grpc` span ([`grpc::GrpcTelemetryLayer`]); the
+//! broker's spans (`create_challenge`, `respond`, ...) nest in it, and each push
+//! (`push` in the dispatcher) is a child of the call that created its challenge. With
+//! the `otlp` cargo feature and `[tracing] otlp_endpoint` set, spans are exported over
+//! OTLP/gRPC and the caller's W3C `traceparent` becomes the parent of the call's span.
+//!
+//! Metrics: [`metrics`] (the recorder and the `/metrics` endpoint), [`grpc`] (per
+//! call) and [`store::MeteredStore`] (store latency and errors).
 
 use tracing_subscriber::EnvFilter;
+#[cfg(feature = "otlp")]
+use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, TracingConfig};
+
+pub mod grpc;
+pub mod metrics;
+#[cfg(feature = "otlp")]
+mod otlp;
+pub mod store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("tracing.otlp_endpoint: {0}")]
+    Otlp(String),
+}
 
 /// Installs the global subscriber; a second call is a no-op.
 pub fn init(config: &LogConfig) {
@@ -16,4 +39,86 @@ pub fn init(config: &LogConfig) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Flushes exported spans when dropped (at the end of `serve`).
+#[must_use = "spans are flushed when the guard drops"]
+pub struct TraceGuard {
+    #[cfg(feature = "otlp")]
+    provider: Option<otlp::Provider>,
+}
+
+impl Drop for TraceGuard {
+    fn drop(&mut self) {
+        #[cfg(feature = "otlp")]
+        if let Some(provider) = self.provider.take() {
+            otlp::shutdown(provider);
+        }
+    }
+}
+
+/// Logs as [`init`], plus the OTLP span exporter when `[tracing] otlp_endpoint` is
+/// set (the `otlp` feature; configuration validation refuses the key without it).
+/// Call it inside the tokio runtime: the exporter's gRPC channel lives there.
+pub fn init_with_traces(log: &LogConfig, traces: &TracingConfig) -> Result<TraceGuard, TelemetryError> {
+    if traces.otlp_endpoint.is_empty() {
+        init(log);
+        return Ok(TraceGuard {
+            #[cfg(feature = "otlp")]
+            provider: None,
+        });
+    }
+    #[cfg(feature = "otlp")]
+    {
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
+        let (provider, layer) = otlp::layer(traces)?;
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let registry = tracing_subscriber::registry().with(filter).with(layer);
+        let _already_set = match log.format {
+            LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
+            LogFormat::Text => registry.with(fmt).try_init(),
+        };
+        Ok(TraceGuard { provider: Some(provider) })
+    }
+    #[cfg(not(feature = "otlp"))]
+    {
+        Err(TelemetryError::Otlp("this build has no OTLP exporter; build with `--features otlp`".into()))
+    }
+}
+
+/// Makes the caller's W3C trace context (the `traceparent` header) the parent of a
+/// call's span, when spans are exported; otherwise nothing.
+pub(crate) fn set_remote_parent(span: &tracing::Span, headers: &http::HeaderMap) {
+    #[cfg(feature = "otlp")]
+    otlp::set_remote_parent(span, headers);
+    #[cfg(not(feature = "otlp"))]
+    let _ = (span, headers);
+}
+
+/// Where a piece of work was asked for, carried to where it runs (a push job from
+/// CreateChallenge to the dispatcher's task). It holds the trace's ids only, not the
+/// span: the call's span still ends when the call does. Without `otlp` it is empty.
+#[derive(Clone, Debug, Default)]
+pub struct TraceOrigin {
+    #[cfg(feature = "otlp")]
+    context: Option<opentelemetry::Context>,
+}
+
+impl TraceOrigin {
+    pub fn current() -> Self {
+        Self {
+            #[cfg(feature = "otlp")]
+            context: otlp::current_context(),
+        }
+    }
+
+    /// Makes `span` a child of the origin in the exported trace.
+    pub fn adopt(&self, span: &tracing::Span) {
+        #[cfg(feature = "otlp")]
+        if let Some(context) = &self.context {
+            otlp::set_parent(span, context.clone());
+        }
+        #[cfg(not(feature = "otlp"))]
+        let _ = span;
+    }
 }

@@ -21,6 +21,7 @@ use crate::push::{DeliveryReporter, PushJob, PushKind, redact_token};
 use crate::store::{
     AdmissionPolicy, BlockReason, ChallengeWatch, CompleteOutcome, CreateOutcome, Refusal, Store, StrikePolicy, UserBlock,
 };
+use crate::telemetry::metrics::{challenge_resolved, names};
 
 /// The knobs of the rules, from the configuration.
 #[derive(Clone, Debug)]
@@ -204,6 +205,7 @@ impl Broker {
             .await;
         }
         tracing::info!(challenge_id = %created.id, pushes = created.deliveries.len(), "challenge created");
+        metrics::counter!(names::CHALLENGES_CREATED, "tenant" => tenant.0.clone()).increment(1);
         Ok(created)
     }
 
@@ -245,6 +247,7 @@ impl Broker {
             .ok_or(BrokerError::NotFound("challenge"))?;
         if outcome.accepted {
             tracing::info!("challenge cancelled");
+            challenge_resolved(outcome.challenge.state, outcome.challenge.deny_reason);
             self.clear_other_devices(&outcome.challenge, None).await;
         }
         Ok(outcome.challenge)
@@ -529,6 +532,7 @@ impl Broker {
             return Ok(AnswerOutcome { accepted: false, challenge: outcome.challenge });
         }
         tracing::info!(state = ?resolution.state, deny_reason = ?resolution.deny_reason, "challenge resolved");
+        challenge_resolved(resolution.state, resolution.deny_reason);
         match (resolution.state, resolution.deny_reason) {
             (ChallengeState::FraudReported, _) => {
                 let block = UserBlock { reason: BlockReason::FraudReported, since: now, until: None };

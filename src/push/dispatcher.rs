@@ -3,8 +3,11 @@
 //! CreateChallenge enqueues one job per device and returns at once. When the queue
 //! is full, enqueueing fails and the caller answers RESOURCE_EXHAUSTED: overload is
 //! refused quickly instead of queueing without bound. Jobs run concurrently up to a
-//! limit; retryable failures back off exponentially with jitter, honour the
-//! provider's Retry-After, and never retry past the challenge's expiry.
+//! limit, and each provider's sends up to that provider's own limit (a slow provider
+//! holds its own permits, not the other's sends); retryable failures back off
+//! exponentially with jitter, honour the provider's Retry-After, and never retry
+//! past the challenge's expiry. Every attempt is counted and timed per provider
+//! ([`super::metric_names`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -15,9 +18,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, redact_token};
+use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, metric_names, redact_token};
 use crate::domain::challenge::{DeliveryState, Platform};
 use crate::domain::time::Clock;
+use crate::telemetry::TraceOrigin;
 
 #[derive(Clone, Debug)]
 pub struct DispatcherSettings {
@@ -51,10 +55,14 @@ pub struct DispatcherCounters {
     pub finished: AtomicU64,
 }
 
+/// A queued job and the trace it was queued in (the CreateChallenge call), so the
+/// push's span continues that call's trace.
+type QueuedJob = (PushJob, TraceOrigin);
+
 /// The handle that enqueues jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
-    queue: mpsc::Sender<PushJob>,
+    queue: mpsc::Sender<QueuedJob>,
     counters: Arc<DispatcherCounters>,
 }
 
@@ -69,15 +77,20 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Self {
         let (queue, jobs) = mpsc::channel(settings.queue_capacity.max(1));
+        let provider_limits = senders
+            .iter()
+            .filter_map(|sender| Some((sender.platform(), Arc::new(Semaphore::new(sender.max_in_flight()?.max(1))))))
+            .collect();
         let senders = senders.into_iter().map(|sender| (sender.platform(), sender)).collect();
-        let worker = Worker { senders, reporter, clock, settings: settings.clone(), counters: Arc::clone(&counters) };
+        let worker =
+            Worker { senders, provider_limits, reporter, clock, settings: settings.clone(), counters: Arc::clone(&counters) };
         tokio::spawn(worker.run(jobs, shutdown));
         Self { queue, counters }
     }
 
     /// Queues a job without waiting; fails at once when the queue is full.
     pub fn enqueue(&self, job: PushJob) -> Result<(), QueueFull> {
-        self.queue.try_send(job).map_err(|_| QueueFull)?;
+        self.queue.try_send((job, TraceOrigin::current())).map_err(|_| QueueFull)?;
         self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -87,6 +100,15 @@ impl Dispatcher {
         self.queue.capacity() >= count
     }
 
+    /// Jobs waiting in the queue now (the metrics endpoint samples it).
+    pub fn queue_depth(&self) -> usize {
+        self.queue.max_capacity().saturating_sub(self.queue.capacity())
+    }
+
+    pub fn queue_capacity(&self) -> usize {
+        self.queue.max_capacity()
+    }
+
     pub fn counters(&self) -> &DispatcherCounters {
         &self.counters
     }
@@ -94,6 +116,8 @@ impl Dispatcher {
 
 struct Worker {
     senders: HashMap<Platform, Arc<dyn PushSender>>,
+    /// Sends in flight per provider, for the providers that set a limit.
+    provider_limits: HashMap<Platform, Arc<Semaphore>>,
     reporter: Arc<dyn DeliveryReporter>,
     clock: Arc<dyn Clock>,
     settings: DispatcherSettings,
@@ -101,7 +125,7 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut jobs: mpsc::Receiver<PushJob>, shutdown: CancellationToken) {
+    async fn run(self, mut jobs: mpsc::Receiver<QueuedJob>, shutdown: CancellationToken) {
         let this = Arc::new(self);
         let in_flight = Arc::new(Semaphore::new(this.settings.max_in_flight.max(1)));
         loop {
@@ -109,10 +133,11 @@ impl Worker {
                 job = jobs.recv() => job,
                 () = shutdown.cancelled() => None,
             };
-            let Some(job) = job else { return };
+            let Some((job, origin)) = job else { return };
             let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
             let worker = Arc::clone(&this);
             let span = tracing::info_span!("push", challenge_id = %job.challenge_id, device_id = %job.device_id, platform = job.platform.name());
+            origin.adopt(&span);
             tokio::spawn(
                 async move {
                     worker.deliver(job).await;
@@ -136,7 +161,7 @@ impl Worker {
         let mut backoff = self.settings.initial_backoff;
         let (state, error) = loop {
             attempts += 1;
-            let outcome = sender.send(&job).await;
+            let outcome = self.send_once(sender.as_ref(), &job).await;
             match outcome {
                 SendOutcome::Sent => break (DeliveryState::Sent, String::new()),
                 SendOutcome::Unregistered { reason } => {
@@ -152,6 +177,7 @@ impl Worker {
                         break (DeliveryState::Failed, reason);
                     }
                     let retry_at = self.clock.now().plus(wait);
+                    metrics::counter!(metric_names::RETRIES, "provider" => job.platform.name()).increment(1);
                     tracing::debug!(attempts, %reason, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "push retry");
                     if reports {
                         self.reporter.report(&job, DeliveryState::Queued, attempts, &reason).await;
@@ -160,10 +186,49 @@ impl Worker {
                 }
             }
         };
+        let kind = if reports { "challenge" } else { "clear" };
+        metrics::counter!(metric_names::DELIVERIES, "provider" => job.platform.name(), "kind" => kind, "state" => delivery_state_label(state))
+            .increment(1);
         if reports || state == DeliveryState::Unregistered {
             self.reporter.report(&job, state, attempts, &error).await;
         }
         self.counters.finished.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One attempt, within the provider's concurrency limit, counted and timed.
+    async fn send_once(&self, sender: &dyn PushSender, job: &PushJob) -> SendOutcome {
+        let _permit = match self.provider_limits.get(&job.platform) {
+            Some(limit) => match limit.acquire().await {
+                Ok(permit) => Some(permit),
+                // Never closed while the worker lives.
+                Err(_) => return SendOutcome::Failed { reason: "shutting down".into() },
+            },
+            None => None,
+        };
+        let started = std::time::Instant::now();
+        let outcome = sender.send(job).await;
+        record_attempt(job.platform, &outcome, started.elapsed());
+        outcome
+    }
+}
+
+/// Counts and times one attempt.
+fn record_attempt(platform: Platform, outcome: &SendOutcome, latency: Duration) {
+    let outcome = match outcome {
+        SendOutcome::Sent => "sent",
+        SendOutcome::Unregistered { .. } => "unregistered",
+        SendOutcome::Retry { .. } => "retry",
+        SendOutcome::Failed { .. } => "failed",
+    };
+    metrics::counter!(metric_names::SENDS, "provider" => platform.name(), "outcome" => outcome).increment(1);
+    metrics::histogram!(metric_names::LATENCY, "provider" => platform.name()).record(latency.as_secs_f64());
+}
+
+fn delivery_state_label(state: DeliveryState) -> &'static str {
+    match state {
+        DeliveryState::Sent => "sent",
+        DeliveryState::Unregistered => "unregistered",
+        _ => "failed",
     }
 }
 

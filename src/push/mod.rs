@@ -4,16 +4,26 @@
 //! `push/` never touches the store: the domain implements the reporter.
 //!
 //! A push carries the challenge id and its expiry, never the number.
+//!
+//! The providers: [`apns::ApnsSender`] and [`fcm::FcmSender`], both on the shared
+//! HTTP/2-over-TLS client in [`transport`]; [`senders_from_config`] builds the
+//! configured ones.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 
+use crate::config::{ApnsConfig, FcmConfig, PushConfig};
 use crate::domain::challenge::{ChallengeState, DeliveryState, Platform};
 use crate::domain::ids::{ChallengeId, DeviceId};
-use crate::domain::time::Millis;
+use crate::domain::time::{Clock, Millis};
 
+pub mod apns;
 pub mod dispatcher;
+pub mod fcm;
+pub mod transport;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod recording;
@@ -63,6 +73,10 @@ pub enum SendOutcome {
 #[async_trait]
 pub trait PushSender: Send + Sync + 'static {
     fn platform(&self) -> Platform;
+    /// At most this many sends to the provider at once (the dispatcher enforces it).
+    fn max_in_flight(&self) -> Option<usize> {
+        None
+    }
     async fn send(&self, job: &PushJob) -> SendOutcome;
 }
 
@@ -79,8 +93,139 @@ pub fn redact_token(token: &str) -> String {
     format!("{prefix}…")
 }
 
+/// The metrics the push path records (through the `metrics` facade; the exporter
+/// lives in telemetry). Every one has the label `provider` ("apns", "fcm").
+pub mod metric_names {
+    /// Counter {provider, outcome}: attempts to send, by what they came to
+    /// (outcome: sent, unregistered, retry, failed).
+    pub const SENDS: &str = "pushmatch_push_sends_total";
+    /// Counter {provider}: attempts that were retried after a backoff.
+    pub const RETRIES: &str = "pushmatch_push_retries_total";
+    /// Histogram {provider}: seconds from sending to the provider's answer (or the
+    /// timeout), per attempt.
+    pub const LATENCY: &str = "pushmatch_push_latency_seconds";
+    /// Counter {provider, kind, state}: pushes done, by final state (sent, failed,
+    /// unregistered) and kind (challenge, clear).
+    pub const DELIVERIES: &str = "pushmatch_push_deliveries_total";
+    /// Counter {provider}: provider tokens made (APNs JWTs, FCM access tokens).
+    pub const TOKEN_RENEWALS: &str = "pushmatch_push_token_renewals_total";
+}
+
+/// A final state as a clear message names it.
+pub fn state_name(state: ChallengeState) -> &'static str {
+    match state {
+        ChallengeState::Pending => "PENDING",
+        ChallengeState::Approved => "APPROVED",
+        ChallengeState::Denied => "DENIED",
+        ChallengeState::Expired => "EXPIRED",
+        ChallengeState::Cancelled => "CANCELLED",
+        ChallengeState::FraudReported => "FRAUD_REPORTED",
+    }
+}
+
+/// A provider's reason code ("BadDeviceToken", "UNREGISTERED") when it looks like
+/// one: a short word of letters, digits and underscores. Anything else the provider
+/// says stays out of deliveries (and so out of gRPC answers).
+pub(crate) fn provider_reason(raw: &str) -> Option<String> {
+    let plain = !raw.is_empty() && raw.len() <= 64 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    plain.then(|| raw.to_owned())
+}
+
+/// A configured provider that cannot start. The message names the file or key.
+#[derive(Debug, thiserror::Error)]
+pub enum PushSetupError {
+    #[error("{path}: {message}")]
+    File { path: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error(transparent)]
+    Transport(#[from] transport::TransportSetupError),
+}
+
+/// The senders of the providers that have a `[push.*]` section. Reads the key files
+/// and the CA files now, so a missing or malformed one stops `serve` before it
+/// listens. `clock` is the domain's (FCM's `ttl` is the time left on it).
+pub async fn senders_from_config(config: &PushConfig, clock: Arc<dyn Clock>) -> Result<Vec<Arc<dyn PushSender>>, PushSetupError> {
+    let mut senders: Vec<Arc<dyn PushSender>> = Vec::new();
+    if let Some(apns) = &config.apns {
+        senders.push(Arc::new(apns_sender(apns).await?));
+    }
+    if let Some(fcm) = &config.fcm {
+        senders.push(Arc::new(fcm_sender(fcm, clock).await?));
+    }
+    Ok(senders)
+}
+
+async fn read_file(path: &Path) -> Result<Vec<u8>, PushSetupError> {
+    tokio::fs::read(path)
+        .await
+        .map_err(|e| PushSetupError::File { path: path.display().to_string(), message: format!("cannot read it: {e}") })
+}
+
+async fn tls_for(ca_cert_path: &str, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>, PushSetupError> {
+    if ca_cert_path.is_empty() {
+        return Ok(transport::client_tls_config(None, alpn)?);
+    }
+    let pem = read_file(Path::new(ca_cert_path)).await?;
+    Ok(transport::client_tls_config(Some((ca_cert_path, &pem)), alpn)?)
+}
+
+fn pool_settings(endpoint: &str, connections: u32, request_timeout_ms: u32) -> transport::PoolSettings {
+    transport::PoolSettings {
+        endpoint: endpoint.to_owned(),
+        connections: connections.max(1) as usize,
+        request_timeout: Duration::from_millis(u64::from(request_timeout_ms.max(1))),
+    }
+}
+
+async fn apns_sender(config: &ApnsConfig) -> Result<apns::ApnsSender, PushSetupError> {
+    let path = &config.private_key_path;
+    let pem = read_file(path).await?;
+    let pem = String::from_utf8(pem)
+        .map_err(|_| PushSetupError::File { path: path.display().to_string(), message: "not a PEM file".into() })?;
+    let tokens = apns::ProviderTokens::from_pkcs8_pem(&config.key_id, &config.team_id, &pem).map_err(|e| match e {
+        apns::ProviderKeyError::Field(field) => PushSetupError::Invalid {
+            key: if field == "key_id" { "push.apns.key_id" } else { "push.apns.team_id" },
+            message: "must be printable ASCII".into(),
+        },
+        apns::ProviderKeyError::Key(_) => PushSetupError::File { path: path.display().to_string(), message: e.to_string() },
+    })?;
+    let topic = http::HeaderValue::from_str(&config.topic)
+        .ok()
+        .filter(|_| !config.topic.is_empty())
+        .ok_or_else(|| PushSetupError::Invalid { key: "push.apns.topic", message: "must be a bundle id".into() })?;
+    let tls = tls_for(&config.ca_cert_path, &[b"h2"]).await?;
+    let pool =
+        transport::ConnectionPool::new(&pool_settings(&config.endpoint, config.connections, config.request_timeout_ms), tls)?;
+    tracing::info!(endpoint = %config.endpoint, connections = config.connections, "apns sender ready");
+    Ok(apns::ApnsSender::new(pool, topic, tokens, config.max_in_flight as usize))
+}
+
+async fn fcm_sender(config: &FcmConfig, clock: Arc<dyn Clock>) -> Result<fcm::FcmSender, PushSetupError> {
+    let path = &config.service_account_path;
+    let json = read_file(path).await?;
+    let account = fcm::ServiceAccount::from_json(&json)
+        .map_err(|message| PushSetupError::File { path: path.display().to_string(), message })?;
+    let tls = tls_for(&config.ca_cert_path, &[b"h2"]).await?;
+    let grant_tls = tls_for(&config.ca_cert_path, &[b"http/1.1"]).await?;
+    let pool =
+        transport::ConnectionPool::new(&pool_settings(&config.endpoint, config.connections, config.request_timeout_ms), tls)?;
+    let timeout = Duration::from_millis(u64::from(config.request_timeout_ms.max(1)));
+    tracing::info!(endpoint = %config.endpoint, project_id = %account.project_id, connections = config.connections, "fcm sender ready");
+    let tokens = fcm::AccessTokens::new(account, tokio_rustls::TlsConnector::from(grant_tls), timeout);
+    Ok(fcm::FcmSender::new(pool, tokens, clock, config.max_in_flight as usize))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn provider_reasons_are_plain_words() {
+        assert_eq!(super::provider_reason("BadDeviceToken").as_deref(), Some("BadDeviceToken"));
+        assert_eq!(super::provider_reason("SENDER_ID_MISMATCH").as_deref(), Some("SENDER_ID_MISMATCH"));
+        assert_eq!(super::provider_reason("Requested entity was not found."), None);
+        assert_eq!(super::provider_reason(""), None);
+    }
+
     #[test]
     fn tokens_are_redacted() {
         let token = "a3f9c2e1d4b5a6978812ab34cd56ef78a3f9c2e1d4b5a6978812ab34cd56ef78";

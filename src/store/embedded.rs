@@ -33,6 +33,7 @@ use crate::domain::device::Device;
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::{Clock, Millis};
+use crate::telemetry::metrics::{challenge_resolved, names};
 
 const BACKEND: &str = "embedded";
 
@@ -144,7 +145,10 @@ struct ChallengeTable {
 impl ChallengeTable {
     /// Expires the entry if its time is up, waking its watchers.
     fn refresh(entry: &ChallengeEntry, now: Millis) {
-        entry.state.send_if_modified(|challenge| challenge.expire_if_due(now));
+        if entry.state.send_if_modified(|challenge| challenge.expire_if_due(now)) {
+            challenge_resolved(ChallengeState::Expired, None);
+            metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+        }
     }
 
     fn get(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Option<&ChallengeEntry> {
@@ -469,6 +473,7 @@ impl Store for EmbeddedStore {
         if earliest.is_none_or(|earliest| challenge.expires_at < earliest) {
             self.shared.deadline_changed.notify_one();
         }
+        metrics::gauge!(names::CHALLENGES_LIVE).increment(1.0);
         Ok(CreateOutcome::Created(challenge))
     }
 
@@ -495,6 +500,9 @@ impl Store for EmbeddedStore {
         let table = self.shared.challenges();
         let Some(entry) = table.get(tenant, id, now) else { return Ok(None) };
         let accepted = entry.state.send_if_modified(|challenge| challenge.apply(&resolution, now));
+        if accepted {
+            metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+        }
         let challenge = entry.state.borrow().clone();
         Ok(Some(ResolveOutcome { accepted, challenge }))
     }

@@ -20,6 +20,7 @@ use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, Tenant
 use crate::domain::time::Millis;
 
 pub mod embedded;
+pub mod redis;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod conformance;
@@ -123,6 +124,11 @@ pub type ChallengeWatch = watch::Receiver<Challenge>;
 pub trait Store: Send + Sync + 'static {
     /// The backend's name for logs and errors ("embedded", "redis").
     fn backend(&self) -> &'static str;
+
+    /// Whether the store answers now (health checks: NOT_SERVING while it does not).
+    async fn health(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     // ---- challenges: ephemeral ----
 

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod mock_push;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,6 +50,9 @@ pub fn test_config(store_path: &std::path::Path) -> Config {
 
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// `/metrics` and `/healthz`, when the test turned them on
+    /// (`config.server.metrics_listen = "127.0.0.1:0"`).
+    pub metrics_addr: Option<SocketAddr>,
     pub channel: Channel,
     pub clock: ManualClock,
     pub apns: RecordingPushSender,
@@ -78,17 +83,30 @@ impl TestServer {
         let apns = RecordingPushSender::new(Platform::Apns);
         let fcm = RecordingPushSender::new(Platform::Fcm);
         let push_counters = Arc::new(DispatcherCounters::default());
-        let dependencies = Dependencies {
-            clock: Arc::new(clock.clone()),
-            push_senders: vec![Arc::new(apns.clone()) as Arc<dyn PushSender>, Arc::new(fcm.clone())],
-            push_counters: Arc::clone(&push_counters),
+        // With a [push.*] section (tests/push.rs points it at mock servers) the real
+        // senders run, on the system clock: their retries, Retry-After and timeouts
+        // are real time, so `clock` is not the server's clock then.
+        let real_push = config.push.apns.is_some() || config.push.fcm.is_some();
+        let (server_clock, push_senders): (Arc<dyn pushmatch::domain::time::Clock>, Vec<Arc<dyn PushSender>>) = if real_push {
+            let system: Arc<dyn pushmatch::domain::time::Clock> = Arc::new(pushmatch::domain::time::SystemClock);
+            let senders = pushmatch::push::senders_from_config(&config.push, Arc::clone(&system)).await.expect("push senders");
+            (system, senders)
+        } else {
+            (Arc::new(clock.clone()), vec![Arc::new(apns.clone()) as Arc<dyn PushSender>, Arc::new(fcm.clone())])
         };
+        let metrics_listener = match config.server.metrics_listen.as_str() {
+            "" => None,
+            addr => Some(TcpListener::bind(addr).await.expect("bind metrics")),
+        };
+        let metrics_addr = metrics_listener.as_ref().map(|listener| listener.local_addr().expect("metrics addr"));
+        let dependencies =
+            Dependencies { clock: server_clock, push_senders, push_counters: Arc::clone(&push_counters), metrics_listener };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(pushmatch::server::run_with(listener, config, dependencies, async {
             let _ = stopped.await;
         }));
         let channel = Endpoint::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
-        Self { addr, channel, clock, apns, fcm, push_counters, store_dir, stop: Some(stop), task: Some(task) }
+        Self { addr, metrics_addr, channel, clock, apns, fcm, push_counters, store_dir, stop: Some(stop), task: Some(task) }
     }
 
     pub fn challenges(&self, api_key: &str) -> IdpChallenges {

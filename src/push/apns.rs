@@ -1,0 +1,430 @@
+//! APNs over HTTP/2 with token authentication (API.md, "Push wire format").
+//!
+//! `POST {endpoint}/3/device/{token}` on a [`ConnectionPool`], authorised by an ES256
+//! provider token (header `kid` = key id, claims `iss` = team id and `iat`). Apple
+//! refuses tokens older than an hour and throttles tokens renewed more often than
+//! every 20 minutes, so one token is shared by every push and renewed after 45
+//! minutes, or at once when APNs answers 403 `ExpiredProviderToken`.
+//!
+//! A challenge is an alert (`apns-push-type: alert`, priority 10) that expires with
+//! the challenge and collapses on its id; a clear is a background push
+//! (`content-available`, priority 5) carrying the challenge id and its final state.
+//! Neither carries the number: the job has none.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::Full;
+use p256::ecdsa::SigningKey;
+use p256::ecdsa::signature::Signer as _;
+use p256::pkcs8::DecodePrivateKey as _;
+use serde::Serialize;
+
+use super::transport::{ConnectionPool, Response};
+use super::{PushJob, PushKind, PushSender, SendOutcome, metric_names, provider_reason, redact_token, state_name};
+use crate::domain::challenge::Platform;
+
+/// Renew the provider token after this long: inside Apple's hour, past its 20-minute
+/// minimum between renewals.
+const TOKEN_RENEW_AFTER: Duration = Duration::from_secs(45 * 60);
+
+/// What a challenge alert says. Fixed text: the context (application, place) is
+/// fetched by the app over the authenticated API, never put in a push.
+const ALERT_TITLE: &str = "Sign-in request";
+const ALERT_BODY: &str = "Open to review it, then type the number shown on the sign-in page.";
+const CATEGORY: &str = "PUSHMATCH_CHALLENGE";
+
+pub struct ApnsSender {
+    pool: ConnectionPool,
+    topic: HeaderValue,
+    tokens: ProviderTokens,
+    max_in_flight: usize,
+}
+
+impl ApnsSender {
+    pub fn new(pool: ConnectionPool, topic: HeaderValue, tokens: ProviderTokens, max_in_flight: usize) -> Self {
+        Self { pool, topic, tokens, max_in_flight }
+    }
+
+    fn request(&self, job: &PushJob, authorization: HeaderValue) -> Result<Request<Full<Bytes>>, String> {
+        let (push_type, priority, body) = match &job.kind {
+            PushKind::Challenge => ("alert", "10", serde_json::to_vec(&ChallengePayload::new(job))),
+            PushKind::Clear { state } => ("background", "5", serde_json::to_vec(&ClearPayload::new(job, state_name(*state)))),
+        };
+        let body = body.map_err(|e| e.to_string())?;
+        let uri = self.pool.uri(&format!("/3/device/{}", job.push_token)).map_err(|e| e.to_string())?;
+        Request::post(uri)
+            .header(http::header::AUTHORIZATION, authorization)
+            .header("apns-topic", self.topic.clone())
+            .header("apns-push-type", push_type)
+            .header("apns-priority", priority)
+            .header("apns-expiration", job.expires_at.as_unix_seconds().max(0).to_string())
+            .header("apns-collapse-id", job.challenge_id.as_str())
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[async_trait]
+impl PushSender for ApnsSender {
+    fn platform(&self) -> Platform {
+        Platform::Apns
+    }
+
+    fn max_in_flight(&self) -> Option<usize> {
+        Some(self.max_in_flight)
+    }
+
+    async fn send(&self, job: &PushJob) -> SendOutcome {
+        // The token is a path segment: anything but hex could change the path, and is
+        // no APNs token anyway (the API refuses such tokens for APNs devices).
+        if job.push_token.is_empty() || !job.push_token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return SendOutcome::Unregistered { reason: "BadDeviceToken".into() };
+        }
+        let mut renewed = false;
+        loop {
+            let token = self.tokens.current(unix_now());
+            let request = match self.request(job, token.authorization.clone()) {
+                Ok(request) => request,
+                Err(error) => {
+                    tracing::error!(%error, "cannot build an APNs request");
+                    return SendOutcome::Failed { reason: "invalid request".into() };
+                }
+            };
+            let response = match self.pool.send(request).await {
+                Ok(response) => response,
+                Err(error) => {
+                    tracing::debug!(%error, "apns request failed");
+                    return SendOutcome::Retry { reason: error.reason().into(), after: None };
+                }
+            };
+            let outcome = classify(&response);
+            if !renewed && matches!(&outcome, SendOutcome::Failed { reason } if reason == "ExpiredProviderToken") {
+                tracing::info!("apns provider token expired: renewing it");
+                metrics::counter!(metric_names::TOKEN_RENEWALS, "provider" => "apns").increment(1);
+                self.tokens.expire(&token);
+                renewed = true;
+                continue;
+            }
+            if let SendOutcome::Failed { reason } = &outcome {
+                tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "apns refused a push");
+            }
+            return outcome;
+        }
+    }
+}
+
+/// API.md's mapping of APNs answers.
+fn classify(response: &Response) -> SendOutcome {
+    let status = response.status;
+    if status.is_success() {
+        return SendOutcome::Sent;
+    }
+    let reason = serde_json::from_slice::<ApnsError>(&response.body)
+        .ok()
+        .and_then(|e| provider_reason(&e.reason))
+        .unwrap_or_else(|| format!("HTTP {}", status.as_u16()));
+    match status {
+        StatusCode::GONE => SendOutcome::Unregistered { reason },
+        StatusCode::BAD_REQUEST if reason == "BadDeviceToken" || reason == "DeviceTokenNotForTopic" => {
+            SendOutcome::Unregistered { reason }
+        }
+        StatusCode::TOO_MANY_REQUESTS => SendOutcome::Retry { reason, after: response.retry_after() },
+        status if status.is_server_error() => SendOutcome::Retry { reason, after: response.retry_after() },
+        _ => SendOutcome::Failed { reason },
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ApnsError {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Serialize)]
+struct ChallengePayload<'a> {
+    aps: ChallengeAps,
+    challenge_id: &'a str,
+    expires_at: i64,
+}
+
+#[derive(Serialize)]
+struct ChallengeAps {
+    alert: Alert,
+    sound: &'static str,
+    category: &'static str,
+    #[serde(rename = "interruption-level")]
+    interruption_level: &'static str,
+}
+
+#[derive(Serialize)]
+struct Alert {
+    title: &'static str,
+    body: &'static str,
+}
+
+impl<'a> ChallengePayload<'a> {
+    fn new(job: &'a PushJob) -> Self {
+        Self {
+            aps: ChallengeAps {
+                alert: Alert { title: ALERT_TITLE, body: ALERT_BODY },
+                sound: "default",
+                category: CATEGORY,
+                interruption_level: "time-sensitive",
+            },
+            challenge_id: job.challenge_id.as_str(),
+            expires_at: job.expires_at.as_unix_seconds(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ClearPayload<'a> {
+    aps: ClearAps,
+    challenge_id: &'a str,
+    state: &'static str,
+}
+
+#[derive(Serialize)]
+struct ClearAps {
+    #[serde(rename = "content-available")]
+    content_available: u8,
+}
+
+impl<'a> ClearPayload<'a> {
+    fn new(job: &'a PushJob, state: &'static str) -> Self {
+        Self { aps: ClearAps { content_available: 1 }, challenge_id: job.challenge_id.as_str(), state }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// The ES256 provider token, shared by every push and renewed as Apple asks.
+pub struct ProviderTokens {
+    key_id: String,
+    team_id: String,
+    key: SigningKey,
+    current: RwLock<Option<TokenState>>,
+}
+
+#[derive(Clone)]
+struct TokenState {
+    token: Arc<IssuedToken>,
+    /// False once APNs said the token expired.
+    usable: bool,
+}
+
+/// One signed token, ready to send.
+pub struct IssuedToken {
+    pub iat: u64,
+    /// `bearer <JWT>`, marked sensitive so hyper keeps it out of HPACK's table.
+    pub authorization: HeaderValue,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProviderKeyError {
+    #[error("not a PKCS#8 PEM P-256 private key (an AuthKey_*.p8 file): {0}")]
+    Key(String),
+    #[error("{0} must be printable ASCII")]
+    Field(&'static str),
+}
+
+impl ProviderTokens {
+    /// `pem` is the `.p8` file Apple gives out: PKCS#8, PEM, P-256.
+    pub fn from_pkcs8_pem(key_id: &str, team_id: &str, pem: &str) -> Result<Self, ProviderKeyError> {
+        let key = SigningKey::from_pkcs8_pem(pem).map_err(|e| ProviderKeyError::Key(e.to_string()))?;
+        let printable = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if !printable(key_id) {
+            return Err(ProviderKeyError::Field("key_id"));
+        }
+        if !printable(team_id) {
+            return Err(ProviderKeyError::Field("team_id"));
+        }
+        Ok(Self { key_id: key_id.to_owned(), team_id: team_id.to_owned(), key, current: RwLock::new(None) })
+    }
+
+    /// The token to send at `now` (Unix seconds): the cached one while it is young
+    /// and usable, else a new one.
+    pub fn current(&self, now: u64) -> Arc<IssuedToken> {
+        let fresh = |state: &TokenState| state.usable && now.saturating_sub(state.token.iat) < TOKEN_RENEW_AFTER.as_secs();
+        if let Some(state) = self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|s| fresh(s)) {
+            return Arc::clone(&state.token);
+        }
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = current.as_ref().filter(|s| fresh(s)) {
+            return Arc::clone(&state.token);
+        }
+        // A renewed token is always later than the one it replaces, so it differs
+        // from it even within the same second (ES256 here signs deterministically).
+        let iat = current.as_ref().map_or(now, |state| now.max(state.token.iat + 1));
+        let token = Arc::new(self.sign(iat));
+        *current = Some(TokenState { token: Arc::clone(&token), usable: true });
+        token
+    }
+
+    /// APNs refused `used` as expired: the next push signs a new token, unless
+    /// another push renewed it already.
+    pub fn expire(&self, used: &Arc<IssuedToken>) {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = current.as_mut().filter(|s| Arc::ptr_eq(&s.token, used)) {
+            state.usable = false;
+        }
+    }
+
+    fn sign(&self, iat: u64) -> IssuedToken {
+        let header = serde_json::json!({ "alg": "ES256", "kid": self.key_id });
+        let claims = serde_json::json!({ "iss": self.team_id, "iat": iat });
+        let mut jwt = format!(
+            "{}.{}",
+            data_encoding::BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
+            data_encoding::BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+        );
+        let signature: p256::ecdsa::Signature = self.key.sign(jwt.as_bytes());
+        jwt.push('.');
+        jwt.push_str(&data_encoding::BASE64URL_NOPAD.encode(&signature.to_bytes()));
+        // Base64url and dots only: always a valid header value.
+        let mut authorization =
+            HeaderValue::from_str(&format!("bearer {jwt}")).unwrap_or_else(|_| HeaderValue::from_static("bearer invalid"));
+        authorization.set_sensitive(true);
+        IssuedToken { iat, authorization }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use p256::ecdsa::VerifyingKey;
+    use p256::ecdsa::signature::Verifier as _;
+    use p256::pkcs8::{EncodePrivateKey as _, LineEnding};
+
+    use super::*;
+    use crate::domain::challenge::ChallengeState;
+    use crate::domain::ids::{ChallengeId, DeviceId};
+    use crate::domain::time::Millis;
+
+    fn tokens() -> (ProviderTokens, VerifyingKey) {
+        let key = SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let pem = key.to_pkcs8_pem(LineEnding::LF).expect("pem");
+        (ProviderTokens::from_pkcs8_pem("KEY1234567", "ABCDE12345", &pem).expect("key"), *key.verifying_key())
+    }
+
+    fn decode_part(part: &str) -> serde_json::Value {
+        serde_json::from_slice(&data_encoding::BASE64URL_NOPAD.decode(part.as_bytes()).expect("base64url")).expect("json")
+    }
+
+    #[test]
+    fn the_token_is_es256_with_kid_iss_and_iat() {
+        let (tokens, verifying) = tokens();
+        let token = tokens.current(1_700_000_000);
+        let value = token.authorization.to_str().expect("ascii");
+        let jwt = value.strip_prefix("bearer ").expect("bearer");
+        let parts: Vec<&str> = jwt.split('.').collect();
+        assert_eq!(decode_part(parts[0]), serde_json::json!({"alg": "ES256", "kid": "KEY1234567"}));
+        assert_eq!(decode_part(parts[1]), serde_json::json!({"iss": "ABCDE12345", "iat": 1_700_000_000}));
+        let signature =
+            p256::ecdsa::Signature::from_slice(&data_encoding::BASE64URL_NOPAD.decode(parts[2].as_bytes()).expect("b64"))
+                .expect("r||s");
+        verifying.verify(format!("{}.{}", parts[0], parts[1]).as_bytes(), &signature).expect("valid signature");
+    }
+
+    #[test]
+    fn the_token_is_reused_then_renewed_before_fifty_minutes() {
+        let (tokens, _) = tokens();
+        let first = tokens.current(1_000);
+        assert!(Arc::ptr_eq(&first, &tokens.current(1_000 + 44 * 60)));
+        let renewed = tokens.current(1_000 + 45 * 60);
+        assert!(!Arc::ptr_eq(&first, &renewed));
+        assert_eq!(renewed.iat, 1_000 + 45 * 60);
+    }
+
+    #[test]
+    fn an_expired_token_is_replaced_once_by_a_later_one() {
+        let (tokens, _) = tokens();
+        let first = tokens.current(5_000);
+        tokens.expire(&first);
+        let second = tokens.current(5_000);
+        assert_eq!(second.iat, 5_001, "a new token differs even within the same second");
+        assert_ne!(first.authorization, second.authorization);
+        // A late report about the old token does not throw the new one away.
+        tokens.expire(&first);
+        assert!(Arc::ptr_eq(&second, &tokens.current(5_001)));
+    }
+
+    #[test]
+    fn a_key_that_is_not_p256_pkcs8_is_refused() {
+        assert!(
+            ProviderTokens::from_pkcs8_pem("K", "T", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").is_err()
+        );
+    }
+
+    fn response(status: u16, body: &str) -> Response {
+        Response {
+            status: StatusCode::from_u16(status).expect("status"),
+            headers: http::HeaderMap::new(),
+            body: Bytes::from(body.to_owned()),
+        }
+    }
+
+    #[test]
+    fn answers_map_as_api_md_says() {
+        assert_eq!(classify(&response(200, "")), SendOutcome::Sent);
+        assert_eq!(
+            classify(&response(410, r#"{"reason":"Unregistered","timestamp":1}"#)),
+            SendOutcome::Unregistered { reason: "Unregistered".into() }
+        );
+        assert_eq!(
+            classify(&response(400, r#"{"reason":"BadDeviceToken"}"#)),
+            SendOutcome::Unregistered { reason: "BadDeviceToken".into() }
+        );
+        assert_eq!(
+            classify(&response(400, r#"{"reason":"DeviceTokenNotForTopic"}"#)),
+            SendOutcome::Unregistered { reason: "DeviceTokenNotForTopic".into() }
+        );
+        assert_eq!(classify(&response(400, r#"{"reason":"BadTopic"}"#)), SendOutcome::Failed { reason: "BadTopic".into() });
+        assert_eq!(
+            classify(&response(503, r#"{"reason":"ServiceUnavailable"}"#)),
+            SendOutcome::Retry { reason: "ServiceUnavailable".into(), after: None }
+        );
+        assert_eq!(classify(&response(500, "<html>")), SendOutcome::Retry { reason: "HTTP 500".into(), after: None });
+        assert_eq!(
+            classify(&response(403, r#"{"reason":"ExpiredProviderToken"}"#)),
+            SendOutcome::Failed { reason: "ExpiredProviderToken".into() }
+        );
+        // Provider text that is not a plain reason word never reaches a delivery.
+        assert_eq!(
+            classify(&response(400, r#"{"reason":"<script>alert(1)</script>"}"#)),
+            SendOutcome::Failed { reason: "HTTP 400".into() }
+        );
+    }
+
+    #[test]
+    fn payloads_carry_the_id_and_expiry_never_a_number() {
+        let job = PushJob {
+            kind: PushKind::Challenge,
+            challenge_id: ChallengeId::generate().expect("id"),
+            device_id: DeviceId::generate().expect("id"),
+            platform: Platform::Apns,
+            push_token: "aa".into(),
+            expires_at: Millis(1_700_000_060_000),
+        };
+        let body = serde_json::to_value(ChallengePayload::new(&job)).expect("json");
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "aps": {"alert": {"title": ALERT_TITLE, "body": ALERT_BODY}, "sound": "default",
+                        "category": "PUSHMATCH_CHALLENGE", "interruption-level": "time-sensitive"},
+                "challenge_id": job.challenge_id.as_str(),
+                "expires_at": 1_700_000_060,
+            })
+        );
+        let clear = serde_json::to_value(ClearPayload::new(&job, state_name(ChallengeState::Approved))).expect("json");
+        assert_eq!(
+            clear,
+            serde_json::json!({"aps": {"content-available": 1}, "challenge_id": job.challenge_id.as_str(), "state": "APPROVED"})
+        );
+    }
+}

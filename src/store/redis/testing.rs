@@ -1,0 +1,156 @@
+//! Real `redis-server` processes for tests, on free loopback ports with nothing
+//! saved to disk (`--save ""`). A missing binary fails loudly with how to install
+//! it; no test skips silently.
+
+// Test support: a failed expectation here is a failed test, so panicking is the point.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().expect("addr").port()
+}
+
+fn missing_binary(name: &str, error: std::io::Error) -> ! {
+    panic!(
+        "cannot run `{name}` ({error}): the Redis tests start their own Redis. Install it: \
+         `apt-get install redis-server` on Debian or Ubuntu (it brings redis-cli too)"
+    )
+}
+
+/// One redis-server; killed when dropped.
+pub struct RedisServer {
+    port: u16,
+    extra: Vec<String>,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::start_with(Vec::new()).await
+    }
+
+    /// With an append-only file fsynced on every write, so a restart keeps the data
+    /// (what operators run: see the README on AOF).
+    pub async fn start_durable() -> Self {
+        Self::start_with(["--appendonly", "yes", "--appendfsync", "always"].map(str::to_owned).to_vec()).await
+    }
+
+    async fn start_with(extra: Vec<String>) -> Self {
+        let mut server = Self { port: free_port(), extra, dir: tempfile::tempdir().expect("temp dir"), child: None };
+        server.spawn().await;
+        server
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the process and waits for its "Ready to accept connections" line.
+    async fn spawn(&mut self) {
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args(["--dir", &self.dir.path().display().to_string(), "--logfile", ""])
+            .args(if self.extra.iter().any(|a| a == "--appendonly") { &[][..] } else { &["--appendonly", "no"][..] })
+            .args(&self.extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = command.spawn().unwrap_or_else(|error| missing_binary("redis-server", error));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        tokio::time::timeout(READY_DEADLINE, async {
+            while let Some(line) = lines.next_line().await.expect("redis-server output") {
+                if line.contains("Ready to accept connections") {
+                    return;
+                }
+            }
+            panic!("redis-server on port {} exited before it was ready", self.port);
+        })
+        .await
+        .expect("redis-server ready in time");
+        // Keep draining its output so the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    /// Kills the process (SIGKILL): what a crash or an unplugged cable looks like.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill redis-server");
+        }
+    }
+
+    /// Starts it again on the same port, empty (nothing was saved).
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+}
+
+/// A Redis Cluster of `masters` nodes, no replicas.
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize) -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..masters {
+            let config = format!("nodes-{}.conf", free_port());
+            let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &config, "--cluster-node-timeout", "5000"];
+            nodes.push(RedisServer::start_with(extra.iter().map(|s| (*s).to_owned()).collect()).await);
+        }
+        let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
+        let output = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .await
+            .unwrap_or_else(|error| missing_binary("redis-cli", error));
+        assert!(output.status.success(), "redis-cli --cluster create failed: {}", String::from_utf8_lossy(&output.stdout));
+        let cluster = Self { nodes };
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok` (the slots are agreed).
+    async fn wait_until_ok(&self) {
+        tokio::time::timeout(READY_DEADLINE, async {
+            for url in self.urls() {
+                let client = redis::Client::open(url.as_str()).expect("url");
+                loop {
+                    if let Ok(mut connection) = client.get_multiplexed_async_connection().await {
+                        let info: String =
+                            redis::cmd("CLUSTER").arg("INFO").query_async(&mut connection).await.unwrap_or_default();
+                        if info.contains("cluster_state:ok") {
+                            break;
+                        }
+                    }
+                    // The cluster bus converges on its own; look again shortly.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        })
+        .await
+        .expect("the cluster agrees on its slots in time");
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+}

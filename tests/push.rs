@@ -1,0 +1,591 @@
+//! The real push senders end to end: a pushmatch server whose `[push.apns]` and
+//! `[push.fcm]` point at mock APNs and FCM servers (HTTP/2 over TLS, a CA made for
+//! the run) and a mock OAuth token endpoint. Everything is awaited as an event with a
+//! deadline: the mocks' recorded requests and the IdP's WatchChallenge stream.
+
+// Tests: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod support;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt as _;
+use pushmatch::config::{ApnsConfig, Config, FcmConfig};
+use pushmatch::pb;
+use pushmatch::phone::{PhoneKey, SimulatedPhone};
+use support::mock_push::{
+    FCM_CLIENT_EMAIL, FCM_KEY_ID, FCM_PROJECT, MockServer, Recorded, Reply, TestCa, apns_key, form, service_account_json,
+    verify_es256, verify_rs256,
+};
+use support::*;
+use tonic::Code;
+
+const TEAM_ID: &str = "ABCDE12345";
+const KEY_ID: &str = "KEY1234567";
+const TOPIC: &str = "nl.gors.authenticator";
+const SECOND_APNS_TOKEN: &str = "b4e0d3f2e5c6b7089923bc45de67f089b4e0d3f2e5c6b7089923bc45de67f089";
+const NEW_APNS_TOKEN: &str = "c5f1e4a3f6d7c819aa34cd56ef78a19ac5f1e4a3f6d7c819aa34cd56ef78a19a";
+
+/// Mock APNs, FCM and OAuth servers, and the files a configuration points at.
+struct Providers {
+    apns: MockServer,
+    fcm: MockServer,
+    oauth: MockServer,
+    apns_verifying_key: p256::ecdsa::VerifyingKey,
+    ca_path: String,
+    key_path: std::path::PathBuf,
+    service_account_path: std::path::PathBuf,
+    _files: tempfile::TempDir,
+}
+
+impl Providers {
+    async fn start() -> Self {
+        let ca = TestCa::new();
+        let files = tempfile::tempdir().expect("temp dir");
+        let (pem, apns_verifying_key) = apns_key();
+        let key_path = files.path().join(format!("AuthKey_{KEY_ID}.p8"));
+        std::fs::write(&key_path, pem).expect("write key");
+        let oauth = MockServer::token_endpoint().await;
+        let service_account_path = files.path().join("service-account.json");
+        std::fs::write(&service_account_path, service_account_json(&oauth.token_uri())).expect("write service account");
+        Self {
+            apns: MockServer::h2(&ca).await,
+            fcm: MockServer::h2(&ca).await,
+            oauth,
+            apns_verifying_key,
+            ca_path: ca.write_pem(files.path()),
+            key_path,
+            service_account_path,
+            _files: files,
+        }
+    }
+
+    fn apns_config(&self) -> ApnsConfig {
+        ApnsConfig {
+            team_id: TEAM_ID.into(),
+            key_id: KEY_ID.into(),
+            private_key_path: self.key_path.clone(),
+            topic: TOPIC.into(),
+            endpoint: self.apns.endpoint(),
+            ca_cert_path: self.ca_path.clone(),
+            connections: 4,
+            max_in_flight: 1_000,
+            request_timeout_ms: 5_000,
+        }
+    }
+
+    fn fcm_config(&self) -> FcmConfig {
+        FcmConfig {
+            service_account_path: self.service_account_path.clone(),
+            endpoint: self.fcm.endpoint(),
+            ca_cert_path: self.ca_path.clone(),
+            connections: 4,
+            max_in_flight: 1_000,
+            request_timeout_ms: 5_000,
+        }
+    }
+
+    fn configure(&self, config: &mut Config) {
+        config.push.apns = Some(self.apns_config());
+        config.push.fcm = Some(self.fcm_config());
+    }
+
+    async fn server(&self, adjust: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_with(|config| {
+            self.configure(config);
+            adjust(config);
+        })
+        .await
+    }
+}
+
+fn unix_now() -> i64 {
+    i64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970").as_secs()).expect("fits")
+}
+
+/// Follows a challenge's watch stream until `condition` holds; returns that update.
+async fn watch_until(server: &TestServer, challenge_id: &str, condition: impl Fn(&pb::Challenge) -> bool) -> pb::Challenge {
+    let mut stream = server.watch(challenge_id).await;
+    tokio::time::timeout(DEADLINE, async {
+        let mut seen = Vec::new();
+        while let Some(update) = stream.message().await.expect("stream message") {
+            if condition(&update) {
+                return update;
+            }
+            seen.push(update);
+        }
+        panic!("the stream ended before the expected update: {seen:#?}");
+    })
+    .await
+    .expect("the expected update before the deadline")
+}
+
+/// Waits until every delivery of the challenge is final; returns the challenge.
+async fn deliveries_done(server: &TestServer, challenge_id: &str) -> pb::Challenge {
+    watch_until(server, challenge_id, |c| {
+        !c.deliveries.is_empty() && c.deliveries.iter().all(|d| d.state() != pb::DeliveryState::Queued)
+    })
+    .await
+}
+
+async fn create(server: &TestServer, user: &str, ttl_seconds: u32) -> Result<pb::Challenge, tonic::Status> {
+    server
+        .challenges(KEY_A)
+        .create_challenge(pb::CreateChallengeRequest { user_id: user.into(), ttl_seconds, ..Default::default() })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+async fn push_enabled(server: &TestServer, user: &str) -> Vec<bool> {
+    let devices = server
+        .enrollments(KEY_A)
+        .list_devices(pb::ListDevicesRequest { user_id: user.into() })
+        .await
+        .expect("list devices")
+        .into_inner()
+        .devices;
+    devices.iter().map(|d| d.push_enabled).collect()
+}
+
+async fn phone_with_token(server: &TestServer, user: &str, platform: pb::Platform, token: &str) -> SimulatedPhone {
+    let enrollment = server.begin_enrollment(user).await;
+    let mut phone = SimulatedPhone::new(server.channel.clone(), PhoneKey::ed25519(), platform, token);
+    phone.enroll(&enrollment.uri, "test phone").await.expect("complete enrollment");
+    phone
+}
+
+/// Neither a header nor any JSON value of the request is the challenge's number.
+fn assert_no_number(request: &Recorded, number: &str) {
+    for (name, value) in &request.headers {
+        assert_ne!(value.to_str().unwrap_or(""), number, "header {name} carries the number");
+    }
+    fn leaves(value: &serde_json::Value, out: &mut Vec<String>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, value) in map {
+                    assert_ne!(key, "number", "a push has a \"number\" field");
+                    leaves(value, out);
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| leaves(v, out)),
+            serde_json::Value::String(s) => out.push(s.clone()),
+            other => out.push(other.to_string()),
+        }
+    }
+    let mut values = Vec::new();
+    leaves(&request.json(), &mut values);
+    assert!(!values.iter().any(|v| v == number), "the push carries the number {number}: {values:?}");
+}
+
+#[tokio::test]
+async fn apns_happy_path_every_header_the_jwt_and_the_body() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let request = providers.apns.wait_for_requests(1).await.remove(0);
+
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.path, format!("/3/device/{APNS_TOKEN}"));
+    let expires_at = challenge.expires_at.expect("expiry").seconds;
+    assert_eq!(request.header("apns-topic"), TOPIC);
+    assert_eq!(request.header("apns-push-type"), "alert");
+    assert_eq!(request.header("apns-priority"), "10");
+    assert_eq!(request.header("apns-expiration"), expires_at.to_string());
+    assert_eq!(request.header("apns-collapse-id"), challenge.challenge_id);
+
+    let jwt = request.header("authorization").strip_prefix("bearer ").expect("a bearer token");
+    let (header, claims) = verify_es256(jwt, &providers.apns_verifying_key);
+    assert_eq!(header, serde_json::json!({"alg": "ES256", "kid": KEY_ID}));
+    assert_eq!(claims["iss"], TEAM_ID);
+    let iat = claims["iat"].as_i64().expect("iat");
+    assert!((iat - unix_now()).abs() <= 60, "iat {iat} is now");
+
+    let body = request.json();
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "aps": {"alert": {"title": body["aps"]["alert"]["title"], "body": body["aps"]["alert"]["body"]},
+                    "sound": "default", "category": "PUSHMATCH_CHALLENGE", "interruption-level": "time-sensitive"},
+            "challenge_id": challenge.challenge_id,
+            "expires_at": expires_at,
+        })
+    );
+    assert!(body["aps"]["alert"]["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(body["aps"]["alert"]["body"].as_str().is_some_and(|t| !t.is_empty()));
+    assert_no_number(&request, &challenge.number);
+
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!(done.deliveries.len(), 1);
+    assert_eq!(done.deliveries[0].device_id, phone.device_id());
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].attempts), (pb::DeliveryState::Sent, 1));
+}
+
+#[tokio::test]
+async fn fcm_happy_path_the_token_grant_and_the_send_body() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let grant = providers.oauth.wait_for_requests(1).await.remove(0);
+    assert_eq!((grant.method.as_str(), grant.path.as_str()), ("POST", "/token"));
+    assert_eq!(grant.header("content-type"), "application/x-www-form-urlencoded");
+    let fields = form(&grant.text());
+    let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).expect(name);
+    assert_eq!(field("grant_type"), "urn:ietf:params:oauth:grant-type:jwt-bearer");
+    let (header, claims) = verify_rs256(&field("assertion"));
+    assert_eq!(header, serde_json::json!({"alg": "RS256", "typ": "JWT", "kid": FCM_KEY_ID}));
+    assert_eq!(claims["iss"], FCM_CLIENT_EMAIL);
+    assert_eq!(claims["scope"], "https://www.googleapis.com/auth/firebase.messaging");
+    assert_eq!(claims["aud"], providers.oauth.token_uri());
+    let iat = claims["iat"].as_i64().expect("iat");
+    assert!((iat - unix_now()).abs() <= 60);
+    assert_eq!(claims["exp"].as_i64(), Some(iat + 3600));
+
+    let request = providers.fcm.wait_for_requests(1).await.remove(0);
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.path, format!("/v1/projects/{FCM_PROJECT}/messages:send"));
+    assert_eq!(request.header("authorization"), "Bearer mock-access-token-1");
+    let expires_at = challenge.expires_at.expect("expiry").seconds;
+    let body = request.json();
+    let ttl = body["message"]["android"]["ttl"].as_str().expect("ttl").to_owned();
+    let ttl_seconds: i64 = ttl.strip_suffix('s').expect("ttl in seconds").parse().expect("a number");
+    assert!((55..=60).contains(&ttl_seconds), "ttl {ttl} is the time left");
+    assert_eq!(
+        body,
+        serde_json::json!({"message": {
+            "token": FCM_TOKEN,
+            "data": {"challenge_id": challenge.challenge_id, "expires_at": expires_at.to_string()},
+            "android": {"priority": "HIGH", "ttl": ttl, "collapse_key": challenge.challenge_id},
+        }})
+    );
+    assert_no_number(&request, &challenge.number);
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+
+    // The access token is cached: a second push asks for no new grant.
+    let second = create(&server, "jan", 0).await.expect("create");
+    let requests = providers.fcm.wait_for_requests(2).await;
+    assert_eq!(requests[1].header("authorization"), "Bearer mock-access-token-1");
+    deliveries_done(&server, &second.challenge_id).await;
+    assert_eq!(providers.oauth.requests().len(), 1);
+}
+
+#[tokio::test]
+async fn apns_410_and_bad_device_token_turn_pushes_off_until_a_new_token() {
+    for (reply, reason) in [
+        (Reply::apns_error(410, "Unregistered"), "Unregistered"),
+        (Reply::apns_error(400, "BadDeviceToken"), "BadDeviceToken"),
+        (Reply::apns_error(400, "DeviceTokenNotForTopic"), "DeviceTokenNotForTopic"),
+    ] {
+        let providers = Providers::start().await;
+        let server = providers.server(|_| {}).await;
+        let mut phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+        providers.apns.script([reply]);
+
+        let first = create(&server, "jan", 0).await.expect("create");
+        let done = deliveries_done(&server, &first.challenge_id).await;
+        assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Unregistered, "{reason}");
+        assert_eq!(done.deliveries[0].error, reason);
+        assert_eq!(push_enabled(&server, "jan").await, vec![false]);
+
+        // Pushes are off: the next challenge pushes nothing, the app can still pull it.
+        let second = create(&server, "jan", 0).await.expect("the device can still answer");
+        assert!(second.deliveries.is_empty(), "{:?}", second.deliveries);
+        assert_eq!(phone.pending().await.expect("pull").len(), 2);
+
+        phone.update_push_token(NEW_APNS_TOKEN).await.expect("update token");
+        assert_eq!(push_enabled(&server, "jan").await, vec![true]);
+        let third = create(&server, "jan", 0).await.expect("create");
+        let done = deliveries_done(&server, &third.challenge_id).await;
+        assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+        let requests = providers.apns.requests();
+        assert_eq!(requests.len(), 2, "nothing was pushed while pushes were off");
+        assert_eq!(requests[1].path, format!("/3/device/{NEW_APNS_TOKEN}"));
+    }
+}
+
+#[tokio::test]
+async fn fcm_unregistered_and_sender_id_mismatch_turn_pushes_off() {
+    for (reply, reason) in [
+        (Reply::fcm_error(404, "NOT_FOUND", "UNREGISTERED"), "UNREGISTERED"),
+        (Reply::fcm_error(403, "PERMISSION_DENIED", "SENDER_ID_MISMATCH"), "SENDER_ID_MISMATCH"),
+    ] {
+        let providers = Providers::start().await;
+        let server = providers.server(|_| {}).await;
+        let _phone = phone_with_token(&server, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+        providers.fcm.script([reply]);
+        let challenge = create(&server, "jan", 0).await.expect("create");
+        let done = deliveries_done(&server, &challenge.challenge_id).await;
+        assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Unregistered);
+        // The provider's reason code, never its free text.
+        assert_eq!(done.deliveries[0].error, reason);
+        assert_eq!(push_enabled(&server, "jan").await, vec![false]);
+    }
+}
+
+#[tokio::test]
+async fn a_503_twice_then_200_is_sent_after_three_attempts() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    providers.apns.script([Reply::apns_error(503, "ServiceUnavailable"), Reply::apns_error(503, "ServiceUnavailable")]);
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].attempts), (pb::DeliveryState::Sent, 3));
+    assert_eq!(providers.apns.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn a_429_with_retry_after_is_honoured() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    providers.fcm.script([Reply::fcm_error(429, "RESOURCE_EXHAUSTED", "QUOTA_EXCEEDED").retry_after(1)]);
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].attempts), (pb::DeliveryState::Sent, 2));
+    let requests = providers.fcm.requests();
+    let gap = requests[1].at - requests[0].at;
+    // Without Retry-After the first backoff is at most 200 ms.
+    assert!(gap >= Duration::from_millis(950), "the retry came {gap:?} after the 429, not after Retry-After: 1");
+}
+
+#[tokio::test]
+async fn a_provider_that_never_answers_is_retried_then_failed_before_the_challenge_expires() {
+    let providers = Providers::start().await;
+    let server = providers
+        .server(|config| {
+            config.push.apns.as_mut().expect("apns").request_timeout_ms = 300;
+        })
+        .await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    providers.apns.answer_with(Reply::never());
+
+    let challenge = create(&server, "jan", 3).await.expect("create");
+    let failed = watch_until(&server, &challenge.challenge_id, |c| {
+        c.deliveries.first().is_some_and(|d| d.state() == pb::DeliveryState::Failed)
+    })
+    .await;
+    let expires_at = challenge.expires_at.expect("expiry");
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("after 1970");
+    let expires =
+        Duration::new(u64::try_from(expires_at.seconds).expect("positive"), u32::try_from(expires_at.nanos).expect("nanos"));
+    assert!(now < expires, "FAILED arrived before the expiry");
+    assert_eq!(failed.state(), pb::ChallengeState::Pending, "the challenge is still pending when its push fails");
+    let delivery = &failed.deliveries[0];
+    assert!(delivery.attempts >= 2, "retried: {delivery:?}");
+    assert_eq!(delivery.error, "timeout");
+    assert_eq!(providers.apns.requests().len(), delivery.attempts as usize);
+}
+
+#[tokio::test]
+async fn an_expired_provider_token_gets_a_new_jwt() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    providers.apns.script([Reply::apns_error(403, "ExpiredProviderToken")]);
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+    let requests = providers.apns.wait_for_requests(2).await;
+    let jwt = |r: &Recorded| r.header("authorization").strip_prefix("bearer ").expect("bearer").to_owned();
+    let (first, renewed) = (jwt(&requests[0]), jwt(&requests[1]));
+    assert_ne!(first, renewed, "a new JWT after ExpiredProviderToken");
+    let (_, first_claims) = verify_es256(&first, &providers.apns_verifying_key);
+    let (_, renewed_claims) = verify_es256(&renewed, &providers.apns_verifying_key);
+    assert!(renewed_claims["iat"].as_i64() > first_claims["iat"].as_i64());
+
+    // The new token is the one reused from now on.
+    let second = create(&server, "jan", 0).await.expect("create");
+    deliveries_done(&server, &second.challenge_id).await;
+    assert_eq!(jwt(&providers.apns.wait_for_requests(3).await[2]), renewed);
+}
+
+#[tokio::test]
+async fn an_fcm_401_gets_a_new_access_token() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    providers.fcm.script([Reply::fcm_error(401, "UNAUTHENTICATED", "THIRD_PARTY_AUTH_ERROR")]);
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+    let requests = providers.fcm.wait_for_requests(2).await;
+    assert_eq!(requests[0].header("authorization"), "Bearer mock-access-token-1");
+    assert_eq!(requests[1].header("authorization"), "Bearer mock-access-token-2");
+    assert_eq!(providers.oauth.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn three_devices_on_both_platforms_are_pushed_at_once_and_the_others_cleared() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let mut iphone = phone_with_token(&server, "ann", pb::Platform::Apns, APNS_TOKEN).await;
+    let ipad = phone_with_token(&server, "ann", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
+    let android = phone_with_token(&server, "ann", pb::Platform::Fcm, FCM_TOKEN).await;
+    // The mocks hold every answer until all three pushes arrived: pushes sent one
+    // after another would never get there.
+    providers.apns.answer_with(Reply::ok().held());
+    providers.fcm.answer_with(Reply::ok().held());
+
+    let challenge = create(&server, "ann", 0).await.expect("create");
+    let apns_requests = providers.apns.wait_for_requests(2).await;
+    providers.fcm.wait_for_requests(1).await;
+    let mut paths: Vec<&str> = apns_requests.iter().map(|r| r.path.as_str()).collect();
+    paths.sort_unstable();
+    let mut expected = vec![format!("/3/device/{APNS_TOKEN}"), format!("/3/device/{SECOND_APNS_TOKEN}")];
+    expected.sort_unstable();
+    assert_eq!(paths, expected);
+    providers.apns.release();
+    providers.fcm.release();
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!(done.deliveries.len(), 3);
+    assert!(done.deliveries.iter().all(|d| d.state() == pb::DeliveryState::Sent), "{:?}", done.deliveries);
+
+    let answer = iphone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("approve");
+    assert!(answer.accepted);
+
+    // The iPad gets a background push, the Android phone a data message; the iPhone
+    // that answered gets nothing more.
+    let apns_requests = providers.apns.wait_for_requests(3).await;
+    let clear = &apns_requests[2];
+    assert_eq!(clear.path, format!("/3/device/{SECOND_APNS_TOKEN}"));
+    assert_eq!(clear.header("apns-push-type"), "background");
+    assert_eq!(clear.header("apns-priority"), "5");
+    assert_eq!(clear.header("apns-collapse-id"), challenge.challenge_id);
+    assert_eq!(clear.header("apns-topic"), TOPIC);
+    assert_eq!(
+        clear.json(),
+        serde_json::json!({"aps": {"content-available": 1}, "challenge_id": challenge.challenge_id, "state": "APPROVED"})
+    );
+    let fcm_clear = providers.fcm.wait_for_requests(2).await.remove(1);
+    let body = fcm_clear.json();
+    assert_eq!(body["message"]["token"], FCM_TOKEN);
+    assert_eq!(body["message"]["data"], serde_json::json!({"challenge_id": challenge.challenge_id, "state": "APPROVED"}));
+    assert_eq!(body["message"]["android"]["collapse_key"], challenge.challenge_id.as_str());
+    for request in [clear, &fcm_clear] {
+        assert_no_number(request, &challenge.number);
+    }
+    assert_eq!(providers.apns.requests().len(), 3);
+    let _ = (ipad, android);
+}
+
+#[tokio::test]
+async fn a_thousand_pushes_arrive_over_a_handful_of_connections() {
+    const PUSHES: usize = 1_000;
+    let providers = Providers::start().await;
+    let server = providers
+        .server(|config| {
+            config.limits.max_pending_per_user = 2_000;
+            config.limits.max_challenges_per_window = 2_000;
+        })
+        .await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+
+    let created: Vec<pb::Challenge> = futures::stream::iter(0..PUSHES)
+        .map(|_| async { create(&server, "jan", 0).await.expect("create") })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let requests = providers.apns.wait_for_requests(PUSHES).await;
+    let mut pushed: Vec<&str> = requests.iter().map(|r| r.header("apns-collapse-id")).collect();
+    pushed.sort_unstable();
+    let mut expected: Vec<&str> = created.iter().map(|c| c.challenge_id.as_str()).collect();
+    expected.sort_unstable();
+    assert_eq!(pushed, expected, "every challenge pushed exactly once");
+    let connections = providers.apns.connections();
+    assert!((1..=4).contains(&connections), "{connections} connections for {PUSHES} pushes (the pool has 4)");
+}
+
+#[tokio::test]
+async fn a_full_push_queue_answers_resource_exhausted() {
+    let providers = Providers::start().await;
+    let server = providers
+        .server(|config| {
+            config.push.queue_capacity = 2;
+            config.push.max_in_flight = 1;
+            config.limits.max_pending_per_user = 100;
+            config.limits.max_challenges_per_window = 100;
+        })
+        .await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    // The provider hangs: one push is in flight, the rest wait in the queue.
+    providers.apns.answer_with(Reply::never());
+
+    let mut refused = None;
+    for attempt in 0..20 {
+        match create(&server, "jan", 0).await {
+            Ok(_) => continue,
+            Err(status) => {
+                refused = Some((attempt, status));
+                break;
+            }
+        }
+    }
+    let (attempt, status) = refused.expect("a full queue refuses");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("queue"), "{status:?}");
+    assert!(attempt <= 5, "refused after {attempt} challenges with room for about four");
+}
+
+#[tokio::test]
+async fn a_platform_without_its_section_reads_not_configured() {
+    let providers = Providers::start().await;
+    let server = providers.server(|config| config.push.fcm = None).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].error.as_str()), (pb::DeliveryState::Failed, "not configured"));
+}
+
+#[tokio::test]
+async fn serve_refuses_unreadable_or_malformed_key_files_and_names_them() {
+    let providers = Providers::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let garbage = dir.path().join("garbage.p8");
+    std::fs::write(&garbage, "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n").expect("write");
+    let bad_json = dir.path().join("bad-service-account.json");
+    std::fs::write(&bad_json, r#"{"project_id": "p", "private_key": "nope"}"#).expect("write");
+    let missing = dir.path().join("AuthKey_MISSING.p8");
+
+    type Adjust = Box<dyn Fn(&mut Config)>;
+    let cases: Vec<(Adjust, String)> = vec![
+        (
+            Box::new(|c: &mut Config| c.push.apns.as_mut().unwrap().private_key_path = missing.clone()),
+            missing.display().to_string(),
+        ),
+        (
+            Box::new(|c: &mut Config| c.push.apns.as_mut().unwrap().private_key_path = garbage.clone()),
+            garbage.display().to_string(),
+        ),
+        (
+            Box::new(|c: &mut Config| c.push.fcm.as_mut().unwrap().service_account_path = bad_json.clone()),
+            bad_json.display().to_string(),
+        ),
+        (
+            Box::new(|c: &mut Config| c.push.fcm.as_mut().unwrap().ca_cert_path = "/nonexistent/ca.pem".into()),
+            "/nonexistent/ca.pem".into(),
+        ),
+    ];
+    for (adjust, named) in cases {
+        let store = tempfile::tempdir().expect("store dir");
+        let mut config = test_config(store.path());
+        providers.configure(&mut config);
+        adjust(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let result = tokio::time::timeout(DEADLINE, pushmatch::server::run(listener, config, std::future::pending()))
+            .await
+            .expect("refuses at once");
+        let error = result.expect_err("serve refuses to start").to_string();
+        assert!(error.contains(&named), "{error:?} names {named}");
+        assert!(!error.contains("bm90IGEga2V5"), "the key's contents stay out of the message");
+    }
+}

@@ -1,0 +1,160 @@
+//! Stateless replicas on one Redis: what one replica does, the other sees at once;
+//! exactly one answer wins across both; an outage fails closed and heals by itself.
+
+// Tests: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pushmatch::config::{Config, StoreBackend};
+use pushmatch::domain::time::ManualClock;
+use pushmatch::pb;
+use pushmatch::phone::{PhoneKey, SimulatedPhone};
+use pushmatch::store::redis::testing::RedisServer;
+use support::*;
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+const SHARED_KEY: &str = "8c0f5b1e2d3a4f6071829304a5b6c7d8e9f00112233445566778899aabbccddee";
+
+fn on_redis(url: String) -> impl FnOnce(&mut Config) {
+    move |config| {
+        config.store.backend = StoreBackend::Redis;
+        config.store.redis_url = url;
+        config.store.operation_timeout_ms = 500;
+        config.secrets.key_hex = SHARED_KEY[..64].to_owned();
+    }
+}
+
+/// Two replicas on one Redis, sharing one clock (the clock of "the store").
+async fn two_replicas(redis: &RedisServer) -> (TestServer, TestServer) {
+    let clock = ManualClock::starting_now();
+    let a = TestServer::start_on(Arc::new(tempfile::tempdir().expect("dir")), clock.clone(), on_redis(redis.url())).await;
+    let b = TestServer::start_on(Arc::new(tempfile::tempdir().expect("dir")), clock, on_redis(redis.url())).await;
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_on_one_replica_sees_an_answer_made_on_the_other() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    // Enrolled through A; the phone talks to B.
+    let enrollment = a.begin_enrollment("jan").await;
+    let mut phone = b.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
+    phone.enroll(&enrollment.uri, "phone").await.expect("enroll on B with A's code");
+    let challenge = a.create_challenge("jan").await;
+    let mut watch_a = a.watch(&challenge.challenge_id).await;
+    let mut watch_b = b.watch(&challenge.challenge_id).await;
+    assert_eq!(phone.pending().await.expect("pending on B")[0].challenge_id, challenge.challenge_id);
+    let answer = phone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("answer on B");
+    assert!(answer.accepted);
+    for watch in [&mut watch_a, &mut watch_b] {
+        let last = follow_to_final(watch).await.pop().expect("final");
+        assert_eq!(last.state(), pb::ChallengeState::Approved);
+        assert_eq!(last.resolved_by_device_id, phone.device_id());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_reaches_watchers_on_both_replicas() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    a.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let challenge = a
+        .challenges(KEY_A)
+        .create_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ttl_seconds: 30, ..Default::default() })
+        .await
+        .expect("create")
+        .into_inner();
+    let mut watch_a = a.watch(&challenge.challenge_id).await;
+    let mut watch_b = b.watch(&challenge.challenge_id).await;
+    for watch in [&mut watch_a, &mut watch_b] {
+        assert_eq!(watch.message().await.expect("first").expect("state").state(), pb::ChallengeState::Pending);
+    }
+    a.clock.advance(Duration::from_secs(30));
+    for watch in [&mut watch_a, &mut watch_b] {
+        assert_eq!(follow_to_final(watch).await.pop().expect("final").state(), pb::ChallengeState::Expired);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_approvals_spread_over_both_replicas_accept_exactly_one() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    let phone = a.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let challenge = a.create_challenge("jan").await;
+    let mut watch = b.watch(&challenge.challenge_id).await;
+    let proof = phone.proof("RespondToChallenge", &[&challenge.challenge_id, "DECISION_APPROVE", &challenge.number]);
+    let answers = (0..50).map(|i| {
+        let channel = if i % 2 == 0 { a.channel.clone() } else { b.channel.clone() };
+        let mut replica_phone = SimulatedPhone::new(channel, phone.key().clone(), pb::Platform::Fcm, FCM_TOKEN);
+        replica_phone.impersonate(phone.device_id());
+        let (proof, id, number) = (proof.clone(), challenge.challenge_id.clone(), challenge.number.clone());
+        tokio::spawn(async move { replica_phone.respond_with(proof, &id, pb::Decision::Approve, &number).await })
+    });
+    let mut accepted = 0;
+    for answer in futures::future::join_all(answers).await {
+        let answer = answer.expect("task").expect("answered");
+        assert_eq!(answer.state(), pb::ChallengeState::Approved);
+        accepted += usize::from(answer.accepted);
+    }
+    assert_eq!(accepted, 1);
+    assert_eq!(follow_to_final(&mut watch).await.pop().expect("final").state(), pb::ChallengeState::Approved);
+}
+
+async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {
+    let mut health = HealthClient::new(server.channel.clone());
+    let mut updates =
+        health.watch(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.expect("health watch").into_inner();
+    tokio::time::timeout(DEADLINE, async {
+        while let Some(update) = updates.message().await.expect("health update") {
+            if update.status() == wanted {
+                return;
+            }
+        }
+        panic!("health stream ended");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("health reads {wanted:?} in time"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_outage_fails_closed_and_heals_by_itself() {
+    let mut redis = RedisServer::start_durable().await;
+    let server =
+        TestServer::start_on(Arc::new(tempfile::tempdir().expect("dir")), ManualClock::starting_now(), on_redis(redis.url()))
+            .await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let pending = server.create_challenge("jan").await;
+
+    redis.kill().await;
+    let mut challenges = server.challenges(KEY_A);
+    let started = std::time::Instant::now();
+    let refused = challenges.create_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() }).await;
+    assert_code(refused, Code::Unavailable, "redis store");
+    assert!(started.elapsed() < DEADLINE, "fails within the deadline, no hang");
+    let read = challenges.get_challenge(pb::GetChallengeRequest { challenge_id: pending.challenge_id.clone() }).await;
+    assert_code(read, Code::Unavailable, "redis store");
+    assert_code(phone.pending().await, Code::Unavailable, "redis store");
+    wait_for_health(&server, ServingStatus::NotServing).await;
+
+    redis.restart().await;
+    wait_for_health(&server, ServingStatus::Serving).await;
+    // The pending challenge survived (AOF) and did not approve itself.
+    let read = challenges
+        .get_challenge(pb::GetChallengeRequest { challenge_id: pending.challenge_id.clone() })
+        .await
+        .expect("readable again")
+        .into_inner();
+    assert!(matches!(read.state(), pb::ChallengeState::Pending | pb::ChallengeState::Expired), "{:?}", read.state());
+    // And the whole flow works again without restarting pushmatch.
+    challenges.cancel_challenge(pb::CancelChallengeRequest { challenge_id: pending.challenge_id }).await.expect("cancel");
+    let challenge = server.create_challenge("jan").await;
+    let mut watch = server.watch(&challenge.challenge_id).await;
+    phone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("answer");
+    assert_eq!(follow_to_final(&mut watch).await.pop().expect("final").state(), pb::ChallengeState::Approved);
+}
