@@ -12,7 +12,7 @@
 //! - [`server`]: `run(listener, config, shutdown)`: the tonic server, health, reflection, limits, drain.
 //! - [`api`]: the gRPC edge: authenticate, validate and convert, one domain call, convert back.
 //! - [`domain`]: challenges, enrollment, device proofs and limits; knows no gRPC, Redis or HTTP types.
-//! - [`store`]: the `Store` trait and its embedded backend (memory plus a redb file).
+//! - [`store`]: the `Store` trait; the embedded backend (memory plus a redb file) and the Redis backend (replicas).
 //! - [`push`]: the `PushSender` trait and the dispatcher that queues, sends and retries pushes.
 //! - [`error`]: the domain's error enum and the one mapping to `tonic::Status`.
 //! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), Prometheus metrics and `/healthz`.
