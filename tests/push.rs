@@ -556,8 +556,8 @@ async fn serve_refuses_unreadable_or_malformed_key_files_and_names_them() {
     std::fs::write(&bad_json, r#"{"project_id": "p", "private_key": "nope"}"#).expect("write");
     let missing = dir.path().join("AuthKey_MISSING.p8");
 
-    type Adjust = Box<dyn Fn(&mut Config)>;
-    let cases: Vec<(Adjust, String)> = vec![
+    type Adjust<'a> = Box<dyn Fn(&mut Config) + 'a>;
+    let cases: Vec<(Adjust<'_>, String)> = vec![
         (
             Box::new(|c: &mut Config| c.push.apns.as_mut().unwrap().private_key_path = missing.clone()),
             missing.display().to_string(),

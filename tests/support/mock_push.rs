@@ -57,7 +57,7 @@ impl TestCa {
     }
 
     /// A TLS server configuration for 127.0.0.1 and localhost, with the given ALPN.
-    fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().expect("server key");
         let mut params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
         params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
@@ -301,12 +301,11 @@ impl MockServer {
     /// Waits (up to a deadline) until the recorded requests satisfy `condition`.
     pub async fn wait_until(&self, condition: impl Fn(&[Recorded]) -> bool) -> Vec<Recorded> {
         let mut changes = self.state.requests.subscribe();
-        let seen = tokio::time::timeout(WAIT, changes.wait_for(|requests| condition(requests)))
+        tokio::time::timeout(WAIT, changes.wait_for(|requests| condition(requests)))
             .await
             .unwrap_or_else(|_| panic!("the mock did not see the expected requests in time: {:#?}", self.requests()))
             .expect("mock alive")
-            .clone();
-        seen
+            .clone()
     }
 }
 
