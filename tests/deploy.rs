@@ -104,6 +104,14 @@ fn the_example_configuration_loads_and_names_every_key() {
     let text = read("pushmatch.example.toml");
     let loaded = Config::load(Some(&repo("pushmatch.example.toml")), Vec::new()).expect("the example loads as it is");
     assert_eq!(loaded.config.tenants[0].id, "gors");
+    // It shows the defaults: as it is, it configures nothing but its tenant.
+    let mut as_shown = loaded.config;
+    as_shown.tenants.clear();
+    assert_eq!(
+        toml::to_string(&as_shown).expect("toml"),
+        toml::to_string(&Config::default()).expect("toml"),
+        "pushmatch.example.toml shows a value that is not the default"
+    );
 
     // With every optional key switched on it still loads, and then it names every key
     // the configuration has.
