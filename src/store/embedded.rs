@@ -206,6 +206,8 @@ struct Shared {
     db: Arc<Database>,
     /// Wakes the deadline task when an earlier deadline arrives.
     deadline_changed: Arc<Notify>,
+    /// Devices whose `last_used_at` changed in memory only, not yet in the file.
+    touched: Mutex<std::collections::HashSet<DeviceId>>,
 }
 
 impl Shared {
@@ -329,10 +331,12 @@ impl EmbeddedStore {
             write_gate: tokio::sync::Mutex::new(()),
             db: Arc::new(db),
             deadline_changed: Arc::new(Notify::new()),
+            touched: Mutex::new(std::collections::HashSet::new()),
         });
         let closing = CancellationToken::new();
         let wake = Arc::clone(&shared.deadline_changed);
         tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, clock, closing.clone()));
+        tokio::spawn(flush_touches(Arc::downgrade(&shared), closing.clone()));
         Ok(Self { shared, path, closing })
     }
 
@@ -382,6 +386,32 @@ fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
         mirror.blocks.insert((TenantId(tenant.to_owned()), user), decode(value.value())?);
     }
     Ok(mirror)
+}
+
+/// Writes batched `last_used_at` changes every few seconds, one transaction each
+/// time, without an fsync of its own (the next durable commit carries it to disk).
+async fn flush_touches(shared: Weak<Shared>, closing: CancellationToken) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            () = closing.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        let touched: Vec<DeviceId> = shared.touched.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        if touched.is_empty() {
+            continue;
+        }
+        let _gate = shared.write_gate.lock().await;
+        let writes: Vec<DurableWrite> = {
+            let mirror = shared.durable();
+            touched.iter().filter_map(|id| mirror.devices.get(id)).cloned().map(DurableWrite::PutDevice).collect()
+        };
+        if let Err(error) = shared.commit(writes, Durability::None).await {
+            tracing::warn!(%error, "could not write devices' last use; retrying");
+            shared.touched.lock().unwrap_or_else(|p| p.into_inner()).extend(touched);
+        }
+    }
 }
 
 /// Expires pending challenges at their deadline and purges old ones, so watchers
@@ -602,13 +632,15 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
+    /// Informational only, and on every answer's path: the mirror changes at once and
+    /// the file follows in batches (`flush_touches`), so answers never queue behind a
+    /// disk write for it. A crash can lose the last few seconds of `last_used_at`.
     async fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
-        let _gate = self.shared.write_gate.lock().await;
-        let Some(device) = self.shared.durable().devices.get(id).cloned() else { return Ok(()) };
-        let updated = Device { last_used_at: Some(now), ..device };
-        // Informational only: written without an fsync of its own; the next durable
-        // commit carries it to disk.
-        self.shared.commit(vec![DurableWrite::PutDevice(updated)], Durability::None).await
+        if let Some(device) = self.shared.durable_mut().devices.get_mut(id) {
+            device.last_used_at = Some(now);
+            self.shared.touched.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
+        }
+        Ok(())
     }
 
     async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {

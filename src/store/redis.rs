@@ -625,6 +625,8 @@ impl Reader {
                 return Ok(Some(record));
             }
             if let Some(version) = self.compare_and_set(&record.tag, record.version, &record.challenge).await? {
+                // Counted once across replicas: only the compare-and-set winner gets here.
+                crate::telemetry::metrics::challenge_resolved(ChallengeState::Expired, None);
                 record.version = version;
                 return Ok(Some(record));
             }

@@ -1,0 +1,903 @@
+//! The Monday-morning rush: a whole company signs in at once.
+//!
+//! `cargo bench --bench burst -- [flags]`. The broker runs as its real binary (one
+//! process, or two replicas on one Redis) with its real APNs and FCM senders,
+//! pointed at mock providers (HTTP/2 over TLS, lognormal latency, optional errors)
+//! in this process. Users are enrolled before the clock starts; then an open-loop
+//! burst of sign-ins: each is CreateChallenge plus WatchChallenge; the phone answers
+//! when its push reaches the mock (or by the pull fallback), signing with its real
+//! key. Latencies go into HDR histograms, measured from each sign-in's scheduled
+//! start (so a stalled broker cannot hide its queueing: coordinated omission is
+//! corrected). The last line of output is one JSON object.
+//!
+//! Flags (defaults in brackets): --store embedded|redis [embedded] --users N [20000]
+//! --signins K [50000] --rate R sign-ins/s, 0 = as fast as it goes [0]
+//! --concurrency C in flight when rate is 0 [1000] --human-delay-ms D [0]
+//! --median-ms M [25] --p99-ms P [120] --error-5xx F --error-410 F --error-429 F [0]
+//! --herd N (fire N CreateChallenge within one second instead of the burst)
+//! --quick (2,000 users, 6,000 sign-ins: under a minute; CI runs it)
+//! --timeline FILE (per-second CSV for the chart)
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, dead_code)]
+
+#[path = "../tests/support/mock_push.rs"]
+mod mock_push;
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt as _;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt as _, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mock_push::{MockServer, TestCa};
+use pushmatch::api::auth::api_key_digest_hex;
+use pushmatch::demo::{ApiKeyInterceptor, IdpChallenges, IdpEnrollments};
+use pushmatch::pb;
+use pushmatch::pb::challenge_service_client::ChallengeServiceClient;
+use pushmatch::pb::enrollment_service_client::EnrollmentServiceClient;
+use pushmatch::phone::{P256Encoding, PhoneKey, SimulatedPhone};
+use pushmatch::store::redis::testing::RedisServer;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, oneshot};
+use tonic::transport::{Channel, Endpoint};
+
+const API_KEY: &str = "burst-bench-api-key";
+const WAIT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug)]
+struct Args {
+    store: String,
+    users: usize,
+    signins: usize,
+    rate: f64,
+    concurrency: usize,
+    human_delay: Duration,
+    median_ms: f64,
+    p99_ms: f64,
+    error_5xx: f64,
+    error_410: f64,
+    error_429: f64,
+    herd: Option<usize>,
+    quick: bool,
+    timeline: Option<PathBuf>,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        store: "embedded".into(),
+        users: 20_000,
+        signins: 50_000,
+        rate: 0.0,
+        concurrency: 1_000,
+        human_delay: Duration::ZERO,
+        median_ms: 25.0,
+        p99_ms: 120.0,
+        error_5xx: 0.0,
+        error_410: 0.0,
+        error_429: 0.0,
+        herd: None,
+        quick: false,
+        timeline: None,
+    };
+    let mut raw = std::env::args().skip(1);
+    let mut users_set = false;
+    let mut signins_set = false;
+    while let Some(flag) = raw.next() {
+        let mut value = || raw.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--bench" => {}
+            "--store" => args.store = value(),
+            "--users" => {
+                args.users = value().parse().expect("--users N");
+                users_set = true;
+            }
+            "--signins" => {
+                args.signins = value().parse().expect("--signins K");
+                signins_set = true;
+            }
+            "--rate" => args.rate = value().parse().expect("--rate R"),
+            "--concurrency" => args.concurrency = value().parse().expect("--concurrency C"),
+            "--human-delay-ms" => args.human_delay = Duration::from_millis(value().parse().expect("ms")),
+            "--median-ms" => args.median_ms = value().parse().expect("ms"),
+            "--p99-ms" => args.p99_ms = value().parse().expect("ms"),
+            "--error-5xx" => args.error_5xx = value().parse().expect("fraction"),
+            "--error-410" => args.error_410 = value().parse().expect("fraction"),
+            "--error-429" => args.error_429 = value().parse().expect("fraction"),
+            "--herd" => args.herd = Some(value().parse().expect("--herd N")),
+            "--quick" => args.quick = true,
+            "--timeline" => args.timeline = Some(PathBuf::from(value())),
+            other => panic!("unknown flag {other}: see the comment at the top of benches/burst.rs"),
+        }
+    }
+    if args.quick {
+        if !users_set {
+            args.users = 2_000;
+        }
+        if !signins_set {
+            args.signins = 6_000;
+        }
+    }
+    assert!(args.store == "embedded" || args.store == "redis", "--store embedded|redis");
+    args
+}
+
+/// A small deterministic generator (splitmix64): the same run makes the same choices.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn unit(x: u64) -> f64 {
+    (mix(x) >> 11) as f64 / (1u64 << 53) as f64
+}
+
+// ---------------------------------------------------------------------------
+// The mock providers: answer after a lognormal delay, report arrivals.
+// ---------------------------------------------------------------------------
+
+/// Where pushes arrive: the first push of each challenge, and who got it.
+#[derive(Default)]
+struct Arrivals {
+    slots: Mutex<HashMap<String, Slot>>,
+    delivered: AtomicU64,
+    refused: AtomicU64,
+}
+
+enum Slot {
+    Arrived(Instant, String),
+    Waiting(oneshot::Sender<(Instant, String)>),
+}
+
+impl Arrivals {
+    fn arrive(&self, challenge_id: String, token: String, at: Instant) {
+        let mut slots = self.slots.lock().unwrap();
+        match slots.remove(&challenge_id) {
+            Some(Slot::Waiting(waiter)) => {
+                let _ = waiter.send((at, token));
+            }
+            Some(first @ Slot::Arrived(..)) => {
+                slots.insert(challenge_id, first);
+            }
+            None => {
+                slots.insert(challenge_id, Slot::Arrived(at, token));
+            }
+        }
+    }
+
+    async fn wait(&self, challenge_id: &str) -> Option<(Instant, String)> {
+        let receiver = {
+            let mut slots = self.slots.lock().unwrap();
+            match slots.remove(challenge_id) {
+                Some(Slot::Arrived(at, token)) => return Some((at, token)),
+                _ => {
+                    let (sender, receiver) = oneshot::channel();
+                    slots.insert(challenge_id.to_owned(), Slot::Waiting(sender));
+                    receiver
+                }
+            }
+        };
+        tokio::time::timeout(WAIT, receiver).await.ok().and_then(Result::ok)
+    }
+}
+
+#[derive(Clone)]
+struct ProviderBehaviour {
+    mu: f64,
+    sigma: f64,
+    error_5xx: f64,
+    error_410: f64,
+    error_429: f64,
+}
+
+impl ProviderBehaviour {
+    fn new(args: &Args) -> Self {
+        // Lognormal: the median is e^mu; the p99 is e^(mu + 2.326 sigma).
+        let mu = args.median_ms.max(0.001).ln();
+        let sigma = if args.median_ms <= 0.0 { 0.0 } else { ((args.p99_ms / args.median_ms).ln() / 2.326).max(0.0) };
+        Self { mu, sigma, error_5xx: args.error_5xx, error_410: args.error_410, error_429: args.error_429 }
+    }
+
+    fn delay(&self, seed: u64) -> Duration {
+        if self.mu <= 0.001f64.ln() + 1e-9 {
+            return Duration::ZERO;
+        }
+        // Box-Muller from two uniforms.
+        let (u1, u2) = (unit(seed).max(1e-12), unit(seed ^ 0x5555));
+        let normal = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+        Duration::from_secs_f64((self.mu + self.sigma * normal).exp() / 1000.0)
+    }
+}
+
+fn response(status: u16, body: &'static str, retry_after: bool) -> hyper::Response<Full<Bytes>> {
+    let mut builder = hyper::Response::builder().status(status).header("content-type", "application/json");
+    if retry_after {
+        builder = builder.header("retry-after", "1");
+    }
+    builder.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
+}
+
+/// One mock provider (APNs or FCM, told apart by the path) over HTTP/2 and TLS.
+async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc<Arrivals>) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(&[b"h2"]));
+    let requests = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, behaviour, arrivals, requests) =
+                (acceptor.clone(), behaviour.clone(), arrivals.clone(), requests.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let service = service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                    let (behaviour, arrivals, requests) = (behaviour.clone(), arrivals.clone(), requests.clone());
+                    async move {
+                        let seed = requests.fetch_add(1, Ordering::Relaxed);
+                        let path = request.uri().path().to_owned();
+                        let alert = request.headers().get("apns-push-type").is_none_or(|v| v == "alert");
+                        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        tokio::time::sleep(behaviour.delay(seed)).await;
+                        let fcm = path.ends_with("messages:send");
+                        let roll = unit(seed ^ 0xABCD);
+                        if roll < behaviour.error_5xx {
+                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
+                            return Ok::<_, Infallible>(response(503, r#"{"reason":"ServiceUnavailable"}"#, false));
+                        }
+                        if roll < behaviour.error_5xx + behaviour.error_429 {
+                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
+                            return Ok(response(429, r#"{"reason":"TooManyRequests"}"#, true));
+                        }
+                        if roll < behaviour.error_5xx + behaviour.error_429 + behaviour.error_410 {
+                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
+                            return Ok(if fcm {
+                                response(
+                                    404,
+                                    r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
+                                    false,
+                                )
+                            } else {
+                                response(410, r#"{"reason":"Unregistered"}"#, false)
+                            });
+                        }
+                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let (challenge_id, token, is_challenge) = if fcm {
+                            let message = &json["message"];
+                            let data = &message["data"];
+                            (data["challenge_id"].as_str(), message["token"].as_str(), data.get("state").is_none())
+                        } else {
+                            (json["challenge_id"].as_str(), path.strip_prefix("/3/device/"), alert)
+                        };
+                        if let (Some(challenge_id), Some(token), true) = (challenge_id, token, is_challenge) {
+                            arrivals.delivered.fetch_add(1, Ordering::Relaxed);
+                            arrivals.arrive(challenge_id.to_owned(), token.to_owned(), Instant::now());
+                        }
+                        Ok(if fcm {
+                            response(200, r#"{"name":"projects/pushmatch-test/messages/1"}"#, false)
+                        } else {
+                            response(200, "", false)
+                        })
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_concurrent_streams(1000)
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    format!("https://127.0.0.1:{}", addr.port())
+}
+
+// ---------------------------------------------------------------------------
+// The broker processes.
+// ---------------------------------------------------------------------------
+
+struct Broker {
+    child: tokio::process::Child,
+    addr: String,
+}
+
+impl Broker {
+    /// Peak resident set (VmHWM) in MB and CPU seconds so far, from /proc.
+    fn usage(&self) -> (f64, f64) {
+        let Some(pid) = self.child.id() else { return (0.0, 0.0) };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let peak_kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        (peak_kb / 1024.0, ticks / 100.0)
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Providers {
+    apns: String,
+    fcm: String,
+    token_uri: String,
+    ca_path: String,
+    apns_key_path: PathBuf,
+    service_account_path: PathBuf,
+}
+
+async fn start_broker(dir: &Path, index: usize, store: &str, redis_url: &str, providers: &Providers) -> Broker {
+    let port = free_port();
+    let data = dir.join(format!("data-{index}"));
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+public_url = "http://127.0.0.1:{port}"
+metrics_listen = ""
+max_concurrent_requests_per_connection = 4096
+
+[store]
+backend = "{store}"
+path = "{data}"
+redis_url = "{redis_url}"
+
+[log]
+level = "error"
+
+[secrets]
+key_hex = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
+
+[[tenants]]
+id = "bench"
+display_name = "Bench"
+api_key_sha256 = ["{key}"]
+
+[push.apns]
+team_id = "ABCDE12345"
+key_id = "KEY1234567"
+private_key_path = "{apns_key}"
+topic = "nl.gors.authenticator"
+endpoint = "{apns}"
+ca_cert_path = "{ca}"
+
+[push.fcm]
+service_account_path = "{service_account}"
+endpoint = "{fcm}"
+ca_cert_path = "{ca}"
+"#,
+        data = data.display(),
+        key = api_key_digest_hex(API_KEY),
+        apns_key = providers.apns_key_path.display(),
+        apns = providers.apns,
+        fcm = providers.fcm,
+        ca = providers.ca_path,
+        service_account = providers.service_account_path.display(),
+    );
+    let path = dir.join(format!("broker-{index}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the pushmatch binary");
+    let addr = format!("http://127.0.0.1:{port}");
+    // Ready when gRPC health says SERVING.
+    let endpoint = Endpoint::from_shared(addr.clone()).unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(channel) = endpoint.connect().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                if let Ok(status) = health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await
+                    && status.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving
+                {
+                    return;
+                }
+            }
+            // The process is starting; try again shortly.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the broker serves within a minute");
+    Broker { child, addr }
+}
+
+/// A pool of HTTP/2 connections to one broker (one connection carries a limited
+/// number of concurrent streams).
+async fn channels(addr: &str, count: usize) -> Vec<Channel> {
+    let mut pool = Vec::new();
+    for _ in 0..count {
+        pool.push(Endpoint::from_shared(addr.to_owned()).unwrap().tcp_nodelay(true).connect().await.expect("connect"));
+    }
+    pool
+}
+
+// ---------------------------------------------------------------------------
+// Enrollment: users and their phones, before the clock starts.
+// ---------------------------------------------------------------------------
+
+struct Phone {
+    device_id: String,
+    key: PhoneKey,
+    platform: pb::Platform,
+}
+
+struct Population {
+    /// Per user, the indexes of its phones.
+    users: Vec<Vec<usize>>,
+    phones: Vec<Phone>,
+    by_token: HashMap<String, usize>,
+}
+
+fn token_for(platform: pb::Platform, index: usize) -> String {
+    if platform == pb::Platform::Apns {
+        format!("{:064x}", mix(index as u64) as u128 * 7919 + index as u128)
+    } else {
+        format!("fcm-token-{index}")
+    }
+}
+
+async fn enroll(args: &Args, idp: &[Channel], phones: &[Channel]) -> Population {
+    let mut plan = Vec::new();
+    for user in 0..args.users {
+        // 70% one phone, 20% two, 10% three: about 1.4 on average.
+        let roll = unit(user as u64 ^ 0xE11);
+        let count = if roll < 0.7 {
+            1
+        } else if roll < 0.9 {
+            2
+        } else {
+            3
+        };
+        for _ in 0..count {
+            plan.push(user);
+        }
+    }
+    let results = futures::stream::iter(plan.into_iter().enumerate())
+        .map(|(index, user)| {
+            let idp = idp[index % idp.len()].clone();
+            let channel = phones[index % phones.len()].clone();
+            async move {
+                let platform = if index % 2 == 0 { pb::Platform::Apns } else { pb::Platform::Fcm };
+                let key = if platform == pb::Platform::Apns {
+                    PhoneKey::p256(P256Encoding::Sec1Uncompressed)
+                } else {
+                    PhoneKey::ed25519()
+                };
+                let mut enrollments: IdpEnrollments =
+                    EnrollmentServiceClient::with_interceptor(idp, ApiKeyInterceptor::new(API_KEY).unwrap());
+                let enrollment = enrollments
+                    .begin_enrollment(pb::BeginEnrollmentRequest {
+                        user_id: format!("user-{user}"),
+                        account_name: format!("user-{user}@bench"),
+                        kind: pb::EnrollmentKind::Push.into(),
+                    })
+                    .await
+                    .expect("begin enrollment")
+                    .into_inner();
+                let token = token_for(platform, index);
+                let mut phone = SimulatedPhone::new(channel, key.clone(), platform, token.clone());
+                phone.enroll(&enrollment.uri, "bench phone").await.expect("complete enrollment");
+                (user, token, Phone { device_id: phone.device_id().to_owned(), key, platform })
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<_>>()
+        .await;
+    let mut population = Population { users: vec![Vec::new(); args.users], phones: Vec::new(), by_token: HashMap::new() };
+    for (user, token, phone) in results {
+        population.users[user].push(population.phones.len());
+        population.by_token.insert(token, population.phones.len());
+        population.phones.push(phone);
+    }
+    population
+}
+
+// ---------------------------------------------------------------------------
+// The burst.
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Intent {
+    Approve,
+    Deny,
+    WrongNumber,
+    NeverAnswer,
+}
+
+struct Recorder {
+    create: Mutex<Histogram<u64>>,
+    push: Mutex<Histogram<u64>>,
+    respond: Mutex<Histogram<u64>>,
+    notify: Mutex<Histogram<u64>>,
+    errors: Mutex<BTreeMap<String, u64>>,
+    completed: AtomicU64,
+    expired: AtomicU64,
+    pull_fallbacks: AtomicU64,
+    lost: AtomicU64,
+    double: AtomicU64,
+    wrong_outcome: AtomicU64,
+    /// Per second since the start: sign-ins completed, and the worst create latency.
+    timeline: Mutex<BTreeMap<u64, (u64, u64)>>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        let histogram = || Mutex::new(Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap());
+        Self {
+            create: histogram(),
+            push: histogram(),
+            respond: histogram(),
+            notify: histogram(),
+            errors: Mutex::new(BTreeMap::new()),
+            completed: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+            pull_fallbacks: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            double: AtomicU64::new(0),
+            wrong_outcome: AtomicU64::new(0),
+            timeline: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn record(histogram: &Mutex<Histogram<u64>>, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
+        histogram.lock().unwrap().saturating_record(micros);
+    }
+
+    fn error(&self, what: &str, status: &tonic::Status) {
+        *self.errors.lock().unwrap().entry(format!("{what}:{:?}", status.code())).or_default() += 1;
+    }
+
+    fn tick(&self, start: Instant, create_latency: Duration) {
+        let second = start.elapsed().as_secs();
+        let mut timeline = self.timeline.lock().unwrap();
+        let entry = timeline.entry(second).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(u64::try_from(create_latency.as_micros()).unwrap_or(u64::MAX));
+    }
+}
+
+fn percentile_ms(histogram: &Mutex<Histogram<u64>>, q: f64) -> f64 {
+    let histogram = histogram.lock().unwrap();
+    if histogram.is_empty() { 0.0 } else { histogram.value_at_quantile(q) as f64 / 1000.0 }
+}
+
+struct World {
+    idp: Vec<Channel>,
+    phones: Vec<Channel>,
+    population: Population,
+    arrivals: Arc<Arrivals>,
+    recorder: Recorder,
+    human_delay: Duration,
+    start: Instant,
+}
+
+fn intent_of(i: usize) -> (Intent, bool) {
+    let roll = unit(i as u64 ^ 0x1D);
+    let intent = if roll < 0.02 {
+        Intent::Deny
+    } else if roll < 0.03 {
+        Intent::WrongNumber
+    } else if roll < 0.06 {
+        Intent::NeverAnswer
+    } else {
+        Intent::Approve
+    };
+    (intent, intent != Intent::NeverAnswer && unit(i as u64 ^ 0x2D) < 0.02)
+}
+
+async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
+    let (intent, twice) = intent_of(i);
+    let user = i % world.population.users.len();
+    let mut challenges: IdpChallenges = ChallengeServiceClient::with_interceptor(
+        world.idp[i % world.idp.len()].clone(),
+        ApiKeyInterceptor::new(API_KEY).unwrap(),
+    );
+    let request = pb::CreateChallengeRequest {
+        user_id: format!("user-{user}"),
+        context: Some(pb::SignInContext { application: "Citrix Workspace".into(), ..Default::default() }),
+        // Those who never answer expire on a short TTL.
+        ttl_seconds: if intent == Intent::NeverAnswer { 2 } else { 60 },
+        request_id: format!("signin-{i}"),
+    };
+    let challenge = match challenges.create_challenge(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => return world.recorder.error("create", &status),
+    };
+    let create_latency = scheduled.elapsed();
+    Recorder::record(&world.recorder.create, create_latency);
+    let mut watch =
+        match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() }).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return world.recorder.error("watch", &status),
+        };
+    let watcher = tokio::spawn(async move {
+        tokio::time::timeout(WAIT, async {
+            while let Ok(Some(update)) = watch.message().await {
+                if update.state() != pb::ChallengeState::Pending {
+                    return Some((Instant::now(), update.state(), update.deny_reason()));
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten()
+    });
+
+    // The phone: the first of the user's phones that the push reached, or (push
+    // lost) the user's first phone through the pull fallback.
+    let arrival = if intent == Intent::NeverAnswer { None } else { world.arrivals.wait(&challenge.challenge_id).await };
+    if intent == Intent::NeverAnswer {
+        match watcher.await.ok().flatten() {
+            Some((_, pb::ChallengeState::Expired, _)) => world.recorder.expired.fetch_add(1, Ordering::Relaxed),
+            _ => world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed),
+        };
+        world.recorder.tick(world.start, create_latency);
+        return;
+    }
+    let phone_index = match &arrival {
+        Some((at, token)) => {
+            Recorder::record(&world.recorder.push, at.saturating_duration_since(scheduled));
+            world.population.by_token.get(token).copied().unwrap_or(world.population.users[user][0])
+        }
+        None => world.population.users[user][0],
+    };
+    let phone = &world.population.phones[phone_index];
+    let mut device =
+        SimulatedPhone::new(world.phones[i % world.phones.len()].clone(), phone.key.clone(), phone.platform, String::new());
+    device.impersonate(&phone.device_id);
+    if arrival.is_none() {
+        world.recorder.pull_fallbacks.fetch_add(1, Ordering::Relaxed);
+        match device.pending().await {
+            Ok(pending) if pending.iter().any(|p| p.challenge_id == challenge.challenge_id) => {}
+            Ok(_) => {
+                world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            Err(status) => return world.recorder.error("pending", &status),
+        }
+    }
+    if !world.human_delay.is_zero() {
+        tokio::time::sleep(world.human_delay).await;
+    }
+    let (decision, number, expected) = match intent {
+        Intent::Approve => (pb::Decision::Approve, challenge.number.clone(), pb::ChallengeState::Approved),
+        Intent::WrongNumber => {
+            (pb::Decision::Approve, if challenge.number == "10" { "11".into() } else { "10".into() }, pb::ChallengeState::Denied)
+        }
+        _ => (pb::Decision::Deny, String::new(), pb::ChallengeState::Denied),
+    };
+    let respond_start = Instant::now();
+    let answer = match device.respond(&challenge.challenge_id, decision, &number).await {
+        Ok(answer) => answer,
+        Err(status) => return world.recorder.error("respond", &status),
+    };
+    Recorder::record(&world.recorder.respond, respond_start.elapsed());
+    if twice
+        && let Ok(again) = device.respond(&challenge.challenge_id, decision, &number).await
+        && again.accepted
+    {
+        world.recorder.double.fetch_add(1, Ordering::Relaxed);
+    }
+    match watcher.await.ok().flatten() {
+        Some((at, state, _)) if answer.accepted => {
+            Recorder::record(&world.recorder.notify, at.saturating_duration_since(respond_start));
+            if state != expected {
+                world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some(_) => {}
+        None if answer.accepted => {
+            world.recorder.lost.fetch_add(1, Ordering::Relaxed);
+        }
+        None => {}
+    }
+    if !answer.accepted {
+        world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
+    }
+    world.recorder.completed.fetch_add(1, Ordering::Relaxed);
+    world.recorder.tick(world.start, create_latency);
+}
+
+#[tokio::main]
+async fn main() {
+    let args = parse_args();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new();
+    let arrivals = Arc::new(Arrivals::default());
+    let behaviour = ProviderBehaviour::new(&args);
+    let token_endpoint = MockServer::token_endpoint().await;
+    let (apns_pem, _) = mock_push::apns_key();
+    let apns_key_path = dir.path().join("AuthKey.p8");
+    std::fs::write(&apns_key_path, apns_pem).unwrap();
+    let service_account_path = dir.path().join("service-account.json");
+    std::fs::write(&service_account_path, mock_push::service_account_json(&token_endpoint.token_uri())).unwrap();
+    let providers = Providers {
+        apns: start_provider(&ca, behaviour.clone(), Arc::clone(&arrivals)).await,
+        fcm: start_provider(&ca, behaviour, Arc::clone(&arrivals)).await,
+        token_uri: token_endpoint.token_uri(),
+        ca_path: ca.write_pem(dir.path()),
+        apns_key_path,
+        service_account_path,
+    };
+
+    let redis = if args.store == "redis" { Some(RedisServer::start().await) } else { None };
+    let redis_url = redis.as_ref().map(RedisServer::url).unwrap_or_default();
+    let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers).await];
+    if args.store == "redis" {
+        brokers.push(start_broker(dir.path(), 1, &args.store, &redis_url, &providers).await);
+    }
+    // The IdP talks to the first replica; phones to the last (the other one with Redis).
+    let idp = channels(&brokers[0].addr, 32).await;
+    let phones = channels(&brokers[brokers.len() - 1].addr, 32).await;
+
+    let enroll_start = Instant::now();
+    let population = enroll(&args, &idp, &phones).await;
+    eprintln!(
+        "enrolled {} users with {} phones in {:.1} s",
+        population.users.len(),
+        population.phones.len(),
+        enroll_start.elapsed().as_secs_f64()
+    );
+    let cpu_before: f64 = brokers.iter().map(|b| b.usage().1).sum();
+    let delivered_before = arrivals.delivered.load(Ordering::Relaxed);
+
+    let world = Arc::new(World {
+        idp,
+        phones,
+        population,
+        arrivals: Arc::clone(&arrivals),
+        recorder: Recorder::new(),
+        human_delay: args.human_delay,
+        start: Instant::now(),
+    });
+
+    let mut json = serde_json::Map::new();
+    if let Some(herd) = args.herd {
+        run_herd(&world, herd, &mut json).await;
+    } else {
+        let start = Instant::now();
+        let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
+        let mut tasks = Vec::with_capacity(args.signins);
+        for i in 0..args.signins {
+            let scheduled = if args.rate > 0.0 {
+                let at = start + Duration::from_secs_f64(i as f64 / args.rate);
+                tokio::time::sleep_until(at.into()).await;
+                at
+            } else {
+                Instant::now()
+            };
+            let permit = if args.rate > 0.0 { None } else { Some(Arc::clone(&limit).acquire_owned().await.unwrap()) };
+            let world = Arc::clone(&world);
+            tasks.push(tokio::spawn(async move {
+                sign_in(world, i, scheduled).await;
+                drop(permit);
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        let recorder = &world.recorder;
+        let completed = recorder.completed.load(Ordering::Relaxed) + recorder.expired.load(Ordering::Relaxed);
+        let delivered = arrivals.delivered.load(Ordering::Relaxed) - delivered_before;
+        json.insert("signins".into(), completed.into());
+        json.insert("seconds".into(), elapsed.into());
+        json.insert("signins_per_sec".into(), (completed as f64 / elapsed).round().into());
+        json.insert("pushes_per_sec".into(), (delivered as f64 / elapsed).round().into());
+        for (name, histogram) in
+            [("create", &recorder.create), ("push", &recorder.push), ("respond", &recorder.respond), ("notify", &recorder.notify)]
+        {
+            json.insert(format!("{name}_p50_ms"), percentile_ms(histogram, 0.5).into());
+            json.insert(format!("{name}_p99_ms"), percentile_ms(histogram, 0.99).into());
+        }
+        json.insert("expired".into(), recorder.expired.load(Ordering::Relaxed).into());
+        json.insert("pull_fallbacks".into(), recorder.pull_fallbacks.load(Ordering::Relaxed).into());
+        json.insert("wrong_outcome".into(), recorder.wrong_outcome.load(Ordering::Relaxed).into());
+        json.insert("lost".into(), recorder.lost.load(Ordering::Relaxed).into());
+        json.insert("double".into(), recorder.double.load(Ordering::Relaxed).into());
+        json.insert("provider_refusals".into(), arrivals.refused.load(Ordering::Relaxed).into());
+        if let Some(path) = &args.timeline {
+            let mut csv = String::from("second,signins,create_max_ms\n");
+            for (second, (count, worst)) in recorder.timeline.lock().unwrap().iter() {
+                csv.push_str(&format!("{second},{count},{:.3}\n", *worst as f64 / 1000.0));
+            }
+            std::fs::write(path, csv).unwrap();
+        }
+    }
+    let errors: BTreeMap<String, u64> = world.recorder.errors.lock().unwrap().clone();
+    json.insert("errors".into(), serde_json::to_value(&errors).unwrap());
+    let usage: Vec<(f64, f64)> = brokers.iter().map(Broker::usage).collect();
+    json.insert("peak_rss_mb".into(), usage.iter().map(|u| u.0).fold(0.0, f64::max).round().into());
+    json.insert(
+        "cpu_seconds".into(),
+        ((usage.iter().map(|u| u.1).sum::<f64>() - cpu_before) * 10.0).round().div_euclid(10.0).into(),
+    );
+    json.insert("store".into(), args.store.clone().into());
+    json.insert("replicas".into(), brokers.len().into());
+    json.insert("users".into(), args.users.into());
+    json.insert("phones".into(), world.population.phones.len().into());
+    json.insert("rate".into(), args.rate.into());
+    let summary = serde_json::Value::Object(json);
+    let failed = args.quick
+        && (summary["lost"].as_u64() != Some(0)
+            || summary["double"].as_u64() != Some(0)
+            || !errors.is_empty()
+            || summary["wrong_outcome"].as_u64().unwrap_or(0) > 0);
+    drop(brokers);
+    println!("{summary}");
+    if failed {
+        eprintln!("quick run failed: lost, double, unexpected errors or outcomes above");
+        std::process::exit(1);
+    }
+}
+
+/// Fires `count` CreateChallenge calls within one second and waits for all of
+/// them: each is served or shed with RESOURCE_EXHAUSTED; anything else is an error.
+async fn run_herd(world: &Arc<World>, count: usize, json: &mut serde_json::Map<String, serde_json::Value>) {
+    let start = Instant::now();
+    let served = Arc::new(AtomicU64::new(0));
+    let shed = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let at = start + Duration::from_secs_f64(i as f64 / count as f64);
+        let (world, served, shed) = (Arc::clone(world), Arc::clone(&served), Arc::clone(&shed));
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            let user = i % world.population.users.len();
+            let mut challenges: IdpChallenges = ChallengeServiceClient::with_interceptor(
+                world.idp[i % world.idp.len()].clone(),
+                ApiKeyInterceptor::new(API_KEY).unwrap(),
+            );
+            let request = pb::CreateChallengeRequest { user_id: format!("user-{user}"), ..Default::default() };
+            match challenges.create_challenge(request).await {
+                Ok(_) => {
+                    Recorder::record(&world.recorder.create, at.elapsed());
+                    served.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                    shed.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(status) => world.recorder.error("create", &status),
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let drained = start.elapsed().as_secs_f64();
+    json.insert("herd".into(), count.into());
+    json.insert("herd_served".into(), served.load(Ordering::Relaxed).into());
+    json.insert("herd_shed".into(), shed.load(Ordering::Relaxed).into());
+    json.insert("herd_drained_seconds".into(), drained.into());
+    json.insert("signins".into(), 0.into());
+    json.insert("signins_per_sec".into(), 0.into());
+    json.insert("pushes_per_sec".into(), 0.into());
+    json.insert("create_p50_ms".into(), percentile_ms(&world.recorder.create, 0.5).into());
+    json.insert("create_p99_ms".into(), percentile_ms(&world.recorder.create, 0.99).into());
+    json.insert("notify_p50_ms".into(), 0.into());
+    json.insert("notify_p99_ms".into(), 0.into());
+    json.insert("lost".into(), 0.into());
+    json.insert("double".into(), 0.into());
+}

@@ -1,0 +1,114 @@
+//! Criterion micro-benchmarks of the hot paths of a sign-in: number and id
+//! generation, the device signature checks, the APNs provider token, and the
+//! embedded store's create and resolve. `cargo bench --bench hot_paths`.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use p256::ecdsa::signature::Signer as _;
+use p256::elliptic_curve::rand_core::OsRng;
+use pushmatch::domain::challenge::{ChallengeState, Decision, SignInContext};
+use pushmatch::domain::device::{DevicePublicKey, KeyAlgorithm};
+use pushmatch::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
+use pushmatch::domain::time::{Clock as _, ManualClock, Millis};
+use pushmatch::push::apns::ProviderTokens;
+use pushmatch::store::embedded::EmbeddedStore;
+use pushmatch::store::{AdmissionPolicy, Store};
+
+fn ids_and_numbers(c: &mut Criterion) {
+    c.bench_function("challenge number (OS random, rejection sampled)", |b| b.iter(ChallengeNumber::generate));
+    c.bench_function("challenge id (128 bits, OS random)", |b| b.iter(ChallengeId::generate));
+}
+
+fn signatures(c: &mut Criterion) {
+    let message = b"pushmatch/v1\nRespondToChallenge\ndv_0123456789abcdef0123456789abcdef\n1732800000000\nch_0123456789abcdef0123456789abcdef\nDECISION_APPROVE\n42";
+    let p256 = p256::ecdsa::SigningKey::random(&mut OsRng);
+    let p256_key =
+        DevicePublicKey::new(KeyAlgorithm::EcdsaP256Sha256, p256.verifying_key().to_encoded_point(false).as_bytes().to_vec())
+            .unwrap();
+    let p256_signature: p256::ecdsa::Signature = p256.sign(message);
+    let raw = p256_signature.to_vec();
+    let der = p256_signature.to_der().as_bytes().to_vec();
+    c.bench_function("verify P-256 (raw r||s)", |b| b.iter(|| assert!(p256_key.verifies(message, &raw))));
+    c.bench_function("verify P-256 (DER)", |b| b.iter(|| assert!(p256_key.verifies(message, &der))));
+    let ed = ed25519_dalek::SigningKey::generate(&mut OsRng);
+    let ed_key = DevicePublicKey::new(KeyAlgorithm::Ed25519, ed.verifying_key().to_bytes().to_vec()).unwrap();
+    let ed_signature = ed25519_dalek::Signer::sign(&ed, message).to_bytes().to_vec();
+    c.bench_function("verify Ed25519", |b| b.iter(|| assert!(ed_key.verifies(message, &ed_signature))));
+}
+
+fn apns_token(c: &mut Criterion) {
+    use p256::pkcs8::EncodePrivateKey as _;
+    let pem = p256::ecdsa::SigningKey::random(&mut OsRng).to_pkcs8_pem(p256::pkcs8::LineEnding::LF).unwrap().to_string();
+    let tokens = ProviderTokens::from_pkcs8_pem("KEY1234567", "ABCDE12345", &pem).unwrap();
+    let mut now = 1_732_800_000u64;
+    c.bench_function("APNs provider token: sign a new ES256 JWT", |b| {
+        b.iter(|| {
+            // An hour later each time: the cached token is too old and is signed anew.
+            now += 3_600;
+            tokens.current(now)
+        });
+    });
+    c.bench_function("APNs provider token: the cached one", |b| b.iter(|| tokens.current(now)));
+}
+
+fn store(c: &mut Criterion) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let clock = ManualClock::new(Millis(1_732_800_000_000));
+    let store = runtime.block_on(EmbeddedStore::open(dir.path(), Arc::new(clock.clone()))).unwrap();
+    let policy = AdmissionPolicy {
+        max_pending: u32::MAX,
+        max_per_window: u32::MAX,
+        window: Duration::from_secs(600),
+        retention: Duration::from_secs(300),
+    };
+    let tenant = TenantId("bench".into());
+    let device = DeviceId::generate().unwrap();
+    let mut user = 0u64;
+    let advancing = clock.clone();
+    let mut new_challenge = |now: Millis| {
+        user += 1;
+        if user.is_multiple_of(10_000) {
+            // Let old challenges expire and be purged, so memory stays flat however
+            // many iterations criterion runs.
+            advancing.advance(Duration::from_secs(400));
+        }
+        pushmatch::domain::challenge::Challenge {
+            id: ChallengeId::generate().unwrap(),
+            tenant: tenant.clone(),
+            user_id: UserId::parse(&format!("user-{}", user % 10_000)).unwrap(),
+            number: ChallengeNumber::generate().unwrap(),
+            state: ChallengeState::Pending,
+            deny_reason: None,
+            context: SignInContext::default(),
+            created_at: now,
+            expires_at: now.plus(Duration::from_secs(60)),
+            resolved_at: None,
+            resolved_by: None,
+            deliveries: vec![],
+            request_id: None,
+        }
+    };
+    c.bench_function("embedded store: create challenge", |b| {
+        b.iter(|| runtime.block_on(store.create_challenge(new_challenge(clock.now()), &policy, clock.now())).unwrap());
+    });
+    c.bench_function("embedded store: create then resolve", |b| {
+        b.iter(|| {
+            runtime.block_on(async {
+                let challenge = new_challenge(clock.now());
+                let (id, number) = (challenge.id.clone(), challenge.number);
+                store.create_challenge(challenge, &policy, clock.now()).await.unwrap();
+                let resolution = Decision::Approve.resolve(Some(number), number, device.clone());
+                let outcome = store.resolve_challenge(&tenant, &id, resolution, clock.now()).await.unwrap().unwrap();
+                assert!(outcome.accepted);
+            });
+        });
+    });
+}
+
+criterion_group!(benches, ids_and_numbers, signatures, apns_token, store);
+criterion_main!(benches);
