@@ -13,7 +13,7 @@
 //! - [`api`]: the gRPC edge: authenticate, validate and convert, one domain call, convert back.
 //! - [`domain`]: challenges, enrollment, device proofs and limits; knows no gRPC, Redis or HTTP types.
 //! - [`store`]: the `Store` trait; the embedded backend (memory plus a redb file) and the Redis backend (replicas).
-//! - [`push`]: the `PushSender` trait and the dispatcher that queues, sends and retries pushes.
+//! - [`push`]: the `PushSender` trait, the dispatcher that queues, sends and retries pushes, and the APNs and FCM senders on a shared HTTP/2 client.
 //! - [`error`]: the domain's error enum and the one mapping to `tonic::Status`.
 //! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), Prometheus metrics and `/healthz`.
 //! - [`tls`]: TLS and mutual TLS for the gRPC port, with certificate reload.

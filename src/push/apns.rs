@@ -222,7 +222,10 @@ struct TokenState {
 /// One signed token, ready to send.
 pub struct IssuedToken {
     pub iat: u64,
-    /// `bearer <JWT>`, marked sensitive so hyper keeps it out of HPACK's table.
+    /// `bearer <JWT>`. Not marked sensitive: HPACK then indexes it, so each push on a
+    /// connection sends a table index instead of the whole token again. HPACK matches
+    /// whole values only, so indexing gives no byte-by-byte oracle on a 256-bit
+    /// signature; the value only travels, over TLS, to the provider that checks it.
     pub authorization: HeaderValue,
 }
 
@@ -288,9 +291,8 @@ impl ProviderTokens {
         jwt.push('.');
         jwt.push_str(&data_encoding::BASE64URL_NOPAD.encode(&signature.to_bytes()));
         // Base64url and dots only: always a valid header value.
-        let mut authorization =
+        let authorization =
             HeaderValue::from_str(&format!("bearer {jwt}")).unwrap_or_else(|_| HeaderValue::from_static("bearer invalid"));
-        authorization.set_sensitive(true);
         IssuedToken { iat, authorization }
     }
 }

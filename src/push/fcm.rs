@@ -227,9 +227,9 @@ impl AccessTokens {
             tracing::warn!("fcm: the token endpoint's answer is not a token");
             GrantError::Unavailable("oauth token unavailable")
         })?;
-        let mut authorization = HeaderValue::from_str(&format!("Bearer {}", granted.access_token))
+        // Not marked sensitive, as the APNs token (apns.rs says why): HPACK indexes it.
+        let authorization = HeaderValue::from_str(&format!("Bearer {}", granted.access_token))
             .map_err(|_| GrantError::Unavailable("oauth token unavailable"))?;
-        authorization.set_sensitive(true);
         let lifetime = Duration::from_secs(granted.expires_in.unwrap_or(3600));
         // Renew shortly before it expires; a very short-lived token is used for half its life.
         let usable_for = lifetime.checked_sub(RENEW_MARGIN).unwrap_or(lifetime / 2);
