@@ -104,7 +104,6 @@ impl PushSender for ApnsSender {
             let outcome = classify(&response);
             if !renewed && matches!(&outcome, SendOutcome::Failed { reason } if reason == "ExpiredProviderToken") {
                 tracing::info!("apns provider token expired: renewing it");
-                metrics::counter!(metric_names::TOKEN_RENEWALS, "provider" => "apns").increment(1);
                 self.tokens.expire(&token);
                 renewed = true;
                 continue;
@@ -266,6 +265,7 @@ impl ProviderTokens {
         // from it even within the same second (ES256 here signs deterministically).
         let iat = current.as_ref().map_or(now, |state| now.max(state.token.iat + 1));
         let token = Arc::new(self.sign(iat));
+        metrics::counter!(metric_names::TOKEN_RENEWALS, "provider" => "apns").increment(1);
         *current = Some(TokenState { token: Arc::clone(&token), usable: true });
         token
     }

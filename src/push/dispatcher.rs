@@ -373,4 +373,106 @@ mod tests {
         let refused = (0..10).map(|_| dispatcher.enqueue(job(Platform::Apns, &clock))).filter(Result::is_err).count();
         assert!(refused > 0);
     }
+
+    /// Holds every send until opened; follows how many are in flight.
+    struct Gate {
+        platform: Platform,
+        limit: usize,
+        in_flight: tokio::sync::watch::Sender<usize>,
+        most: AtomicU64,
+        open: tokio::sync::watch::Sender<bool>,
+    }
+
+    impl Gate {
+        fn new(platform: Platform, limit: usize) -> Arc<Self> {
+            Arc::new(Self {
+                platform,
+                limit,
+                in_flight: tokio::sync::watch::Sender::new(0),
+                most: AtomicU64::new(0),
+                open: tokio::sync::watch::Sender::new(false),
+            })
+        }
+    }
+
+    #[async_trait]
+    impl PushSender for Gate {
+        fn platform(&self) -> Platform {
+            self.platform
+        }
+        fn max_in_flight(&self) -> Option<usize> {
+            Some(self.limit)
+        }
+        async fn send(&self, _job: &PushJob) -> SendOutcome {
+            self.in_flight.send_modify(|n| *n += 1);
+            self.most.fetch_max(*self.in_flight.borrow() as u64, Ordering::SeqCst);
+            let _ = self.open.subscribe().wait_for(|open| *open).await;
+            self.in_flight.send_modify(|n| *n -= 1);
+            SendOutcome::Sent
+        }
+    }
+
+    #[tokio::test]
+    async fn each_provider_sends_at_most_its_own_limit_and_a_stuck_one_does_not_hold_the_other() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        let (apns, fcm) = (Gate::new(Platform::Apns, 2), Gate::new(Platform::Fcm, 3));
+        let dispatcher = Dispatcher::start(
+            vec![apns.clone(), fcm.clone()],
+            reports.clone(),
+            Arc::new(clock.clone()),
+            DispatcherSettings { queue_capacity: 64, ..DispatcherSettings::default() },
+            Arc::default(),
+            CancellationToken::new(),
+        );
+        for _ in 0..10 {
+            dispatcher.enqueue(job(Platform::Apns, &clock)).expect("room");
+        }
+        for _ in 0..10 {
+            dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+        }
+        // APNs is stuck at its limit with eight more waiting, and FCM still fills its own.
+        let reached = |gate: &Arc<Gate>| {
+            let gate = Arc::clone(gate);
+            async move {
+                let mut in_flight = gate.in_flight.subscribe();
+                let _ = in_flight.wait_for(|n| *n == gate.limit).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), futures::future::join(reached(&apns), reached(&fcm)))
+            .await
+            .expect("both providers reach their limits");
+        apns.open.send_replace(true);
+        fcm.open.send_replace(true);
+        let mut seen = reports.seen.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|seen| seen.len() == 20))
+            .await
+            .expect("all sent")
+            .expect("alive");
+        assert_eq!(apns.most.load(Ordering::SeqCst), 2);
+        assert_eq!(fcm.most.load(Ordering::SeqCst), 3);
+    }
+
+    #[test]
+    fn attempts_are_counted_and_timed_per_provider() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            record_attempt(Platform::Apns, &SendOutcome::Sent, Duration::from_millis(12));
+            record_attempt(Platform::Apns, &SendOutcome::Sent, Duration::from_millis(20));
+            record_attempt(
+                Platform::Fcm,
+                &SendOutcome::Retry { reason: "HTTP 503".into(), after: None },
+                Duration::from_millis(5),
+            );
+        });
+        let text = handle.render();
+        for expected in [
+            r#"pushmatch_push_sends_total{provider="apns",outcome="sent"} 2"#,
+            r#"pushmatch_push_sends_total{provider="fcm",outcome="retry"} 1"#,
+            r#"pushmatch_push_latency_seconds_count{provider="apns"} 2"#,
+        ] {
+            assert!(text.contains(expected), "{expected} in\n{text}");
+        }
+    }
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod mock_push;
+pub mod push_providers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
