@@ -230,7 +230,8 @@ async fn a_provider_that_never_answers_is_retried_then_failed_before_the_challen
     let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
     providers.apns.answer_with(Reply::never());
 
-    let challenge = create(&server, "jan", 3).await.expect("create");
+    // Five attempts of 300 ms with their backoffs end within 4.5 s, well inside the TTL.
+    let challenge = create(&server, "jan", 6).await.expect("create");
     let failed = watch_until(&server, &challenge.challenge_id, |c| {
         c.deliveries.first().is_some_and(|d| d.state() == pb::DeliveryState::Failed)
     })
