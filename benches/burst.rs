@@ -50,7 +50,11 @@ use tokio::sync::{Semaphore, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 const API_KEY: &str = "burst-bench-api-key";
+/// How long a phone waits for its push before it falls back to pulling.
 const WAIT: Duration = Duration::from_secs(15);
+/// How long an IdP watches: past the longest TTL (60 s), so a watcher that sees no
+/// final state in that time has really lost it.
+const WATCH_WAIT: Duration = Duration::from_secs(75);
 
 #[derive(Clone, Debug)]
 struct Args {
@@ -632,7 +636,7 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
             Err(status) => return world.recorder.error("watch", &status),
         };
     let watcher = tokio::spawn(async move {
-        tokio::time::timeout(WAIT, async {
+        tokio::time::timeout(WATCH_WAIT, async {
             while let Ok(Some(update)) = watch.message().await {
                 if update.state() != pb::ChallengeState::Pending {
                     return Some((Instant::now(), update.state(), update.deny_reason()));

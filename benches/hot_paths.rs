@@ -70,13 +70,14 @@ fn store(c: &mut Criterion) {
     let device = DeviceId::generate().unwrap();
     let mut user = 0u64;
     let advancing = clock.clone();
-    let mut new_challenge = |now: Millis| {
+    let mut new_challenge = || {
         user += 1;
         if user.is_multiple_of(10_000) {
             // Let old challenges expire and be purged, so memory stays flat however
             // many iterations criterion runs.
             advancing.advance(Duration::from_secs(400));
         }
+        let now = advancing.now();
         pushmatch::domain::challenge::Challenge {
             id: ChallengeId::generate().unwrap(),
             tenant: tenant.clone(),
@@ -94,16 +95,20 @@ fn store(c: &mut Criterion) {
         }
     };
     c.bench_function("embedded store: create challenge", |b| {
-        b.iter(|| runtime.block_on(store.create_challenge(new_challenge(clock.now()), &policy, clock.now())).unwrap());
+        b.iter(|| {
+            let challenge = new_challenge();
+            let now = challenge.created_at;
+            runtime.block_on(store.create_challenge(challenge, &policy, now)).unwrap()
+        });
     });
     c.bench_function("embedded store: create then resolve", |b| {
         b.iter(|| {
             runtime.block_on(async {
-                let challenge = new_challenge(clock.now());
-                let (id, number) = (challenge.id.clone(), challenge.number);
-                store.create_challenge(challenge, &policy, clock.now()).await.unwrap();
+                let challenge = new_challenge();
+                let (id, number, now) = (challenge.id.clone(), challenge.number, challenge.created_at);
+                store.create_challenge(challenge, &policy, now).await.unwrap();
                 let resolution = Decision::Approve.resolve(Some(number), number, device.clone());
-                let outcome = store.resolve_challenge(&tenant, &id, resolution, clock.now()).await.unwrap().unwrap();
+                let outcome = store.resolve_challenge(&tenant, &id, resolution, now).await.unwrap().unwrap();
                 assert!(outcome.accepted);
             });
         });

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
@@ -211,7 +212,19 @@ pub async fn run_with(
     let serve = async move {
         match tls {
             Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal).await,
-            None => router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal).await,
+            None => {
+                // tonic's own `tcp_nodelay` applies only to listeners it binds itself: set it
+                // on each accepted socket, or Nagle's algorithm and delayed ACKs hold small
+                // watch-stream messages back by tens of milliseconds.
+                let incoming = TcpListenerStream::new(listener).map(|accepted| {
+                    accepted.inspect(|tcp| {
+                        if let Err(error) = tcp.set_nodelay(true) {
+                            tracing::debug!(%error, "could not set TCP_NODELAY");
+                        }
+                    })
+                });
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
         }
     };
 

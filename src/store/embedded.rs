@@ -36,6 +36,8 @@ use crate::domain::time::{Clock, Millis};
 use crate::telemetry::metrics::{challenge_resolved, names};
 
 const BACKEND: &str = "embedded";
+/// The redb page cache (see `EmbeddedStore::open`).
+const REDB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
@@ -318,7 +320,12 @@ impl EmbeddedStore {
         let open_path = path.clone();
         let (db, mirror) = tokio::task::spawn_blocking(move || -> Result<(Database, DurableMirror), StoreError> {
             std::fs::create_dir_all(&dir).map_err(|e| io_error(format!("cannot create {}: {e}", dir.display())))?;
-            let db = Database::create(&open_path).map_err(|e| io_error(format!("cannot open {}: {e}", open_path.display())))?;
+            // redb caches up to 1 GiB by default. Every record is mirrored in memory
+            // already, so the file's cache only needs to serve writes: keep it small.
+            let db = Database::builder()
+                .set_cache_size(REDB_CACHE_BYTES)
+                .create(&open_path)
+                .map_err(|e| io_error(format!("cannot open {}: {e}", open_path.display())))?;
             let mirror = load_mirror(&db)?;
             Ok((db, mirror))
         })
