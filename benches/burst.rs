@@ -15,6 +15,7 @@
 //! --concurrency C in flight when rate is 0 [1000] --human-delay-ms D [0]
 //! --median-ms M [25] --p99-ms P [120] --error-5xx F --error-410 F --error-429 F [0]
 //! --herd N (fire N CreateChallenge within one second instead of the burst)
+//! --live N (create N challenges nobody answers, TTL 300 s, then read the broker's RSS)
 //! --quick (2,000 users, 6,000 sign-ins: under a minute; CI runs it)
 //! --timeline FILE (per-second CSV for the chart)
 
@@ -70,6 +71,8 @@ struct Args {
     error_410: f64,
     error_429: f64,
     herd: Option<usize>,
+    /// Create this many challenges that nobody answers, then read the broker's RSS.
+    live: Option<usize>,
     quick: bool,
     timeline: Option<PathBuf>,
 }
@@ -88,6 +91,7 @@ fn parse_args() -> Args {
         error_410: 0.0,
         error_429: 0.0,
         herd: None,
+        live: None,
         quick: false,
         timeline: None,
     };
@@ -116,6 +120,7 @@ fn parse_args() -> Args {
             "--error-410" => args.error_410 = value().parse().expect("fraction"),
             "--error-429" => args.error_429 = value().parse().expect("fraction"),
             "--herd" => args.herd = Some(value().parse().expect("--herd N")),
+            "--live" => args.live = Some(value().parse().expect("--live N")),
             "--quick" => args.quick = true,
             "--timeline" => args.timeline = Some(PathBuf::from(value())),
             other => panic!("unknown flag {other}: see the comment at the top of benches/burst.rs"),
@@ -344,7 +349,14 @@ struct Providers {
     service_account_path: PathBuf,
 }
 
-async fn start_broker(dir: &Path, index: usize, store: &str, redis_url: &str, providers: &Providers) -> Broker {
+async fn start_broker(
+    dir: &Path,
+    index: usize,
+    store: &str,
+    redis_url: &str,
+    providers: &Providers,
+    env: &[(String, String)],
+) -> Broker {
     let port = free_port();
     let data = dir.join(format!("data-{index}"));
     let config = format!(
@@ -398,6 +410,7 @@ ca_cert_path = "{ca}"
         .args(["serve", "--config"])
         .arg(&path)
         .env_remove("RUST_LOG")
+        .envs(env.iter().cloned())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)
@@ -748,9 +761,21 @@ async fn main() {
 
     let redis = if args.store == "redis" { Some(RedisServer::start().await) } else { None };
     let redis_url = redis.as_ref().map(RedisServer::url).unwrap_or_default();
-    let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers).await];
+    // --live: each user may hold its share of the live challenges, and they live 300 s.
+    let live_env: Vec<(String, String)> = match args.live {
+        Some(live) => {
+            let per_user = (live / args.users.max(1) + 2).to_string();
+            vec![
+                ("PUSHMATCH_LIMITS__MAX_PENDING_PER_USER".into(), per_user.clone()),
+                ("PUSHMATCH_LIMITS__MAX_CHALLENGES_PER_WINDOW".into(), per_user),
+                ("PUSHMATCH_PUSH__QUEUE_CAPACITY".into(), "1000000".into()),
+            ]
+        }
+        None => Vec::new(),
+    };
+    let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers, &live_env).await];
     if args.store == "redis" {
-        brokers.push(start_broker(dir.path(), 1, &args.store, &redis_url, &providers).await);
+        brokers.push(start_broker(dir.path(), 1, &args.store, &redis_url, &providers, &live_env).await);
     }
     // The IdP talks to the first replica; phones to the last (the other one with Redis).
     let idp = channels(&brokers[0].addr, 32).await;
@@ -778,7 +803,9 @@ async fn main() {
     });
 
     let mut json = serde_json::Map::new();
-    if let Some(herd) = args.herd {
+    if let Some(live) = args.live {
+        run_live(&world, &brokers[0], live, &mut json).await;
+    } else if let Some(herd) = args.herd {
         run_herd(&world, herd, &mut json).await;
     } else {
         let start = Instant::now();
@@ -904,4 +931,46 @@ async fn run_herd(world: &Arc<World>, count: usize, json: &mut serde_json::Map<S
     json.insert("notify_p99_ms".into(), 0.into());
     json.insert("lost".into(), 0.into());
     json.insert("double".into(), 0.into());
+}
+
+/// Creates `count` challenges (TTL 300 s) that nobody answers, 256 at a time, then
+/// reads the broker's resident set with all of them live.
+async fn run_live(world: &Arc<World>, broker: &Broker, count: usize, json: &mut serde_json::Map<String, serde_json::Value>) {
+    let start = Instant::now();
+    let created = Arc::new(AtomicU64::new(0));
+    futures::stream::iter(0..count)
+        .for_each_concurrent(256, |i| {
+            let (world, created) = (Arc::clone(world), Arc::clone(&created));
+            async move {
+                let user = i % world.population.users.len();
+                let mut challenges: IdpChallenges = ChallengeServiceClient::with_interceptor(
+                    world.idp[i % world.idp.len()].clone(),
+                    ApiKeyInterceptor::new(API_KEY).unwrap(),
+                );
+                let request =
+                    pb::CreateChallengeRequest { user_id: format!("user-{user}"), ttl_seconds: 300, ..Default::default() };
+                match challenges.create_challenge(request).await {
+                    Ok(_) => {
+                        created.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(status) => world.recorder.error("create", &status),
+                }
+            }
+        })
+        .await;
+    let pid = broker.child.id().unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss_kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    json.insert("live".into(), created.load(Ordering::Relaxed).into());
+    json.insert("live_seconds".into(), start.elapsed().as_secs_f64().into());
+    json.insert("rss_with_live_mb".into(), (rss_kb / 1024.0).round().into());
+    for key in ["signins", "signins_per_sec", "pushes_per_sec", "notify_p50_ms", "notify_p99_ms", "lost", "double"] {
+        json.insert(key.into(), 0.into());
+    }
+    json.insert("create_p50_ms".into(), 0.into());
+    json.insert("create_p99_ms".into(), 0.into());
 }
