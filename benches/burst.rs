@@ -135,6 +135,14 @@ fn parse_args() -> Args {
         }
     }
     assert!(args.store == "embedded" || args.store == "redis", "--store embedded|redis");
+    // Sign-ins go round robin over the users; at most 3 of a user's may be pending
+    // (the default limit), and the burst may have all of them in flight at once.
+    assert!(
+        args.herd.is_some() || args.live.is_some() || args.signins <= 3 * args.users,
+        "--signins {} needs at least {} --users: a user may hold 3 pending challenges",
+        args.signins,
+        args.signins.div_ceil(3)
+    );
     args
 }
 
