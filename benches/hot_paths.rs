@@ -10,11 +10,12 @@ use std::time::Duration;
 use criterion::{Criterion, criterion_group, criterion_main};
 use p256::ecdsa::signature::Signer as _;
 use p256::elliptic_curve::rand_core::OsRng;
-use pushmatch::domain::challenge::{ChallengeState, Decision, SignInContext};
+use pushmatch::domain::challenge::Decision;
 use pushmatch::domain::device::{DevicePublicKey, KeyAlgorithm};
 use pushmatch::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
 use pushmatch::domain::time::{Clock as _, ManualClock, Millis};
 use pushmatch::push::apns::ProviderTokens;
+use pushmatch::store::conformance::sample_challenge;
 use pushmatch::store::embedded::EmbeddedStore;
 use pushmatch::store::{AdmissionPolicy, Store};
 
@@ -77,22 +78,8 @@ fn store(c: &mut Criterion) {
             // many iterations criterion runs.
             advancing.advance(Duration::from_secs(400));
         }
-        let now = advancing.now();
-        pushmatch::domain::challenge::Challenge {
-            id: ChallengeId::generate().unwrap(),
-            tenant: tenant.clone(),
-            user_id: UserId::parse(&format!("user-{}", user % 10_000)).unwrap(),
-            number: ChallengeNumber::generate().unwrap(),
-            state: ChallengeState::Pending,
-            deny_reason: None,
-            context: SignInContext::default(),
-            created_at: now,
-            expires_at: now.plus(Duration::from_secs(60)),
-            resolved_at: None,
-            resolved_by: None,
-            deliveries: vec![],
-            request_id: None,
-        }
+        let user_id = UserId::parse(&format!("user-{}", user % 10_000)).unwrap();
+        sample_challenge(&tenant, &user_id, advancing.now(), None)
     };
     c.bench_function("embedded store: create challenge", |b| {
         b.iter(|| {

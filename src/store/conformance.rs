@@ -81,6 +81,15 @@ fn user(name: &str) -> UserId {
     UserId::parse(name).expect("user")
 }
 
+/// A device enrolled through a fresh enrollment of `user`.
+async fn enrolled_device<S: Store>(store: &S, tenant: &TenantId, user: &UserId, now: Millis) -> Device {
+    let enrollment = sample_enrollment(tenant, user, now);
+    store.insert_enrollment(enrollment.clone()).await.expect("insert");
+    let device = sample_device(tenant, user, now);
+    store.complete_enrollment(enrollment.code_digest.as_ref().expect("code"), device.clone(), now).await.expect("complete");
+    device
+}
+
 async fn create<S: Store>(store: &S, challenge: Challenge, now: Millis) -> Challenge {
     match store.create_challenge(challenge, &policy(), now).await.expect("create") {
         CreateOutcome::Created(c) => c,
@@ -118,13 +127,7 @@ where
 
 async fn totp_steps_are_spent_once_and_failures_lock<S: Store>(store: &S, clock: &ManualClock) {
     let (t, u) = (tenant("a"), user("u"));
-    let enrollment = sample_enrollment(&t, &u, clock.now());
-    store.insert_enrollment(enrollment.clone()).await.expect("insert");
-    let device = sample_device(&t, &u, clock.now());
-    store
-        .complete_enrollment(enrollment.code_digest.as_ref().expect("code"), device.clone(), clock.now())
-        .await
-        .expect("complete");
+    let device = enrolled_device(store, &t, &u, clock.now()).await;
 
     let racing = (0..20).map(|_| store.spend_totp_step(&device.id, 1000));
     let spent = futures::future::join_all(racing).await.into_iter().filter(|r| *r.as_ref().expect("spend")).count();
@@ -358,13 +361,7 @@ async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock
 
 async fn devices_are_tenant_scoped_and_push_toggles<S: Store>(store: &S, clock: &ManualClock) {
     let (t, u) = (tenant("a"), user("u"));
-    let enrollment = sample_enrollment(&t, &u, clock.now());
-    store.insert_enrollment(enrollment.clone()).await.expect("insert");
-    let device = sample_device(&t, &u, clock.now());
-    store
-        .complete_enrollment(enrollment.code_digest.as_ref().expect("code"), device.clone(), clock.now())
-        .await
-        .expect("complete");
+    let device = enrolled_device(store, &t, &u, clock.now()).await;
 
     store.disable_push(&device.id, "some-older-token").await.expect("disable");
     assert!(store.get_device(&device.id).await.expect("get").expect("device").push_enabled, "a stale token report is ignored");
