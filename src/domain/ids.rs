@@ -16,25 +16,63 @@ pub fn os_random(buf: &mut [u8]) -> Result<(), BrokerError> {
     getrandom::fill(buf).map_err(|e| BrokerError::Internal(format!("os random generator failed: {e}")))
 }
 
-/// 128 random bits as 32 lowercase hex digits.
-fn random_hex_128() -> Result<String, BrokerError> {
-    let mut bytes = [0u8; 16];
-    os_random(&mut bytes)?;
-    Ok(hex::encode(bytes))
+/// The text of an id: a three-byte prefix and 32 lowercase hex digits (128 bits).
+const ID_LEN: usize = 3 + 32;
+
+/// An id's text held inline, without a heap allocation: a broker holds several
+/// hundred thousand challenges at once (BENCHMARKS.md, "live challenges"), each
+/// naming itself, its devices and its deadline by id.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct IdText([u8; ID_LEN]);
+
+impl IdText {
+    fn random(prefix: &str) -> Result<Self, BrokerError> {
+        let mut random = [0u8; 16];
+        os_random(&mut random)?;
+        let mut text = [0u8; ID_LEN];
+        text[..3].copy_from_slice(prefix.as_bytes());
+        hex::encode_to_slice(random, &mut text[3..]).map_err(|e| BrokerError::Internal(format!("id encoding: {e}")))?;
+        Ok(Self(text))
+    }
+
+    /// `raw` when it is a well-formed id with this prefix.
+    fn parse(raw: &str, prefix: &str) -> Option<Self> {
+        let well_formed = raw
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
+        if !well_formed {
+            return None;
+        }
+        raw.as_bytes().try_into().ok().map(Self)
+    }
+
+    /// The 128 random bits behind the hex digits.
+    fn bits(&self) -> [u8; 16] {
+        let nibble = |digit: u8| if digit.is_ascii_digit() { digit - b'0' } else { digit.wrapping_sub(b'a' - 10) };
+        let mut bits = [0u8; 16];
+        for (byte, pair) in bits.iter_mut().zip(self.0[3..].chunks_exact(2)) {
+            *byte = (nibble(pair[0]) << 4) | nibble(pair[1]);
+        }
+        bits
+    }
+
+    fn as_str(&self) -> &str {
+        // Only ASCII is ever stored (checked by `parse`, written by `random`).
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
 }
 
 macro_rules! random_id {
     ($(#[$doc:meta])* $name:ident, $prefix:literal, $field:literal) => {
         $(#[$doc])*
-        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(IdText);
 
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
             pub fn generate() -> Result<Self, BrokerError> {
-                Ok(Self(format!("{}{}", $prefix, random_hex_128()?)))
+                IdText::random($prefix).map(Self)
             }
 
             /// Checks the shape of an id that came from outside; `field` names it in the error.
@@ -43,26 +81,49 @@ macro_rules! random_id {
             }
 
             pub fn parse_field(raw: &str, field: &'static str) -> Result<Self, BrokerError> {
-                let well_formed = raw
-                    .strip_prefix($prefix)
-                    .is_some_and(|rest| rest.len() == 32 && rest.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
                 if raw.is_empty() {
-                    Err(BrokerError::invalid(field, "is required"))
-                } else if well_formed {
-                    Ok(Self(raw.to_owned()))
-                } else {
-                    Err(BrokerError::invalid(field, concat!("is not a ", $prefix, "… id")))
+                    return Err(BrokerError::invalid(field, "is required"));
                 }
+                IdText::parse(raw, $prefix)
+                    .map(Self)
+                    .ok_or_else(|| BrokerError::invalid(field, concat!("is not a ", $prefix, "… id")))
             }
 
             pub fn as_str(&self) -> &str {
-                &self.0
+                self.0.as_str()
+            }
+
+            /// The id's 128 random bits: a compact key for tables of many ids.
+            pub fn bits(&self) -> [u8; 16] {
+                self.0.bits()
             }
         }
 
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_tuple(stringify!($name)).field(&self.as_str()).finish()
+            }
+        }
+
+        // Stored and sent as the id's text, as when ids were Strings.
+        impl Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let raw = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                IdText::parse(&raw, $prefix)
+                    .map(Self)
+                    .ok_or_else(|| serde::de::Error::custom(concat!("not a ", $prefix, "… id")))
             }
         }
     };
@@ -182,7 +243,9 @@ pub struct EnrollmentCode(String);
 
 impl EnrollmentCode {
     pub fn generate() -> Result<Self, BrokerError> {
-        Ok(Self(random_hex_128()?))
+        let mut bytes = [0u8; 16];
+        os_random(&mut bytes)?;
+        Ok(Self(hex::encode(bytes)))
     }
 
     pub fn from_request(raw: &str) -> Result<Self, BrokerError> {
@@ -229,6 +292,19 @@ mod tests {
         assert!(DeviceId::parse(a.as_str()).is_err(), "a challenge id is not a device id");
         assert!(ChallengeId::parse("ch_0123").is_err());
         assert!(ChallengeId::parse("").is_err());
+        assert_eq!(hex::encode(a.bits()), a.as_str()[3..], "bits are the hex digits' value");
+        assert_ne!(a.bits(), b.bits());
+        assert!(ChallengeId::parse(&a.as_str().to_uppercase().replacen("CH_", "ch_", 1)).is_err(), "lowercase hex only");
+    }
+
+    #[test]
+    fn ids_serialize_as_their_text() {
+        let id = DeviceId::generate().expect("id");
+        let json = serde_json::to_string(&id).expect("serializes");
+        assert_eq!(json, format!("\"{id}\""));
+        assert_eq!(serde_json::from_str::<DeviceId>(&json).expect("deserializes"), id);
+        assert!(serde_json::from_str::<DeviceId>(&format!("\"{}\"", ChallengeId::generate().expect("id"))).is_err());
+        assert_eq!(format!("{id:?}"), format!("DeviceId({:?})", id.as_str()));
     }
 
     #[test]

@@ -105,14 +105,31 @@ enum DurableWrite {
     RemoveBlock(UserKey),
 }
 
+/// The 128 random bits of a challenge id: the table's key (16 bytes instead of the
+/// id's 35 characters, held three times per challenge).
+type Key = [u8; 16];
+
+/// One of a user's live challenges, with a tag of its request_id to find repeats.
+struct LiveRef {
+    key: Key,
+    /// `request_tag` of the request_id, 0 for none.
+    request: u32,
+}
+
+fn request_tag(request_id: Option<&str>) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let Some(request_id) = request_id else { return 0 };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    request_id.hash(&mut hasher);
+    u32::try_from(hasher.finish() >> 32).unwrap_or_default() | 1
+}
+
 #[derive(Default)]
 struct UserActivity {
-    /// Challenges of the user still held in memory (pending or retained).
-    live: Vec<ChallengeId>,
+    /// Challenges of the user still held in memory (pending or retained), oldest first.
+    live: Vec<LiveRef>,
     /// When the user's recent challenges were created, oldest first.
     created: VecDeque<Millis>,
-    /// request_id -> challenge, while that challenge lives.
-    requests: HashMap<String, ChallengeId>,
     /// When the user's recent wrong numbers were typed, oldest first.
     wrong_numbers: VecDeque<Millis>,
     /// When the user's recent wrong TOTP codes were typed, oldest first.
@@ -130,64 +147,159 @@ impl UserActivity {
     }
 }
 
+/// Encodes a challenge into one allocation of its exact size (growing a Vec instead
+/// would leave a trail of freed smaller buffers behind each record).
+fn pack(challenge: &Challenge) -> Result<Box<[u8]>, StoreError> {
+    let mut buffer = [0u8; 2048];
+    match postcard::to_slice(challenge, &mut buffer) {
+        Ok(used) => Ok(Box::from(&*used)),
+        // Long contexts and many devices: rare, and allowed.
+        Err(postcard::Error::SerializeBufferFull) => {
+            postcard::to_stdvec(challenge).map(Vec::into_boxed_slice).map_err(|e| StoreError::corrupt(BACKEND, e))
+        }
+        Err(error) => Err(StoreError::corrupt(BACKEND, error)),
+    }
+}
+
+fn unpack(record: &[u8]) -> Result<Challenge, StoreError> {
+    postcard::from_bytes(record).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+/// A live challenge. A broker may hold hundreds of thousands (BENCHMARKS.md), so the
+/// challenge is kept encoded with postcard: about 160 bytes for a pending one,
+/// against about 750 as a struct with its strings and deliveries each on the heap.
+/// Its state and times sit beside the record, so the frequent checks (is it
+/// pending, is it due) decode nothing.
 struct ChallengeEntry {
-    /// The one copy of the challenge: watchers read it, writers change it through it.
-    state: watch::Sender<Challenge>,
+    record: Box<[u8]>,
+    state: ChallengeState,
+    expires_at: Millis,
     purge_at: Millis,
+    /// Carries every change to the watchers while there are any. Most challenges are
+    /// not watched for most of their life and a channel costs several hundred bytes,
+    /// so it is made by the first watcher and dropped once none is left.
+    watch: Option<watch::Sender<Challenge>>,
+}
+
+impl ChallengeEntry {
+    fn new(challenge: &Challenge, purge_at: Millis) -> Result<Self, StoreError> {
+        Ok(Self { record: pack(challenge)?, state: challenge.state, expires_at: challenge.expires_at, purge_at, watch: None })
+    }
+
+    fn challenge(&self) -> Result<Challenge, StoreError> {
+        unpack(&self.record)
+    }
+
+    /// Applies `change`; if it changed anything, stores the result and tells the
+    /// watchers. Returns whether it changed, and the challenge as it now stands.
+    fn update(&mut self, change: impl FnOnce(&mut Challenge) -> bool) -> Result<(bool, Challenge), StoreError> {
+        let mut challenge = self.challenge()?;
+        if !change(&mut challenge) {
+            return Ok((false, challenge));
+        }
+        self.record = pack(&challenge)?;
+        self.state = challenge.state;
+        if let Some(sender) = &self.watch {
+            if sender.receiver_count() == 0 {
+                self.watch = None;
+            } else {
+                sender.send_replace(challenge.clone());
+            }
+        }
+        Ok((true, challenge))
+    }
+
+    /// A watch of the challenge; `current` is what it holds now.
+    fn subscribe(&mut self, current: Challenge) -> ChallengeWatch {
+        match &self.watch {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let sender = watch::Sender::new(current);
+                let receiver = sender.subscribe();
+                self.watch = Some(sender);
+                receiver
+            }
+        }
+    }
+
+    /// Expires the challenge if its time is up, waking its watchers.
+    fn refresh(&mut self, now: Millis) -> Result<(), StoreError> {
+        if self.state == ChallengeState::Pending
+            && now >= self.expires_at
+            && self.update(|challenge| challenge.expire_if_due(now))?.0
+        {
+            challenge_resolved(ChallengeState::Expired, None);
+            metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+        }
+        Ok(())
+    }
+
+    fn is_pending(&mut self, now: Millis) -> Result<bool, StoreError> {
+        self.refresh(now)?;
+        Ok(self.state == ChallengeState::Pending)
+    }
 }
 
 #[derive(Default)]
 struct ChallengeTable {
-    entries: HashMap<ChallengeId, ChallengeEntry>,
+    entries: HashMap<Key, ChallengeEntry>,
     users: HashMap<UserKey, UserActivity>,
-    /// (when, id): expiry of pending challenges, then their purge.
-    deadlines: BTreeSet<(Millis, ChallengeId)>,
+    /// (when, key): expiry of pending challenges, then their purge.
+    deadlines: BTreeSet<(Millis, Key)>,
 }
 
 impl ChallengeTable {
-    /// Expires the entry if its time is up, waking its watchers.
-    fn refresh(entry: &ChallengeEntry, now: Millis) {
-        if entry.state.send_if_modified(|challenge| challenge.expire_if_due(now)) {
-            challenge_resolved(ChallengeState::Expired, None);
-            metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+    /// The entry of `id`, refreshed, with its challenge, if it belongs to `tenant`.
+    fn get(
+        &mut self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<(&mut ChallengeEntry, Challenge)>, StoreError> {
+        let Some(entry) = self.entries.get_mut(&id.bits()) else { return Ok(None) };
+        entry.refresh(now)?;
+        let challenge = entry.challenge()?;
+        if challenge.tenant != *tenant {
+            return Ok(None);
         }
+        Ok(Some((entry, challenge)))
     }
 
-    fn get(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Option<&ChallengeEntry> {
-        let entry = self.entries.get(id)?;
-        if entry.state.borrow().tenant != *tenant {
-            return None;
-        }
-        Self::refresh(entry, now);
-        Some(entry)
-    }
-
-    fn purge(&mut self, id: &ChallengeId) {
-        let Some(entry) = self.entries.remove(id) else { return };
-        let challenge = entry.state.borrow().clone();
-        let key = (challenge.tenant, challenge.user_id);
-        if let Some(activity) = self.users.get_mut(&key) {
-            activity.live.retain(|other| other != id);
-            activity.requests.retain(|_, other| other != id);
+    fn purge(&mut self, key: &Key) {
+        let Some(entry) = self.entries.remove(key) else { return };
+        let challenge = match entry.challenge() {
+            Ok(challenge) => challenge,
+            Err(error) => {
+                // Its user's list keeps a dangling key, skipped wherever it is read.
+                tracing::error!(%error, "purged a challenge whose record does not decode");
+                return;
+            }
+        };
+        let user = (challenge.tenant, challenge.user_id);
+        if let Some(activity) = self.users.get_mut(&user) {
+            activity.live.retain(|other| other.key != *key);
             if activity.is_idle() {
-                self.users.remove(&key);
+                self.users.remove(&user);
             }
         }
     }
 
     /// Handles every deadline at or before `now`; returns the next one.
     fn run_deadlines(&mut self, now: Millis) -> Option<Millis> {
-        while let Some((when, id)) = self.deadlines.first().cloned() {
+        while let Some((when, key)) = self.deadlines.first().copied() {
             if when > now {
                 return Some(when);
             }
             self.deadlines.pop_first();
-            let Some(entry) = self.entries.get(&id) else { continue };
-            Self::refresh(entry, now);
-            if now >= entry.purge_at {
-                self.purge(&id);
+            let Some(entry) = self.entries.get_mut(&key) else { continue };
+            if let Err(error) = entry.refresh(now) {
+                tracing::error!(%error, "could not expire a challenge");
+            }
+            let purge_at = entry.purge_at;
+            if now >= purge_at {
+                self.purge(&key);
             } else {
-                self.deadlines.insert((entry.purge_at, id));
+                self.deadlines.insert((purge_at, key));
             }
         }
         None
@@ -456,36 +568,43 @@ impl Store for EmbeddedStore {
         policy: &AdmissionPolicy,
         now: Millis,
     ) -> Result<CreateOutcome, StoreError> {
-        let key = (challenge.tenant.clone(), challenge.user_id.clone());
-        let block = self.shared.durable().blocks.get(&key).filter(|block| block.in_force(now)).cloned();
+        let user = (challenge.tenant.clone(), challenge.user_id.clone());
+        let block = self.shared.durable().blocks.get(&user).filter(|block| block.in_force(now)).cloned();
         let mut table = self.shared.challenges();
-        let table = &mut *table;
+        let ChallengeTable { entries, users, deadlines } = &mut *table;
 
-        if let Some(request_id) = &challenge.request_id
-            && let Some(existing) = table.users.get(&key).and_then(|activity| activity.requests.get(request_id))
-            && let Some(entry) = table.entries.get(existing)
+        // A repeated request_id: the user's newest live challenge made for it, if any.
+        // A scan, not an index: a user holds only a handful of live challenges.
+        let request = request_tag(challenge.request_id.as_deref());
+        if request != 0
+            && let Some(activity) = users.get(&user)
         {
-            ChallengeTable::refresh(entry, now);
-            let current = entry.state.borrow().clone();
-            if now < current.expires_at {
-                return Ok(CreateOutcome::Existing(current));
+            for live in activity.live.iter().rev().filter(|live| live.request == request) {
+                let Some(entry) = entries.get_mut(&live.key) else { continue };
+                entry.refresh(now)?;
+                let existing = entry.challenge()?;
+                if existing.request_id == challenge.request_id {
+                    if now < existing.expires_at {
+                        return Ok(CreateOutcome::Existing(existing));
+                    }
+                    break;
+                }
             }
         }
         if let Some(block) = block {
             return Ok(CreateOutcome::Refused(Refusal::Blocked(block)));
         }
 
-        let activity = table.users.entry(key).or_default();
-        let pending = activity
-            .live
-            .iter()
-            .filter_map(|id| table.entries.get(id))
-            .filter(|entry| {
-                ChallengeTable::refresh(entry, now);
-                entry.state.borrow().state == ChallengeState::Pending
-            })
-            .count();
-        if pending >= policy.max_pending as usize {
+        let activity = users.entry(user).or_default();
+        let mut pending = 0;
+        for live in &activity.live {
+            if let Some(entry) = entries.get_mut(&live.key)
+                && entry.is_pending(now)?
+            {
+                pending += 1;
+            }
+        }
+        if pending >= policy.max_pending {
             return Ok(CreateOutcome::Refused(Refusal::TooManyPending { limit: policy.max_pending }));
         }
         prune_before(&mut activity.created, now.minus(policy.window));
@@ -493,20 +612,13 @@ impl Store for EmbeddedStore {
             return Ok(CreateOutcome::Refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }));
         }
 
+        let key = challenge.id.bits();
+        let entry = ChallengeEntry::new(&challenge, challenge.expires_at.plus(policy.retention))?;
         activity.created.push_back(now);
-        activity.live.push(challenge.id.clone());
-        if let Some(request_id) = &challenge.request_id {
-            activity.requests.insert(request_id.clone(), challenge.id.clone());
-        }
-        let earliest = table.deadlines.first().map(|(when, _)| *when);
-        table.deadlines.insert((challenge.expires_at, challenge.id.clone()));
-        table.entries.insert(
-            challenge.id.clone(),
-            ChallengeEntry {
-                state: watch::Sender::new(challenge.clone()),
-                purge_at: challenge.expires_at.plus(policy.retention),
-            },
-        );
+        activity.live.push(LiveRef { key, request });
+        let earliest = deadlines.first().map(|(when, _)| *when);
+        deadlines.insert((challenge.expires_at, key));
+        entries.insert(key, entry);
         if earliest.is_none_or(|earliest| challenge.expires_at < earliest) {
             self.shared.deadline_changed.notify_one();
         }
@@ -515,7 +627,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError> {
-        Ok(self.shared.challenges().get(tenant, id, now).map(|entry| entry.state.borrow().clone()))
+        Ok(self.shared.challenges().get(tenant, id, now)?.map(|(_, challenge)| challenge))
     }
 
     async fn watch_challenge(
@@ -524,7 +636,7 @@ impl Store for EmbeddedStore {
         id: &ChallengeId,
         now: Millis,
     ) -> Result<Option<ChallengeWatch>, StoreError> {
-        Ok(self.shared.challenges().get(tenant, id, now).map(|entry| entry.state.subscribe()))
+        Ok(self.shared.challenges().get(tenant, id, now)?.map(|(entry, challenge)| entry.subscribe(challenge)))
     }
 
     async fn resolve_challenge(
@@ -534,36 +646,34 @@ impl Store for EmbeddedStore {
         resolution: Resolution,
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
-        let table = self.shared.challenges();
-        let Some(entry) = table.get(tenant, id, now) else { return Ok(None) };
-        let accepted = entry.state.send_if_modified(|challenge| challenge.apply(&resolution, now));
+        let mut table = self.shared.challenges();
+        let Some((entry, _)) = table.get(tenant, id, now)? else { return Ok(None) };
+        let (accepted, challenge) = entry.update(|challenge| challenge.apply(&resolution, now))?;
         if accepted {
             metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
         }
-        let challenge = entry.state.borrow().clone();
         Ok(Some(ResolveOutcome { accepted, challenge }))
     }
 
     async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
-        if let Some(entry) = self.shared.challenges().entries.get(id) {
-            entry.state.send_if_modified(|challenge| challenge.record_delivery(delivery));
+        if let Some(entry) = self.shared.challenges().entries.get_mut(&id.bits()) {
+            entry.update(|challenge| challenge.record_delivery(delivery))?;
         }
         Ok(())
     }
 
     async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {
-        let table = self.shared.challenges();
-        let Some(activity) = table.users.get(&(tenant.clone(), user.clone())) else { return Ok(vec![]) };
-        let mut pending: Vec<Challenge> = activity
-            .live
-            .iter()
-            .filter_map(|id| table.entries.get(id))
-            .filter_map(|entry| {
-                ChallengeTable::refresh(entry, now);
-                let challenge = entry.state.borrow();
-                (challenge.state == ChallengeState::Pending).then(|| challenge.clone())
-            })
-            .collect();
+        let mut table = self.shared.challenges();
+        let ChallengeTable { entries, users, .. } = &mut *table;
+        let Some(activity) = users.get(&(tenant.clone(), user.clone())) else { return Ok(vec![]) };
+        let mut pending = Vec::new();
+        for live in &activity.live {
+            if let Some(entry) = entries.get_mut(&live.key)
+                && entry.is_pending(now)?
+            {
+                pending.push(entry.challenge()?);
+            }
+        }
         pending.sort_by_key(|c| std::cmp::Reverse(c.created_at));
         Ok(pending)
     }
@@ -785,6 +895,44 @@ mod tests {
             async move { EmbeddedStore::open(&path, Arc::new(clock)).await.expect("store opens") }
         })
         .await;
+    }
+
+    /// The watch channel is made by the first watcher and dropped with the last; a
+    /// watcher that comes after that still sees every later change.
+    #[tokio::test]
+    async fn a_watcher_after_the_last_one_left_still_sees_changes() {
+        use crate::domain::challenge::{Delivery, DeliveryState, Platform, Resolution};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::starting_now();
+        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+        let tenant = TenantId("t".into());
+        let user = UserId::parse("jan").expect("user");
+        let policy = super::super::conformance::policy();
+        let challenge = super::super::conformance::sample_challenge(&tenant, &user, clock.now(), None);
+        let id = challenge.id.clone();
+        store.create_challenge(challenge, &policy, clock.now()).await.expect("create");
+
+        let first = store.watch_challenge(&tenant, &id, clock.now()).await.expect("watch").expect("found");
+        drop(first);
+        let delivery = Delivery {
+            device_id: DeviceId::generate().expect("id"),
+            platform: Platform::Apns,
+            state: DeliveryState::Sent,
+            attempts: 1,
+            error: String::new(),
+        };
+        // This change finds no watcher left, and drops the channel.
+        store.record_delivery(&id, delivery.clone()).await.expect("delivery");
+
+        let mut second = store.watch_challenge(&tenant, &id, clock.now()).await.expect("watch").expect("found");
+        assert_eq!(second.borrow_and_update().deliveries, vec![delivery], "the new watcher starts from the current state");
+        let resolution = Resolution { state: ChallengeState::Denied, deny_reason: None, device_id: None };
+        assert!(store.resolve_challenge(&tenant, &id, resolution, clock.now()).await.expect("resolve").expect("found").accepted);
+        tokio::time::timeout(std::time::Duration::from_secs(5), second.changed())
+            .await
+            .expect("the change arrives")
+            .expect("the channel is open");
+        assert_eq!(second.borrow().state, ChallengeState::Denied);
     }
 
     #[tokio::test]
