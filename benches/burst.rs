@@ -15,7 +15,7 @@
 //! --concurrency C in flight when rate is 0 [1000] --human-delay-ms D [0]
 //! --median-ms M [25] --p99-ms P [120] --error-5xx F --error-410 F --error-429 F [0]
 //! --herd N (fire N CreateChallenge within one second instead of the burst)
-//! --live N (create N challenges nobody answers, TTL 300 s, then read the broker's RSS)
+//! --live N (create N challenges nobody answers, TTL 300 s, wait for their pushes, then read the broker's RSS)
 //! --quick (2,000 users, 6,000 sign-ins: under a minute; CI runs it)
 //! --timeline FILE (per-second CSV for the chart)
 
@@ -946,9 +946,10 @@ async fn run_herd(world: &Arc<World>, count: usize, json: &mut serde_json::Map<S
 async fn run_live(world: &Arc<World>, broker: &Broker, count: usize, json: &mut serde_json::Map<String, serde_json::Value>) {
     let start = Instant::now();
     let created = Arc::new(AtomicU64::new(0));
+    let pushes_expected = Arc::new(AtomicU64::new(world.arrivals.delivered.load(Ordering::Relaxed)));
     futures::stream::iter(0..count)
         .for_each_concurrent(256, |i| {
-            let (world, created) = (Arc::clone(world), Arc::clone(&created));
+            let (world, created, pushes_expected) = (Arc::clone(world), Arc::clone(&created), Arc::clone(&pushes_expected));
             async move {
                 let user = i % world.population.users.len();
                 let mut challenges: IdpChallenges = ChallengeServiceClient::with_interceptor(
@@ -960,22 +961,38 @@ async fn run_live(world: &Arc<World>, broker: &Broker, count: usize, json: &mut 
                 match challenges.create_challenge(request).await {
                     Ok(_) => {
                         created.fetch_add(1, Ordering::Relaxed);
+                        pushes_expected.fetch_add(world.population.users[user].len() as u64, Ordering::Relaxed);
                     }
                     Err(status) => world.recorder.error("create", &status),
                 }
             }
         })
         .await;
-    let pid = broker.child.id().unwrap_or(0);
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let rss_kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0.0);
+    let rss_mb = || {
+        let pid = broker.child.id().unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let rss_kb: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0.0);
+        (rss_kb / 1024.0).round()
+    };
     json.insert("live".into(), created.load(Ordering::Relaxed).into());
     json.insert("live_seconds".into(), start.elapsed().as_secs_f64().into());
-    json.insert("rss_with_live_mb".into(), (rss_kb / 1024.0).round().into());
+    json.insert("rss_at_last_create_mb".into(), rss_mb().into());
+    // Then with the push queue drained (every push at the mock), so that the figure is
+    // the challenges' and not a backlog's. A benchmark's progress poll, with a deadline.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    while world.arrivals.delivered.load(Ordering::Relaxed) < pushes_expected.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
+        ticks.tick().await;
+    }
+    let missing = pushes_expected.load(Ordering::Relaxed).saturating_sub(world.arrivals.delivered.load(Ordering::Relaxed));
+    json.insert("pushes_missing".into(), missing.into());
+    json.insert("rss_with_live_mb".into(), rss_mb().into());
     for key in ["signins", "signins_per_sec", "pushes_per_sec", "notify_p50_ms", "notify_p99_ms", "lost", "double"] {
         json.insert(key.into(), 0.into());
     }
