@@ -985,8 +985,7 @@ async fn run_live(world: &Arc<World>, broker: &Broker, count: usize, json: &mut 
     // the challenges' and not a backlog's. A benchmark's progress poll, with a deadline.
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut ticks = tokio::time::interval(Duration::from_millis(100));
-    while world.arrivals.delivered.load(Ordering::Relaxed) < pushes_expected.load(Ordering::Relaxed)
-        && Instant::now() < deadline
+    while world.arrivals.delivered.load(Ordering::Relaxed) < pushes_expected.load(Ordering::Relaxed) && Instant::now() < deadline
     {
         ticks.tick().await;
     }

@@ -96,8 +96,11 @@ pub struct ServerConfig {
     /// After the GOAWAY, how long calls (watch streams) may still run before the
     /// connection is closed; 0: until they end.
     pub max_connection_age_grace_seconds: u32,
-    /// Concurrent requests per HTTP/2 connection.
+    /// Concurrent requests per HTTP/2 connection (past it, calls wait their turn).
     pub max_concurrent_requests_per_connection: u32,
+    /// CreateChallenge calls this replica works on at once; past it a call is refused
+    /// at once with RESOURCE_EXHAUSTED instead of queueing (load shedding in a burst).
+    pub max_creates_in_flight: u32,
     /// Deadline for a unary call (watch streams are not bound by it).
     pub request_timeout_seconds: u32,
     /// How long shutdown waits for calls to finish.
@@ -117,6 +120,7 @@ impl Default for ServerConfig {
             max_connection_age_seconds: 0,
             max_connection_age_grace_seconds: 0,
             max_concurrent_requests_per_connection: 256,
+            max_creates_in_flight: 256,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 10,
         }
@@ -444,6 +448,9 @@ impl Config {
         if self.server.max_concurrent_requests_per_connection == 0 {
             return Err(invalid("server.max_concurrent_requests_per_connection", "must be at least 1"));
         }
+        if self.server.max_creates_in_flight == 0 {
+            return Err(invalid("server.max_creates_in_flight", "must be at least 1"));
+        }
         if self.server.request_timeout_seconds == 0 {
             return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
         }
@@ -558,6 +565,7 @@ impl Config {
             enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
             max_clock_skew: seconds(self.device.max_clock_skew_seconds),
             public_url: self.server.public_url.clone(),
+            max_creates_in_flight: self.server.max_creates_in_flight as usize,
         }
     }
 
@@ -694,6 +702,7 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
             ("".into(), vec![], "tenants"),
             (TENANT.replace("6b86", "zz86"), vec![], "tenants.api_key_sha256"),
             (TENANT.into(), env(&[("PUSHMATCH_LIMITS__MAX_PENDING_PER_USER", "0")]), "limits.max_pending_per_user"),
+            (TENANT.into(), env(&[("PUSHMATCH_SERVER__MAX_CREATES_IN_FLIGHT", "0")]), "server.max_creates_in_flight"),
             (TENANT.into(), env(&[("PUSHMATCH_STORE__BACKEND", "mysql")]), "backend"),
         ];
         for (text, env, expected) in cases {

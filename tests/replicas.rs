@@ -158,3 +158,46 @@ async fn a_redis_outage_fails_closed_and_heals_by_itself() {
     phone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("answer");
     assert_eq!(follow_to_final(&mut watch).await.pop().expect("final").state(), pb::ChallengeState::Approved);
 }
+
+/// Past `server.max_creates_in_flight`, CreateChallenge is refused at once instead of
+/// queueing behind a slow store; the call in flight completes once the store answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_past_the_in_flight_cap_are_shed_at_once() {
+    use futures::StreamExt as _;
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_on(Arc::new(tempfile::tempdir().expect("dir")), ManualClock::starting_now(), |config| {
+        on_redis(redis.url())(config);
+        config.server.max_creates_in_flight = 1;
+        // Longer than the test waits: the call in flight hangs until Redis thaws.
+        config.store.operation_timeout_ms = 60_000;
+    })
+    .await;
+    server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+
+    // Redis stops answering; of three creates at once, one takes the only slot and
+    // waits for Redis, the other two are shed without touching it.
+    redis.freeze(true).await;
+    let mut calls: futures::stream::FuturesUnordered<_> = (0..3)
+        .map(|i| {
+            let mut challenges = server.challenges(KEY_A);
+            tokio::spawn(async move {
+                let request =
+                    pb::CreateChallengeRequest { user_id: "jan".into(), request_id: format!("r{i}"), ..Default::default() };
+                challenges.create_challenge(request).await
+            })
+        })
+        .collect();
+    for _ in 0..2 {
+        let shed = tokio::time::timeout(DEADLINE, calls.next()).await.expect("shed at once").expect("a call").expect("joins");
+        let status = shed.expect_err("shed");
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("server.max_creates_in_flight"), "{status:?}");
+    }
+
+    redis.freeze(false).await;
+    let admitted = tokio::time::timeout(DEADLINE, calls.next()).await.expect("answered").expect("a call").expect("joins");
+    let created = admitted.expect("the call in flight completes once Redis answers").into_inner();
+    assert_eq!(created.state(), pb::ChallengeState::Pending);
+    // The slot is free again.
+    server.create_challenge("jan").await;
+}

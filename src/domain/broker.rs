@@ -36,6 +36,8 @@ pub struct BrokerSettings {
     pub max_clock_skew: Duration,
     /// Where enrollment QR codes send apps.
     pub public_url: String,
+    /// CreateChallenge calls worked on at once; past it they are refused at once.
+    pub max_creates_in_flight: usize,
 }
 
 /// A tenant as the domain sees it.
@@ -108,6 +110,10 @@ pub struct Broker {
     settings: BrokerSettings,
     tenants: HashMap<TenantId, Tenant>,
     secrets: SecretBox,
+    /// One permit per CreateChallenge in flight: in a burst past what the store and
+    /// the push queue take, a caller hears RESOURCE_EXHAUSTED at once and backs off,
+    /// instead of waiting in a queue that only grows (BENCHMARKS.md, the herd).
+    creating: tokio::sync::Semaphore,
 }
 
 impl Broker {
@@ -120,7 +126,8 @@ impl Broker {
         secrets: SecretBox,
     ) -> Self {
         let tenants = tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
-        Self { store, dispatcher, clock, settings, tenants, secrets }
+        let creating = tokio::sync::Semaphore::new(settings.max_creates_in_flight);
+        Self { store, dispatcher, clock, settings, tenants, secrets, creating }
     }
 
     pub fn store(&self) -> &Arc<dyn Store> {
@@ -145,6 +152,13 @@ impl Broker {
                 format!("is above the maximum of {} seconds", self.settings.max_ttl.as_secs()),
             ));
         }
+        let Ok(_creating) = self.creating.try_acquire() else {
+            metrics::counter!(names::CHALLENGES_SHED).increment(1);
+            return Err(BrokerError::ResourceExhausted(format!(
+                "the broker is creating {} challenges already (server.max_creates_in_flight); retry with backoff",
+                self.settings.max_creates_in_flight
+            )));
+        };
         let devices = self.store.list_devices(tenant, &request.user_id).await?;
         if !devices.iter().any(Device::answers_challenges) {
             return Err(BrokerError::FailedPrecondition(

@@ -46,6 +46,9 @@ pub mod names {
     pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
     /// Counter {tenant}: challenges created (not the idempotent repeats).
     pub const CHALLENGES_CREATED: &str = "pushmatch_challenges_created_total";
+    /// Counter: CreateChallenge calls refused because `server.max_creates_in_flight`
+    /// were being worked on already.
+    pub const CHALLENGES_SHED: &str = "pushmatch_challenges_shed_total";
     /// Counter {outcome, deny_reason}: challenges that reached a final state.
     /// outcome: approved, denied, expired, cancelled, fraud_reported;
     /// deny_reason: user_denied, wrong_number, or "" for the other outcomes. The
@@ -118,6 +121,7 @@ fn describe() {
         "gRPC call latency until the response (or stream) ended"
     );
     describe_counter!(names::CHALLENGES_CREATED, "challenges created");
+    describe_counter!(names::CHALLENGES_SHED, "CreateChallenge calls shed: server.max_creates_in_flight reached");
     describe_counter!(names::CHALLENGES_RESOLVED, "challenges that reached a final state, by outcome");
     describe_gauge!(names::CHALLENGES_LIVE, "PENDING challenges in the store");
     describe_gauge!(names::WATCH_STREAMS_OPEN, "open WatchChallenge streams on this replica");

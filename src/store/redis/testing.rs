@@ -94,6 +94,15 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the process (SIGSTOP) or thaws it (SIGCONT): a server that holds its
+    /// connections open and answers nothing, as an overloaded one does.
+    pub async fn freeze(&self, frozen: bool) {
+        let pid = self.child.as_ref().and_then(Child::id).expect("redis-server runs");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = tokio::process::Command::new("kill").arg(signal).arg(pid.to_string()).status().await.expect("kill(1)");
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
     /// Starts it again on the same port, empty (nothing was saved).
     pub async fn restart(&mut self) {
         self.kill().await;
