@@ -326,16 +326,21 @@ struct Broker {
     addr: String,
 }
 
+/// A kB field of /proc/<pid>/status ("VmRSS", "VmHWM"); 0 when unreadable.
+fn proc_status_kb(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 impl Broker {
     /// Peak resident set (VmHWM) in MB and CPU seconds so far, from /proc.
     fn usage(&self) -> (f64, f64) {
         let Some(pid) = self.child.id() else { return (0.0, 0.0) };
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let peak_kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0.0);
+        let peak_kb = proc_status_kb(pid, "VmHWM");
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
         let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
@@ -968,16 +973,7 @@ async fn run_live(world: &Arc<World>, broker: &Broker, count: usize, json: &mut 
             }
         })
         .await;
-    let rss_mb = || {
-        let pid = broker.child.id().unwrap_or(0);
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let rss_kb: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0.0);
-        (rss_kb / 1024.0).round()
-    };
+    let rss_mb = || (proc_status_kb(broker.child.id().unwrap_or(0), "VmRSS") / 1024.0).round();
     json.insert("live".into(), created.load(Ordering::Relaxed).into());
     json.insert("live_seconds".into(), start.elapsed().as_secs_f64().into());
     json.insert("rss_at_last_create_mb".into(), rss_mb().into());

@@ -38,6 +38,17 @@ pub fn sample_challenge(tenant: &TenantId, user: &UserId, now: Millis, request_i
     }
 }
 
+/// A delivery to a new device: SENT on the first attempt.
+pub fn sample_delivery() -> Delivery {
+    Delivery {
+        device_id: DeviceId::generate().expect("id"),
+        platform: Platform::Apns,
+        state: DeliveryState::Sent,
+        attempts: 1,
+        error: String::new(),
+    }
+}
+
 pub fn sample_device(tenant: &TenantId, user: &UserId, now: Millis) -> Device {
     let key = ed25519_dalek::SigningKey::from_bytes(&[7u8; 32]).verifying_key().to_bytes().to_vec();
     Device {
@@ -283,13 +294,7 @@ async fn deliveries_reach_watchers<S: Store>(store: &S, clock: &ManualClock) {
     let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
     let mut watch = store.watch_challenge(&challenge.tenant, &challenge.id, now).await.expect("watch").expect("found");
     watch.borrow_and_update();
-    let delivery = Delivery {
-        device_id: DeviceId::generate().expect("id"),
-        platform: Platform::Apns,
-        state: DeliveryState::Sent,
-        attempts: 1,
-        error: String::new(),
-    };
+    let delivery = sample_delivery();
     store.record_delivery(&challenge.id, delivery.clone()).await.expect("record");
     tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("woken").expect("open");
     assert_eq!(watch.borrow().deliveries, vec![delivery]);

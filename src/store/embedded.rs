@@ -901,7 +901,7 @@ mod tests {
     /// watcher that comes after that still sees every later change.
     #[tokio::test]
     async fn a_watcher_after_the_last_one_left_still_sees_changes() {
-        use crate::domain::challenge::{Delivery, DeliveryState, Platform, Resolution};
+        use crate::domain::challenge::Resolution;
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = ManualClock::starting_now();
         let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
@@ -914,13 +914,7 @@ mod tests {
 
         let first = store.watch_challenge(&tenant, &id, clock.now()).await.expect("watch").expect("found");
         drop(first);
-        let delivery = Delivery {
-            device_id: DeviceId::generate().expect("id"),
-            platform: Platform::Apns,
-            state: DeliveryState::Sent,
-            attempts: 1,
-            error: String::new(),
-        };
+        let delivery = super::super::conformance::sample_delivery();
         // This change finds no watcher left, and drops the channel.
         store.record_delivery(&id, delivery.clone()).await.expect("delivery");
 
