@@ -193,7 +193,16 @@ impl ChallengeEntry {
     /// Applies `change`; if it changed anything, stores the result and tells the
     /// watchers. Returns whether it changed, and the challenge as it now stands.
     fn update(&mut self, change: impl FnOnce(&mut Challenge) -> bool) -> Result<(bool, Challenge), StoreError> {
-        let mut challenge = self.challenge()?;
+        let challenge = self.challenge()?;
+        self.change(challenge, change)
+    }
+
+    /// `update` for a caller that has decoded the challenge already.
+    fn change(
+        &mut self,
+        mut challenge: Challenge,
+        change: impl FnOnce(&mut Challenge) -> bool,
+    ) -> Result<(bool, Challenge), StoreError> {
         if !change(&mut challenge) {
             return Ok((false, challenge));
         }
@@ -647,8 +656,8 @@ impl Store for EmbeddedStore {
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
         let mut table = self.shared.challenges();
-        let Some((entry, _)) = table.get(tenant, id, now)? else { return Ok(None) };
-        let (accepted, challenge) = entry.update(|challenge| challenge.apply(&resolution, now))?;
+        let Some((entry, current)) = table.get(tenant, id, now)? else { return Ok(None) };
+        let (accepted, challenge) = entry.change(current, |challenge| challenge.apply(&resolution, now))?;
         if accepted {
             metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
         }
