@@ -6,26 +6,27 @@
 //! number and approved (or denied, or reported fraud). `README.md` has the tour;
 //! `../shared/API.md` (mirrored in the README) is the outside contract.
 //!
-//! Modules, outside in:
+//! Modules, outside in (arrows point inward only; `ARCHITECTURE.md` draws them and
+//! walks one sign-in through them):
 //!
-//! - [`config`]: defaults, then the TOML file, then `PUSHMATCH_*` environment; validated before a port opens.
-//! - [`server`]: `run(listener, config, shutdown)`: the tonic server, health, reflection, limits, drain.
-//! - [`api`]: the gRPC edge: authenticate, validate and convert, one domain call, convert back.
-//! - [`domain`]: challenges, enrollment, device proofs and limits; knows no gRPC, Redis or HTTP types.
-//! - [`store`]: the `Store` trait; the embedded backend (memory plus a redb file) and the Redis backend (replicas).
+//! - [`server`]: `run(listener, config, shutdown)`: wires store, dispatcher, broker and services; health, reflection, limits, drain; [`server::ops`] serves `/metrics` and `/healthz`.
+//! - [`config`]: defaults, then the TOML file, then `PUSHMATCH_*` environment; validated before a port opens; translated into each module's settings. Only `main`, [`server`] and [`demo`] import it.
+//! - [`api`]: the gRPC edge: one authentication layer, validate and convert, one broker call, convert back; [`api::status`] is the one error-to-status map.
+//! - [`broker`]: the use cases: puts the domain's rules to work over the store port and the push dispatcher.
+//! - [`store`]: implementations of the domain's `Store` port: embedded (memory plus a redb file), Redis (replicas), and a metrics decorator.
 //! - [`push`]: the `PushSender` trait, the dispatcher that queues, sends and retries pushes, and the APNs and FCM senders on a shared HTTP/2 client.
-//! - [`error`]: the domain's error enum and the one mapping to `tonic::Status`.
-//! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), Prometheus metrics and `/healthz`.
-//! - [`tls`]: TLS and mutual TLS for the gRPC port, with certificate reload.
+//! - [`tls`]: certificate loading, reload and the TLS accept loop for the gRPC port.
+//! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), the catalogue of metric names and the recorder, per-call gRPC metrics.
+//! - [`domain`]: the leaf: challenges, enrollment, device proofs, TOTP, limits, ids, time, the error with its transport-neutral kind, and the ports it needs (`Store`). Names no other module.
 //! - [`phone`]: a simulated authenticator app (a real `DeviceService` client); the demo, tests and benches use it.
 //! - [`demo`]: `pushmatch demo`, the whole flow in one process.
 //! - [`pb`]: the Rust types generated from `proto/pushmatch/v1/pushmatch.proto`.
 
 pub mod api;
+pub mod broker;
 pub mod config;
 pub mod demo;
 pub mod domain;
-pub mod error;
 pub mod phone;
 pub mod push;
 pub mod server;

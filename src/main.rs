@@ -65,7 +65,7 @@ fn healthcheck(file: Option<PathBuf>, addr: Option<String>) -> anyhow::Result<()
     };
     anyhow::ensure!(!addr.is_empty(), "server.metrics_listen is \"\": no /healthz to ask");
     let addr: std::net::SocketAddr = addr.parse().with_context(|| format!("{addr:?} is not an address"))?;
-    pushmatch::telemetry::metrics::check_health(addr, std::time::Duration::from_secs(3))?;
+    pushmatch::server::ops::check_health(addr, std::time::Duration::from_secs(3))?;
     Ok(())
 }
 
@@ -143,6 +143,6 @@ fn hash_key(generate: bool) -> anyhow::Result<()> {
         key.trim().to_owned()
     };
     anyhow::ensure!(!key.is_empty(), "no key on standard input (or use --generate)");
-    println!("api_key_sha256: {}", pushmatch::api::auth::api_key_digest_hex(&key));
+    println!("api_key_sha256: {}", pushmatch::domain::api_key::api_key_digest_hex(&key));
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! "json"` gives one JSON object a line. What may never appear in a log (API keys,
 //! enrollment codes, numbers, TOTP secrets, full push tokens) is kept out at the
 //! source: handlers log ids and outcomes, never requests; secret types redact their
-//! `Debug`; tokens go through [`crate::push::redact_token`].
+//! `Debug`; tokens go through `crate::push::redact_token`.
 //!
 //! Traces: every gRPC call opens a `grpc` span ([`grpc::GrpcTelemetryLayer`]); the
 //! broker's spans (`create_challenge`, `respond`, ...) nest in it, and each push
@@ -10,20 +10,62 @@
 //! the `otlp` cargo feature and `[tracing] otlp_endpoint` set, spans are exported over
 //! OTLP/gRPC and the caller's W3C `traceparent` becomes the parent of the call's span.
 //!
-//! Metrics: [`metrics`] (the recorder and the `/metrics` endpoint), [`grpc`] (per
-//! call) and [`store::MeteredStore`] (store latency and errors).
+//! Metrics: [`metrics`] (the catalogue of names and the recorder) and [`grpc`] (per
+//! call); the store's latency and errors are measured by `crate::store::metered`,
+//! and the `/metrics` endpoint is served by `crate::server::ops`.
 
 use tracing_subscriber::EnvFilter;
 #[cfg(feature = "otlp")]
 use tracing_subscriber::{layer::SubscriberExt as _, util::SubscriberInitExt as _};
 
-use crate::config::{LogConfig, LogFormat, TracingConfig};
+use serde::{Deserialize, Serialize};
 
 pub mod grpc;
 pub mod metrics;
 #[cfg(feature = "otlp")]
 mod otlp;
-pub mod store;
+
+/// `[log]` and `[tracing]` of the configuration, owned here; `crate::config` reads
+/// and validates them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// A tracing filter, e.g. "info" or "pushmatch=debug"; `RUST_LOG` overrides it.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// Span export. Logs are `[log]`; spans always reach the log subscriber.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingConfig {
+    /// OTLP/gRPC collector, e.g. "http://otel-collector:4317"; "" exports nothing.
+    /// Needs a build with the `otlp` cargo feature.
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Share of traces exported, 0.0 to 1.0 (a caller's sampled `traceparent` wins).
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), service_name: "pushmatch".into(), sample_ratio: 1.0 }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {

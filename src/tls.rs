@@ -14,13 +14,10 @@
 //! Mutual TLS (`server.tls_client_ca_path`): phones call `DeviceService` and have no
 //! client certificates, and the IdP's backend calls `ChallengeService` and
 //! `EnrollmentService`. So the handshake *asks* every client for a certificate and
-//! verifies one if sent (against the client CA only), and
-//! [`RequireClientCertLayer`] refuses calls to the IdP's services over a connection
-//! without a verified certificate (UNAUTHENTICATED). Health and reflection stay open
-//! like DeviceService. A client certificate may name tenants: each URI subject
-//! alternative name `urn:pushmatch:tenant:<tenant id>` names one, and then the call's
-//! API key must belong to one of them. A certificate that names no tenant serves
-//! any tenant's key.
+//! verifies one if sent (against the client CA only); each connection carries what
+//! it verified ([`TlsConnectInfo`], with the tenants a certificate names in
+//! [`ClientIdentity`]), and the one authentication layer (`crate::api::auth`)
+//! decides which calls need it. This module only loads, reloads and accepts.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -30,8 +27,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
-use futures::future::Either;
-use http::{Request, Response};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -41,10 +36,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::server::Connected;
-use tower::{Layer, Service};
 
-use crate::api::auth::TenantKeys;
-use crate::config::ServerConfig;
 use crate::domain::ids::TenantId;
 use crate::telemetry::metrics::names;
 
@@ -53,9 +45,6 @@ pub const TENANT_URI_PREFIX: &str = "urn:pushmatch:tenant:";
 
 /// A handshake that takes longer is dropped (slow or idle clients hold no task for long).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The services that mutual TLS protects: the IdP's side.
-const IDP_SERVICE_PREFIXES: [&str; 2] = ["/pushmatch.v1.ChallengeService/", "/pushmatch.v1.EnrollmentService/"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -76,18 +65,6 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    /// `None` when the configuration serves plain gRPC (validation made sure that
-    /// the certificate and key come together).
-    pub fn from_config(server: &ServerConfig) -> Option<Self> {
-        let (cert, key) = (server.tls_cert_path.clone()?, server.tls_key_path.clone()?);
-        Some(Self {
-            cert,
-            key,
-            client_ca: server.tls_client_ca_path.clone(),
-            reload_interval: Duration::from_secs(u64::from(server.tls_reload_interval_seconds)),
-        })
-    }
-
     fn paths(&self) -> Vec<&PathBuf> {
         [Some(&self.cert), Some(&self.key), self.client_ca.as_ref()].into_iter().flatten().collect()
     }
@@ -240,7 +217,7 @@ async fn build_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, Tls
                 })?;
             }
             // Asked, verified if sent, not required: phones have no certificate.
-            // RequireClientCertLayer requires one for the IdP's services.
+            // The auth layer (`crate::api::auth`) requires one for the IdP's services.
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
                 .build()
@@ -398,80 +375,4 @@ pub fn incoming(listener: TcpListener, tls: Arc<ReloadingTls>) -> ReceiverStream
         }
     });
     ReceiverStream::new(connections)
-}
-
-/// Refuses calls to the IdP's services over connections without a verified client
-/// certificate, and calls whose API key belongs to a tenant the certificate does
-/// not name. Off (a pass-through) when mutual TLS is not configured.
-#[derive(Clone)]
-pub struct RequireClientCertLayer {
-    keys: Option<Arc<TenantKeys>>,
-}
-
-impl RequireClientCertLayer {
-    pub fn new(mutual_tls: bool, keys: Arc<TenantKeys>) -> Self {
-        Self { keys: mutual_tls.then_some(keys) }
-    }
-}
-
-impl<S> Layer<S> for RequireClientCertLayer {
-    type Service = RequireClientCert<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequireClientCert { inner, keys: self.keys.clone() }
-    }
-}
-
-#[derive(Clone)]
-pub struct RequireClientCert<S> {
-    inner: S,
-    keys: Option<Arc<TenantKeys>>,
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequireClientCert<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
-{
-    type Response = Response<ResBody>;
-    type Error = S::Error;
-    type Future = Either<std::future::Ready<Result<Response<ResBody>, S::Error>>, S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        if let Some(keys) = &self.keys
-            && let Err(refusal) = check_client(keys, &request)
-        {
-            return Either::Left(std::future::ready(Ok(refusal.into_http())));
-        }
-        Either::Right(self.inner.call(request))
-    }
-}
-
-fn check_client<B>(keys: &TenantKeys, request: &Request<B>) -> Result<(), tonic::Status> {
-    let path = request.uri().path();
-    if !IDP_SERVICE_PREFIXES.iter().any(|prefix| path.starts_with(prefix)) {
-        return Ok(());
-    }
-    let client = request.extensions().get::<TlsConnectInfo>().and_then(|info| info.client.clone()).ok_or_else(|| {
-        tonic::Status::unauthenticated(
-            "this service requires a client certificate (mutual TLS) issued by the configured client CA",
-        )
-    })?;
-    if client.tenants.is_empty() {
-        return Ok(());
-    }
-    // The API key itself is checked by the service; here only whether its tenant is
-    // one the certificate names. A missing or unknown key falls through to that check.
-    let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
-    match keys.authenticate(&metadata) {
-        Ok(tenant) if !client.allows(&tenant) => {
-            tracing::warn!(tenant = %tenant, "API key used with a client certificate of another tenant");
-            Err(tonic::Status::unauthenticated("the client certificate does not name this API key's tenant"))
-        }
-        _ => Ok(()),
-    }
 }

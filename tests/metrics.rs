@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use pushmatch::pb;
 use pushmatch::phone::PhoneKey;
-use pushmatch::telemetry::metrics::check_health;
+use pushmatch::server::ops::check_health;
 use support::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;

@@ -7,25 +7,24 @@ use futures::Stream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::auth::TenantKeys;
+use super::auth::tenant_of;
 use super::convert::challenge_to_pb;
-use crate::domain::broker::{Broker, ChallengeRequest};
+use crate::broker::{Broker, ChallengeRequest};
 use crate::domain::ids::{ChallengeId, UserId};
+use crate::domain::ports::ChallengeWatch;
 use crate::pb;
 use crate::pb::challenge_service_server::ChallengeService;
-use crate::store::ChallengeWatch;
 
 pub struct ChallengeApi {
     broker: Arc<Broker>,
-    keys: Arc<TenantKeys>,
     /// Fires when the server drains: open watch streams end with UNAVAILABLE so the
     /// IdP re-attaches to another replica.
     shutdown: CancellationToken,
 }
 
 impl ChallengeApi {
-    pub fn new(broker: Arc<Broker>, keys: Arc<TenantKeys>, shutdown: CancellationToken) -> Self {
-        Self { broker, keys, shutdown }
+    pub fn new(broker: Arc<Broker>, shutdown: CancellationToken) -> Self {
+        Self { broker, shutdown }
     }
 }
 
@@ -34,14 +33,14 @@ pub type ChallengeStream = Pin<Box<dyn Stream<Item = Result<pb::Challenge, Statu
 #[tonic::async_trait]
 impl ChallengeService for ChallengeApi {
     async fn create_challenge(&self, request: Request<pb::CreateChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let request = ChallengeRequest::try_from(request.into_inner())?;
         let challenge = self.broker.create_challenge(&tenant, request).await?;
         Ok(Response::new(challenge_to_pb(&challenge)))
     }
 
     async fn get_challenge(&self, request: Request<pb::GetChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
         let challenge = self.broker.get_challenge(&tenant, &id).await?;
         Ok(Response::new(challenge_to_pb(&challenge)))
@@ -50,21 +49,21 @@ impl ChallengeService for ChallengeApi {
     type WatchChallengeStream = ChallengeStream;
 
     async fn watch_challenge(&self, request: Request<pb::WatchChallengeRequest>) -> Result<Response<ChallengeStream>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
         let watch = self.broker.watch_challenge(&tenant, &id).await?;
         Ok(Response::new(watch_stream(watch, self.shutdown.clone())))
     }
 
     async fn cancel_challenge(&self, request: Request<pb::CancelChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
         let challenge = self.broker.cancel_challenge(&tenant, &id).await?;
         Ok(Response::new(challenge_to_pb(&challenge)))
     }
 
     async fn verify_totp(&self, request: Request<pb::VerifyTotpRequest>) -> Result<Response<pb::VerifyTotpResponse>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let request = request.into_inner();
         let user_id = UserId::parse(&request.user_id)?;
         let verdict = self.broker.verify_totp(&tenant, &user_id, &request.code).await?;

@@ -3,13 +3,13 @@
 
 use prost_types::Timestamp;
 
-use crate::domain::broker::{ChallengeRequest, DeviceEnrollment};
+use crate::broker::{ChallengeRequest, DeviceEnrollment};
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, DeliveryState, DenyReason, Platform, SignInContext};
 use crate::domain::device::{Device, DeviceProof, DevicePublicKey, KeyAlgorithm};
 use crate::domain::enrollment::{Enrollment, EnrollmentKind, EnrollmentState};
+use crate::domain::error::DomainError;
 use crate::domain::ids::{DeviceId, EnrollmentCode, UserId, check_text};
 use crate::domain::time::Millis;
-use crate::error::BrokerError;
 use crate::pb;
 
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
@@ -144,72 +144,72 @@ pub fn enrollment_to_pb(enrollment: &Enrollment, state: EnrollmentState, uri: St
     }
 }
 
-pub fn enrollment_kind_from_pb(raw: i32) -> Result<EnrollmentKind, BrokerError> {
+pub fn enrollment_kind_from_pb(raw: i32) -> Result<EnrollmentKind, DomainError> {
     match pb::EnrollmentKind::try_from(raw) {
         Ok(pb::EnrollmentKind::Unspecified | pb::EnrollmentKind::Push) => Ok(EnrollmentKind::Push),
         Ok(pb::EnrollmentKind::Totp) => Ok(EnrollmentKind::Totp),
-        Err(_) => Err(BrokerError::invalid("kind", format!("unknown enrollment kind {raw}"))),
+        Err(_) => Err(DomainError::invalid("kind", format!("unknown enrollment kind {raw}"))),
     }
 }
 
-pub fn decision_from_pb(raw: i32) -> Result<Decision, BrokerError> {
+pub fn decision_from_pb(raw: i32) -> Result<Decision, DomainError> {
     match pb::Decision::try_from(raw) {
         Ok(pb::Decision::Approve) => Ok(Decision::Approve),
         Ok(pb::Decision::Deny) => Ok(Decision::Deny),
         Ok(pb::Decision::ReportFraud) => Ok(Decision::ReportFraud),
-        Ok(pb::Decision::Unspecified) => Err(BrokerError::invalid("decision", "is required")),
-        Err(_) => Err(BrokerError::invalid("decision", format!("unknown decision {raw}"))),
+        Ok(pb::Decision::Unspecified) => Err(DomainError::invalid("decision", "is required")),
+        Err(_) => Err(DomainError::invalid("decision", format!("unknown decision {raw}"))),
     }
 }
 
-fn platform_from_pb(raw: i32) -> Result<Platform, BrokerError> {
+fn platform_from_pb(raw: i32) -> Result<Platform, DomainError> {
     match pb::Platform::try_from(raw) {
         Ok(pb::Platform::Apns) => Ok(Platform::Apns),
         Ok(pb::Platform::Fcm) => Ok(Platform::Fcm),
-        Ok(pb::Platform::Unspecified) => Err(BrokerError::invalid("platform", "is required (PLATFORM_APNS or PLATFORM_FCM)")),
-        Err(_) => Err(BrokerError::invalid("platform", format!("unknown platform {raw}"))),
+        Ok(pb::Platform::Unspecified) => Err(DomainError::invalid("platform", "is required (PLATFORM_APNS or PLATFORM_FCM)")),
+        Err(_) => Err(DomainError::invalid("platform", format!("unknown platform {raw}"))),
     }
 }
 
-fn key_algorithm_from_pb(raw: i32) -> Result<KeyAlgorithm, BrokerError> {
+fn key_algorithm_from_pb(raw: i32) -> Result<KeyAlgorithm, DomainError> {
     match pb::KeyAlgorithm::try_from(raw) {
         Ok(pb::KeyAlgorithm::EcdsaP256Sha256) => Ok(KeyAlgorithm::EcdsaP256Sha256),
         Ok(pb::KeyAlgorithm::Ed25519) => Ok(KeyAlgorithm::Ed25519),
-        Ok(pb::KeyAlgorithm::Unspecified) => Err(BrokerError::invalid("key_algorithm", "is required")),
-        Err(_) => Err(BrokerError::invalid("key_algorithm", format!("unknown algorithm {raw}"))),
+        Ok(pb::KeyAlgorithm::Unspecified) => Err(DomainError::invalid("key_algorithm", "is required")),
+        Err(_) => Err(DomainError::invalid("key_algorithm", format!("unknown algorithm {raw}"))),
     }
 }
 
 /// Push tokens: printable ASCII, at most 4 KiB; APNs tokens are hex.
-pub fn push_token(platform: Option<Platform>, raw: &str) -> Result<String, BrokerError> {
+pub fn push_token(platform: Option<Platform>, raw: &str) -> Result<String, DomainError> {
     if raw.len() > MAX_PUSH_TOKEN_BYTES {
-        return Err(BrokerError::invalid("push_token", format!("is longer than {MAX_PUSH_TOKEN_BYTES} bytes")));
+        return Err(DomainError::invalid("push_token", format!("is longer than {MAX_PUSH_TOKEN_BYTES} bytes")));
     }
     if !raw.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(BrokerError::invalid("push_token", "must be printable ASCII"));
+        return Err(DomainError::invalid("push_token", "must be printable ASCII"));
     }
     if platform == Some(Platform::Apns) && !raw.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(BrokerError::invalid("push_token", "an APNs device token is hex"));
+        return Err(DomainError::invalid("push_token", "an APNs device token is hex"));
     }
     Ok(raw.to_owned())
 }
 
-pub fn proof_from_pb(proof: Option<pb::DeviceProof>) -> Result<DeviceProof, BrokerError> {
-    let proof = proof.ok_or_else(|| BrokerError::invalid("proof", "is required"))?;
+pub fn proof_from_pb(proof: Option<pb::DeviceProof>) -> Result<DeviceProof, DomainError> {
+    let proof = proof.ok_or_else(|| DomainError::invalid("proof", "is required"))?;
     let device_id = DeviceId::parse_field(&proof.device_id, "proof.device_id")?;
     if proof.signature.is_empty() {
-        return Err(BrokerError::invalid("proof.signature", "is required"));
+        return Err(DomainError::invalid("proof.signature", "is required"));
     }
     if proof.signature.len() > MAX_SIGNATURE_BYTES {
-        return Err(BrokerError::invalid("proof.signature", format!("is longer than {MAX_SIGNATURE_BYTES} bytes")));
+        return Err(DomainError::invalid("proof.signature", format!("is longer than {MAX_SIGNATURE_BYTES} bytes")));
     }
     Ok(DeviceProof { device_id, timestamp_ms: proof.timestamp_ms, signature: proof.signature })
 }
 
 impl TryFrom<pb::CreateChallengeRequest> for ChallengeRequest {
-    type Error = BrokerError;
+    type Error = DomainError;
 
-    fn try_from(request: pb::CreateChallengeRequest) -> Result<Self, BrokerError> {
+    fn try_from(request: pb::CreateChallengeRequest) -> Result<Self, DomainError> {
         let user_id = UserId::parse(&request.user_id)?;
         let context = request.context.unwrap_or_default();
         let context = SignInContext::new(context.application, context.ip_address, context.location, context.user_agent)?;
@@ -220,15 +220,15 @@ impl TryFrom<pb::CreateChallengeRequest> for ChallengeRequest {
 }
 
 impl TryFrom<pb::CompleteEnrollmentRequest> for DeviceEnrollment {
-    type Error = BrokerError;
+    type Error = DomainError;
 
-    fn try_from(request: pb::CompleteEnrollmentRequest) -> Result<Self, BrokerError> {
+    fn try_from(request: pb::CompleteEnrollmentRequest) -> Result<Self, DomainError> {
         let code = EnrollmentCode::from_request(&request.enrollment_code)?;
         let platform = platform_from_pb(request.platform)?;
         let push_token = push_token(Some(platform), &request.push_token)?;
         let algorithm = key_algorithm_from_pb(request.key_algorithm)?;
         if request.public_key.is_empty() {
-            return Err(BrokerError::invalid("public_key", "is required"));
+            return Err(DomainError::invalid("public_key", "is required"));
         }
         let public_key = DevicePublicKey::new(algorithm, request.public_key)?;
         check_text("display_name", &request.display_name, MAX_DISPLAY_NAME_BYTES)?;

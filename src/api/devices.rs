@@ -6,10 +6,10 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::convert::{decision_from_pb, deny_reason_to_pb, pending_to_pb, proof_from_pb, push_token, state_to_pb};
-use crate::domain::broker::{Broker, DeviceEnrollment};
+use crate::broker::{Broker, DeviceEnrollment};
 use crate::domain::challenge::Decision;
+use crate::domain::error::DomainError;
 use crate::domain::ids::{ChallengeId, ChallengeNumber};
-use crate::error::BrokerError;
 use crate::pb;
 use crate::pb::device_service_server::DeviceService;
 
@@ -46,7 +46,7 @@ impl DeviceService for DeviceApi {
         let request = request.into_inner();
         let proof = proof_from_pb(request.proof)?;
         if request.push_token.is_empty() {
-            return Err(BrokerError::invalid("push_token", "is required").into());
+            return Err(DomainError::invalid("push_token", "is required").into());
         }
         // The APNs hex rule needs the device's platform: the broker checks it after the proof.
         let token = push_token(None, &request.push_token)?;
@@ -73,10 +73,10 @@ impl DeviceService for DeviceApi {
         let challenge_id = ChallengeId::parse(&request.challenge_id)?;
         let decision = decision_from_pb(request.decision)?;
         if decision == Decision::Approve && ChallengeNumber::parse_typed(&request.number).is_none() {
-            return Err(BrokerError::invalid("number", "an approval carries the two digits the user typed").into());
+            return Err(DomainError::invalid("number", "an approval carries the two digits the user typed").into());
         }
         if request.number.len() > 2 || !request.number.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(BrokerError::invalid("number", "is two digits or empty").into());
+            return Err(DomainError::invalid("number", "is two digits or empty").into());
         }
         let outcome = self.broker.respond(&proof, &challenge_id, decision, &request.number).await?;
         Ok(Response::new(pb::RespondToChallengeResponse {

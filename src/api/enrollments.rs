@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::TenantKeys;
+use super::auth::tenant_of;
 use super::convert::{device_to_pb, enrollment_kind_from_pb, enrollment_to_pb};
-use crate::domain::broker::Broker;
+use crate::broker::Broker;
 use crate::domain::ids::{DeviceId, EnrollmentId, UserId, check_text};
 use crate::pb;
 use crate::pb::enrollment_service_server::EnrollmentService;
@@ -15,19 +15,18 @@ pub const MAX_ACCOUNT_NAME_BYTES: usize = 256;
 
 pub struct EnrollmentApi {
     broker: Arc<Broker>,
-    keys: Arc<TenantKeys>,
 }
 
 impl EnrollmentApi {
-    pub fn new(broker: Arc<Broker>, keys: Arc<TenantKeys>) -> Self {
-        Self { broker, keys }
+    pub fn new(broker: Arc<Broker>) -> Self {
+        Self { broker }
     }
 }
 
 #[tonic::async_trait]
 impl EnrollmentService for EnrollmentApi {
     async fn begin_enrollment(&self, request: Request<pb::BeginEnrollmentRequest>) -> Result<Response<pb::Enrollment>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let request = request.into_inner();
         let user_id = UserId::parse(&request.user_id)?;
         check_text("account_name", &request.account_name, MAX_ACCOUNT_NAME_BYTES)?;
@@ -41,7 +40,7 @@ impl EnrollmentService for EnrollmentApi {
     /// The URI and QR code are shown once, by BeginEnrollment: only the code's digest
     /// is stored, so GetEnrollment leaves them empty.
     async fn get_enrollment(&self, request: Request<pb::GetEnrollmentRequest>) -> Result<Response<pb::Enrollment>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let id = EnrollmentId::parse(&request.get_ref().enrollment_id)?;
         let enrollment = self.broker.get_enrollment(&tenant, &id).await?;
         let state = self.broker.enrollment_state(&enrollment);
@@ -52,7 +51,7 @@ impl EnrollmentService for EnrollmentApi {
         &self,
         request: Request<pb::ConfirmTotpEnrollmentRequest>,
     ) -> Result<Response<pb::Enrollment>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let request = request.into_inner();
         let id = EnrollmentId::parse(&request.enrollment_id)?;
         let enrollment = self.broker.confirm_totp_enrollment(&tenant, &id, &request.code).await?;
@@ -61,7 +60,7 @@ impl EnrollmentService for EnrollmentApi {
     }
 
     async fn list_devices(&self, request: Request<pb::ListDevicesRequest>) -> Result<Response<pb::ListDevicesResponse>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let user_id = UserId::parse(&request.get_ref().user_id)?;
         let devices = self.broker.list_devices(&tenant, &user_id).await?;
         Ok(Response::new(pb::ListDevicesResponse { devices: devices.iter().map(device_to_pb).collect() }))
@@ -71,14 +70,14 @@ impl EnrollmentService for EnrollmentApi {
         &self,
         request: Request<pb::RemoveDeviceRequest>,
     ) -> Result<Response<pb::RemoveDeviceResponse>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let id = DeviceId::parse(&request.get_ref().device_id)?;
         self.broker.remove_device(&tenant, &id).await?;
         Ok(Response::new(pb::RemoveDeviceResponse {}))
     }
 
     async fn unblock_user(&self, request: Request<pb::UnblockUserRequest>) -> Result<Response<pb::UnblockUserResponse>, Status> {
-        let tenant = self.keys.authenticate(request.metadata())?;
+        let tenant = tenant_of(&request)?;
         let user_id = UserId::parse(&request.get_ref().user_id)?;
         self.broker.unblock_user(&tenant, &user_id).await?;
         Ok(Response::new(pb::UnblockUserResponse {}))

@@ -2,9 +2,9 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::error::DomainError;
 use super::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId, check_text};
 use super::time::Millis;
-use crate::error::BrokerError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChallengeState {
@@ -20,6 +20,20 @@ impl ChallengeState {
     /// A final state never changes again.
     pub fn is_final(self) -> bool {
         self != ChallengeState::Pending
+    }
+
+    /// The state's name as API.md spells it (and as the proto's enum does, less
+    /// its `CHALLENGE_STATE_` prefix): the one place a state becomes text. Push
+    /// payloads carry it; metric labels use it in lower case.
+    pub fn name(self) -> &'static str {
+        match self {
+            ChallengeState::Pending => "PENDING",
+            ChallengeState::Approved => "APPROVED",
+            ChallengeState::Denied => "DENIED",
+            ChallengeState::Expired => "EXPIRED",
+            ChallengeState::Cancelled => "CANCELLED",
+            ChallengeState::FraudReported => "FRAUD_REPORTED",
+        }
     }
 }
 
@@ -76,7 +90,7 @@ pub struct SignInContext {
 impl SignInContext {
     pub const MAX_FIELD_BYTES: usize = 256;
 
-    pub fn new(application: String, ip_address: String, location: String, user_agent: String) -> Result<Self, BrokerError> {
+    pub fn new(application: String, ip_address: String, location: String, user_agent: String) -> Result<Self, DomainError> {
         for (field, value) in [
             ("context.application", &application),
             ("context.ip_address", &ip_address),

@@ -10,10 +10,10 @@ use p256::pkcs8::DecodePublicKey as _;
 use serde::{Deserialize, Serialize};
 
 use super::challenge::Platform;
+use super::error::DomainError;
 use super::ids::{DeviceId, TenantId, UserId};
 use super::secrets::SealedSecret;
 use super::time::Millis;
-use crate::error::BrokerError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum KeyAlgorithm {
@@ -37,13 +37,13 @@ enum ParsedKey {
 
 impl DevicePublicKey {
     /// Checks that `bytes` is a valid key of `algorithm` (a point on the curve).
-    pub fn new(algorithm: KeyAlgorithm, bytes: Vec<u8>) -> Result<Self, BrokerError> {
+    pub fn new(algorithm: KeyAlgorithm, bytes: Vec<u8>) -> Result<Self, DomainError> {
         let key = Self { algorithm, bytes };
         key.parse()?;
         Ok(key)
     }
 
-    fn parse(&self) -> Result<ParsedKey, BrokerError> {
+    fn parse(&self) -> Result<ParsedKey, DomainError> {
         match self.algorithm {
             KeyAlgorithm::EcdsaP256Sha256 => {
                 // Only the encodings the proto names: SEC1 compressed (33 bytes, tag 2 or 3),
@@ -56,14 +56,14 @@ impl DevicePublicKey {
                     _ => p256::ecdsa::VerifyingKey::from_public_key_der(&self.bytes).ok(),
                 };
                 parsed.map(ParsedKey::P256).ok_or_else(|| {
-                    BrokerError::invalid("public_key", "is not a P-256 key (SEC1 point or SubjectPublicKeyInfo DER)")
+                    DomainError::invalid("public_key", "is not a P-256 key (SEC1 point or SubjectPublicKeyInfo DER)")
                 })
             }
             KeyAlgorithm::Ed25519 => <[u8; 32]>::try_from(self.bytes.as_slice())
                 .ok()
                 .and_then(|raw| ed25519_dalek::VerifyingKey::from_bytes(&raw).ok())
                 .map(ParsedKey::Ed25519)
-                .ok_or_else(|| BrokerError::invalid("public_key", "is not a 32-byte Ed25519 key")),
+                .ok_or_else(|| DomainError::invalid("public_key", "is not a 32-byte Ed25519 key")),
         }
     }
 
@@ -164,21 +164,21 @@ impl DeviceProof {
         fields: &[&str],
         now: Millis,
         max_skew: Duration,
-    ) -> Result<(), BrokerError> {
+    ) -> Result<(), DomainError> {
         let skew = now.0.abs_diff(self.timestamp_ms);
         if u128::from(skew) > max_skew.as_millis() {
-            return Err(BrokerError::unauthenticated(format!(
+            return Err(DomainError::unauthenticated(format!(
                 "proof.timestamp_ms: more than {} s from the server's clock",
                 max_skew.as_secs()
             )));
         }
         let Some(key) = &device.public_key else {
-            return Err(BrokerError::unauthenticated("proof.device_id: this credential has no device key"));
+            return Err(DomainError::unauthenticated("proof.device_id: this credential has no device key"));
         };
         if key.verifies(self.signing_string(rpc, fields).as_bytes(), &self.signature) {
             Ok(())
         } else {
-            Err(BrokerError::unauthenticated("proof.signature: does not verify for this device and call"))
+            Err(DomainError::unauthenticated("proof.signature: does not verify for this device and call"))
         }
     }
 }

@@ -3,10 +3,10 @@
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
+use super::error::DomainError;
 use super::ids::{CodeDigest, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
 use super::secrets::SealedSecret;
 use super::time::Millis;
-use crate::error::BrokerError;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EnrollmentKind {
@@ -74,11 +74,11 @@ pub fn push_enrollment_uri(public_url: &str, code: &EnrollmentCode, issuer: &str
 
 /// Renders `text` as a QR code PNG: 8 pixels a module, a 4-module quiet zone,
 /// error correction M (what authenticator scanners expect).
-pub fn qr_png(text: &str) -> Result<Vec<u8>, BrokerError> {
+pub fn qr_png(text: &str) -> Result<Vec<u8>, DomainError> {
     const SCALE: usize = 8;
     const QUIET: usize = 4;
     let code = qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::M)
-        .map_err(|e| BrokerError::Internal(format!("qr encoding failed: {e}")))?;
+        .map_err(|e| DomainError::Internal(format!("qr encoding failed: {e}")))?;
     let modules = code.width();
     let colors = code.to_colors();
     let side = (modules + 2 * QUIET) * SCALE;
@@ -92,7 +92,7 @@ pub fn qr_png(text: &str) -> Result<Vec<u8>, BrokerError> {
             pixels[y * side + column * SCALE..y * side + (column + 1) * SCALE].fill(0);
         }
     }
-    let side = u32::try_from(side).map_err(|_| BrokerError::Internal("qr code too large".into()))?;
+    let side = u32::try_from(side).map_err(|_| DomainError::Internal("qr code too large".into()))?;
     let mut png_bytes = Vec::new();
     let mut encoder = png::Encoder::new(&mut png_bytes, side, side);
     encoder.set_color(png::ColorType::Grayscale);
@@ -100,14 +100,14 @@ pub fn qr_png(text: &str) -> Result<Vec<u8>, BrokerError> {
     encoder
         .write_header()
         .and_then(|mut writer| writer.write_image_data(&pixels))
-        .map_err(|e| BrokerError::Internal(format!("png encoding failed: {e}")))?;
+        .map_err(|e| DomainError::Internal(format!("png encoding failed: {e}")))?;
     Ok(png_bytes)
 }
 
 /// Renders `text` as a QR code for a terminal, two modules a character cell.
-pub fn qr_terminal(text: &str) -> Result<String, BrokerError> {
+pub fn qr_terminal(text: &str) -> Result<String, DomainError> {
     let code = qrcode::QrCode::with_error_correction_level(text.as_bytes(), qrcode::EcLevel::M)
-        .map_err(|e| BrokerError::Internal(format!("qr encoding failed: {e}")))?;
+        .map_err(|e| DomainError::Internal(format!("qr encoding failed: {e}")))?;
     Ok(code
         .render::<qrcode::render::unicode::Dense1x2>()
         .dark_color(qrcode::render::unicode::Dense1x2::Light)

@@ -9,11 +9,11 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::BrokerError;
+use super::error::DomainError;
 
 /// Fills `buf` from the operating system's generator (getrandom(2) on Linux).
-pub fn os_random(buf: &mut [u8]) -> Result<(), BrokerError> {
-    getrandom::fill(buf).map_err(|e| BrokerError::Internal(format!("os random generator failed: {e}")))
+pub fn os_random(buf: &mut [u8]) -> Result<(), DomainError> {
+    getrandom::fill(buf).map_err(|e| DomainError::Internal(format!("os random generator failed: {e}")))
 }
 
 /// The text of an id: a three-byte prefix and 32 lowercase hex digits (128 bits).
@@ -26,12 +26,12 @@ const ID_LEN: usize = 3 + 32;
 struct IdText([u8; ID_LEN]);
 
 impl IdText {
-    fn random(prefix: &str) -> Result<Self, BrokerError> {
+    fn random(prefix: &str) -> Result<Self, DomainError> {
         let mut random = [0u8; 16];
         os_random(&mut random)?;
         let mut text = [0u8; ID_LEN];
         text[..3].copy_from_slice(prefix.as_bytes());
-        hex::encode_to_slice(random, &mut text[3..]).map_err(|e| BrokerError::Internal(format!("id encoding: {e}")))?;
+        hex::encode_to_slice(random, &mut text[3..]).map_err(|e| DomainError::Internal(format!("id encoding: {e}")))?;
         Ok(Self(text))
     }
 
@@ -71,22 +71,22 @@ macro_rules! random_id {
         impl $name {
             pub const PREFIX: &'static str = $prefix;
 
-            pub fn generate() -> Result<Self, BrokerError> {
+            pub fn generate() -> Result<Self, DomainError> {
                 IdText::random($prefix).map(Self)
             }
 
             /// Checks the shape of an id that came from outside; `field` names it in the error.
-            pub fn parse(raw: &str) -> Result<Self, BrokerError> {
+            pub fn parse(raw: &str) -> Result<Self, DomainError> {
                 Self::parse_field(raw, $field)
             }
 
-            pub fn parse_field(raw: &str, field: &'static str) -> Result<Self, BrokerError> {
+            pub fn parse_field(raw: &str, field: &'static str) -> Result<Self, DomainError> {
                 if raw.is_empty() {
-                    return Err(BrokerError::invalid(field, "is required"));
+                    return Err(DomainError::invalid(field, "is required"));
                 }
                 IdText::parse(raw, $prefix)
                     .map(Self)
-                    .ok_or_else(|| BrokerError::invalid(field, concat!("is not a ", $prefix, "… id")))
+                    .ok_or_else(|| DomainError::invalid(field, concat!("is not a ", $prefix, "… id")))
             }
 
             pub fn as_str(&self) -> &str {
@@ -161,9 +161,9 @@ pub struct UserId(String);
 impl UserId {
     pub const MAX_BYTES: usize = 256;
 
-    pub fn parse(raw: &str) -> Result<Self, BrokerError> {
+    pub fn parse(raw: &str) -> Result<Self, DomainError> {
         if raw.is_empty() {
-            return Err(BrokerError::invalid("user_id", "is required"));
+            return Err(DomainError::invalid("user_id", "is required"));
         }
         check_text("user_id", raw, Self::MAX_BYTES)?;
         Ok(Self(raw.to_owned()))
@@ -182,12 +182,12 @@ impl fmt::Display for UserId {
 
 /// The shared rule for free text from callers: at most `max_bytes`, no control
 /// characters (they could forge lines in logs or in the app's prompt).
-pub fn check_text(field: &'static str, value: &str, max_bytes: usize) -> Result<(), BrokerError> {
+pub fn check_text(field: &'static str, value: &str, max_bytes: usize) -> Result<(), DomainError> {
     if value.len() > max_bytes {
-        return Err(BrokerError::invalid(field, format!("is longer than {max_bytes} bytes")));
+        return Err(DomainError::invalid(field, format!("is longer than {max_bytes} bytes")));
     }
     if value.chars().any(char::is_control) {
-        return Err(BrokerError::invalid(field, "contains control characters"));
+        return Err(DomainError::invalid(field, "contains control characters"));
     }
     Ok(())
 }
@@ -201,7 +201,7 @@ pub struct ChallengeNumber(u8);
 
 impl ChallengeNumber {
     /// Uniform over 10..=99 from the OS generator (rejection sampling, no modulo bias).
-    pub fn generate() -> Result<Self, BrokerError> {
+    pub fn generate() -> Result<Self, DomainError> {
         loop {
             let mut byte = [0u8; 1];
             os_random(&mut byte)?;
@@ -242,18 +242,18 @@ impl fmt::Debug for ChallengeNumber {
 pub struct EnrollmentCode(String);
 
 impl EnrollmentCode {
-    pub fn generate() -> Result<Self, BrokerError> {
+    pub fn generate() -> Result<Self, DomainError> {
         let mut bytes = [0u8; 16];
         os_random(&mut bytes)?;
         Ok(Self(hex::encode(bytes)))
     }
 
-    pub fn from_request(raw: &str) -> Result<Self, BrokerError> {
+    pub fn from_request(raw: &str) -> Result<Self, DomainError> {
         if raw.is_empty() {
-            return Err(BrokerError::invalid("enrollment_code", "is required"));
+            return Err(DomainError::invalid("enrollment_code", "is required"));
         }
         if raw.len() > 128 || !raw.bytes().all(|b| b.is_ascii_alphanumeric()) {
-            return Err(BrokerError::invalid("enrollment_code", "is not an enrollment code"));
+            return Err(DomainError::invalid("enrollment_code", "is not an enrollment code"));
         }
         Ok(Self(raw.to_owned()))
     }

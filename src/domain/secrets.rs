@@ -10,8 +10,8 @@ use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use serde::{Deserialize, Serialize};
 
+use super::error::DomainError;
 use super::ids::os_random;
-use crate::error::BrokerError;
 
 /// A secret as the stores keep it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,18 +43,18 @@ impl SecretBox {
         Self { cipher: Aes256Gcm::new(&Key::<Aes256Gcm>::from(*key)) }
     }
 
-    pub fn seal(&self, secret: &[u8], owner: &str) -> Result<SealedSecret, BrokerError> {
+    pub fn seal(&self, secret: &[u8], owner: &str) -> Result<SealedSecret, DomainError> {
         let mut nonce = [0u8; 12];
         os_random(&mut nonce)?;
         let ciphertext = self
             .cipher
             .encrypt(&Nonce::from(nonce), Payload { msg: secret, aad: owner.as_bytes() })
-            .map_err(|_| BrokerError::Internal("sealing a secret failed".into()))?;
+            .map_err(|_| DomainError::Internal("sealing a secret failed".into()))?;
         Ok(SealedSecret { nonce: hex::encode(nonce), ciphertext: hex::encode(ciphertext) })
     }
 
-    pub fn open(&self, sealed: &SealedSecret, owner: &str) -> Result<Vec<u8>, BrokerError> {
-        let corrupt = || BrokerError::Internal("a stored secret does not open: wrong secret key or corrupt record".into());
+    pub fn open(&self, sealed: &SealedSecret, owner: &str) -> Result<Vec<u8>, DomainError> {
+        let corrupt = || DomainError::Internal("a stored secret does not open: wrong secret key or corrupt record".into());
         let mut nonce = [0u8; 12];
         hex::decode_to_slice(&sealed.nonce, &mut nonce).map_err(|_| corrupt())?;
         let ciphertext = hex::decode(&sealed.ciphertext).map_err(|_| corrupt())?;

@@ -6,16 +6,16 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use subtle::ConstantTimeEq;
 use totp_rs::{Algorithm, TOTP};
 
+use super::error::DomainError;
 use super::ids::os_random;
 use super::time::Millis;
-use crate::error::BrokerError;
 
 pub const STEP_SECONDS: u64 = 30;
 pub const DIGITS: usize = 6;
 /// 160 bits, as RFC 4226 recommends for HMAC-SHA1.
 pub const SECRET_BYTES: usize = 20;
 
-pub fn generate_secret() -> Result<Vec<u8>, BrokerError> {
+pub fn generate_secret() -> Result<Vec<u8>, DomainError> {
     let mut secret = vec![0u8; SECRET_BYTES];
     os_random(&mut secret)?;
     Ok(secret)
@@ -36,11 +36,11 @@ pub fn code_for_step(secret: &[u8], step: u64) -> String {
 }
 
 /// A code as typed: exactly six ASCII digits.
-pub fn check_code_shape(code: &str) -> Result<(), BrokerError> {
+pub fn check_code_shape(code: &str) -> Result<(), DomainError> {
     if code.len() == DIGITS && code.bytes().all(|b| b.is_ascii_digit()) {
         Ok(())
     } else {
-        Err(BrokerError::invalid("code", "must be exactly 6 digits"))
+        Err(DomainError::invalid("code", "must be exactly 6 digits"))
     }
 }
 

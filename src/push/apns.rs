@@ -24,8 +24,9 @@ use p256::pkcs8::DecodePrivateKey as _;
 use serde::Serialize;
 
 use super::transport::{ConnectionPool, Response};
-use super::{PushJob, PushKind, PushSender, SendOutcome, metric_names, provider_reason, redact_token, state_name};
+use super::{PushJob, PushKind, PushSender, SendOutcome, provider_reason, redact_token};
 use crate::domain::challenge::Platform;
+use crate::telemetry::metrics::names;
 
 /// Renew the provider token after this long: inside Apple's hour, past its 20-minute
 /// minimum between renewals.
@@ -52,7 +53,7 @@ impl ApnsSender {
     fn request(&self, job: &PushJob, authorization: HeaderValue) -> Result<Request<Full<Bytes>>, String> {
         let (push_type, priority, body) = match &job.kind {
             PushKind::Challenge => ("alert", "10", serde_json::to_vec(&ChallengePayload::new(job))),
-            PushKind::Clear { state } => ("background", "5", serde_json::to_vec(&ClearPayload::new(job, state_name(*state)))),
+            PushKind::Clear { state } => ("background", "5", serde_json::to_vec(&ClearPayload::new(job, state.name()))),
         };
         let body = body.map_err(|e| e.to_string())?;
         let uri = self.pool.uri(&format!("/3/device/{}", job.push_token)).map_err(|e| e.to_string())?;
@@ -265,7 +266,7 @@ impl ProviderTokens {
         // from it even within the same second (ES256 here signs deterministically).
         let iat = current.as_ref().map_or(now, |state| now.max(state.token.iat + 1));
         let token = Arc::new(self.sign(iat));
-        metrics::counter!(metric_names::TOKEN_RENEWALS, "provider" => "apns").increment(1);
+        metrics::counter!(names::PUSH_TOKEN_RENEWALS, "provider" => "apns").increment(1);
         *current = Some(TokenState { token: Arc::clone(&token), usable: true });
         token
     }
@@ -423,7 +424,7 @@ mod tests {
                 "expires_at": 1_700_000_060,
             })
         );
-        let clear = serde_json::to_value(ClearPayload::new(&job, state_name(ChallengeState::Approved))).expect("json");
+        let clear = serde_json::to_value(ClearPayload::new(&job, ChallengeState::Approved.name())).expect("json");
         assert_eq!(
             clear,
             serde_json::json!({"aps": {"content-available": 1}, "challenge_id": job.challenge_id.as_str(), "state": "APPROVED"})

@@ -7,7 +7,7 @@
 //! holds its own permits, not the other's sends); retryable failures back off
 //! exponentially with jitter, honour the provider's Retry-After, and never retry
 //! past the challenge's expiry. Every attempt is counted and timed per provider
-//! ([`super::metric_names`]).
+//! ([`crate::telemetry::metrics::names`], `PUSH_*`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,10 +18,11 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
-use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, metric_names, redact_token};
+use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, redact_token};
 use crate::domain::challenge::{DeliveryState, Platform};
 use crate::domain::time::Clock;
 use crate::telemetry::TraceOrigin;
+use crate::telemetry::metrics::names;
 
 #[derive(Clone, Debug)]
 pub struct DispatcherSettings {
@@ -48,11 +49,11 @@ impl Default for DispatcherSettings {
 #[error("the push queue is full")]
 pub struct QueueFull;
 
-/// Counters for tests and metrics.
+/// Jobs accepted into the queue since start; the end-to-end tests read it to see
+/// that a refused call queued nothing.
 #[derive(Debug, Default)]
 pub struct DispatcherCounters {
     pub enqueued: AtomicU64,
-    pub finished: AtomicU64,
 }
 
 /// A queued job and the trace it was queued in (the CreateChallenge call), so the
@@ -82,8 +83,7 @@ impl Dispatcher {
             .filter_map(|sender| Some((sender.platform(), Arc::new(Semaphore::new(sender.max_in_flight()?.max(1))))))
             .collect();
         let senders = senders.into_iter().map(|sender| (sender.platform(), sender)).collect();
-        let worker =
-            Worker { senders, provider_limits, reporter, clock, settings: settings.clone(), counters: Arc::clone(&counters) };
+        let worker = Worker { senders, provider_limits, reporter, clock, settings: settings.clone() };
         tokio::spawn(worker.run(jobs, shutdown));
         Self { queue, counters }
     }
@@ -108,10 +108,6 @@ impl Dispatcher {
     pub fn queue_capacity(&self) -> usize {
         self.queue.max_capacity()
     }
-
-    pub fn counters(&self) -> &DispatcherCounters {
-        &self.counters
-    }
 }
 
 struct Worker {
@@ -121,7 +117,6 @@ struct Worker {
     reporter: Arc<dyn DeliveryReporter>,
     clock: Arc<dyn Clock>,
     settings: DispatcherSettings,
-    counters: Arc<DispatcherCounters>,
 }
 
 impl Worker {
@@ -154,7 +149,6 @@ impl Worker {
             if reports {
                 self.reporter.report(&job, DeliveryState::Failed, 0, "not configured").await;
             }
-            self.counters.finished.fetch_add(1, Ordering::Relaxed);
             return;
         };
         let mut attempts = 0;
@@ -177,7 +171,7 @@ impl Worker {
                         break (DeliveryState::Failed, reason);
                     }
                     let retry_at = self.clock.now().plus(wait);
-                    metrics::counter!(metric_names::RETRIES, "provider" => job.platform.name()).increment(1);
+                    metrics::counter!(names::PUSH_RETRIES, "provider" => job.platform.name()).increment(1);
                     tracing::debug!(attempts, %reason, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "push retry");
                     if reports {
                         self.reporter.report(&job, DeliveryState::Queued, attempts, &reason).await;
@@ -187,12 +181,11 @@ impl Worker {
             }
         };
         let kind = if reports { "challenge" } else { "clear" };
-        metrics::counter!(metric_names::DELIVERIES, "provider" => job.platform.name(), "kind" => kind, "state" => delivery_state_label(state))
+        metrics::counter!(names::PUSH_DELIVERIES, "provider" => job.platform.name(), "kind" => kind, "state" => delivery_state_label(state))
             .increment(1);
         if reports || state == DeliveryState::Unregistered {
             self.reporter.report(&job, state, attempts, &error).await;
         }
-        self.counters.finished.fetch_add(1, Ordering::Relaxed);
     }
 
     /// One attempt, within the provider's concurrency limit, counted and timed.
@@ -220,8 +213,8 @@ fn record_attempt(platform: Platform, outcome: &SendOutcome, latency: Duration) 
         SendOutcome::Retry { .. } => "retry",
         SendOutcome::Failed { .. } => "failed",
     };
-    metrics::counter!(metric_names::SENDS, "provider" => platform.name(), "outcome" => outcome).increment(1);
-    metrics::histogram!(metric_names::LATENCY, "provider" => platform.name()).record(latency.as_secs_f64());
+    metrics::counter!(names::PUSH_SENDS, "provider" => platform.name(), "outcome" => outcome).increment(1);
+    metrics::histogram!(names::PUSH_LATENCY, "provider" => platform.name()).record(latency.as_secs_f64());
 }
 
 fn delivery_state_label(state: DeliveryState) -> &'static str {

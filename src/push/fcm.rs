@@ -32,9 +32,10 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::transport::{ConnectionPool, Response, TransportError, post_once};
-use super::{PushJob, PushKind, PushSender, SendOutcome, metric_names, provider_reason, redact_token, state_name};
+use super::{PushJob, PushKind, PushSender, SendOutcome, provider_reason, redact_token};
 use crate::domain::challenge::Platform;
 use crate::domain::time::Clock;
+use crate::telemetry::metrics::names;
 
 pub const FCM_SCOPE: &str = "https://www.googleapis.com/auth/firebase.messaging";
 const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
@@ -234,7 +235,7 @@ impl AccessTokens {
         // Renew shortly before it expires; a very short-lived token is used for half its life.
         let usable_for = lifetime.checked_sub(RENEW_MARGIN).unwrap_or(lifetime / 2);
         tracing::info!(expires_in_seconds = lifetime.as_secs(), "fcm: access token granted");
-        metrics::counter!(metric_names::TOKEN_RENEWALS, "provider" => "fcm").increment(1);
+        metrics::counter!(names::PUSH_TOKEN_RENEWALS, "provider" => "fcm").increment(1);
         Ok(AccessToken { authorization, renew_at: started + usable_for })
     }
 }
@@ -271,9 +272,7 @@ impl FcmSender {
         let expires_at = job.expires_at.as_unix_seconds().to_string();
         let (data, priority) = match &job.kind {
             PushKind::Challenge => (Data::Challenge { challenge_id: job.challenge_id.as_str(), expires_at: &expires_at }, "HIGH"),
-            PushKind::Clear { state } => {
-                (Data::Clear { challenge_id: job.challenge_id.as_str(), state: state_name(*state) }, "NORMAL")
-            }
+            PushKind::Clear { state } => (Data::Clear { challenge_id: job.challenge_id.as_str(), state: state.name() }, "NORMAL"),
         };
         let body = SendRequest {
             message: Message {

@@ -1,7 +1,7 @@
 //! Pushes to phones. [`PushSender`] is one provider (APNs, FCM); the
 //! [`dispatcher::Dispatcher`] queues jobs, sends them with bounded concurrency,
 //! retries, and reports each delivery's state back through [`DeliveryReporter`].
-//! `push/` never touches the store: the domain implements the reporter.
+//! `push/` never touches the store: the broker implements the reporter.
 //!
 //! A push carries the challenge id and its expiry, never the number.
 //!
@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::config::{ApnsConfig, FcmConfig, PushConfig};
 use crate::domain::challenge::{ChallengeState, DeliveryState, Platform};
 use crate::domain::ids::{ChallengeId, DeviceId};
 use crate::domain::time::{Clock, Millis};
@@ -23,7 +22,10 @@ use crate::domain::time::{Clock, Millis};
 pub mod apns;
 pub mod dispatcher;
 pub mod fcm;
+pub mod settings;
 pub mod transport;
+
+use settings::{ApnsConfig, FcmConfig, PushConfig};
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod recording;
@@ -91,36 +93,6 @@ pub trait DeliveryReporter: Send + Sync + 'static {
 pub fn redact_token(token: &str) -> String {
     let prefix: String = token.chars().take(6).collect();
     format!("{prefix}…")
-}
-
-/// The metrics the push path records (through the `metrics` facade; the exporter
-/// lives in telemetry). Every one has the label `provider` ("apns", "fcm").
-pub mod metric_names {
-    /// Counter {provider, outcome}: attempts to send, by what they came to
-    /// (outcome: sent, unregistered, retry, failed).
-    pub const SENDS: &str = "pushmatch_push_sends_total";
-    /// Counter {provider}: attempts that were retried after a backoff.
-    pub const RETRIES: &str = "pushmatch_push_retries_total";
-    /// Histogram {provider}: seconds from sending to the provider's answer (or the
-    /// timeout), per attempt.
-    pub const LATENCY: &str = "pushmatch_push_latency_seconds";
-    /// Counter {provider, kind, state}: pushes done, by final state (sent, failed,
-    /// unregistered) and kind (challenge, clear).
-    pub const DELIVERIES: &str = "pushmatch_push_deliveries_total";
-    /// Counter {provider}: provider tokens made (APNs JWTs, FCM access tokens).
-    pub const TOKEN_RENEWALS: &str = "pushmatch_push_token_renewals_total";
-}
-
-/// A final state as a clear message names it.
-pub fn state_name(state: ChallengeState) -> &'static str {
-    match state {
-        ChallengeState::Pending => "PENDING",
-        ChallengeState::Approved => "APPROVED",
-        ChallengeState::Denied => "DENIED",
-        ChallengeState::Expired => "EXPIRED",
-        ChallengeState::Cancelled => "CANCELLED",
-        ChallengeState::FraudReported => "FRAUD_REPORTED",
-    }
 }
 
 /// A provider's reason code ("BadDeviceToken", "UNREGISTERED") when it looks like

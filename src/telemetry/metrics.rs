@@ -1,38 +1,24 @@
-//! Prometheus metrics: the process-wide recorder and the operators' HTTP endpoint.
+//! Prometheus metrics: the catalogue of names ([`names`], every one described in
+//! [`describe`]) and the process-wide recorder.
 //!
 //! Everything in the crate records through the `metrics` facade (`counter!`,
-//! `histogram!`, `gauge!`); [`install`] puts the Prometheus recorder behind it
-//! once per process, and every server started in that process renders the same
-//! registry at `GET /metrics` on `server.metrics_listen`. Several servers in one
-//! process (the tests) therefore share their counters: assert on increases.
+//! `histogram!`, `gauge!`) by a name from [`names`]; [`install`] puts the Prometheus
+//! recorder behind it once per process, and every server started in that process
+//! renders the same registry at `GET /metrics` on `server.metrics_listen` (served
+//! by `crate::server::ops`). Several servers in one process (the tests) therefore
+//! share their counters: assert on increases.
 //!
 //! We use `metrics` with `metrics-exporter-prometheus` rather than
 //! `prometheus-client`: the facade lets every module (push senders, stores) record
 //! with a macro and no registry handed down to it, and the exporter renders the
 //! standard text format without its HTTP listener (we serve it with axum, which
 //! tonic brings in already).
-//!
-//! `GET /healthz` answers 200 while the server serves, 503 while it drains or while
-//! the store does not answer. Load balancers and the container's HEALTHCHECK use
-//! it; Kubernetes probes use gRPC health instead (deploy/k8s).
 
-use std::future::Future;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::OnceLock;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::domain::challenge::{ChallengeState, DenyReason};
-use crate::push::dispatcher::Dispatcher;
-use crate::store::Store;
 
 /// The names every dashboard and alert relies on. Labels are listed beside each.
 pub mod names {
@@ -74,6 +60,46 @@ pub mod names {
     pub const TLS_RELOADS: &str = "pushmatch_tls_reloads_total";
     /// Gauge {version}: always 1; the running version as a label.
     pub const BUILD_INFO: &str = "pushmatch_build_info";
+
+    // The push path; every one has the label `provider` ("apns", "fcm").
+
+    /// Counter {provider, outcome}: attempts to send, by what they came to
+    /// (outcome: sent, unregistered, retry, failed).
+    pub const PUSH_SENDS: &str = "pushmatch_push_sends_total";
+    /// Counter {provider}: attempts that were retried after a backoff.
+    pub const PUSH_RETRIES: &str = "pushmatch_push_retries_total";
+    /// Histogram {provider}: seconds from sending to the provider's answer (or the
+    /// timeout), per attempt.
+    pub const PUSH_LATENCY: &str = "pushmatch_push_latency_seconds";
+    /// Counter {provider, kind, state}: pushes done, by final state (sent, failed,
+    /// unregistered) and kind (challenge, clear).
+    pub const PUSH_DELIVERIES: &str = "pushmatch_push_deliveries_total";
+    /// Counter {provider}: provider tokens made (APNs JWTs, FCM access tokens).
+    pub const PUSH_TOKEN_RENEWALS: &str = "pushmatch_push_token_renewals_total";
+
+    /// Every name above, for [`super::describe`]'s test.
+    pub const ALL: &[&str] = &[
+        GRPC_STARTED,
+        GRPC_HANDLED,
+        GRPC_HANDLING_SECONDS,
+        CHALLENGES_CREATED,
+        CHALLENGES_SHED,
+        CHALLENGES_RESOLVED,
+        CHALLENGES_LIVE,
+        WATCH_STREAMS_OPEN,
+        PUSH_QUEUE_DEPTH,
+        PUSH_QUEUE_CAPACITY,
+        STORE_OPERATION_SECONDS,
+        STORE_ERRORS,
+        TLS_HANDSHAKE_FAILURES,
+        TLS_RELOADS,
+        BUILD_INFO,
+        PUSH_SENDS,
+        PUSH_RETRIES,
+        PUSH_LATENCY,
+        PUSH_DELIVERIES,
+        PUSH_TOKEN_RENEWALS,
+    ];
 }
 
 /// Buckets for every `*_seconds` histogram: 1 ms to 30 s. Store calls sit at the
@@ -111,140 +137,77 @@ pub fn install() -> Option<PrometheusHandle> {
         .clone()
 }
 
+/// Gives every name in [`names`] its help text (the `# HELP` line).
 fn describe() {
-    use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(names::GRPC_STARTED, "gRPC calls started on the server");
-    describe_counter!(names::GRPC_HANDLED, "gRPC calls completed on the server, by status code (streams when they end)");
-    describe_histogram!(
-        names::GRPC_HANDLING_SECONDS,
-        metrics::Unit::Seconds,
-        "gRPC call latency until the response (or stream) ended"
-    );
-    describe_counter!(names::CHALLENGES_CREATED, "challenges created");
-    describe_counter!(names::CHALLENGES_SHED, "CreateChallenge calls shed: server.max_creates_in_flight reached");
-    describe_counter!(names::CHALLENGES_RESOLVED, "challenges that reached a final state, by outcome");
-    describe_gauge!(names::CHALLENGES_LIVE, "PENDING challenges in the store");
-    describe_gauge!(names::WATCH_STREAMS_OPEN, "open WatchChallenge streams on this replica");
-    describe_gauge!(names::PUSH_QUEUE_DEPTH, "push jobs waiting in the dispatcher's queue");
-    describe_gauge!(names::PUSH_QUEUE_CAPACITY, "capacity of the dispatcher's queue");
-    describe_histogram!(names::STORE_OPERATION_SECONDS, metrics::Unit::Seconds, "store call latency");
-    describe_counter!(names::STORE_ERRORS, "store calls that failed");
-    describe_counter!(names::TLS_HANDSHAKE_FAILURES, "TLS handshakes on the gRPC port that failed");
-    describe_counter!(names::TLS_RELOADS, "TLS certificate reloads");
-    describe_gauge!(names::BUILD_INFO, "the running version");
+    for (name, unit, help) in DESCRIPTIONS {
+        match unit {
+            Kind::Counter => metrics::describe_counter!(*name, *help),
+            Kind::Gauge => metrics::describe_gauge!(*name, *help),
+            Kind::Seconds => metrics::describe_histogram!(*name, metrics::Unit::Seconds, *help),
+        }
+    }
     metrics::gauge!(names::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
+
+enum Kind {
+    Counter,
+    Gauge,
+    Seconds,
+}
+
+/// The help text of every metric.
+const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
+    (names::GRPC_STARTED, Kind::Counter, "gRPC calls started on the server"),
+    (names::GRPC_HANDLED, Kind::Counter, "gRPC calls completed on the server, by status code (streams when they end)"),
+    (names::GRPC_HANDLING_SECONDS, Kind::Seconds, "gRPC call latency until the response (or stream) ended"),
+    (names::CHALLENGES_CREATED, Kind::Counter, "challenges created"),
+    (names::CHALLENGES_SHED, Kind::Counter, "CreateChallenge calls shed: server.max_creates_in_flight reached"),
+    (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by outcome"),
+    (names::CHALLENGES_LIVE, Kind::Gauge, "PENDING challenges in the store"),
+    (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge streams on this replica"),
+    (names::PUSH_QUEUE_DEPTH, Kind::Gauge, "push jobs waiting in the dispatcher's queue"),
+    (names::PUSH_QUEUE_CAPACITY, Kind::Gauge, "capacity of the dispatcher's queue"),
+    (names::STORE_OPERATION_SECONDS, Kind::Seconds, "store call latency"),
+    (names::STORE_ERRORS, Kind::Counter, "store calls that failed"),
+    (names::TLS_HANDSHAKE_FAILURES, Kind::Counter, "TLS handshakes on the gRPC port that failed"),
+    (names::TLS_RELOADS, Kind::Counter, "TLS certificate reloads"),
+    (names::BUILD_INFO, Kind::Gauge, "the running version"),
+    (names::PUSH_SENDS, Kind::Counter, "attempts to send a push, by outcome"),
+    (names::PUSH_RETRIES, Kind::Counter, "push attempts retried after a backoff"),
+    (names::PUSH_LATENCY, Kind::Seconds, "seconds from sending a push to the provider's answer"),
+    (names::PUSH_DELIVERIES, Kind::Counter, "pushes done, by final state and kind"),
+    (names::PUSH_TOKEN_RENEWALS, Kind::Counter, "provider tokens made (APNs JWTs, FCM access tokens)"),
+];
 
 /// Counts a challenge that reached a final state (call it once per challenge: where
 /// the resolution was accepted, or where the expiry happened).
 pub fn challenge_resolved(state: ChallengeState, deny_reason: Option<DenyReason>) {
-    let outcome = match state {
-        ChallengeState::Pending => return,
-        ChallengeState::Approved => "approved",
-        ChallengeState::Denied => "denied",
-        ChallengeState::Expired => "expired",
-        ChallengeState::Cancelled => "cancelled",
-        ChallengeState::FraudReported => "fraud_reported",
-    };
+    if !state.is_final() {
+        return;
+    }
     let deny_reason = match deny_reason {
         Some(DenyReason::UserDenied) => "user_denied",
         Some(DenyReason::WrongNumber) => "wrong_number",
         None => "",
     };
+    let outcome = state.name().to_ascii_lowercase();
     metrics::counter!(names::CHALLENGES_RESOLVED, "outcome" => outcome, "deny_reason" => deny_reason).increment(1);
 }
 
-/// What the endpoint samples at scrape time and asks for `/healthz`.
-#[derive(Clone)]
-pub struct ScrapeSources {
-    pub handle: Option<PrometheusHandle>,
-    /// The store without the metrics decorator: health probes are not store traffic.
-    pub store: Arc<dyn Store>,
-    pub dispatcher: Dispatcher,
-    /// Cancelled when the server starts to drain.
-    pub draining: CancellationToken,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// How long `/healthz` waits for the store before it calls it down.
-const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often histogram samples are folded into buckets between scrapes.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
-/// Serves `/metrics` and `/healthz` on `listener` until `shutdown` resolves. The
-/// gRPC server ends its drain first, so `/healthz` reads 503 throughout the drain.
-pub async fn serve(
-    listener: TcpListener,
-    sources: ScrapeSources,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    if let Some(handle) = sources.handle.clone() {
-        let stop = sources.draining.clone();
-        tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(UPKEEP_INTERVAL);
-            loop {
-                tokio::select! {
-                    _ = ticks.tick() => handle.run_upkeep(),
-                    () = stop.cancelled() => return,
-                }
-            }
-        });
-    }
-    let app = Router::new().route("/metrics", get(metrics_page)).route("/healthz", get(healthz)).with_state(sources);
-    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-}
-
-async fn metrics_page(State(sources): State<ScrapeSources>) -> impl IntoResponse {
-    let depth = sources.dispatcher.queue_depth();
-    metrics::gauge!(names::PUSH_QUEUE_DEPTH).set(depth as f64);
-    metrics::gauge!(names::PUSH_QUEUE_CAPACITY).set(sources.dispatcher.queue_capacity() as f64);
-    let body = sources.handle.as_ref().map(PrometheusHandle::render).unwrap_or_default();
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
-}
-
-async fn healthz(State(sources): State<ScrapeSources>) -> (StatusCode, &'static str) {
-    if sources.draining.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "draining\n");
-    }
-    match tokio::time::timeout(STORE_PROBE_TIMEOUT, sources.store.health()).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ok\n"),
-        Ok(Err(error)) => {
-            tracing::warn!(%error, "health check: store unavailable");
-            (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n")
+    #[test]
+    fn every_name_is_described_once() {
+        let described: Vec<&str> = DESCRIPTIONS.iter().map(|(name, _, _)| *name).collect();
+        for name in names::ALL {
+            assert_eq!(described.iter().filter(|d| *d == name).count(), 1, "{name} is described once");
         }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store too slow\n"),
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum HealthcheckError {
-    #[error("cannot reach {addr}: {source}")]
-    Unreachable { addr: SocketAddr, source: std::io::Error },
-    #[error("{addr} answered {status_line:?}")]
-    Unhealthy { addr: SocketAddr, status_line: String },
-}
-
-/// Asks `GET /healthz` at `addr` (a wildcard address means this host) and succeeds
-/// on 200. Blocking, for the `pushmatch healthcheck` command.
-pub fn check_health(addr: SocketAddr, timeout: Duration) -> Result<(), HealthcheckError> {
-    use std::io::{Read as _, Write as _};
-
-    let mut addr = addr;
-    if addr.ip().is_unspecified() {
-        addr.set_ip(if addr.is_ipv4() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::LOCALHOST.into() });
-    }
-    let unreachable = |source| HealthcheckError::Unreachable { addr, source };
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
-    stream.set_read_timeout(Some(timeout)).map_err(unreachable)?;
-    stream.set_write_timeout(Some(timeout)).map_err(unreachable)?;
-    stream.write_all(format!("GET /healthz HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).map_err(unreachable)?;
-    let mut response = Vec::new();
-    stream.take(4096).read_to_end(&mut response).map_err(unreachable)?;
-    let response = String::from_utf8_lossy(&response);
-    let status_line = response.lines().next().unwrap_or_default().to_owned();
-    if status_line.split_whitespace().nth(1) == Some("200") {
-        Ok(())
-    } else {
-        Err(HealthcheckError::Unhealthy { addr, status_line })
+        assert_eq!(described.len(), names::ALL.len(), "nothing is described that is not in names::ALL");
+        // And ALL lists every name the catalogue declares.
+        let source = include_str!("metrics.rs");
+        let catalogue = &source[..source.find("pub const ALL").unwrap_or(source.len())];
+        assert_eq!(catalogue.matches(": &str = \"").count(), names::ALL.len(), "names::ALL lists every name");
     }
 }

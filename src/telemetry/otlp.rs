@@ -11,7 +11,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use tracing_subscriber::registry::LookupSpan;
 
 use super::TelemetryError;
-use crate::config::TracingConfig;
+use super::TracingConfig;
 
 pub type Provider = SdkTracerProvider;
 

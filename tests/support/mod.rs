@@ -11,9 +11,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pushmatch::api::auth::api_key_digest_hex;
 use pushmatch::config::{Config, TenantConfig};
 use pushmatch::demo::{ApiKeyInterceptor, IdpChallenges, IdpEnrollments};
+use pushmatch::domain::api_key::api_key_digest_hex;
 use pushmatch::domain::challenge::Platform;
 use pushmatch::domain::time::ManualClock;
 use pushmatch::pb;

@@ -10,7 +10,6 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::metrics::names;
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::Device;
 use crate::domain::enrollment::Enrollment;
@@ -19,6 +18,7 @@ use crate::domain::time::Millis;
 use crate::store::{
     AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, UserBlock,
 };
+use crate::telemetry::metrics::names;
 
 pub struct MeteredStore {
     inner: Arc<dyn Store>,

@@ -14,15 +14,19 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
 
-use crate::api::auth::TenantKeys;
+use crate::api::auth::TenantAuthLayer;
 use crate::api::challenges::ChallengeApi;
 use crate::api::devices::DeviceApi;
 use crate::api::enrollments::EnrollmentApi;
+use crate::broker::{Broker, DeliveryRecorder};
 use crate::config::{Config, StoreBackend};
-use crate::domain::broker::{Broker, DeliveryRecorder};
+use crate::domain::ports::{Store, StoreError};
 use crate::domain::secrets::SecretBox;
 use crate::domain::time::{Clock, SystemClock};
 use crate::pb;
@@ -31,13 +35,14 @@ use crate::pb::device_service_server::DeviceServiceServer;
 use crate::pb::enrollment_service_server::EnrollmentServiceServer;
 use crate::push::PushSender;
 use crate::push::dispatcher::{Dispatcher, DispatcherCounters};
-use crate::store::Store;
 use crate::store::embedded::EmbeddedStore;
+use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::telemetry::grpc::GrpcTelemetryLayer;
-use crate::telemetry::metrics::ScrapeSources;
-use crate::telemetry::store::MeteredStore;
-use crate::tls::{ReloadingTls, RequireClientCertLayer, TlsFiles};
+use crate::tls::ReloadingTls;
+use ops::ScrapeSources;
+
+pub mod ops;
 
 /// The largest request the server decodes (API.md: 64 KiB); larger ones are refused
 /// with OUT_OF_RANGE and the connection carries on.
@@ -46,7 +51,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot open the store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] StoreError),
     #[error("cannot build server reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("the gRPC server failed: {0}")]
@@ -110,25 +115,17 @@ pub async fn run_with(
     let draining = CancellationToken::new();
     // Everything records through the `metrics` facade; install its recorder first.
     let metrics_handle = crate::telemetry::metrics::install();
-    let metrics_listener = match (metrics_listener, config.server.metrics_listen.as_str()) {
-        (Some(listener), _) => Some(listener),
-        (None, "") => None,
-        (None, addr) => {
-            Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Metrics { addr: addr.to_owned(), source })?)
-        }
-    };
-    let tls = match TlsFiles::from_config(&config.server) {
+    let metrics_listener = bind_metrics(metrics_listener, &config).await?;
+    let tls = match config.tls_files() {
         Some(files) => Some(ReloadingTls::load(files).await?),
         None => None,
     };
 
     let store = open_store(&config, Arc::clone(&clock)).await?;
-    let unmetered_store = Arc::clone(&store);
-    let store = MeteredStore::wrap(store);
-
+    let metered = MeteredStore::wrap(Arc::clone(&store));
     let dispatcher = Dispatcher::start(
         push_senders,
-        Arc::new(DeliveryRecorder::new(Arc::clone(&store))),
+        Arc::new(DeliveryRecorder::new(Arc::clone(&metered))),
         Arc::clone(&clock),
         config.dispatcher_settings(),
         push_counters,
@@ -136,98 +133,22 @@ pub async fn run_with(
     );
     let secrets = SecretBox::new(&load_secret_key(&config).await?);
     let broker =
-        Arc::new(Broker::new(store, dispatcher.clone(), clock, config.broker_settings(), config.domain_tenants(), secrets));
-    let keys = Arc::new(TenantKeys::from_config(&config));
-    let client_certs = RequireClientCertLayer::new(tls.as_ref().is_some_and(|tls| tls.mutual()), Arc::clone(&keys));
+        Arc::new(Broker::new(metered, dispatcher.clone(), clock, config.broker_settings(), config.domain_tenants(), secrets));
+    let auth = TenantAuthLayer::new(Arc::new(config.tenant_keys()), tls.as_ref().is_some_and(|tls| tls.mutual()));
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ChallengeServiceServer<ChallengeApi>>().await;
-    health.set_serving::<EnrollmentServiceServer<EnrollmentApi>>().await;
-    health.set_serving::<DeviceServiceServer<DeviceApi>>().await;
-    health.set_service_status("", ServingStatus::Serving).await;
-    tokio::spawn(follow_store_health(Arc::clone(&unmetered_store), health.clone(), draining.child_token()));
-
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-
-    let challenges = ChallengeServiceServer::new(ChallengeApi::new(Arc::clone(&broker), Arc::clone(&keys), draining.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let enrollments =
-        EnrollmentServiceServer::new(EnrollmentApi::new(Arc::clone(&broker), keys)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-    let devices = DeviceServiceServer::new(DeviceApi::new(broker)).max_decoding_message_size(MAX_MESSAGE_BYTES);
-
-    let grace = Duration::from_secs(u64::from(config.server.shutdown_grace_seconds));
-    let signal = {
-        let draining = draining.clone();
-        let health = health.clone();
-        async move {
-            shutdown.await;
-            tracing::info!("shutting down: draining calls");
-            health.set_service_status("", ServingStatus::NotServing).await;
-            health.set_not_serving::<ChallengeServiceServer<ChallengeApi>>().await;
-            health.set_not_serving::<EnrollmentServiceServer<EnrollmentApi>>().await;
-            health.set_not_serving::<DeviceServiceServer<DeviceApi>>().await;
-            draining.cancel();
-        }
-    };
-
+    let health = start_health(Arc::clone(&store), &draining).await;
     let metrics_stop = CancellationToken::new();
     let metrics_task = metrics_listener.map(|listener| {
-        let sources = ScrapeSources {
-            handle: metrics_handle,
-            store: unmetered_store,
-            dispatcher: dispatcher.clone(),
-            draining: draining.clone(),
-        };
-        tokio::spawn(crate::telemetry::metrics::serve(listener, sources, metrics_stop.clone().cancelled_owned()))
+        let sources = ScrapeSources { handle: metrics_handle, store, dispatcher, draining: draining.clone() };
+        tokio::spawn(ops::serve(listener, sources, metrics_stop.clone().cancelled_owned()))
     });
     if let Some(tls) = &tls {
         tls.spawn_reloader(draining.child_token());
     }
 
-    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "serving gRPC");
-    let mut builder = Server::builder();
-    if config.server.max_connection_age_seconds > 0 {
-        builder = builder.max_connection_age(Duration::from_secs(u64::from(config.server.max_connection_age_seconds)));
-    }
-    if config.server.max_connection_age_grace_seconds > 0 {
-        builder =
-            builder.max_connection_age_grace(Duration::from_secs(u64::from(config.server.max_connection_age_grace_seconds)));
-    }
-    let router = builder
-        .timeout(Duration::from_secs(u64::from(config.server.request_timeout_seconds)))
-        .concurrency_limit_per_connection(config.server.max_concurrent_requests_per_connection as usize)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tcp_nodelay(true)
-        .layer(GrpcTelemetryLayer)
-        .layer(client_certs)
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(challenges)
-        .add_service(enrollments)
-        .add_service(devices);
-    let serve = async move {
-        match tls {
-            Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal).await,
-            None => {
-                // tonic's own `tcp_nodelay` applies only to listeners it binds itself: set it
-                // on each accepted socket, or Nagle's algorithm and delayed ACKs hold small
-                // watch-stream messages back by tens of milliseconds.
-                let incoming = TcpListenerStream::new(listener).map(|accepted| {
-                    accepted.inspect(|tcp| {
-                        if let Err(error) = tcp.set_nodelay(true) {
-                            tracing::debug!(%error, "could not set TCP_NODELAY");
-                        }
-                    })
-                });
-                router.serve_with_incoming_shutdown(incoming, signal).await
-            }
-        }
-    };
-
+    let signal = drain_on(shutdown, health.clone(), draining.clone());
+    let serve = serve_grpc(listener, &config, tls, auth, health, broker, draining.clone(), signal)?;
+    let grace = Duration::from_secs(u64::from(config.server.shutdown_grace_seconds));
     let grace_elapsed = async {
         draining.cancelled().await;
         tokio::time::sleep(grace).await;
@@ -245,6 +166,114 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The listener of `/metrics` and `/healthz`: the one passed in, else
+/// `server.metrics_listen` bound now; `None` when that is empty.
+async fn bind_metrics(passed: Option<TcpListener>, config: &Config) -> Result<Option<TcpListener>, ServerError> {
+    Ok(match (passed, config.server.metrics_listen.as_str()) {
+        (Some(listener), _) => Some(listener),
+        (None, "") => None,
+        (None, addr) => {
+            Some(TcpListener::bind(addr).await.map_err(|source| ServerError::Metrics { addr: addr.to_owned(), source })?)
+        }
+    })
+}
+
+/// Every service SERVING, then following the store (see [`follow_store_health`]).
+async fn start_health(store: Arc<dyn Store>, draining: &CancellationToken) -> HealthReporter {
+    let (reporter, _) = tonic_health::server::health_reporter();
+    set_health(&reporter, ServingStatus::Serving).await;
+    tokio::spawn(follow_store_health(store, reporter.clone(), draining.child_token()));
+    reporter
+}
+
+/// The names gRPC health reports on: the server as a whole ("") and each service.
+const SERVICE_NAMES: [&str; 4] = [
+    "",
+    <ChallengeServiceServer<ChallengeApi> as NamedService>::NAME,
+    <EnrollmentServiceServer<EnrollmentApi> as NamedService>::NAME,
+    <DeviceServiceServer<DeviceApi> as NamedService>::NAME,
+];
+
+async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
+    for name in SERVICE_NAMES {
+        reporter.set_service_status(name, status).await;
+    }
+}
+
+/// Resolves when `shutdown` does, after turning health NOT_SERVING and telling
+/// open watch streams (through `draining`) to end.
+async fn drain_on(shutdown: impl Future<Output = ()>, health: HealthReporter, draining: CancellationToken) {
+    shutdown.await;
+    tracing::info!("shutting down: draining calls");
+    set_health(&health, ServingStatus::NotServing).await;
+    draining.cancel();
+}
+
+/// The tonic server with its limits and layers, serving the three services,
+/// health and reflection on `listener` (over TLS when configured) until `signal`.
+#[allow(clippy::too_many_arguments)]
+fn serve_grpc(
+    listener: TcpListener,
+    config: &Config,
+    tls: Option<Arc<ReloadingTls>>,
+    auth: TenantAuthLayer,
+    health: HealthReporter,
+    broker: Arc<Broker>,
+    draining: CancellationToken,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServerError> {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let challenges = ChallengeServiceServer::new(ChallengeApi::new(Arc::clone(&broker), draining))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let enrollments =
+        EnrollmentServiceServer::new(EnrollmentApi::new(Arc::clone(&broker))).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let devices = DeviceServiceServer::new(DeviceApi::new(broker)).max_decoding_message_size(MAX_MESSAGE_BYTES);
+
+    let server = &config.server;
+    tracing::info!(addr = ?listener.local_addr().ok(), tls = tls.is_some(), mutual_tls = tls.as_ref().is_some_and(|t| t.mutual()), "serving gRPC");
+    let mut builder = Server::builder();
+    if server.max_connection_age_seconds > 0 {
+        builder = builder.max_connection_age(Duration::from_secs(u64::from(server.max_connection_age_seconds)));
+    }
+    if server.max_connection_age_grace_seconds > 0 {
+        builder = builder.max_connection_age_grace(Duration::from_secs(u64::from(server.max_connection_age_grace_seconds)));
+    }
+    let router = builder
+        .timeout(Duration::from_secs(u64::from(server.request_timeout_seconds)))
+        .concurrency_limit_per_connection(server.max_concurrent_requests_per_connection as usize)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_nodelay(true)
+        .layer(GrpcTelemetryLayer)
+        .layer(auth)
+        .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
+        .add_service(reflection)
+        .add_service(challenges)
+        .add_service(enrollments)
+        .add_service(devices);
+    Ok(async move {
+        match tls {
+            Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal).await,
+            None => {
+                // tonic's own `tcp_nodelay` applies only to listeners it binds itself: set it
+                // on each accepted socket, or Nagle's algorithm and delayed ACKs hold small
+                // watch-stream messages back by tens of milliseconds.
+                let incoming = TcpListenerStream::new(listener).map(|accepted| {
+                    accepted.inspect(|tcp| {
+                        if let Err(error) = tcp.set_nodelay(true) {
+                            tracing::debug!(%error, "could not set TCP_NODELAY");
+                        }
+                    })
+                });
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
+        }
+    })
 }
 
 /// The key that seals TOTP secrets: `[secrets] key_hex`, or the key file, which is
@@ -306,7 +335,7 @@ async fn open_store(config: &Config, clock: Arc<dyn Clock>) -> Result<Arc<dyn St
 /// Health follows the store: NOT_SERVING while it does not answer (load balancers
 /// then send sign-ins to a replica that can serve them), SERVING again when it
 /// does. Stops when the server drains (which sets NOT_SERVING for good).
-async fn follow_store_health(store: Arc<dyn Store>, health: tonic_health::server::HealthReporter, draining: CancellationToken) {
+async fn follow_store_health(store: Arc<dyn Store>, health: HealthReporter, draining: CancellationToken) {
     const EVERY: Duration = Duration::from_secs(1);
     let mut serving = true;
     let mut ticks = tokio::time::interval(EVERY);
@@ -333,13 +362,6 @@ async fn follow_store_health(store: Arc<dyn Store>, health: tonic_health::server
         if healthy {
             tracing::info!("store reachable again: health SERVING");
         }
-        health.set_service_status("", status).await;
-        for service in [
-            <ChallengeServiceServer<ChallengeApi> as tonic::server::NamedService>::NAME,
-            <EnrollmentServiceServer<EnrollmentApi> as tonic::server::NamedService>::NAME,
-            <DeviceServiceServer<DeviceApi> as tonic::server::NamedService>::NAME,
-        ] {
-            health.set_service_status(service, status).await;
-        }
+        set_health(&health, status).await;
     }
 }

@@ -7,17 +7,23 @@
 //! rather than with figment or config-rs: those read the process environment
 //! themselves, and we want the environment as an argument.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::broker::{BrokerSettings, Tenant};
+pub use crate::push::settings::{ApnsConfig, FcmConfig, PushConfig};
+pub use crate::telemetry::{LogConfig, LogFormat, TracingConfig};
+
+use crate::broker::{BrokerSettings, Tenant};
+use crate::domain::api_key::TenantKeys;
 use crate::domain::ids::TenantId;
+use crate::domain::ports::{AdmissionPolicy, StrikePolicy};
 use crate::push::dispatcher::DispatcherSettings;
-use crate::store::{AdmissionPolicy, StrikePolicy};
+use crate::tls::TlsFiles;
+
+mod validate;
 
 /// The environment variable that names the configuration file.
 pub const CONFIG_FILE_VAR: &str = "PUSHMATCH_CONFIG";
@@ -233,124 +239,6 @@ impl Default for DeviceConfig {
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PushConfig {
-    /// Push jobs waiting to be sent; when full, CreateChallenge answers RESOURCE_EXHAUSTED.
-    pub queue_capacity: u32,
-    /// Pushes in flight at once.
-    pub max_in_flight: u32,
-    pub max_attempts: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub apns: Option<ApnsConfig>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub fcm: Option<FcmConfig>,
-}
-
-impl Default for PushConfig {
-    fn default() -> Self {
-        Self { queue_capacity: 10_000, max_in_flight: 2_000, max_attempts: 5, apns: None, fcm: None }
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ApnsConfig {
-    pub team_id: String,
-    pub key_id: String,
-    pub private_key_path: PathBuf,
-    pub topic: String,
-    #[serde(default = "default_apns_endpoint")]
-    pub endpoint: String,
-    #[serde(default)]
-    pub ca_cert_path: String,
-    /// Long-lived HTTP/2 connections; pushes are multiplexed over them as streams.
-    #[serde(default = "default_push_connections")]
-    pub connections: u32,
-    /// Sends to this provider at once (at most `push.max_in_flight` in all).
-    #[serde(default = "default_provider_in_flight")]
-    pub max_in_flight: u32,
-    /// One attempt (connecting, sending, the answer); past it the push is retried.
-    #[serde(default = "default_push_request_timeout_ms")]
-    pub request_timeout_ms: u32,
-}
-
-fn default_apns_endpoint() -> String {
-    "https://api.push.apple.com".into()
-}
-
-fn default_push_connections() -> u32 {
-    4
-}
-
-fn default_provider_in_flight() -> u32 {
-    1_000
-}
-
-fn default_push_request_timeout_ms() -> u32 {
-    10_000
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FcmConfig {
-    pub service_account_path: PathBuf,
-    #[serde(default = "default_fcm_endpoint")]
-    pub endpoint: String,
-    #[serde(default)]
-    pub ca_cert_path: String,
-    #[serde(default = "default_push_connections")]
-    pub connections: u32,
-    #[serde(default = "default_provider_in_flight")]
-    pub max_in_flight: u32,
-    #[serde(default = "default_push_request_timeout_ms")]
-    pub request_timeout_ms: u32,
-}
-
-fn default_fcm_endpoint() -> String {
-    "https://fcm.googleapis.com".into()
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct LogConfig {
-    /// A tracing filter, e.g. "info" or "pushmatch=debug"; `RUST_LOG` overrides it.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
-    }
-}
-
-/// Span export. Logs are `[log]`; spans always reach the log subscriber.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TracingConfig {
-    /// OTLP/gRPC collector, e.g. "http://otel-collector:4317"; "" exports nothing.
-    /// Needs a build with the `otlp` cargo feature.
-    pub otlp_endpoint: String,
-    /// `service.name` of the exported spans.
-    pub service_name: String,
-    /// Share of traces exported, 0.0 to 1.0 (a caller's sampled `traceparent` wins).
-    pub sample_ratio: f64,
-}
-
-impl Default for TracingConfig {
-    fn default() -> Self {
-        Self { otlp_endpoint: String::new(), service_name: "pushmatch".into(), sample_ratio: 1.0 }
-    }
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub id: String,
@@ -408,133 +296,11 @@ impl Config {
             config.tenants.push(TenantConfig {
                 id: DEVELOPMENT_TENANT.into(),
                 display_name: "pushmatch (development)".into(),
-                api_key_sha256: vec![crate::api::auth::api_key_digest_hex(DEVELOPMENT_API_KEY)],
+                api_key_sha256: vec![crate::domain::api_key::api_key_digest_hex(DEVELOPMENT_API_KEY)],
             });
         }
         config.validate()?;
         Ok(LoadedConfig { config, development })
-    }
-
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        self.server.listen.parse::<SocketAddr>().map_err(|e| invalid("server.listen", format!("not an address: {e}")))?;
-        if !(self.server.public_url.starts_with("http://") || self.server.public_url.starts_with("https://")) {
-            return Err(invalid("server.public_url", "must start with http:// or https://"));
-        }
-        if !self.server.metrics_listen.is_empty() {
-            self.server
-                .metrics_listen
-                .parse::<SocketAddr>()
-                .map_err(|e| invalid("server.metrics_listen", format!("not an address: {e}")))?;
-        }
-        match (&self.server.tls_cert_path, &self.server.tls_key_path) {
-            (Some(_), None) => return Err(invalid("server.tls_key_path", "is required with server.tls_cert_path")),
-            (None, Some(_)) => return Err(invalid("server.tls_cert_path", "is required with server.tls_key_path")),
-            _ => {}
-        }
-        if self.server.tls_client_ca_path.is_some() && self.server.tls_cert_path.is_none() {
-            return Err(invalid("server.tls_client_ca_path", "mutual TLS needs TLS: set server.tls_cert_path and tls_key_path"));
-        }
-        if !self.tracing.otlp_endpoint.is_empty() {
-            if !cfg!(feature = "otlp") {
-                return Err(invalid("tracing.otlp_endpoint", "this build has no OTLP exporter; build with `--features otlp`"));
-            }
-            if !(self.tracing.otlp_endpoint.starts_with("http://") || self.tracing.otlp_endpoint.starts_with("https://")) {
-                return Err(invalid("tracing.otlp_endpoint", "must start with http:// or https://"));
-            }
-        }
-        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
-            return Err(invalid("tracing.sample_ratio", "must be between 0.0 and 1.0"));
-        }
-        if self.server.max_concurrent_requests_per_connection == 0 {
-            return Err(invalid("server.max_concurrent_requests_per_connection", "must be at least 1"));
-        }
-        if self.server.max_creates_in_flight == 0 {
-            return Err(invalid("server.max_creates_in_flight", "must be at least 1"));
-        }
-        if self.server.request_timeout_seconds == 0 {
-            return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
-        }
-        if self.store.backend == StoreBackend::Redis {
-            let urls = self.redis_settings().urls;
-            if let Some(bad) = urls.iter().find(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
-                return Err(invalid("store.redis_url", format!("{bad:?} is not a redis:// or rediss:// URL")));
-            }
-            if self.store.operation_timeout_ms == 0 {
-                return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
-            }
-            // Replicas must open each other's sealed TOTP secrets: one shared key.
-            if self.secrets.key_hex.is_empty() && self.secrets.key_file.is_empty() {
-                return Err(invalid(
-                    "secrets.key_hex",
-                    "with the redis store every replica needs the same secret key: set [secrets] key_hex or key_file",
-                ));
-            }
-        }
-        let challenge = &self.challenge;
-        if challenge.default_ttl_seconds == 0 || challenge.default_ttl_seconds > challenge.max_ttl_seconds {
-            return Err(invalid("challenge.default_ttl_seconds", "must be between 1 and challenge.max_ttl_seconds"));
-        }
-        if challenge.max_ttl_seconds > 3_600 {
-            return Err(invalid("challenge.max_ttl_seconds", "must be at most 3600"));
-        }
-        for (key, value) in [
-            ("limits.max_pending_per_user", self.limits.max_pending_per_user),
-            ("limits.max_challenges_per_window", self.limits.max_challenges_per_window),
-            ("limits.challenge_window_seconds", self.limits.challenge_window_seconds),
-            ("limits.wrong_number_limit", self.limits.wrong_number_limit),
-            ("limits.wrong_number_window_seconds", self.limits.wrong_number_window_seconds),
-            ("limits.totp_failure_limit", self.limits.totp_failure_limit),
-            ("limits.totp_failure_window_seconds", self.limits.totp_failure_window_seconds),
-            ("enrollment.code_ttl_seconds", self.enrollment.code_ttl_seconds),
-            ("device.max_clock_skew_seconds", self.device.max_clock_skew_seconds),
-            ("push.queue_capacity", self.push.queue_capacity),
-            ("push.max_in_flight", self.push.max_in_flight),
-            ("push.max_attempts", self.push.max_attempts),
-            ("push.apns.connections", self.push.apns.as_ref().map_or(1, |p| p.connections)),
-            ("push.apns.max_in_flight", self.push.apns.as_ref().map_or(1, |p| p.max_in_flight)),
-            ("push.apns.request_timeout_ms", self.push.apns.as_ref().map_or(1, |p| p.request_timeout_ms)),
-            ("push.fcm.connections", self.push.fcm.as_ref().map_or(1, |p| p.connections)),
-            ("push.fcm.max_in_flight", self.push.fcm.as_ref().map_or(1, |p| p.max_in_flight)),
-            ("push.fcm.request_timeout_ms", self.push.fcm.as_ref().map_or(1, |p| p.request_timeout_ms)),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
-        if !self.secrets.key_hex.is_empty() && (self.secrets.key_hex.len() != 64 || hex::decode(&self.secrets.key_hex).is_err()) {
-            return Err(invalid("secrets.key_hex", "must be 64 hex digits (32 bytes)"));
-        }
-        if self.tenants.is_empty() {
-            return Err(invalid("tenants", "no [[tenants]]: nobody could call the identity-provider services"));
-        }
-        let mut ids = HashSet::new();
-        let mut keys = HashSet::new();
-        for tenant in &self.tenants {
-            let valid_id = !tenant.id.is_empty()
-                && tenant.id.len() <= 64
-                && tenant.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-            if !valid_id {
-                return Err(invalid("tenants.id", format!("{:?}: 1 to 64 of [A-Za-z0-9_-]", tenant.id)));
-            }
-            if !ids.insert(tenant.id.as_str()) {
-                return Err(invalid("tenants.id", format!("{:?} appears twice", tenant.id)));
-            }
-            if tenant.api_key_sha256.is_empty() {
-                return Err(invalid("tenants.api_key_sha256", format!("tenant {:?} has no API key", tenant.id)));
-            }
-            for digest in &tenant.api_key_sha256 {
-                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(invalid(
-                        "tenants.api_key_sha256",
-                        format!("tenant {:?}: not 64 hex digits (use `pushmatch hash-key`)", tenant.id),
-                    ));
-                }
-                if !keys.insert(digest.to_ascii_lowercase()) {
-                    return Err(invalid("tenants.api_key_sha256", format!("tenant {:?}: a key digest appears twice", tenant.id)));
-                }
-            }
-        }
-        Ok(())
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -579,6 +345,24 @@ impl Config {
             urls,
             operation_timeout: Duration::from_millis(u64::from(self.store.operation_timeout_ms)),
         }
+    }
+
+    /// The certificate files of the gRPC port; `None` serves plain gRPC (validation
+    /// made sure that the certificate and key come together).
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        let server = &self.server;
+        let (cert, key) = (server.tls_cert_path.clone()?, server.tls_key_path.clone()?);
+        Some(TlsFiles {
+            cert,
+            key,
+            client_ca: server.tls_client_ca_path.clone(),
+            reload_interval: Duration::from_secs(u64::from(server.tls_reload_interval_seconds)),
+        })
+    }
+
+    /// Every tenant's accepted API-key digests.
+    pub fn tenant_keys(&self) -> TenantKeys {
+        TenantKeys::new(self.tenants.iter().map(|t| (TenantId(t.id.clone()), t.api_key_sha256.as_slice())))
     }
 
     pub fn dispatcher_settings(&self) -> DispatcherSettings {

@@ -1,0 +1,164 @@
+//! The IdP's side of a sign-in: create a challenge (limits, number, pushes), read
+//! it, watch it, cancel it.
+
+use std::time::Duration;
+
+use super::{Broker, ChallengeRequest, PushJob, PushKind};
+use crate::domain::challenge::{Challenge, ChallengeState, Delivery, DeliveryState, Resolution};
+use crate::domain::device::Device;
+use crate::domain::error::DomainError;
+use crate::domain::ids::{ChallengeId, ChallengeNumber, TenantId};
+use crate::domain::ports::{BlockReason, ChallengeWatch, CreateOutcome, Refusal, UserBlock};
+use crate::domain::time::Millis;
+use crate::telemetry::metrics::{challenge_resolved, names};
+
+impl Broker {
+    /// Creates a challenge for the user and pushes it to every device that takes
+    /// pushes. Refused at once (RESOURCE_EXHAUSTED) past `max_creates_in_flight` or
+    /// when the push queue has no room; the store applies the per-user limits and
+    /// the idempotency key in the same atomic step as the insert.
+    #[tracing::instrument(skip_all, fields(tenant = %tenant))]
+    pub async fn create_challenge(&self, tenant: &TenantId, request: ChallengeRequest) -> Result<Challenge, DomainError> {
+        let ttl = self.challenge_ttl(request.ttl_seconds)?;
+        let Ok(_creating) = self.creating.try_acquire() else {
+            metrics::counter!(names::CHALLENGES_SHED).increment(1);
+            return Err(DomainError::ResourceExhausted(format!(
+                "the broker is creating {} challenges already (server.max_creates_in_flight); retry with backoff",
+                self.settings.max_creates_in_flight
+            )));
+        };
+        let devices = self.store.list_devices(tenant, &request.user_id).await?;
+        if !devices.iter().any(Device::answers_challenges) {
+            return Err(DomainError::FailedPrecondition(
+                "user_id: the user has no enrolled device that can answer a challenge".into(),
+            ));
+        }
+        let targets: Vec<&Device> = devices.iter().filter(|d| d.takes_pushes()).collect();
+        if !self.dispatcher.has_room_for(targets.len()) {
+            return Err(DomainError::ResourceExhausted("the push queue is full; retry shortly".into()));
+        }
+
+        let now = self.clock.now();
+        let challenge = new_challenge(tenant, request, &targets, now, ttl)?;
+        let created = match self.store.create_challenge(challenge, &self.settings.admission, now).await? {
+            CreateOutcome::Created(created) => created,
+            CreateOutcome::Existing(existing) => {
+                tracing::debug!(challenge_id = %existing.id, "request_id seen before: returning its challenge");
+                return Ok(existing);
+            }
+            CreateOutcome::Refused(refusal) => return Err(refusal_error(refusal)),
+        };
+        for device in targets {
+            let Some(platform) = device.platform else { continue };
+            self.push(PushJob {
+                kind: PushKind::Challenge,
+                challenge_id: created.id.clone(),
+                device_id: device.id.clone(),
+                platform,
+                push_token: device.push_token.clone(),
+                expires_at: created.expires_at,
+            })
+            .await;
+        }
+        tracing::info!(challenge_id = %created.id, pushes = created.deliveries.len(), "challenge created");
+        metrics::counter!(names::CHALLENGES_CREATED, "tenant" => tenant.0.clone()).increment(1);
+        Ok(created)
+    }
+
+    /// The challenge's lifetime: the configured default for 0, at most the maximum.
+    fn challenge_ttl(&self, ttl_seconds: u32) -> Result<Duration, DomainError> {
+        let ttl = match ttl_seconds {
+            0 => self.settings.default_ttl,
+            seconds => Duration::from_secs(u64::from(seconds)),
+        };
+        if ttl > self.settings.max_ttl {
+            return Err(DomainError::invalid(
+                "ttl_seconds",
+                format!("is above the maximum of {} seconds", self.settings.max_ttl.as_secs()),
+            ));
+        }
+        Ok(ttl)
+    }
+
+    pub async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId) -> Result<Challenge, DomainError> {
+        self.store.get_challenge(tenant, id, self.clock.now()).await?.ok_or(DomainError::NotFound("challenge"))
+    }
+
+    pub async fn watch_challenge(&self, tenant: &TenantId, id: &ChallengeId) -> Result<ChallengeWatch, DomainError> {
+        self.store.watch_challenge(tenant, id, self.clock.now()).await?.ok_or(DomainError::NotFound("challenge"))
+    }
+
+    #[tracing::instrument(skip_all, fields(tenant = %tenant, challenge_id = %id))]
+    pub async fn cancel_challenge(&self, tenant: &TenantId, id: &ChallengeId) -> Result<Challenge, DomainError> {
+        let outcome = self
+            .store
+            .resolve_challenge(tenant, id, Resolution::cancelled(), self.clock.now())
+            .await?
+            .ok_or(DomainError::NotFound("challenge"))?;
+        if outcome.accepted {
+            tracing::info!("challenge cancelled");
+            challenge_resolved(outcome.challenge.state, outcome.challenge.deny_reason);
+            self.clear_other_devices(&outcome.challenge, None).await;
+        }
+        Ok(outcome.challenge)
+    }
+}
+
+/// A new PENDING challenge with a fresh id and number, and a QUEUED delivery for
+/// each device it will be pushed to.
+fn new_challenge(
+    tenant: &TenantId,
+    request: ChallengeRequest,
+    targets: &[&Device],
+    now: Millis,
+    ttl: Duration,
+) -> Result<Challenge, DomainError> {
+    let deliveries = targets
+        .iter()
+        .filter_map(|device| {
+            Some(Delivery {
+                device_id: device.id.clone(),
+                platform: device.platform?,
+                state: DeliveryState::Queued,
+                attempts: 0,
+                error: String::new(),
+            })
+        })
+        .collect();
+    Ok(Challenge {
+        id: ChallengeId::generate()?,
+        tenant: tenant.clone(),
+        user_id: request.user_id,
+        number: ChallengeNumber::generate()?,
+        state: ChallengeState::Pending,
+        deny_reason: None,
+        context: request.context,
+        created_at: now,
+        expires_at: now.plus(ttl),
+        resolved_at: None,
+        resolved_by: None,
+        deliveries,
+        request_id: request.request_id,
+    })
+}
+
+fn refusal_error(refusal: Refusal) -> DomainError {
+    match refusal {
+        Refusal::Blocked(UserBlock { reason: BlockReason::FraudReported, .. }) => DomainError::FailedPrecondition(
+            "user_id: the user reported a sign-in as fraud; new challenges are blocked until UnblockUser".into(),
+        ),
+        Refusal::Blocked(UserBlock { reason: BlockReason::WrongNumbers, until, .. }) => {
+            let until = until.map_or_else(String::new, |u| format!(" until {} (Unix s)", u.as_unix_seconds()));
+            DomainError::FailedPrecondition(format!(
+                "user_id: too many wrong numbers; new challenges are blocked{until} or until UnblockUser"
+            ))
+        }
+        Refusal::TooManyPending { limit } => {
+            DomainError::ResourceExhausted(format!("user_id: the user has {limit} pending challenges already"))
+        }
+        Refusal::RateLimited { limit, window } => DomainError::ResourceExhausted(format!(
+            "user_id: more than {limit} challenges for the user in {} seconds",
+            window.as_secs()
+        )),
+    }
+}

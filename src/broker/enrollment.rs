@@ -1,0 +1,116 @@
+//! Enrollment: the setup page begins it (a QR code for a push device, or an
+//! otpauth URI for any authenticator app), and the app completes it with the
+//! one-time code, its push token and its public key.
+
+use super::{BegunEnrollment, Broker, CompletedEnrollment, DeviceEnrollment};
+use crate::domain::device::Device;
+use crate::domain::enrollment::{self, Enrollment, EnrollmentKind};
+use crate::domain::error::DomainError;
+use crate::domain::ids::{DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use crate::domain::ports::CompleteOutcome;
+use crate::domain::totp;
+use crate::push::redact_token;
+
+impl Broker {
+    #[tracing::instrument(skip_all, fields(tenant = %tenant))]
+    pub async fn begin_enrollment(
+        &self,
+        tenant: &TenantId,
+        user_id: UserId,
+        account_name: String,
+        kind: EnrollmentKind,
+    ) -> Result<BegunEnrollment, DomainError> {
+        let now = self.clock.now();
+        let id = EnrollmentId::generate()?;
+        let issuer = self.issuer(tenant);
+        let (uri, code_digest, totp_secret) = match kind {
+            EnrollmentKind::Push => {
+                let code = EnrollmentCode::generate()?;
+                (
+                    enrollment::push_enrollment_uri(&self.settings.public_url, &code, &issuer, &account_name),
+                    Some(code.digest()),
+                    None,
+                )
+            }
+            EnrollmentKind::Totp => {
+                let secret = totp::generate_secret()?;
+                let sealed = self.secrets.seal(&secret, id.as_str())?;
+                (totp::otpauth_uri(&issuer, &account_name, &secret), None, Some(sealed))
+            }
+        };
+        let enrollment = Enrollment {
+            id,
+            tenant: tenant.clone(),
+            user_id,
+            account_name,
+            kind,
+            code_digest,
+            totp_secret,
+            created_at: now,
+            expires_at: now.plus(self.settings.enrollment_ttl),
+            completed: false,
+            device_id: None,
+        };
+        let qr_png = enrollment::qr_png(&uri)?;
+        self.store.insert_enrollment(enrollment.clone()).await?;
+        tracing::info!(enrollment_id = %enrollment.id, "enrollment begun");
+        Ok(BegunEnrollment { enrollment, uri, qr_png })
+    }
+
+    pub async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Enrollment, DomainError> {
+        self.store.get_enrollment(tenant, id).await?.ok_or(DomainError::NotFound("enrollment"))
+    }
+
+    pub fn enrollment_state(&self, enrollment: &Enrollment) -> enrollment::EnrollmentState {
+        enrollment.state(self.clock.now())
+    }
+
+    #[tracing::instrument(skip_all)]
+    pub async fn complete_enrollment(&self, request: DeviceEnrollment) -> Result<CompletedEnrollment, DomainError> {
+        let now = self.clock.now();
+        let digest = request.code.digest();
+        let enrollment = self
+            .store
+            .enrollment_by_code(&digest)
+            .await?
+            .filter(|e| e.kind == EnrollmentKind::Push)
+            .ok_or(DomainError::NotFound("enrollment for this enrollment_code"))?;
+        let device_id = DeviceId::generate()?;
+        let totp_secret = totp::generate_secret()?;
+        let device = Device {
+            totp_secret: Some(self.secrets.seal(&totp_secret, device_id.as_str())?),
+            id: device_id,
+            tenant: enrollment.tenant.clone(),
+            user_id: enrollment.user_id.clone(),
+            display_name: request.display_name,
+            account_name: enrollment.account_name.clone(),
+            platform: Some(request.platform),
+            push_enabled: !request.push_token.is_empty(),
+            push_token: request.push_token,
+            public_key: Some(request.public_key),
+            totp_last_step: None,
+            enrolled_at: now,
+            last_used_at: None,
+        };
+        // The store spends the code and adds the device in one step, re-checking the
+        // enrollment's state: of two racing completions exactly one adds a device.
+        match self.store.complete_enrollment(&digest, device.clone(), now).await? {
+            CompleteOutcome::Completed(enrollment) => {
+                tracing::info!(enrollment_id = %enrollment.id, device_id = %device.id, token = %redact_token(&device.push_token), "device enrolled");
+                Ok(CompletedEnrollment {
+                    issuer: self.issuer(&enrollment.tenant),
+                    account_name: enrollment.account_name,
+                    device,
+                    totp_secret,
+                })
+            }
+            CompleteOutcome::UnknownCode => Err(DomainError::NotFound("enrollment for this enrollment_code")),
+            CompleteOutcome::AlreadyUsed => {
+                Err(DomainError::FailedPrecondition("enrollment_code: this enrollment was completed already".into()))
+            }
+            CompleteOutcome::Expired => {
+                Err(DomainError::FailedPrecondition("enrollment_code: this enrollment has expired".into()))
+            }
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! [`Broker`]: every use case of pushmatch, one method each. The gRPC edge turns a
+//! request into these arguments (already well-formed) and the result back into a
+//! response; the broker puts the domain's rules to work over the store port
+//! (`crate::domain::ports::Store`) and the push dispatcher. Everything that decides
+//! lives in the domain's types or in the store's atomic steps; the broker orders
+//! the steps and records what happened (logs, metrics, deliveries).
+//!
+//! - [`challenges`]: the IdP's side of a sign-in (create, get, watch, cancel).
+//! - [`enrollment`]: begin and complete an enrollment.
+//! - [`totp`]: confirm a TOTP enrollment, verify codes.
+//! - [`devices`]: the app's calls after enrollment (answers, pending list, token
+//!   updates) and the IdP's device management.
+//! - [`delivery`]: [`DeliveryRecorder`], the dispatcher's reports written to the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::domain::challenge::{Challenge, Delivery, DeliveryState, Platform, SignInContext};
+use crate::domain::device::{Device, DevicePublicKey};
+use crate::domain::enrollment::Enrollment;
+use crate::domain::ids::{DeviceId, EnrollmentCode, TenantId, UserId};
+use crate::domain::ports::{AdmissionPolicy, Store, StrikePolicy};
+use crate::domain::secrets::SecretBox;
+use crate::domain::time::Clock;
+use crate::push::dispatcher::Dispatcher;
+use crate::push::{PushJob, PushKind};
+
+mod challenges;
+mod delivery;
+mod devices;
+mod enrollment;
+#[cfg(test)]
+mod tests;
+mod totp;
+
+pub use delivery::DeliveryRecorder;
+
+/// The knobs of the rules, from the configuration.
+#[derive(Clone, Debug)]
+pub struct BrokerSettings {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub admission: AdmissionPolicy,
+    pub wrong_numbers: StrikePolicy,
+    /// Wrong TOTP codes that lock VerifyTotp for a user.
+    pub totp_lockout: StrikePolicy,
+    pub enrollment_ttl: Duration,
+    pub max_clock_skew: Duration,
+    /// Where enrollment QR codes send apps.
+    pub public_url: String,
+    /// CreateChallenge calls worked on at once; past it they are refused at once.
+    pub max_creates_in_flight: usize,
+}
+
+/// A tenant as the domain sees it.
+#[derive(Clone, Debug)]
+pub struct Tenant {
+    pub id: TenantId,
+    pub display_name: String,
+}
+
+/// What the IdP asks for in CreateChallenge, validated.
+#[derive(Clone, Debug)]
+pub struct ChallengeRequest {
+    pub user_id: UserId,
+    pub context: SignInContext,
+    /// 0 means the configured default.
+    pub ttl_seconds: u32,
+    pub request_id: Option<String>,
+}
+
+/// What the app sends in CompleteEnrollment, validated.
+#[derive(Debug)]
+pub struct DeviceEnrollment {
+    pub code: EnrollmentCode,
+    pub platform: Platform,
+    pub push_token: String,
+    pub public_key: DevicePublicKey,
+    pub display_name: String,
+}
+
+/// A begun enrollment: the record and what the setup page shows (once).
+pub struct BegunEnrollment {
+    pub enrollment: Enrollment,
+    pub uri: String,
+    pub qr_png: Vec<u8>,
+}
+
+pub struct CompletedEnrollment {
+    pub device: Device,
+    pub account_name: String,
+    pub issuer: String,
+    /// The raw TOTP secret for the app's offline codes; sent once, stored sealed.
+    pub totp_secret: Vec<u8>,
+}
+
+/// What VerifyTotp answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TotpVerdict {
+    pub valid: bool,
+    pub device_id: Option<DeviceId>,
+}
+
+/// A device's answer, as RespondToChallenge reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AnswerOutcome {
+    pub accepted: bool,
+    pub challenge: Challenge,
+}
+
+/// What ListPendingChallenges shows the app.
+pub struct PendingForDevice {
+    pub challenges: Vec<Challenge>,
+    pub account_name: String,
+    pub issuer: String,
+}
+
+pub struct Broker {
+    store: Arc<dyn Store>,
+    dispatcher: Dispatcher,
+    clock: Arc<dyn Clock>,
+    settings: BrokerSettings,
+    tenants: HashMap<TenantId, Tenant>,
+    secrets: SecretBox,
+    /// One permit per CreateChallenge in flight: in a burst past what the store and
+    /// the push queue take, a caller hears RESOURCE_EXHAUSTED at once and backs off,
+    /// instead of waiting in a queue that only grows (BENCHMARKS.md, the herd).
+    creating: tokio::sync::Semaphore,
+}
+
+impl Broker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        dispatcher: Dispatcher,
+        clock: Arc<dyn Clock>,
+        settings: BrokerSettings,
+        tenants: Vec<Tenant>,
+        secrets: SecretBox,
+    ) -> Self {
+        let tenants = tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
+        let creating = tokio::sync::Semaphore::new(settings.max_creates_in_flight);
+        Self { store, dispatcher, clock, settings, tenants, secrets, creating }
+    }
+
+    fn issuer(&self, tenant: &TenantId) -> String {
+        self.tenants.get(tenant).map_or_else(|| tenant.0.clone(), |t| t.display_name.clone())
+    }
+
+    /// Hands a job to the dispatcher. Room was checked before the challenge was
+    /// created; if a concurrent burst took it meanwhile, the delivery reads FAILED
+    /// and the app's pull fallback still finds the challenge.
+    async fn push(&self, job: PushJob) {
+        if let Err(full) = self.dispatcher.enqueue(job.clone()) {
+            tracing::warn!(challenge_id = %job.challenge_id, "{full}");
+            if job.kind == PushKind::Challenge {
+                let delivery = Delivery {
+                    device_id: job.device_id,
+                    platform: job.platform,
+                    state: DeliveryState::Failed,
+                    attempts: 0,
+                    error: "push queue full".into(),
+                };
+                if let Err(error) = self.store.record_delivery(&job.challenge_id, delivery).await {
+                    tracing::warn!(%error, "could not record a failed delivery");
+                }
+            }
+        }
+    }
+
+    /// Tells the user's other phones that the challenge is over, so they take the
+    /// prompt down. Only devices that were pushed the challenge get the message.
+    async fn clear_other_devices(&self, challenge: &Challenge, answered_by: Option<&DeviceId>) {
+        let devices = match self.store.list_devices(&challenge.tenant, &challenge.user_id).await {
+            Ok(devices) => devices,
+            Err(error) => {
+                tracing::warn!(%error, "could not list devices to clear their prompts");
+                return;
+            }
+        };
+        for device in devices {
+            let pushed = challenge.deliveries.iter().any(|d| d.device_id == device.id);
+            if !pushed || Some(&device.id) == answered_by || !device.takes_pushes() {
+                continue;
+            }
+            let Some(platform) = device.platform else { continue };
+            self.push(PushJob {
+                kind: PushKind::Clear { state: challenge.state },
+                challenge_id: challenge.id.clone(),
+                device_id: device.id.clone(),
+                platform,
+                push_token: device.push_token.clone(),
+                expires_at: challenge.expires_at,
+            })
+            .await;
+        }
+    }
+}

@@ -1,0 +1,207 @@
+// Test support: a failed expectation here is a failed test, so panicking is the point.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+//! The broker's rules without gRPC: a real embedded store in a temporary folder, a
+//! manual clock and a recording push sender.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::domain::challenge::{ChallengeState, Platform};
+use crate::domain::error::{DomainError, ErrorKind};
+use crate::domain::ids::UserId;
+use crate::domain::ports::{BlockReason, UserBlock};
+use crate::domain::time::ManualClock;
+use crate::push::dispatcher::{DispatcherCounters, DispatcherSettings};
+use crate::push::recording::RecordingPushSender;
+use crate::store::conformance::{sample_device, sample_enrollment};
+use crate::store::embedded::EmbeddedStore;
+
+struct Fixture {
+    broker: Broker,
+    store: Arc<dyn Store>,
+    clock: ManualClock,
+    fcm: RecordingPushSender,
+    tenant: TenantId,
+    _dir: tempfile::TempDir,
+}
+
+fn settings() -> BrokerSettings {
+    BrokerSettings {
+        default_ttl: Duration::from_secs(60),
+        max_ttl: Duration::from_secs(300),
+        admission: AdmissionPolicy {
+            max_pending: 2,
+            max_per_window: 10,
+            window: Duration::from_secs(600),
+            retention: Duration::from_secs(300),
+        },
+        wrong_numbers: StrikePolicy { limit: 3, window: Duration::from_secs(600), block_for: Duration::from_secs(900) },
+        totp_lockout: StrikePolicy { limit: 5, window: Duration::from_secs(300), block_for: Duration::from_secs(300) },
+        enrollment_ttl: Duration::from_secs(600),
+        max_clock_skew: Duration::from_secs(300),
+        public_url: "https://mfa.example.com".into(),
+        max_creates_in_flight: 4,
+    }
+}
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let clock = ManualClock::starting_now();
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("store"));
+    let fcm = RecordingPushSender::new(Platform::Fcm);
+    let dispatcher = Dispatcher::start(
+        vec![Arc::new(fcm.clone())],
+        Arc::new(DeliveryRecorder::new(Arc::clone(&store))),
+        Arc::new(clock.clone()),
+        DispatcherSettings::default(),
+        Arc::new(DispatcherCounters::default()),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let tenant = TenantId("acme".into());
+    let broker = Broker::new(
+        Arc::clone(&store),
+        dispatcher,
+        Arc::new(clock.clone()),
+        settings(),
+        vec![Tenant { id: tenant.clone(), display_name: "Acme".into() }],
+        SecretBox::new(&[9u8; 32]),
+    );
+    Fixture { broker, store, clock, fcm, tenant, _dir: dir }
+}
+
+impl Fixture {
+    /// Enrolls a push device (FCM) for `user` straight through the store.
+    async fn enroll(&self, user: &UserId) -> Device {
+        let now = self.clock.now();
+        let enrollment = sample_enrollment(&self.tenant, user, now);
+        self.store.insert_enrollment(enrollment.clone()).await.expect("insert");
+        let device = sample_device(&self.tenant, user, now);
+        let code = enrollment.code_digest.as_ref().expect("code");
+        self.store.complete_enrollment(code, device.clone(), now).await.expect("complete");
+        device
+    }
+
+    async fn create(&self, user: &UserId, ttl_seconds: u32) -> Result<Challenge, DomainError> {
+        let request =
+            ChallengeRequest { user_id: user.clone(), context: SignInContext::default(), ttl_seconds, request_id: None };
+        self.broker.create_challenge(&self.tenant, request).await
+    }
+}
+
+fn user(name: &str) -> UserId {
+    UserId::parse(name).expect("user id")
+}
+
+fn expires_in(challenge: &Challenge) -> Duration {
+    challenge.created_at.until(challenge.expires_at)
+}
+
+#[tokio::test]
+async fn ttl_zero_takes_the_default_and_past_the_maximum_is_refused_by_name() {
+    let f = fixture().await;
+    let jan = user("jan");
+    f.enroll(&jan).await;
+
+    assert_eq!(expires_in(&f.create(&jan, 0).await.expect("default ttl")), Duration::from_secs(60));
+    assert_eq!(expires_in(&f.create(&jan, 300).await.expect("the maximum itself")), Duration::from_secs(300));
+    let error = f.create(&jan, 301).await.expect_err("above the maximum");
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument);
+    assert!(error.to_string().starts_with("ttl_seconds: "), "{error}");
+}
+
+#[tokio::test]
+async fn creates_past_the_in_flight_cap_are_shed_at_once_and_go_through_after() {
+    let f = fixture().await;
+    let jan = user("jan");
+    f.enroll(&jan).await;
+
+    let held = f.broker.creating.try_acquire_many(4).expect("every permit");
+    let error = f.create(&jan, 0).await.expect_err("shed");
+    assert_eq!(error.kind(), ErrorKind::ResourceExhausted);
+    assert!(error.to_string().contains("server.max_creates_in_flight"), "{error}");
+    assert!(f.store.pending_challenges(&f.tenant, &jan, f.clock.now()).await.expect("read").is_empty(), "nothing stored");
+
+    drop(held);
+    f.create(&jan, 0).await.expect("a permit is free again");
+}
+
+#[tokio::test]
+async fn a_user_without_a_device_is_refused_naming_the_user() {
+    let f = fixture().await;
+    let error = f.create(&user("nobody"), 0).await.expect_err("no device");
+    assert_eq!(error.kind(), ErrorKind::FailedPrecondition);
+    assert!(error.to_string().starts_with("user_id: "), "{error}");
+}
+
+#[tokio::test]
+async fn per_user_limits_and_blocks_are_refused_with_their_reason() {
+    let f = fixture().await;
+    let (jan, piet) = (user("jan"), user("piet"));
+    f.enroll(&jan).await;
+    f.enroll(&piet).await;
+
+    f.create(&jan, 0).await.expect("first");
+    f.create(&jan, 0).await.expect("second");
+    let error = f.create(&jan, 0).await.expect_err("a third pending challenge");
+    assert_eq!(error.kind(), ErrorKind::ResourceExhausted);
+    assert!(error.to_string().contains("2 pending challenges"), "{error}");
+
+    let fraud = UserBlock { reason: BlockReason::FraudReported, since: f.clock.now(), until: None };
+    f.store.block_user(&f.tenant, &piet, fraud).await.expect("block");
+    let error = f.create(&piet, 0).await.expect_err("blocked");
+    assert_eq!(error.kind(), ErrorKind::FailedPrecondition);
+    assert!(error.to_string().contains("UnblockUser"), "{error}");
+
+    f.broker.unblock_user(&f.tenant, &piet).await.expect("unblock");
+    f.create(&piet, 0).await.expect("unblocked");
+}
+
+#[tokio::test]
+async fn a_challenge_is_pushed_to_each_device_and_its_delivery_recorded() {
+    let f = fixture().await;
+    let jan = user("jan");
+    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
+
+    let challenge = f.create(&jan, 0).await.expect("created");
+    assert_eq!(challenge.state, ChallengeState::Pending);
+    assert_eq!(challenge.deliveries.len(), 2);
+    let jobs = f.fcm.wait_until(|jobs| jobs.len() == 2).await;
+    for device in [&first, &second] {
+        let job = jobs.iter().find(|job| job.device_id == device.id).expect("a push to each device");
+        assert_eq!(
+            (job.kind.clone(), &job.challenge_id, job.expires_at),
+            (PushKind::Challenge, &challenge.id, challenge.expires_at)
+        );
+    }
+
+    // The recorder writes each SENT back to the challenge, where watchers see it.
+    let mut watch = f.broker.watch_challenge(&f.tenant, &challenge.id).await.expect("watch");
+    let sent = watch
+        .wait_for(|c| c.deliveries.iter().all(|d| d.state == DeliveryState::Sent))
+        .await
+        .expect("deliveries recorded")
+        .clone();
+    assert!(sent.deliveries.iter().all(|d| d.attempts == 1));
+}
+
+#[tokio::test]
+async fn cancel_resolves_once_and_an_expired_challenge_reads_expired() {
+    let f = fixture().await;
+    let jan = user("jan");
+    f.enroll(&jan).await;
+
+    let first = f.create(&jan, 0).await.expect("created");
+    assert_eq!(f.broker.cancel_challenge(&f.tenant, &first.id).await.expect("cancel").state, ChallengeState::Cancelled);
+    f.clock.advance(Duration::from_secs(1));
+    let again = f.broker.cancel_challenge(&f.tenant, &first.id).await.expect("cancel again");
+    assert_eq!((again.state, again.resolved_at), (ChallengeState::Cancelled, Some(f.clock.now().minus(Duration::from_secs(1)))));
+
+    let second = f.create(&jan, 10).await.expect("created");
+    f.clock.advance(Duration::from_secs(11));
+    assert_eq!(f.broker.get_challenge(&f.tenant, &second.id).await.expect("get").state, ChallengeState::Expired);
+    let other = TenantId("other".into());
+    let error = f.broker.get_challenge(&other, &second.id).await.expect_err("another tenant's");
+    assert_eq!(error.kind(), ErrorKind::NotFound);
+}

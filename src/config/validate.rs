@@ -1,0 +1,157 @@
+//! Validation: every section checked before a port opens; the error names the
+//! first key at fault (`server.listen: not an address: ...`).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::{Config, ConfigError, StoreBackend, invalid};
+
+impl Config {
+    /// Checks every section; the error names the first key at fault.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_server()?;
+        self.validate_tracing()?;
+        self.validate_store()?;
+        self.validate_limits()?;
+        self.validate_tenants()
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        self.server.listen.parse::<SocketAddr>().map_err(|e| invalid("server.listen", format!("not an address: {e}")))?;
+        if !(self.server.public_url.starts_with("http://") || self.server.public_url.starts_with("https://")) {
+            return Err(invalid("server.public_url", "must start with http:// or https://"));
+        }
+        if !self.server.metrics_listen.is_empty() {
+            self.server
+                .metrics_listen
+                .parse::<SocketAddr>()
+                .map_err(|e| invalid("server.metrics_listen", format!("not an address: {e}")))?;
+        }
+        match (&self.server.tls_cert_path, &self.server.tls_key_path) {
+            (Some(_), None) => return Err(invalid("server.tls_key_path", "is required with server.tls_cert_path")),
+            (None, Some(_)) => return Err(invalid("server.tls_cert_path", "is required with server.tls_key_path")),
+            _ => {}
+        }
+        if self.server.tls_client_ca_path.is_some() && self.server.tls_cert_path.is_none() {
+            return Err(invalid("server.tls_client_ca_path", "mutual TLS needs TLS: set server.tls_cert_path and tls_key_path"));
+        }
+        if self.server.max_concurrent_requests_per_connection == 0 {
+            return Err(invalid("server.max_concurrent_requests_per_connection", "must be at least 1"));
+        }
+        if self.server.max_creates_in_flight == 0 {
+            return Err(invalid("server.max_creates_in_flight", "must be at least 1"));
+        }
+        if self.server.request_timeout_seconds == 0 {
+            return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        if !self.tracing.otlp_endpoint.is_empty() {
+            if !cfg!(feature = "otlp") {
+                return Err(invalid("tracing.otlp_endpoint", "this build has no OTLP exporter; build with `--features otlp`"));
+            }
+            if !(self.tracing.otlp_endpoint.starts_with("http://") || self.tracing.otlp_endpoint.starts_with("https://")) {
+                return Err(invalid("tracing.otlp_endpoint", "must start with http:// or https://"));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(invalid("tracing.sample_ratio", "must be between 0.0 and 1.0"));
+        }
+        Ok(())
+    }
+
+    fn validate_store(&self) -> Result<(), ConfigError> {
+        if !self.secrets.key_hex.is_empty() && (self.secrets.key_hex.len() != 64 || hex::decode(&self.secrets.key_hex).is_err()) {
+            return Err(invalid("secrets.key_hex", "must be 64 hex digits (32 bytes)"));
+        }
+        if self.store.backend == StoreBackend::Redis {
+            let urls = self.redis_settings().urls;
+            if let Some(bad) = urls.iter().find(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
+                return Err(invalid("store.redis_url", format!("{bad:?} is not a redis:// or rediss:// URL")));
+            }
+            if self.store.operation_timeout_ms == 0 {
+                return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
+            }
+            // Replicas must open each other's sealed TOTP secrets: one shared key.
+            if self.secrets.key_hex.is_empty() && self.secrets.key_file.is_empty() {
+                return Err(invalid(
+                    "secrets.key_hex",
+                    "with the redis store every replica needs the same secret key: set [secrets] key_hex or key_file",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Challenge lifetimes, per-user limits and the push queue.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
+        let challenge = &self.challenge;
+        if challenge.default_ttl_seconds == 0 || challenge.default_ttl_seconds > challenge.max_ttl_seconds {
+            return Err(invalid("challenge.default_ttl_seconds", "must be between 1 and challenge.max_ttl_seconds"));
+        }
+        if challenge.max_ttl_seconds > 3_600 {
+            return Err(invalid("challenge.max_ttl_seconds", "must be at most 3600"));
+        }
+        for (key, value) in [
+            ("limits.max_pending_per_user", self.limits.max_pending_per_user),
+            ("limits.max_challenges_per_window", self.limits.max_challenges_per_window),
+            ("limits.challenge_window_seconds", self.limits.challenge_window_seconds),
+            ("limits.wrong_number_limit", self.limits.wrong_number_limit),
+            ("limits.wrong_number_window_seconds", self.limits.wrong_number_window_seconds),
+            ("limits.totp_failure_limit", self.limits.totp_failure_limit),
+            ("limits.totp_failure_window_seconds", self.limits.totp_failure_window_seconds),
+            ("enrollment.code_ttl_seconds", self.enrollment.code_ttl_seconds),
+            ("device.max_clock_skew_seconds", self.device.max_clock_skew_seconds),
+            ("push.queue_capacity", self.push.queue_capacity),
+            ("push.max_in_flight", self.push.max_in_flight),
+            ("push.max_attempts", self.push.max_attempts),
+            ("push.apns.connections", self.push.apns.as_ref().map_or(1, |p| p.connections)),
+            ("push.apns.max_in_flight", self.push.apns.as_ref().map_or(1, |p| p.max_in_flight)),
+            ("push.apns.request_timeout_ms", self.push.apns.as_ref().map_or(1, |p| p.request_timeout_ms)),
+            ("push.fcm.connections", self.push.fcm.as_ref().map_or(1, |p| p.connections)),
+            ("push.fcm.max_in_flight", self.push.fcm.as_ref().map_or(1, |p| p.max_in_flight)),
+            ("push.fcm.request_timeout_ms", self.push.fcm.as_ref().map_or(1, |p| p.request_timeout_ms)),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_tenants(&self) -> Result<(), ConfigError> {
+        if self.tenants.is_empty() {
+            return Err(invalid("tenants", "no [[tenants]]: nobody could call the identity-provider services"));
+        }
+        let mut ids = HashSet::new();
+        let mut keys = HashSet::new();
+        for tenant in &self.tenants {
+            let valid_id = !tenant.id.is_empty()
+                && tenant.id.len() <= 64
+                && tenant.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !valid_id {
+                return Err(invalid("tenants.id", format!("{:?}: 1 to 64 of [A-Za-z0-9_-]", tenant.id)));
+            }
+            if !ids.insert(tenant.id.as_str()) {
+                return Err(invalid("tenants.id", format!("{:?} appears twice", tenant.id)));
+            }
+            if tenant.api_key_sha256.is_empty() {
+                return Err(invalid("tenants.api_key_sha256", format!("tenant {:?} has no API key", tenant.id)));
+            }
+            for digest in &tenant.api_key_sha256 {
+                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid(
+                        "tenants.api_key_sha256",
+                        format!("tenant {:?}: not 64 hex digits (use `pushmatch hash-key`)", tenant.id),
+                    ));
+                }
+                if !keys.insert(digest.to_ascii_lowercase()) {
+                    return Err(invalid("tenants.api_key_sha256", format!("tenant {:?}: a key digest appears twice", tenant.id)));
+                }
+            }
+        }
+        Ok(())
+    }
+}

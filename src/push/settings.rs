@@ -1,0 +1,85 @@
+//! The push sections of the configuration (`[push]`, `[push.apns]`, `[push.fcm]`),
+//! owned here: `crate::config` reads them from the file and the environment and
+//! validates them; [`super::senders_from_config`] builds the senders from them.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PushConfig {
+    /// Push jobs waiting to be sent; when full, CreateChallenge answers RESOURCE_EXHAUSTED.
+    pub queue_capacity: u32,
+    /// Pushes in flight at once.
+    pub max_in_flight: u32,
+    pub max_attempts: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apns: Option<ApnsConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<FcmConfig>,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self { queue_capacity: 10_000, max_in_flight: 2_000, max_attempts: 5, apns: None, fcm: None }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApnsConfig {
+    pub team_id: String,
+    pub key_id: String,
+    pub private_key_path: PathBuf,
+    pub topic: String,
+    #[serde(default = "default_apns_endpoint")]
+    pub endpoint: String,
+    #[serde(default)]
+    pub ca_cert_path: String,
+    /// Long-lived HTTP/2 connections; pushes are multiplexed over them as streams.
+    #[serde(default = "default_push_connections")]
+    pub connections: u32,
+    /// Sends to this provider at once (at most `push.max_in_flight` in all).
+    #[serde(default = "default_provider_in_flight")]
+    pub max_in_flight: u32,
+    /// One attempt (connecting, sending, the answer); past it the push is retried.
+    #[serde(default = "default_push_request_timeout_ms")]
+    pub request_timeout_ms: u32,
+}
+
+fn default_apns_endpoint() -> String {
+    "https://api.push.apple.com".into()
+}
+
+fn default_push_connections() -> u32 {
+    4
+}
+
+fn default_provider_in_flight() -> u32 {
+    1_000
+}
+
+fn default_push_request_timeout_ms() -> u32 {
+    10_000
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FcmConfig {
+    pub service_account_path: PathBuf,
+    #[serde(default = "default_fcm_endpoint")]
+    pub endpoint: String,
+    #[serde(default)]
+    pub ca_cert_path: String,
+    #[serde(default = "default_push_connections")]
+    pub connections: u32,
+    #[serde(default = "default_provider_in_flight")]
+    pub max_in_flight: u32,
+    #[serde(default = "default_push_request_timeout_ms")]
+    pub request_timeout_ms: u32,
+}
+
+fn default_fcm_endpoint() -> String {
+    "https://fcm.googleapis.com".into()
+}
