@@ -118,7 +118,17 @@ async fn walk_through(
     channel: Channel,
 ) -> Result<(), DemoError> {
     println!("pushmatch demo: number matching for multi-factor sign-in\n");
+    let (mut phone, completed) = enroll_a_phone(enrollments, channel).await?;
+    sign_in_three_ways(challenges, &mut phone).await?;
+    totp_fallback(challenges, &completed).await
+}
 
+/// Steps 1 to 3: the setup page shows a QR code, the phone scans it and enrolls,
+/// the setup page sees the enrollment completed.
+async fn enroll_a_phone(
+    enrollments: &mut IdpEnrollments,
+    channel: Channel,
+) -> Result<(SimulatedPhone, pb::CompleteEnrollmentResponse), DemoError> {
     // 1. The setup page begins an enrollment and shows the QR code.
     let step = "1 begin enrollment";
     let enrollment = enrollments
@@ -160,9 +170,14 @@ async fn walk_through(
         return Err(step_failed(step, format!("the enrollment reads {state:?}")));
     }
     println!("3. The setup page sees the enrollment COMPLETED: \"let's try it out\"\n");
+    Ok((phone, completed))
+}
 
+/// A sign-in approved with the right number, one denied for a wrong number, and
+/// one the user denied.
+async fn sign_in_three_ways(challenges: &mut IdpChallenges, phone: &mut SimulatedPhone) -> Result<(), DemoError> {
     // 5-7. A sign-in: the right number approves.
-    let (number, final_state) = sign_in(challenges, &mut phone, Answer::TypeTheNumber).await?;
+    let (number, final_state) = sign_in(challenges, phone, Answer::TypeTheNumber).await?;
     if final_state != (pb::ChallengeState::Approved, pb::DenyReason::Unspecified) {
         return Err(step_failed("sign-in", format!("expected APPROVED, the watcher saw {final_state:?}")));
     }
@@ -171,20 +186,23 @@ async fn walk_through(
     );
 
     // A wrong number denies at once: one try, no guessing.
-    let (_, final_state) = sign_in(challenges, &mut phone, Answer::TypeAnotherNumber).await?;
+    let (_, final_state) = sign_in(challenges, phone, Answer::TypeAnotherNumber).await?;
     if final_state != (pb::ChallengeState::Denied, pb::DenyReason::WrongNumber) {
         return Err(step_failed("wrong number", format!("expected DENIED / WRONG_NUMBER, the watcher saw {final_state:?}")));
     }
     println!("   Jan typed a different number: the IdP's stream: DENIED / WRONG_NUMBER (one try, no guessing)\n");
 
     // A plain deny.
-    let (_, final_state) = sign_in(challenges, &mut phone, Answer::Deny).await?;
+    let (_, final_state) = sign_in(challenges, phone, Answer::Deny).await?;
     if final_state != (pb::ChallengeState::Denied, pb::DenyReason::UserDenied) {
         return Err(step_failed("deny", format!("expected DENIED / USER_DENIED, the watcher saw {final_state:?}")));
     }
     println!("   Jan did not recognise the third sign-in and denied it: the IdP's stream: DENIED / USER_DENIED\n");
+    Ok(())
+}
 
-    // The offline fallback: no network on the phone, so Jan types the app's code.
+/// The offline fallback: no network on the phone, so the user types the app's code.
+async fn totp_fallback(challenges: &mut IdpChallenges, completed: &pb::CompleteEnrollmentResponse) -> Result<(), DemoError> {
     let step = "8 TOTP fallback";
     let now = SystemClock.now();
     let code = totp::code_for_step(&completed.totp_secret, totp::step_at(now));
