@@ -26,7 +26,8 @@ enum Command {
     /// Walks through enrolling a phone and approving a sign-in, all in one process.
     Demo,
     /// Prints the SHA-256 of an API key (read from standard input) for
-    /// `[[tenants]] api_key_sha256`; with --generate, makes a new key first.
+    /// `[[tenants]] api_key_sha256`; with --generate, makes a new key first. A key
+    /// under 128 bits (fewer than 32 characters of A-Z a-z 0-9 - _) is refused.
     HashKey {
         #[arg(long)]
         generate: bool,
@@ -143,6 +144,9 @@ fn hash_key(generate: bool) -> anyhow::Result<()> {
         key.trim().to_owned()
     };
     anyhow::ensure!(!key.is_empty(), "no key on standard input (or use --generate)");
+    if let Err(weakness) = pushmatch::domain::api_key::check_key_strength(&key) {
+        anyhow::bail!("refused: {weakness}");
+    }
     println!("api_key_sha256: {}", pushmatch::domain::api_key::api_key_digest_hex(&key));
     Ok(())
 }

@@ -71,6 +71,7 @@ topic = "t""#;
         id: "t".into(),
         display_name: "T".into(),
         api_key_sha256: vec!["0".repeat(64)],
+        api_key_sha256_file: Some("keys.sha256".into()),
     });
     let mut keys = BTreeSet::new();
     key_paths(&toml::Value::try_from(&full).expect("serializes"), "", &mut keys);
@@ -91,6 +92,23 @@ fn uncommented(text: &str) -> String {
 
 fn is_key(word: &str) -> bool {
     !word.is_empty() && word.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// The `api_key_sha256_file` of the configuration's tenant; no deployment file
+/// ships a key (or its digest) of its own.
+fn api_key_file(text: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).expect("TOML");
+    let tenants = table.get("tenants")?.as_array()?;
+    assert!(tenants.iter().all(|t| t.get("api_key_sha256").is_none()), "a deployment file ships an API-key digest");
+    tenants.first()?.get("api_key_sha256_file")?.as_str().map(str::to_owned)
+}
+
+/// `text` with the tenant's key file replaced by a temporary one holding a digest,
+/// as the mounted secret would; keep the file while the text is used.
+fn with_key_file_stood_in(text: &str, key_file: &str) -> (String, tempfile::NamedTempFile) {
+    let stand_in = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(stand_in.path(), format!("{}\n", "ab".repeat(32))).expect("write");
+    (text.replace(key_file, &stand_in.path().display().to_string()), stand_in)
 }
 
 fn load_text(text: &str, env: Vec<(String, String)>) -> LoadedConfig {
@@ -116,7 +134,8 @@ fn the_example_configuration_loads_and_names_every_key() {
     // With every optional key switched on it still loads, and then it names every key
     // the configuration has.
     let full = uncommented(&text);
-    let loaded = load_text(&full, Vec::new());
+    let (loadable, _stand_in) = with_key_file_stood_in(&full, "/run/secrets/pushmatch-api-keys");
+    let loaded = load_text(&loadable, Vec::new());
     assert!(loaded.config.push.apns.is_some() && loaded.config.push.fcm.is_some());
     assert!(loaded.config.server.tls_client_ca_path.is_some());
     let mut named = BTreeSet::new();
@@ -179,8 +198,22 @@ fn the_compose_file_runs_two_replicas_on_redis_behind_a_proxy() {
         })
         .expect("the configuration file is mounted where PUSHMATCH_CONFIG says");
     let host_file = repo("deploy").join(host_file);
-    let loaded = Config::load(Some(&host_file), env).unwrap_or_else(|e| panic!("{}: {e}", host_file.display()));
-    let config = loaded.config;
+    // The API-key digests come from a Compose secret, mounted at /run/secrets/<name>
+    // from a file the operator makes and git ignores: no key ships in the repository.
+    let text = std::fs::read_to_string(&host_file).expect("the compose configuration");
+    let key_file = api_key_file(&text).expect("the tenant's keys come from a file");
+    let secret_name = key_file.strip_prefix("/run/secrets/").expect("a Compose secret");
+    assert!(
+        sequence(&broker["secrets"]).iter().any(|s| s.as_str() == Some(secret_name)),
+        "the pushmatch service mounts the secret {secret_name}"
+    );
+    let secret_file = str_at(&compose, &["secrets", secret_name, "file"]);
+    assert!(
+        read(".gitignore").contains(&format!("/deploy/{}", secret_file.trim_start_matches("./"))),
+        "git ignores {secret_file}"
+    );
+    let (text, _stand_in) = with_key_file_stood_in(&text, &key_file);
+    let config = load_text(&text, env).config;
     assert_eq!(config.store.backend, StoreBackend::Redis);
     assert!(config.store.redis_url.starts_with("redis://redis:"), "{}", config.store.redis_url);
     assert!(!config.secrets.key_hex.is_empty(), "replicas share one secret key");
@@ -309,6 +342,9 @@ fn the_kubernetes_manifests_fit_together_and_their_configuration_loads() {
     let file_name = config_path.file_name().expect("file").to_string_lossy();
     let text =
         manifests.find("ConfigMap", config_map_name)["data"][file_name.as_ref()].as_str().expect("the file in the ConfigMap");
+    let key_file = api_key_file(text).expect("the tenant's keys come from a file");
+    let (text, _stand_in) = with_key_file_stood_in(text, &key_file);
+    let text = text.as_str();
     load_text(text, env);
     let config = load_text(text, without_optional).config;
     assert_eq!(config.store.backend, StoreBackend::Redis);
@@ -318,7 +354,12 @@ fn the_kubernetes_manifests_fit_together_and_their_configuration_loads() {
     let apns = config.push.apns.as_ref().expect("[push.apns]");
     let fcm = config.push.fcm.as_ref().expect("[push.fcm]");
     let mut secrets = BTreeSet::new();
-    for file in [apns.private_key_path.clone(), fcm.service_account_path.clone(), PathBuf::from(&config.secrets.key_file)] {
+    for file in [
+        apns.private_key_path.clone(),
+        fcm.service_account_path.clone(),
+        PathBuf::from(&config.secrets.key_file),
+        PathBuf::from(&key_file),
+    ] {
         let mount = mounts
             .iter()
             .find(|m| file.parent() == Some(Path::new(m["mountPath"].as_str().expect("path"))))
@@ -326,7 +367,8 @@ fn the_kubernetes_manifests_fit_together_and_their_configuration_loads() {
         let secret = volume(mount["name"].as_str().expect("name"))["secret"]["secretName"].as_str();
         secrets.insert(secret.unwrap_or_else(|| panic!("{} is not from a Secret", file.display())).to_owned());
     }
-    assert_eq!(secrets, BTreeSet::from(["pushmatch-apns".into(), "pushmatch-fcm".into(), "pushmatch-secret-key".into()]));
+    let expected = ["pushmatch-apns", "pushmatch-fcm", "pushmatch-secret-key", "pushmatch-api-keys"];
+    assert_eq!(secrets, expected.into_iter().map(str::to_owned).collect::<BTreeSet<_>>());
     let data_mount =
         mounts.iter().find(|m| m["mountPath"].as_str() == config.store.path.to_str()).expect("store.path is writable");
     assert!(!volume(data_mount["name"].as_str().expect("name"))["emptyDir"].is_null());

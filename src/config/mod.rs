@@ -238,14 +238,20 @@ impl Default for DeviceConfig {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
     pub id: String,
     pub display_name: String,
     /// Hex SHA-256 digests of the tenant's API keys (`pushmatch hash-key` makes them).
     /// Several allow rotation without downtime.
+    #[serde(default)]
     pub api_key_sha256: Vec<String>,
+    /// A file of more digests, one a line (`#` comments and blank lines skipped):
+    /// a secret the operator mounts, so no key ships in a configuration file. Read
+    /// when the configuration loads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_sha256_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -297,10 +303,38 @@ impl Config {
                 id: DEVELOPMENT_TENANT.into(),
                 display_name: "pushmatch (development)".into(),
                 api_key_sha256: vec![crate::domain::api_key::api_key_digest_hex(DEVELOPMENT_API_KEY)],
+                api_key_sha256_file: None,
             });
         }
+        for tenant in &mut config.tenants {
+            read_key_digests(tenant)?;
+        }
         config.validate()?;
+        if development {
+            config.refuse_development_off_loopback()?;
+        }
         Ok(LoadedConfig { config, development })
+    }
+
+    /// Development mode serves a tenant whose API key is public (the README's): with
+    /// it, anyone who reaches the port can enroll a phone for any user and approve.
+    /// So it listens on loopback addresses only, and refuses to start otherwise.
+    fn refuse_development_off_loopback(&self) -> Result<(), ConfigError> {
+        for (key, addr) in [("server.listen", &self.server.listen), ("server.metrics_listen", &self.server.metrics_listen)] {
+            let loopback = addr.is_empty() || addr.parse::<SocketAddr>().is_ok_and(|addr| addr.ip().is_loopback());
+            if !loopback {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "{addr} is not a loopback address, and without a configuration file pushmatch runs in development \
+                         mode with a public API key: it listens on 127.0.0.1 or ::1 only. To serve the network, write a \
+                         configuration file with your own [[tenants]] (`pushmatch hash-key --generate` makes a key) and \
+                         pass it with --config or {CONFIG_FILE_VAR}"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
@@ -399,6 +433,17 @@ fn merge(base: &mut toml::Value, overlay: toml::Value) {
 /// Sets `path` to `raw`. Where the key holds a string already, `raw` stays a string;
 /// elsewhere it is read as a TOML value (numbers, booleans, arrays, inline tables)
 /// and falls back to a string.
+/// Adds the digests in the tenant's `api_key_sha256_file`, if it names one.
+fn read_key_digests(tenant: &mut TenantConfig) -> Result<(), ConfigError> {
+    let Some(path) = &tenant.api_key_sha256_file else { return Ok(()) };
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        invalid("tenants.api_key_sha256_file", format!("tenant {:?}: cannot read {}: {error}", tenant.id, path.display()))
+    })?;
+    let digests = text.lines().map(str::trim).filter(|line| !line.is_empty() && !line.starts_with('#')).map(str::to_owned);
+    tenant.api_key_sha256.extend(digests);
+    Ok(())
+}
+
 fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> Result<(), String> {
     let Some((last, parents)) = path.split_last() else { return Err("empty key".into()) };
     let mut node = root;
@@ -447,6 +492,40 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
         assert_eq!(loaded.config.store.backend, StoreBackend::Embedded);
         assert_eq!(loaded.config.tenants[0].id, DEVELOPMENT_TENANT);
         assert_eq!(loaded.config.challenge.default_ttl_seconds, 60);
+    }
+
+    #[test]
+    fn development_mode_exposed_to_the_network_refuses_to_start() {
+        for (key, addr) in [
+            ("PUSHMATCH_SERVER__LISTEN", "0.0.0.0:50051"),
+            ("PUSHMATCH_SERVER__LISTEN", "[::]:50051"),
+            ("PUSHMATCH_SERVER__LISTEN", "192.0.2.7:50051"),
+            ("PUSHMATCH_SERVER__METRICS_LISTEN", "0.0.0.0:9464"),
+        ] {
+            let error = Config::load(None, env(&[(key, addr)])).expect_err(addr).to_string();
+            assert!(error.contains("development mode") && error.contains("--config"), "{error}");
+            let named = if key.ends_with("METRICS_LISTEN") { "server.metrics_listen: " } else { "server.listen: " };
+            assert!(error.starts_with(named), "{error}");
+        }
+        for addr in ["127.0.0.1:50051", "[::1]:50051", "127.0.0.2:1"] {
+            Config::load(None, env(&[("PUSHMATCH_SERVER__LISTEN", addr)])).expect(addr);
+        }
+        // With a file of its own tenants, any address is the operator's choice.
+        let file = file(&format!("[server]\nlisten = \"0.0.0.0:50051\"\n{TENANT}"));
+        assert!(!Config::load(Some(file.path()), env(&[])).expect("a file").development);
+    }
+
+    #[test]
+    fn tenant_key_digests_come_from_a_mounted_secret_file() {
+        let digest = crate::domain::api_key::api_key_digest_hex("a-key-from-the-secret-store");
+        let secret = file(&format!("# rotated 2026-12\n\n{digest}\n"));
+        let config = format!("[[tenants]]\nid = \"t\"\ndisplay_name = \"T\"\napi_key_sha256_file = {:?}\n", secret.path());
+        let loaded = Config::load(Some(file(&config).path()), env(&[])).expect("loads");
+        assert_eq!(loaded.config.tenants[0].api_key_sha256, vec![digest]);
+
+        let missing = "[[tenants]]\nid = \"t\"\ndisplay_name = \"T\"\napi_key_sha256_file = \"/nonexistent/keys\"\n";
+        let error = Config::load(Some(file(missing).path()), env(&[])).expect_err("missing file").to_string();
+        assert!(error.starts_with("tenants.api_key_sha256_file: ") && error.contains("/nonexistent/keys"), "{error}");
     }
 
     #[test]

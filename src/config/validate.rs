@@ -138,7 +138,10 @@ impl Config {
                 return Err(invalid("tenants.id", format!("{:?} appears twice", tenant.id)));
             }
             if tenant.api_key_sha256.is_empty() {
-                return Err(invalid("tenants.api_key_sha256", format!("tenant {:?} has no API key", tenant.id)));
+                return Err(invalid(
+                    "tenants.api_key_sha256",
+                    format!("tenant {:?} has no API key (api_key_sha256 or api_key_sha256_file)", tenant.id),
+                ));
             }
             for digest in &tenant.api_key_sha256 {
                 if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {

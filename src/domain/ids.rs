@@ -186,10 +186,28 @@ pub fn check_text(field: &'static str, value: &str, max_bytes: usize) -> Result<
     if value.len() > max_bytes {
         return Err(DomainError::invalid(field, format!("is longer than {max_bytes} bytes")));
     }
-    if value.chars().any(char::is_control) {
-        return Err(DomainError::invalid(field, "contains control characters"));
+    if let Some(bad) = value.chars().find(|c| spoofs_text(*c)) {
+        return Err(DomainError::invalid(
+            field,
+            format!(
+                "contains U+{:04X}: control, format (bidi, zero-width) and line or paragraph separator characters are refused",
+                u32::from(bad)
+            ),
+        ));
     }
     Ok(())
+}
+
+/// Characters that can make a prompt read other than it is: controls (Cc), format
+/// characters (Cf: bidi overrides such as U+202E, zero-width joiners and spaces)
+/// and line and paragraph separators (Zl, Zp). A context that reads
+/// "Rotterdam\u{202E}..." could show the user a reversed, invented location.
+fn spoofs_text(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory as _};
+    matches!(
+        c.general_category(),
+        GeneralCategory::Control | GeneralCategory::Format | GeneralCategory::LineSeparator | GeneralCategory::ParagraphSeparator
+    )
 }
 
 /// The two-digit number of a challenge, "10" to "99". It is shown on the sign-in

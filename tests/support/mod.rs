@@ -43,8 +43,18 @@ pub fn test_config(store_path: &std::path::Path) -> Config {
     config.server.metrics_listen = String::new();
     config.store.path = store_path.to_owned();
     config.tenants = vec![
-        TenantConfig { id: "a".into(), display_name: "Gors".into(), api_key_sha256: vec![api_key_digest_hex(KEY_A)] },
-        TenantConfig { id: "b".into(), display_name: "Other".into(), api_key_sha256: vec![api_key_digest_hex(KEY_B)] },
+        TenantConfig {
+            id: "a".into(),
+            display_name: "Gors".into(),
+            api_key_sha256: vec![api_key_digest_hex(KEY_A)],
+            ..Default::default()
+        },
+        TenantConfig {
+            id: "b".into(),
+            display_name: "Other".into(),
+            api_key_sha256: vec![api_key_digest_hex(KEY_B)],
+            ..Default::default()
+        },
     ];
     config
 }

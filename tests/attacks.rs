@@ -1,0 +1,80 @@
+//! What an attacker of a push-MFA service tries first, over the wire, each test
+//! named for the attack it stops (SECURITY.md lists them as "defended"). The rules
+//! that live in the store are proven on both stores by the conformance suite
+//! (`src/store/conformance.rs`); these tests show the whole path through gRPC.
+
+#![allow(clippy::expect_used)]
+
+mod support;
+
+use pushmatch::pb;
+use pushmatch::phone::PhoneKey;
+use support::*;
+use tonic::Code;
+
+/// Characters that make a prompt read other than it is: a bidi override, zero-width
+/// characters, line and paragraph separators, a byte-order mark, a soft hyphen.
+const SPOOFING: [&str; 7] = ["\u{202E}", "\u{200B}", "\u{200D}", "\u{2028}", "\u{2029}", "\u{FEFF}", "\u{AD}"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bidi_override_or_invisible_character_cannot_spoof_the_prompt() {
+    let server = TestServer::start().await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let mut challenges = server.challenges(KEY_A);
+    for bad in SPOOFING {
+        // "Rotterdam" with a right-to-left override reads as an invented place.
+        let location = format!("Amsterdam{bad}LN ,madrettoR");
+        let context = pb::SignInContext { location, ..Default::default() };
+        let request = pb::CreateChallengeRequest { user_id: "jan".into(), context: Some(context), ..Default::default() };
+        assert_code(challenges.create_challenge(request).await, Code::InvalidArgument, "context.location");
+
+        let request = pb::BeginEnrollmentRequest {
+            user_id: "jan".into(),
+            account_name: format!("jan{bad}@gors.nl"),
+            kind: pb::EnrollmentKind::Push.into(),
+        };
+        assert_code(server.enrollments(KEY_A).begin_enrollment(request).await, Code::InvalidArgument, "account_name");
+
+        let enrollment = server.begin_enrollment("jan").await;
+        let mut other = server.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
+        assert_code(other.enroll(&enrollment.uri, &format!("Jan{bad}s phone")).await, Code::InvalidArgument, "display_name");
+    }
+    assert!(phone.pending().await.expect("pending").is_empty(), "no refused request made a challenge");
+
+    // Letters of any script, and emoji without joiners, are fine.
+    let context = pb::SignInContext { location: "Zürich, 東京, Kraków 🚀".into(), ..Default::default() };
+    let request = pb::CreateChallengeRequest { user_id: "jan".into(), context: Some(context.clone()), ..Default::default() };
+    let created = challenges.create_challenge(request).await.expect("plain text of any script").into_inner();
+    assert_eq!(created.context, Some(context));
+}
+
+/// Runs `pushmatch hash-key` with `key` on standard input.
+fn hash_key(key: &str) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+        .arg("hash-key")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run pushmatch");
+    child.stdin.take().expect("stdin").write_all(key.as_bytes()).expect("write the key");
+    child.wait_with_output().expect("pushmatch ends")
+}
+
+#[test]
+fn a_guessable_api_key_is_refused_by_hash_key() {
+    for weak in ["letmein", "pushmatch-dev-key", "Summer2026!Summer2026!Summer2026!", "0123456789abcdef0123456789abcde"] {
+        let output = hash_key(weak);
+        assert!(!output.status.success(), "{weak:?} was hashed");
+        assert!(output.stdout.is_empty(), "no digest printed for {weak:?}");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(said.contains("refused") && said.contains("--generate"), "{said}");
+        assert!(!said.contains(weak), "the key is not echoed: {said}");
+    }
+    let strong = "0123456789abcdef0123456789abcdef";
+    let output = hash_key(strong);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let digest = pushmatch::domain::api_key::api_key_digest_hex(strong);
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), format!("api_key_sha256: {digest}"));
+}
