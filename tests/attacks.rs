@@ -78,3 +78,53 @@ fn a_guessable_api_key_is_refused_by_hash_key() {
     let digest = pushmatch::domain::api_key::api_key_digest_hex(strong);
     assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), format!("api_key_sha256: {digest}"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_request_id_cannot_hand_an_approved_challenge_to_another_sign_in() {
+    let server = TestServer::start().await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let mut challenges = server.challenges(KEY_A);
+    let context = |ip: &str| Some(pb::SignInContext { ip_address: ip.into(), ..Default::default() });
+    let genuine = pb::CreateChallengeRequest {
+        user_id: "jan".into(),
+        request_id: "login-7f3a".into(),
+        context: context("198.51.100.7"),
+        ..Default::default()
+    };
+    let first = challenges.create_challenge(genuine.clone()).await.expect("the genuine sign-in").into_inner();
+    assert!(phone.respond(&first.challenge_id, pb::Decision::Approve, &first.number).await.expect("approve").accepted);
+
+    // The attacker's sign-in, from elsewhere, reuses the id: it must not get the approval.
+    let replay = pb::CreateChallengeRequest { context: context("203.0.113.66"), ..genuine.clone() };
+    assert_code(challenges.create_challenge(replay).await, Code::AlreadyExists, "request_id");
+    let no_context = pb::CreateChallengeRequest { context: None, ..genuine.clone() };
+    assert_code(challenges.create_challenge(no_context).await, Code::AlreadyExists, "request_id");
+
+    // A true retry of the same sign-in still gets its own challenge back.
+    let retry = challenges.create_challenge(genuine).await.expect("a retry").into_inner();
+    assert_eq!((retry.state(), retry.challenge_id), (pb::ChallengeState::Approved, first.challenge_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_order_ed25519_key_that_verifies_forged_signatures_cannot_enroll() {
+    let server = TestServer::start().await;
+    let mut devices = pushmatch::pb::device_service_client::DeviceServiceClient::new(server.channel.clone());
+    let enrollment = server.begin_enrollment("jan").await;
+    let code = pushmatch::phone::enrollment_code_from_uri(&enrollment.uri).expect("code");
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    // The identity point, and a point of order 4: each "verifies" signatures nobody made.
+    for weak in [identity, [0u8; 32]] {
+        let request = pb::CompleteEnrollmentRequest {
+            enrollment_code: code.clone(),
+            platform: pb::Platform::Fcm.into(),
+            push_token: FCM_TOKEN.into(),
+            public_key: weak.to_vec(),
+            key_algorithm: pb::KeyAlgorithm::Ed25519.into(),
+            display_name: "Attacker".into(),
+        };
+        assert_code(devices.complete_enrollment(request).await, Code::InvalidArgument, "public_key");
+    }
+    // The code was not spent: the real phone enrolls with it.
+    server.phone(PhoneKey::ed25519(), pb::Platform::Fcm).enroll(&enrollment.uri, "Jan's phone").await.expect("enrolls");
+}

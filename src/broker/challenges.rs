@@ -40,11 +40,21 @@ impl Broker {
 
         let now = self.clock.now();
         let challenge = new_challenge(tenant, request, &targets, now, ttl)?;
+        let context = challenge.context.clone();
         let created = match self.store.create_challenge(challenge, &self.settings.admission, now).await? {
             CreateOutcome::Created(created) => created,
-            CreateOutcome::Existing(existing) => {
+            // The same request_id is a retry of the same sign-in only if it carries the
+            // same context: otherwise a caller (or an attacker replaying an id) would be
+            // handed a challenge, perhaps APPROVED already, of another sign-in.
+            CreateOutcome::Existing(existing) if existing.context == context => {
                 tracing::debug!(challenge_id = %existing.id, "request_id seen before: returning its challenge");
                 return Ok(existing);
+            }
+            CreateOutcome::Existing(existing) => {
+                tracing::warn!(challenge_id = %existing.id, "request_id seen before with another sign-in context: refused");
+                return Err(DomainError::AlreadyExists(
+                    "request_id: used already for a sign-in with another context; use a new request_id for each sign-in".into(),
+                ));
             }
             CreateOutcome::Refused(refusal) => return Err(refusal_error(refusal)),
         };

@@ -59,11 +59,18 @@ impl DevicePublicKey {
                     DomainError::invalid("public_key", "is not a P-256 key (SEC1 point or SubjectPublicKeyInfo DER)")
                 })
             }
-            KeyAlgorithm::Ed25519 => <[u8; 32]>::try_from(self.bytes.as_slice())
-                .ok()
-                .and_then(|raw| ed25519_dalek::VerifyingKey::from_bytes(&raw).ok())
-                .map(ParsedKey::Ed25519)
-                .ok_or_else(|| DomainError::invalid("public_key", "is not a 32-byte Ed25519 key")),
+            KeyAlgorithm::Ed25519 => {
+                let key = <[u8; 32]>::try_from(self.bytes.as_slice())
+                    .ok()
+                    .and_then(|raw| ed25519_dalek::VerifyingKey::from_bytes(&raw).ok())
+                    .ok_or_else(|| DomainError::invalid("public_key", "is not a 32-byte Ed25519 key"))?;
+                // A small-order point (the identity, or one of the other seven of
+                // order dividing 8) verifies signatures that no private key made.
+                if key.is_weak() {
+                    return Err(DomainError::invalid("public_key", "is a small-order (weak) Ed25519 key"));
+                }
+                Ok(ParsedKey::Ed25519(key))
+            }
         }
     }
 

@@ -14,6 +14,9 @@ pub enum ErrorKind {
     Unauthenticated,
     InvalidArgument,
     NotFound,
+    /// What the call would create exists already (a request_id used for another
+    /// sign-in, a public key enrolled before).
+    AlreadyExists,
     FailedPrecondition,
     ResourceExhausted,
     /// A dependency (the store) cannot be reached now; the caller may retry.
@@ -32,6 +35,9 @@ pub enum DomainError {
     /// An unknown id, or another tenant's (the two are indistinguishable on purpose).
     #[error("{0} not found")]
     NotFound(&'static str),
+    /// What the call would create exists already; the message names the field.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request is well-formed but the state forbids it: user blocked, no device,
     /// enrollment used or expired.
     #[error("{0}")]
@@ -61,6 +67,7 @@ impl DomainError {
             Self::Unauthenticated(_) => ErrorKind::Unauthenticated,
             Self::InvalidArgument { .. } => ErrorKind::InvalidArgument,
             Self::NotFound(_) => ErrorKind::NotFound,
+            Self::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Self::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Self::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
             Self::StoreUnavailable(_) => ErrorKind::Unavailable,
