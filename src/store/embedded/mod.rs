@@ -14,7 +14,7 @@
 //! file does not hold.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use async_trait::async_trait;
@@ -427,7 +427,6 @@ const BLOCKS_ID: u8 = 2;
 /// See the module documentation.
 pub struct EmbeddedStore {
     shared: Arc<Shared>,
-    path: PathBuf,
     /// Stops the deadline task when the store is dropped.
     closing: CancellationToken,
 }
@@ -438,15 +437,14 @@ impl EmbeddedStore {
     pub async fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let dir = dir.to_owned();
         let path = dir.join("pushmatch.redb");
-        let open_path = path.clone();
         let (db, mirror) = tokio::task::spawn_blocking(move || -> Result<(Database, DurableMirror), StoreError> {
             std::fs::create_dir_all(&dir).map_err(|e| io_error(format!("cannot create {}: {e}", dir.display())))?;
             // redb caches up to 1 GiB by default. Every record is mirrored in memory
             // already, so the file's cache only needs to serve writes: keep it small.
             let db = Database::builder()
                 .set_cache_size(REDB_CACHE_BYTES)
-                .create(&open_path)
-                .map_err(|e| io_error(format!("cannot open {}: {e}", open_path.display())))?;
+                .create(&path)
+                .map_err(|e| io_error(format!("cannot open {}: {e}", path.display())))?;
             let mirror = load_mirror(&db)?;
             Ok((db, mirror))
         })
@@ -465,12 +463,7 @@ impl EmbeddedStore {
         let wake = Arc::clone(&shared.deadline_changed);
         tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, clock, closing.clone()));
         tokio::spawn(flush_touches(Arc::downgrade(&shared), closing.clone()));
-        Ok(Self { shared, path, closing })
-    }
-
-    /// The redb file.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Self { shared, closing })
     }
 }
 
