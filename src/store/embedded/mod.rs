@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, LockResult, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use async_trait::async_trait;
 use redb::{Database, Durability, ReadableTable, TableDefinition};
@@ -315,6 +315,18 @@ impl ChallengeTable {
     }
 }
 
+/// Takes a lock whether or not it is poisoned: a panic while holding one of the
+/// store's locks would be a bug, and what the lock guards stays usable.
+trait Recover<Guard> {
+    fn recover(self) -> Guard;
+}
+
+impl<Guard> Recover<Guard> for LockResult<Guard> {
+    fn recover(self) -> Guard {
+        self.unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 fn prune_before(times: &mut VecDeque<Millis>, cutoff: Millis) {
     while times.front().is_some_and(|t| *t <= cutoff) {
         times.pop_front();
@@ -335,16 +347,15 @@ struct Shared {
 
 impl Shared {
     fn challenges(&self) -> MutexGuard<'_, ChallengeTable> {
-        // A panic while holding the lock would be a bug; the table stays usable.
-        self.challenges.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.challenges.lock().recover()
     }
 
     fn durable(&self) -> RwLockReadGuard<'_, DurableMirror> {
-        self.durable.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.durable.read().recover()
     }
 
     fn durable_mut(&self) -> RwLockWriteGuard<'_, DurableMirror> {
-        self.durable.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.durable.write().recover()
     }
 
     /// Commits `writes` in one transaction on the blocking pool, then mirrors them.
@@ -519,7 +530,7 @@ async fn flush_touches(shared: Weak<Shared>, closing: CancellationToken) {
             () = tokio::time::sleep(EVERY) => {}
         }
         let Some(shared) = shared.upgrade() else { return };
-        let touched: Vec<DeviceId> = shared.touched.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+        let touched: Vec<DeviceId> = shared.touched.lock().recover().drain().collect();
         if touched.is_empty() {
             continue;
         }
@@ -530,7 +541,7 @@ async fn flush_touches(shared: Weak<Shared>, closing: CancellationToken) {
         };
         if let Err(error) = shared.commit(writes, Durability::None).await {
             tracing::warn!(%error, "could not write devices' last use; retrying");
-            shared.touched.lock().unwrap_or_else(|p| p.into_inner()).extend(touched);
+            shared.touched.lock().recover().extend(touched);
         }
     }
 }
@@ -757,7 +768,7 @@ impl Store for EmbeddedStore {
     async fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
         if let Some(device) = self.shared.durable_mut().devices.get_mut(id) {
             device.last_used_at = Some(now);
-            self.shared.touched.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone());
+            self.shared.touched.lock().recover().insert(id.clone());
         }
         Ok(())
     }
