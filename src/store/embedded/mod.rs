@@ -83,6 +83,13 @@ impl DurableMirror {
         self.devices.insert(device.id.clone(), device);
     }
 
+    fn put_enrollment(&mut self, enrollment: Enrollment) {
+        if let Some(digest) = &enrollment.code_digest {
+            self.codes.insert(digest.clone(), enrollment.id.clone());
+        }
+        self.enrollments.insert(enrollment.id.clone(), enrollment);
+    }
+
     fn remove_device(&mut self, id: &DeviceId) {
         if let Some(device) = self.devices.remove(id) {
             let key = (device.tenant, device.user_id);
@@ -91,6 +98,21 @@ impl DurableMirror {
                 if ids.is_empty() {
                     self.user_devices.remove(&key);
                 }
+            }
+        }
+    }
+
+    /// Mirrors a write that is committed to the file.
+    fn apply(&mut self, write: DurableWrite) {
+        match write {
+            DurableWrite::PutDevice(device) => self.put_device(device),
+            DurableWrite::RemoveDevice(id) => self.remove_device(&id),
+            DurableWrite::PutEnrollment(enrollment) => self.put_enrollment(enrollment),
+            DurableWrite::PutBlock(key, block) => {
+                self.blocks.insert(key, block);
+            }
+            DurableWrite::RemoveBlock(key) => {
+                self.blocks.remove(&key);
             }
         }
     }
@@ -361,79 +383,52 @@ impl Shared {
     /// Commits `writes` in one transaction on the blocking pool, then mirrors them.
     /// Callers hold `write_gate`.
     async fn commit(&self, writes: Vec<DurableWrite>, durability: Durability) -> Result<(), StoreError> {
-        let mut encoded = Vec::with_capacity(writes.len());
-        for write in &writes {
-            encoded.push(match write {
-                DurableWrite::PutDevice(device) => (DEVICES_ID, device.id.to_string(), Some(encode(device)?)),
-                DurableWrite::RemoveDevice(id) => (DEVICES_ID, id.to_string(), None),
-                DurableWrite::PutEnrollment(enrollment) => (ENROLLMENTS_ID, enrollment.id.to_string(), Some(encode(enrollment)?)),
-                DurableWrite::PutBlock((tenant, user), block) => (BLOCKS_ID, block_key(tenant, user), Some(encode(block)?)),
-                DurableWrite::RemoveBlock((tenant, user)) => (BLOCKS_ID, block_key(tenant, user), None),
-            });
-        }
-        let codes: Vec<(String, String)> = writes
-            .iter()
-            .filter_map(|write| match write {
-                DurableWrite::PutEnrollment(enrollment) => Some((enrollment.code_digest.clone()?.0, enrollment.id.to_string())),
-                _ => None,
-            })
-            .collect();
         let db = Arc::clone(&self.db);
-        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+        let writes = tokio::task::spawn_blocking(move || -> Result<Vec<DurableWrite>, StoreError> {
             let mut txn = db.begin_write().map_err(io_error)?;
             txn.set_durability(durability);
             {
                 let mut devices = txn.open_table(DEVICES).map_err(io_error)?;
                 let mut enrollments = txn.open_table(ENROLLMENTS).map_err(io_error)?;
+                let mut codes = txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
                 let mut blocks = txn.open_table(BLOCKS).map_err(io_error)?;
-                let mut code_table = txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
-                for (table, key, value) in &encoded {
-                    let table = match *table {
-                        DEVICES_ID => &mut devices,
-                        ENROLLMENTS_ID => &mut enrollments,
-                        _ => &mut blocks,
-                    };
-                    match value {
-                        Some(bytes) => table.insert(key.as_str(), bytes.as_slice()).map(drop),
-                        None => table.remove(key.as_str()).map(drop),
+                for write in &writes {
+                    match write {
+                        DurableWrite::PutDevice(device) => {
+                            devices.insert(device.id.to_string().as_str(), encode(device)?.as_slice()).map_err(io_error)?;
+                        }
+                        DurableWrite::RemoveDevice(id) => {
+                            devices.remove(id.to_string().as_str()).map_err(io_error)?;
+                        }
+                        DurableWrite::PutEnrollment(enrollment) => {
+                            let id = enrollment.id.to_string();
+                            enrollments.insert(id.as_str(), encode(enrollment)?.as_slice()).map_err(io_error)?;
+                            if let Some(digest) = &enrollment.code_digest {
+                                codes.insert(digest.0.as_str(), id.as_str()).map_err(io_error)?;
+                            }
+                        }
+                        DurableWrite::PutBlock((tenant, user), block) => {
+                            blocks.insert(block_key(tenant, user).as_str(), encode(block)?.as_slice()).map_err(io_error)?;
+                        }
+                        DurableWrite::RemoveBlock((tenant, user)) => {
+                            blocks.remove(block_key(tenant, user).as_str()).map_err(io_error)?;
+                        }
                     }
-                    .map_err(io_error)?;
-                }
-                for (digest, id) in &codes {
-                    code_table.insert(digest.as_str(), id.as_str()).map_err(io_error)?;
                 }
             }
-            txn.commit().map_err(io_error)
+            txn.commit().map_err(io_error)?;
+            Ok(writes)
         })
         .await
         .map_err(io_error)??;
 
         let mut mirror = self.durable_mut();
         for write in writes {
-            match write {
-                DurableWrite::PutDevice(device) => mirror.put_device(device),
-                DurableWrite::RemoveDevice(id) => mirror.remove_device(&id),
-                DurableWrite::PutEnrollment(enrollment) => {
-                    if let Some(digest) = &enrollment.code_digest {
-                        mirror.codes.insert(digest.clone(), enrollment.id.clone());
-                    }
-                    mirror.enrollments.insert(enrollment.id.clone(), enrollment);
-                }
-                DurableWrite::PutBlock(key, block) => {
-                    mirror.blocks.insert(key, block);
-                }
-                DurableWrite::RemoveBlock(key) => {
-                    mirror.blocks.remove(&key);
-                }
-            }
+            mirror.apply(write);
         }
         Ok(())
     }
 }
-
-const DEVICES_ID: u8 = 0;
-const ENROLLMENTS_ID: u8 = 1;
-const BLOCKS_ID: u8 = 2;
 
 /// See the module documentation.
 pub struct EmbeddedStore {
@@ -503,11 +498,7 @@ fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
     }
     for row in txn.open_table(ENROLLMENTS).map_err(io_error)?.iter().map_err(io_error)? {
         let (_, value) = row.map_err(io_error)?;
-        let enrollment: Enrollment = decode(value.value())?;
-        if let Some(digest) = &enrollment.code_digest {
-            mirror.codes.insert(digest.clone(), enrollment.id.clone());
-        }
-        mirror.enrollments.insert(enrollment.id.clone(), enrollment);
+        mirror.put_enrollment(decode(value.value())?);
     }
     for row in txn.open_table(BLOCKS).map_err(io_error)?.iter().map_err(io_error)? {
         let (key, value) = row.map_err(io_error)?;
