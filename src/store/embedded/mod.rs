@@ -1,8 +1,26 @@
-//! The embedded store, the default for one machine.
+//! The embedded store, the default for one machine: what lasts minutes lives in
+//! memory, what must outlast a restart is durable in a redb file under `store.path`.
 //!
-//! Challenges live in memory: they last minutes, and a restart that forgets them is
-//! harmless (the IdP's watchers see their streams end and start a new sign-in).
-//! Devices, enrollments and blocks are durable in a redb file under `store.path`.
+//! # Live, in memory (`live.rs`)
+//!
+//! Challenges last minutes, and a restart that forgets them is harmless (the IdP's
+//! watchers see their streams end and start a new sign-in). A broker may hold
+//! hundreds of thousands, so each is kept as one compact postcard record, with its
+//! state and deadlines beside it so the frequent checks decode nothing. A deadline
+//! task expires pending challenges on time, so watchers hear of it without polling,
+//! and purges them after their retention.
+//!
+//! Beside the challenges, per user: the live challenges (to find a repeated
+//! request_id and to count the pending ones), when recent challenges were created
+//! (the rate window), the wrong numbers and wrong TOTP codes typed lately, and the
+//! TOTP lock they lead to. They matter only within their windows, so a restart
+//! forgets them too: strikes start afresh and a TOTP lock lifts. The block that
+//! enough wrong numbers earn is durable.
+//!
+//! # Durable, in redb (`durable.rs`)
+//!
+//! Devices, enrollments (with an index from enrollment code digest to enrollment)
+//! and user blocks: losing them would unenroll users or lift blocks.
 //!
 //! Why redb: it is pure Rust (no C toolchain, no system library), ACID with
 //! copy-on-write B-trees and crash-safe commits, and made for exactly this: a small
@@ -11,7 +29,15 @@
 //! The durable maps are mirrored in memory (they are small: one record per device)
 //! so proofs are checked without I/O. Durable writes take `write_gate`, commit to
 //! redb on the blocking pool, then update the mirror: memory never shows what the
-//! file does not hold.
+//! file does not hold. The one exception is a device's `last_used_at`, informational
+//! and on every answer's path: it changes in the mirror at once and reaches the file
+//! in batches every two seconds, so a crash can lose the last few seconds of it.
+//!
+//! # This file
+//!
+//! [`EmbeddedStore`]: opening the file, the background tasks, and the `Store`
+//! trait, whose methods hand over to `Shared`: the challenge and per-user-count
+//! operations are in `live.rs`, the device, enrollment and block ones in `durable.rs`.
 
 mod durable;
 mod live;
