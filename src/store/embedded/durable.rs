@@ -1,0 +1,379 @@
+//! The durable half of the embedded store: devices, enrollments and user blocks in
+//! redb tables, mirrored in memory ([`DurableMirror`]). Every change is a
+//! [`DurableWrite`], committed to the file before the mirror shows it; a device's
+//! `last_used_at` alone reaches the file later, in batches (`flush_touches`).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+use redb::{Database, Durability, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
+
+use super::{BACKEND, Recover, Shared, UserKey, io_error};
+use crate::domain::device::Device;
+use crate::domain::enrollment::{Enrollment, EnrollmentKind};
+use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
+use crate::domain::time::Millis;
+use crate::store::{CompleteOutcome, StoreError, UserBlock};
+
+const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
+const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
+/// Enrollment code digest -> enrollment id.
+const ENROLLMENT_CODES: TableDefinition<&str, &str> = TableDefinition::new("enrollment_codes");
+/// "tenant\0user" -> block.
+const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
+
+fn block_key(tenant: &TenantId, user: &UserId) -> String {
+    format!("{}\0{}", tenant.0, user.as_str())
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+/// The durable records, mirrored in memory.
+#[derive(Default)]
+pub(super) struct DurableMirror {
+    devices: HashMap<DeviceId, Device>,
+    user_devices: HashMap<UserKey, Vec<DeviceId>>,
+    enrollments: HashMap<EnrollmentId, Enrollment>,
+    codes: HashMap<CodeDigest, EnrollmentId>,
+    pub(super) blocks: HashMap<UserKey, UserBlock>,
+}
+
+impl DurableMirror {
+    fn put_device(&mut self, device: Device) {
+        let ids = self.user_devices.entry((device.tenant.clone(), device.user_id.clone())).or_default();
+        if !ids.contains(&device.id) {
+            ids.push(device.id.clone());
+        }
+        self.devices.insert(device.id.clone(), device);
+    }
+
+    fn put_enrollment(&mut self, enrollment: Enrollment) {
+        if let Some(digest) = &enrollment.code_digest {
+            self.codes.insert(digest.clone(), enrollment.id.clone());
+        }
+        self.enrollments.insert(enrollment.id.clone(), enrollment);
+    }
+
+    fn remove_device(&mut self, id: &DeviceId) {
+        if let Some(device) = self.devices.remove(id) {
+            let key = (device.tenant, device.user_id);
+            if let Some(ids) = self.user_devices.get_mut(&key) {
+                ids.retain(|other| other != id);
+                if ids.is_empty() {
+                    self.user_devices.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Mirrors a write that is committed to the file.
+    fn apply(&mut self, write: DurableWrite) {
+        match write {
+            DurableWrite::PutDevice(device) => self.put_device(device),
+            DurableWrite::RemoveDevice(id) => self.remove_device(&id),
+            DurableWrite::PutEnrollment(enrollment) => self.put_enrollment(enrollment),
+            DurableWrite::PutBlock(key, block) => {
+                self.blocks.insert(key, block);
+            }
+            DurableWrite::RemoveBlock(key) => {
+                self.blocks.remove(&key);
+            }
+        }
+    }
+}
+
+/// One change to the durable half, written in one redb transaction.
+pub(super) enum DurableWrite {
+    PutDevice(Device),
+    RemoveDevice(DeviceId),
+    PutEnrollment(Enrollment),
+    PutBlock(UserKey, UserBlock),
+    RemoveBlock(UserKey),
+}
+
+impl Shared {
+    /// Commits `writes` in one transaction on the blocking pool, then mirrors them.
+    /// Callers hold `write_gate`.
+    pub(super) async fn commit(&self, writes: Vec<DurableWrite>, durability: Durability) -> Result<(), StoreError> {
+        let db = Arc::clone(&self.db);
+        let writes = tokio::task::spawn_blocking(move || -> Result<Vec<DurableWrite>, StoreError> {
+            let mut txn = db.begin_write().map_err(io_error)?;
+            txn.set_durability(durability);
+            {
+                let mut devices = txn.open_table(DEVICES).map_err(io_error)?;
+                let mut enrollments = txn.open_table(ENROLLMENTS).map_err(io_error)?;
+                let mut codes = txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
+                let mut blocks = txn.open_table(BLOCKS).map_err(io_error)?;
+                for write in &writes {
+                    match write {
+                        DurableWrite::PutDevice(device) => {
+                            devices.insert(device.id.to_string().as_str(), encode(device)?.as_slice()).map_err(io_error)?;
+                        }
+                        DurableWrite::RemoveDevice(id) => {
+                            devices.remove(id.to_string().as_str()).map_err(io_error)?;
+                        }
+                        DurableWrite::PutEnrollment(enrollment) => {
+                            let id = enrollment.id.to_string();
+                            enrollments.insert(id.as_str(), encode(enrollment)?.as_slice()).map_err(io_error)?;
+                            if let Some(digest) = &enrollment.code_digest {
+                                codes.insert(digest.0.as_str(), id.as_str()).map_err(io_error)?;
+                            }
+                        }
+                        DurableWrite::PutBlock((tenant, user), block) => {
+                            blocks.insert(block_key(tenant, user).as_str(), encode(block)?.as_slice()).map_err(io_error)?;
+                        }
+                        DurableWrite::RemoveBlock((tenant, user)) => {
+                            blocks.remove(block_key(tenant, user).as_str()).map_err(io_error)?;
+                        }
+                    }
+                }
+            }
+            txn.commit().map_err(io_error)?;
+            Ok(writes)
+        })
+        .await
+        .map_err(io_error)??;
+
+        let mut mirror = self.durable_mut();
+        for write in writes {
+            mirror.apply(write);
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
+    // Create the tables on first open so that reads find them.
+    let txn = db.begin_write().map_err(io_error)?;
+    {
+        txn.open_table(DEVICES).map_err(io_error)?;
+        txn.open_table(ENROLLMENTS).map_err(io_error)?;
+        txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
+        txn.open_table(BLOCKS).map_err(io_error)?;
+    }
+    txn.commit().map_err(io_error)?;
+
+    let mut mirror = DurableMirror::default();
+    let txn = db.begin_read().map_err(io_error)?;
+    for row in txn.open_table(DEVICES).map_err(io_error)?.iter().map_err(io_error)? {
+        let (_, value) = row.map_err(io_error)?;
+        mirror.put_device(decode(value.value())?);
+    }
+    for row in txn.open_table(ENROLLMENTS).map_err(io_error)?.iter().map_err(io_error)? {
+        let (_, value) = row.map_err(io_error)?;
+        mirror.put_enrollment(decode(value.value())?);
+    }
+    for row in txn.open_table(BLOCKS).map_err(io_error)?.iter().map_err(io_error)? {
+        let (key, value) = row.map_err(io_error)?;
+        let Some((tenant, user)) = key.value().split_once('\0') else {
+            return Err(StoreError::corrupt(BACKEND, "block key without separator"));
+        };
+        let user = UserId::parse(user).map_err(|e| StoreError::corrupt(BACKEND, e))?;
+        mirror.blocks.insert((TenantId(tenant.to_owned()), user), decode(value.value())?);
+    }
+    Ok(mirror)
+}
+
+/// Writes batched `last_used_at` changes every few seconds, one transaction each
+/// time, without an fsync of its own (the next durable commit carries it to disk).
+pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationToken) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+    loop {
+        tokio::select! {
+            () = closing.cancelled() => return,
+            () = tokio::time::sleep(EVERY) => {}
+        }
+        let Some(shared) = shared.upgrade() else { return };
+        let touched: Vec<DeviceId> = shared.touched.lock().recover().drain().collect();
+        if touched.is_empty() {
+            continue;
+        }
+        let _gate = shared.write_gate.lock().await;
+        let writes: Vec<DurableWrite> = {
+            let mirror = shared.durable();
+            touched.iter().filter_map(|id| mirror.devices.get(id)).cloned().map(DurableWrite::PutDevice).collect()
+        };
+        if let Err(error) = shared.commit(writes, Durability::None).await {
+            tracing::warn!(%error, "could not write devices' last use; retrying");
+            shared.touched.lock().recover().extend(touched);
+        }
+    }
+}
+
+/// The `Store` operations on devices, enrollments and blocks.
+impl Shared {
+    pub(super) async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        let _gate = self.write_gate.lock().await;
+        self.commit(vec![DurableWrite::PutEnrollment(enrollment)], Durability::Immediate).await
+    }
+
+    pub(super) fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
+        Ok(self.durable().enrollments.get(id).filter(|e| e.tenant == *tenant).cloned())
+    }
+
+    pub(super) fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
+        let mirror = self.durable();
+        Ok(mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id)).cloned())
+    }
+
+    pub(super) async fn complete_enrollment(
+        &self,
+        code: &CodeDigest,
+        device: Device,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let enrollment = {
+            let mirror = self.durable();
+            let found = mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id));
+            match found {
+                None => return Ok(CompleteOutcome::UnknownCode),
+                Some(e) if e.kind != EnrollmentKind::Push => return Ok(CompleteOutcome::UnknownCode),
+                Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
+                Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
+                Some(e) => e.clone(),
+            }
+        };
+        let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), ..enrollment };
+        self.commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
+            .await?;
+        Ok(CompleteOutcome::Completed(Box::new(completed)))
+    }
+
+    pub(super) fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        Ok(self.durable().devices.get(id).cloned())
+    }
+
+    pub(super) fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
+        let mirror = self.durable();
+        let ids = mirror.user_devices.get(&(tenant.clone(), user.clone()));
+        Ok(ids.into_iter().flatten().filter_map(|id| mirror.devices.get(id)).cloned().collect())
+    }
+
+    pub(super) async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let owned = self.durable().devices.get(id).is_some_and(|device| device.tenant == *tenant);
+        if owned {
+            self.commit(vec![DurableWrite::RemoveDevice(id.clone())], Durability::Immediate).await?;
+        }
+        Ok(owned)
+    }
+
+    pub(super) async fn set_push_token(&self, id: &DeviceId, token: &str) -> Result<bool, StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let Some(device) = self.durable().devices.get(id).cloned() else { return Ok(false) };
+        let updated = Device { push_token: token.to_owned(), push_enabled: !token.is_empty(), ..device };
+        self.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
+        Ok(true)
+    }
+
+    pub(super) async fn disable_push(&self, id: &DeviceId, token: &str) -> Result<(), StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let device = self.durable().devices.get(id).filter(|d| d.push_token == token && d.push_enabled).cloned();
+        if let Some(device) = device {
+            let updated = Device { push_enabled: false, ..device };
+            self.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
+        }
+        Ok(())
+    }
+
+    /// Informational only, and on every answer's path: the mirror changes at once and
+    /// the file follows in batches (`flush_touches`), so answers never queue behind a
+    /// disk write for it. A crash can lose the last few seconds of `last_used_at`.
+    pub(super) fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
+        if let Some(device) = self.durable_mut().devices.get_mut(id) {
+            device.last_used_at = Some(now);
+            self.touched.lock().recover().insert(id.clone());
+        }
+        Ok(())
+    }
+
+    pub(super) async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
+        let _gate = self.write_gate.lock().await;
+        self.commit(vec![DurableWrite::PutBlock((tenant.clone(), user.clone()), block)], Durability::Immediate).await
+    }
+
+    pub(super) fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
+        let key = (tenant.clone(), user.clone());
+        Ok(self.durable().blocks.get(&key).filter(|block| block.in_force(now)).cloned())
+    }
+
+    pub(super) async fn confirm_totp_enrollment(
+        &self,
+        tenant: &TenantId,
+        id: &EnrollmentId,
+        device: Device,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let enrollment = {
+            let mirror = self.durable();
+            match mirror.enrollments.get(id).filter(|e| e.tenant == *tenant && e.kind == EnrollmentKind::Totp) {
+                None => return Ok(CompleteOutcome::UnknownCode),
+                Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
+                Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
+                Some(e) => e.clone(),
+            }
+        };
+        // The pending secret moves onto the device: the enrollment keeps no copy.
+        let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), totp_secret: None, ..enrollment };
+        self.commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
+            .await?;
+        Ok(CompleteOutcome::Completed(Box::new(completed)))
+    }
+
+    pub(super) async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let Some(device) = self.durable().devices.get(id).cloned() else { return Ok(false) };
+        if device.totp_last_step.is_some_and(|last| last >= step) {
+            return Ok(false);
+        }
+        let updated = Device { totp_last_step: Some(step), ..device };
+        self.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain::time::{Clock, ManualClock};
+    use crate::store::Store;
+    use crate::store::embedded::EmbeddedStore;
+
+    #[tokio::test]
+    async fn durable_records_survive_a_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::starting_now();
+        let tenant = TenantId("t".into());
+        let user = UserId::parse("jan").expect("user");
+        let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
+        {
+            let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+            let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
+            let code = enrollment.code_digest.clone().expect("push enrollment");
+            store.insert_enrollment(enrollment).await.expect("insert");
+            assert!(matches!(
+                store.complete_enrollment(&code, device.clone(), clock.now()).await.expect("complete"),
+                CompleteOutcome::Completed(_)
+            ));
+            let block = UserBlock { reason: crate::store::BlockReason::FraudReported, since: clock.now(), until: None };
+            store.block_user(&tenant, &user, block).await.expect("block");
+        }
+        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
+        assert_eq!(store.get_device(&device.id).await.expect("get"), Some(device.clone()));
+        assert_eq!(store.list_devices(&tenant, &user).await.expect("list"), vec![device]);
+        assert!(store.user_block(&tenant, &user, clock.now()).await.expect("block").is_some());
+    }
+}

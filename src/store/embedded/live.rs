@@ -1,0 +1,474 @@
+//! The live half of the embedded store, in memory only: the challenges, held as
+//! compact records, and what is counted per user (live challenges, recent creates,
+//! wrong numbers, wrong TOTP codes and the TOTP lock). A restart forgets all of it;
+//! see the module documentation of `embedded` for why that is harmless.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use redb::Durability;
+use tokio::sync::watch;
+
+use super::durable::DurableWrite;
+use super::{BACKEND, Shared, UserKey};
+use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
+use crate::domain::ids::{ChallengeId, TenantId, UserId};
+use crate::domain::time::Millis;
+use crate::store::{
+    AdmissionPolicy, BlockReason, ChallengeWatch, CreateOutcome, Refusal, ResolveOutcome, StoreError, StrikePolicy, UserBlock,
+};
+use crate::telemetry::metrics::{challenge_resolved, names};
+
+/// The 128 random bits of a challenge id: the table's key (16 bytes instead of the
+/// id's 35 characters, held three times per challenge).
+type Key = [u8; 16];
+
+/// One of a user's live challenges, with a tag of its request_id to find repeats.
+struct LiveRef {
+    key: Key,
+    /// `request_tag` of the request_id, 0 for none.
+    request: u32,
+}
+
+fn request_tag(request_id: Option<&str>) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let Some(request_id) = request_id else { return 0 };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    request_id.hash(&mut hasher);
+    u32::try_from(hasher.finish() >> 32).unwrap_or_default() | 1
+}
+
+#[derive(Default)]
+struct UserActivity {
+    /// Challenges of the user still held in memory (pending or retained), oldest first.
+    live: Vec<LiveRef>,
+    /// When the user's recent challenges were created, oldest first.
+    created: VecDeque<Millis>,
+    /// When the user's recent wrong numbers were typed, oldest first.
+    wrong_numbers: VecDeque<Millis>,
+    /// When the user's recent wrong TOTP codes were typed, oldest first.
+    totp_failures: VecDeque<Millis>,
+    totp_locked_until: Option<Millis>,
+}
+
+impl UserActivity {
+    fn is_idle(&self) -> bool {
+        self.live.is_empty()
+            && self.created.is_empty()
+            && self.wrong_numbers.is_empty()
+            && self.totp_failures.is_empty()
+            && self.totp_locked_until.is_none()
+    }
+}
+
+/// Encodes a challenge into one allocation of its exact size (growing a Vec instead
+/// would leave a trail of freed smaller buffers behind each record).
+fn pack(challenge: &Challenge) -> Result<Box<[u8]>, StoreError> {
+    let mut buffer = [0u8; 2048];
+    match postcard::to_slice(challenge, &mut buffer) {
+        Ok(used) => Ok(Box::from(&*used)),
+        // Long contexts and many devices: rare, and allowed.
+        Err(postcard::Error::SerializeBufferFull) => {
+            postcard::to_stdvec(challenge).map(Vec::into_boxed_slice).map_err(|e| StoreError::corrupt(BACKEND, e))
+        }
+        Err(error) => Err(StoreError::corrupt(BACKEND, error)),
+    }
+}
+
+fn unpack(record: &[u8]) -> Result<Challenge, StoreError> {
+    postcard::from_bytes(record).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+/// A live challenge. A broker may hold hundreds of thousands (BENCHMARKS.md), so the
+/// challenge is kept encoded with postcard: about 160 bytes for a pending one,
+/// against about 750 as a struct with its strings and deliveries each on the heap.
+/// Its state and times sit beside the record, so the frequent checks (is it
+/// pending, is it due) decode nothing.
+struct ChallengeEntry {
+    record: Box<[u8]>,
+    state: ChallengeState,
+    expires_at: Millis,
+    purge_at: Millis,
+    /// Carries every change to the watchers while there are any. Most challenges are
+    /// not watched for most of their life and a channel costs several hundred bytes,
+    /// so it is made by the first watcher and dropped once none is left.
+    watch: Option<watch::Sender<Challenge>>,
+}
+
+impl ChallengeEntry {
+    fn new(challenge: &Challenge, purge_at: Millis) -> Result<Self, StoreError> {
+        Ok(Self { record: pack(challenge)?, state: challenge.state, expires_at: challenge.expires_at, purge_at, watch: None })
+    }
+
+    fn challenge(&self) -> Result<Challenge, StoreError> {
+        unpack(&self.record)
+    }
+
+    /// Applies `change`; if it changed anything, stores the result and tells the
+    /// watchers. Returns whether it changed, and the challenge as it now stands.
+    fn update(&mut self, change: impl FnOnce(&mut Challenge) -> bool) -> Result<(bool, Challenge), StoreError> {
+        let challenge = self.challenge()?;
+        self.change(challenge, change)
+    }
+
+    /// `update` for a caller that has decoded the challenge already.
+    fn change(
+        &mut self,
+        mut challenge: Challenge,
+        change: impl FnOnce(&mut Challenge) -> bool,
+    ) -> Result<(bool, Challenge), StoreError> {
+        if !change(&mut challenge) {
+            return Ok((false, challenge));
+        }
+        self.record = pack(&challenge)?;
+        self.state = challenge.state;
+        if let Some(sender) = &self.watch {
+            if sender.receiver_count() == 0 {
+                self.watch = None;
+            } else {
+                sender.send_replace(challenge.clone());
+            }
+        }
+        Ok((true, challenge))
+    }
+
+    /// A watch of the challenge; `current` is what it holds now.
+    fn subscribe(&mut self, current: Challenge) -> ChallengeWatch {
+        match &self.watch {
+            Some(sender) => sender.subscribe(),
+            None => {
+                let sender = watch::Sender::new(current);
+                let receiver = sender.subscribe();
+                self.watch = Some(sender);
+                receiver
+            }
+        }
+    }
+
+    /// Expires the challenge if its time is up, waking its watchers.
+    fn refresh(&mut self, now: Millis) -> Result<(), StoreError> {
+        if self.state == ChallengeState::Pending
+            && now >= self.expires_at
+            && self.update(|challenge| challenge.expire_if_due(now))?.0
+        {
+            challenge_resolved(ChallengeState::Expired, None);
+            metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+        }
+        Ok(())
+    }
+
+    fn is_pending(&mut self, now: Millis) -> Result<bool, StoreError> {
+        self.refresh(now)?;
+        Ok(self.state == ChallengeState::Pending)
+    }
+}
+
+#[derive(Default)]
+pub(super) struct ChallengeTable {
+    entries: HashMap<Key, ChallengeEntry>,
+    users: HashMap<UserKey, UserActivity>,
+    /// (when, key): expiry of pending challenges, then their purge.
+    deadlines: BTreeSet<(Millis, Key)>,
+}
+
+impl ChallengeTable {
+    /// The entry of `id`, refreshed, with its challenge, if it belongs to `tenant`.
+    fn get(
+        &mut self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<(&mut ChallengeEntry, Challenge)>, StoreError> {
+        let Some(entry) = self.entries.get_mut(&id.bits()) else { return Ok(None) };
+        entry.refresh(now)?;
+        let challenge = entry.challenge()?;
+        if challenge.tenant != *tenant {
+            return Ok(None);
+        }
+        Ok(Some((entry, challenge)))
+    }
+
+    fn purge(&mut self, key: &Key) {
+        let Some(entry) = self.entries.remove(key) else { return };
+        let challenge = match entry.challenge() {
+            Ok(challenge) => challenge,
+            Err(error) => {
+                // Its user's list keeps a dangling key, skipped wherever it is read.
+                tracing::error!(%error, "purged a challenge whose record does not decode");
+                return;
+            }
+        };
+        let user = (challenge.tenant, challenge.user_id);
+        if let Some(activity) = self.users.get_mut(&user) {
+            activity.live.retain(|other| other.key != *key);
+            if activity.is_idle() {
+                self.users.remove(&user);
+            }
+        }
+    }
+
+    /// Handles every deadline at or before `now`; returns the next one.
+    pub(super) fn run_deadlines(&mut self, now: Millis) -> Option<Millis> {
+        while let Some((when, key)) = self.deadlines.first().copied() {
+            if when > now {
+                return Some(when);
+            }
+            self.deadlines.pop_first();
+            let Some(entry) = self.entries.get_mut(&key) else { continue };
+            if let Err(error) = entry.refresh(now) {
+                tracing::error!(%error, "could not expire a challenge");
+            }
+            let purge_at = entry.purge_at;
+            if now >= purge_at {
+                self.purge(&key);
+            } else {
+                self.deadlines.insert((purge_at, key));
+            }
+        }
+        None
+    }
+}
+
+fn prune_before(times: &mut VecDeque<Millis>, cutoff: Millis) {
+    while times.front().is_some_and(|t| *t <= cutoff) {
+        times.pop_front();
+    }
+}
+
+/// The `Store` operations on challenges and on the per-user counts.
+impl Shared {
+    pub(super) fn create_challenge(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        let user = (challenge.tenant.clone(), challenge.user_id.clone());
+        let block = self.durable().blocks.get(&user).filter(|block| block.in_force(now)).cloned();
+        let mut table = self.challenges();
+        let ChallengeTable { entries, users, deadlines } = &mut *table;
+
+        // A repeated request_id: the user's newest live challenge made for it, if any.
+        // A scan, not an index: a user holds only a handful of live challenges.
+        let request = request_tag(challenge.request_id.as_deref());
+        if request != 0
+            && let Some(activity) = users.get(&user)
+        {
+            for live in activity.live.iter().rev().filter(|live| live.request == request) {
+                let Some(entry) = entries.get_mut(&live.key) else { continue };
+                entry.refresh(now)?;
+                let existing = entry.challenge()?;
+                if existing.request_id == challenge.request_id {
+                    if now < existing.expires_at {
+                        return Ok(CreateOutcome::Existing(existing));
+                    }
+                    break;
+                }
+            }
+        }
+        if let Some(block) = block {
+            return Ok(CreateOutcome::Refused(Refusal::Blocked(block)));
+        }
+
+        let activity = users.entry(user).or_default();
+        let mut pending = 0;
+        for live in &activity.live {
+            if let Some(entry) = entries.get_mut(&live.key)
+                && entry.is_pending(now)?
+            {
+                pending += 1;
+            }
+        }
+        if pending >= policy.max_pending {
+            return Ok(CreateOutcome::Refused(Refusal::TooManyPending { limit: policy.max_pending }));
+        }
+        prune_before(&mut activity.created, now.minus(policy.window));
+        if activity.created.len() >= policy.max_per_window as usize {
+            return Ok(CreateOutcome::Refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }));
+        }
+
+        let key = challenge.id.bits();
+        let entry = ChallengeEntry::new(&challenge, challenge.expires_at.plus(policy.retention))?;
+        activity.created.push_back(now);
+        activity.live.push(LiveRef { key, request });
+        let earliest = deadlines.first().map(|(when, _)| *when);
+        deadlines.insert((challenge.expires_at, key));
+        entries.insert(key, entry);
+        if earliest.is_none_or(|earliest| challenge.expires_at < earliest) {
+            self.deadline_changed.notify_one();
+        }
+        metrics::gauge!(names::CHALLENGES_LIVE).increment(1.0);
+        Ok(CreateOutcome::Created(challenge))
+    }
+
+    pub(super) fn get_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<Challenge>, StoreError> {
+        Ok(self.challenges().get(tenant, id, now)?.map(|(_, challenge)| challenge))
+    }
+
+    pub(super) fn watch_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeWatch>, StoreError> {
+        Ok(self.challenges().get(tenant, id, now)?.map(|(entry, challenge)| entry.subscribe(challenge)))
+    }
+
+    pub(super) fn resolve_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        resolution: Resolution,
+        now: Millis,
+    ) -> Result<Option<ResolveOutcome>, StoreError> {
+        let mut table = self.challenges();
+        let Some((entry, current)) = table.get(tenant, id, now)? else { return Ok(None) };
+        let (accepted, challenge) = entry.change(current, |challenge| challenge.apply(&resolution, now))?;
+        if accepted {
+            metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+        }
+        Ok(Some(ResolveOutcome { accepted, challenge }))
+    }
+
+    pub(super) fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+        if let Some(entry) = self.challenges().entries.get_mut(&id.bits()) {
+            entry.update(|challenge| challenge.record_delivery(delivery))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {
+        let mut table = self.challenges();
+        let ChallengeTable { entries, users, .. } = &mut *table;
+        let Some(activity) = users.get(&(tenant.clone(), user.clone())) else { return Ok(vec![]) };
+        let mut pending = Vec::new();
+        for live in &activity.live {
+            if let Some(entry) = entries.get_mut(&live.key)
+                && entry.is_pending(now)?
+            {
+                pending.push(entry.challenge()?);
+            }
+        }
+        pending.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+        Ok(pending)
+    }
+
+    pub(super) async fn record_wrong_number(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<UserBlock>, StoreError> {
+        let key = (tenant.clone(), user.clone());
+        let reached = {
+            let mut table = self.challenges();
+            let activity = table.users.entry(key.clone()).or_default();
+            prune_before(&mut activity.wrong_numbers, now.minus(policy.window));
+            activity.wrong_numbers.push_back(now);
+            let reached = activity.wrong_numbers.len() >= policy.limit as usize;
+            if reached {
+                activity.wrong_numbers.clear();
+            }
+            reached
+        };
+        if !reached {
+            return Ok(None);
+        }
+        let block = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: Some(now.plus(policy.block_for)) };
+        self.block_user(tenant, user, block.clone()).await?;
+        Ok(Some(block))
+    }
+
+    pub(super) async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
+        let key = (tenant.clone(), user.clone());
+        if let Some(activity) = self.challenges().users.get_mut(&key) {
+            activity.wrong_numbers.clear();
+        }
+        let _gate = self.write_gate.lock().await;
+        if self.durable().blocks.contains_key(&key) {
+            self.commit(vec![DurableWrite::RemoveBlock(key)], Durability::Immediate).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn record_totp_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<Millis>, StoreError> {
+        let mut table = self.challenges();
+        let activity = table.users.entry((tenant.clone(), user.clone())).or_default();
+        prune_before(&mut activity.totp_failures, now.minus(policy.window));
+        activity.totp_failures.push_back(now);
+        if activity.totp_failures.len() < policy.limit as usize {
+            return Ok(None);
+        }
+        activity.totp_failures.clear();
+        let until = now.plus(policy.block_for);
+        activity.totp_locked_until = Some(until);
+        Ok(Some(until))
+    }
+
+    pub(super) fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
+        let mut table = self.challenges();
+        let key = (tenant.clone(), user.clone());
+        let Some(activity) = table.users.get_mut(&key) else { return Ok(None) };
+        if activity.totp_locked_until.is_some_and(|until| now >= until) {
+            activity.totp_locked_until = None;
+        }
+        let locked = activity.totp_locked_until;
+        if activity.is_idle() {
+            table.users.remove(&key);
+        }
+        Ok(locked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::domain::time::{Clock, ManualClock};
+    use crate::store::Store;
+    use crate::store::embedded::EmbeddedStore;
+
+    /// The watch channel is made by the first watcher and dropped with the last; a
+    /// watcher that comes after that still sees every later change.
+    #[tokio::test]
+    async fn a_watcher_after_the_last_one_left_still_sees_changes() {
+        use crate::domain::challenge::Resolution;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::starting_now();
+        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+        let tenant = TenantId("t".into());
+        let user = UserId::parse("jan").expect("user");
+        let policy = crate::store::conformance::policy();
+        let challenge = crate::store::conformance::sample_challenge(&tenant, &user, clock.now(), None);
+        let id = challenge.id.clone();
+        store.create_challenge(challenge, &policy, clock.now()).await.expect("create");
+
+        let first = store.watch_challenge(&tenant, &id, clock.now()).await.expect("watch").expect("found");
+        drop(first);
+        let delivery = crate::store::conformance::sample_delivery();
+        // This change finds no watcher left, and drops the channel.
+        store.record_delivery(&id, delivery.clone()).await.expect("delivery");
+
+        let mut second = store.watch_challenge(&tenant, &id, clock.now()).await.expect("watch").expect("found");
+        assert_eq!(second.borrow_and_update().deliveries, vec![delivery], "the new watcher starts from the current state");
+        let resolution = Resolution { state: ChallengeState::Denied, deny_reason: None, device_id: None };
+        assert!(store.resolve_challenge(&tenant, &id, resolution, clock.now()).await.expect("resolve").expect("found").accepted);
+        tokio::time::timeout(std::time::Duration::from_secs(5), second.changed())
+            .await
+            .expect("the change arrives")
+            .expect("the channel is open");
+        assert_eq!(second.borrow().state, ChallengeState::Denied);
+    }
+}

@@ -1,0 +1,338 @@
+//! The embedded store, the default for one machine: what lasts minutes lives in
+//! memory, what must outlast a restart is durable in a redb file under `store.path`.
+//!
+//! # Live, in memory (`live.rs`)
+//!
+//! Challenges last minutes, and a restart that forgets them is harmless (the IdP's
+//! watchers see their streams end and start a new sign-in). A broker may hold
+//! hundreds of thousands, so each is kept as one compact postcard record, with its
+//! state and deadlines beside it so the frequent checks decode nothing. A deadline
+//! task expires pending challenges on time, so watchers hear of it without polling,
+//! and purges them after their retention.
+//!
+//! Beside the challenges, per user: the live challenges (to find a repeated
+//! request_id and to count the pending ones), when recent challenges were created
+//! (the rate window), the wrong numbers and wrong TOTP codes typed lately, and the
+//! TOTP lock they lead to. They matter only within their windows, so a restart
+//! forgets them too: strikes start afresh and a TOTP lock lifts. The block that
+//! enough wrong numbers earn is durable.
+//!
+//! # Durable, in redb (`durable.rs`)
+//!
+//! Devices, enrollments (with an index from enrollment code digest to enrollment)
+//! and user blocks: losing them would unenroll users or lift blocks.
+//!
+//! Why redb: it is pure Rust (no C toolchain, no system library), ACID with
+//! copy-on-write B-trees and crash-safe commits, and made for exactly this: a small
+//! embedded key-value file. SQLite would add a C build and a SQL layer we do not need.
+//!
+//! The durable maps are mirrored in memory (they are small: one record per device)
+//! so proofs are checked without I/O. Durable writes take `write_gate`, commit to
+//! redb on the blocking pool, then update the mirror: memory never shows what the
+//! file does not hold. The one exception is a device's `last_used_at`, informational
+//! and on every answer's path: it changes in the mirror at once and reaches the file
+//! in batches every two seconds, so a crash can lose the last few seconds of it.
+//!
+//! # This file
+//!
+//! [`EmbeddedStore`]: opening the file, the background tasks, and the `Store`
+//! trait, whose methods hand over to `Shared`: the challenge and per-user-count
+//! operations are in `live.rs`, the device, enrollment and block ones in `durable.rs`.
+
+mod durable;
+mod live;
+
+use std::path::Path;
+use std::sync::{Arc, LockResult, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+
+use async_trait::async_trait;
+use redb::Database;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use self::durable::{DurableMirror, flush_touches, load_mirror};
+use self::live::ChallengeTable;
+use super::{
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, UserBlock,
+};
+use crate::domain::challenge::{Challenge, Delivery, Resolution};
+use crate::domain::device::Device;
+use crate::domain::enrollment::Enrollment;
+use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
+use crate::domain::time::{Clock, Millis};
+
+const BACKEND: &str = "embedded";
+/// The redb page cache (see `EmbeddedStore::open`).
+const REDB_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+type UserKey = (TenantId, UserId);
+
+fn io_error(error: impl std::fmt::Display) -> StoreError {
+    StoreError::unavailable(BACKEND, error)
+}
+
+/// Takes a lock whether or not it is poisoned: a panic while holding one of the
+/// store's locks would be a bug, and what the lock guards stays usable.
+trait Recover<Guard> {
+    fn recover(self) -> Guard;
+}
+
+impl<Guard> Recover<Guard> for LockResult<Guard> {
+    fn recover(self) -> Guard {
+        self.unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+struct Shared {
+    challenges: Mutex<ChallengeTable>,
+    durable: RwLock<DurableMirror>,
+    /// Serialises durable writes so that check-then-commit steps are atomic.
+    write_gate: tokio::sync::Mutex<()>,
+    db: Arc<Database>,
+    /// Wakes the deadline task when an earlier deadline arrives.
+    deadline_changed: Arc<Notify>,
+    /// Devices whose `last_used_at` changed in memory only, not yet in the file.
+    touched: Mutex<std::collections::HashSet<DeviceId>>,
+}
+
+impl Shared {
+    fn challenges(&self) -> MutexGuard<'_, ChallengeTable> {
+        self.challenges.lock().recover()
+    }
+
+    fn durable(&self) -> RwLockReadGuard<'_, DurableMirror> {
+        self.durable.read().recover()
+    }
+
+    fn durable_mut(&self) -> RwLockWriteGuard<'_, DurableMirror> {
+        self.durable.write().recover()
+    }
+}
+
+/// See the module documentation.
+pub struct EmbeddedStore {
+    shared: Arc<Shared>,
+    /// Stops the deadline task when the store is dropped.
+    closing: CancellationToken,
+}
+
+impl EmbeddedStore {
+    /// Opens (or creates) the store under `dir` and starts its deadline task on the
+    /// current tokio runtime. `clock` drives expiry.
+    pub async fn open(dir: &Path, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let dir = dir.to_owned();
+        let path = dir.join("pushmatch.redb");
+        let (db, mirror) = tokio::task::spawn_blocking(move || -> Result<(Database, DurableMirror), StoreError> {
+            std::fs::create_dir_all(&dir).map_err(|e| io_error(format!("cannot create {}: {e}", dir.display())))?;
+            // redb caches up to 1 GiB by default. Every record is mirrored in memory
+            // already, so the file's cache only needs to serve writes: keep it small.
+            let db = Database::builder()
+                .set_cache_size(REDB_CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| io_error(format!("cannot open {}: {e}", path.display())))?;
+            let mirror = load_mirror(&db)?;
+            Ok((db, mirror))
+        })
+        .await
+        .map_err(io_error)??;
+
+        let shared = Arc::new(Shared {
+            challenges: Mutex::new(ChallengeTable::default()),
+            durable: RwLock::new(mirror),
+            write_gate: tokio::sync::Mutex::new(()),
+            db: Arc::new(db),
+            deadline_changed: Arc::new(Notify::new()),
+            touched: Mutex::new(std::collections::HashSet::new()),
+        });
+        let closing = CancellationToken::new();
+        let wake = Arc::clone(&shared.deadline_changed);
+        tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, clock, closing.clone()));
+        tokio::spawn(flush_touches(Arc::downgrade(&shared), closing.clone()));
+        Ok(Self { shared, closing })
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        self.closing.cancel();
+    }
+}
+
+/// Expires pending challenges at their deadline and purges old ones, so watchers
+/// learn of expiry without anyone polling. It holds the store only weakly while it
+/// waits, so dropping the store closes the database file at once.
+async fn run_deadlines(shared: Weak<Shared>, wake: Arc<Notify>, clock: Arc<dyn Clock>, closing: CancellationToken) {
+    loop {
+        // Register for wake-ups before reading the next deadline, so none is missed.
+        let changed = wake.notified();
+        let next = match shared.upgrade() {
+            Some(strong) => strong.challenges().run_deadlines(clock.now()),
+            None => return,
+        };
+        let sleep = match next {
+            Some(when) => clock.sleep_until(when),
+            None => Box::pin(std::future::pending()),
+        };
+        tokio::select! {
+            () = sleep => {}
+            () = changed => {}
+            () = closing.cancelled() => return,
+        }
+    }
+}
+
+/// Each operation is a method of `Shared`: on challenges and per-user counts in
+/// `live.rs`, on devices, enrollments and blocks in `durable.rs`.
+#[async_trait]
+impl Store for EmbeddedStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn create_challenge(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        self.shared.create_challenge(challenge, policy, now)
+    }
+
+    async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError> {
+        self.shared.get_challenge(tenant, id, now)
+    }
+
+    async fn watch_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeWatch>, StoreError> {
+        self.shared.watch_challenge(tenant, id, now)
+    }
+
+    async fn resolve_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        resolution: Resolution,
+        now: Millis,
+    ) -> Result<Option<ResolveOutcome>, StoreError> {
+        self.shared.resolve_challenge(tenant, id, resolution, now)
+    }
+
+    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+        self.shared.record_delivery(id, delivery)
+    }
+
+    async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {
+        self.shared.pending_challenges(tenant, user, now)
+    }
+
+    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        self.shared.insert_enrollment(enrollment).await
+    }
+
+    async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
+        self.shared.get_enrollment(tenant, id)
+    }
+
+    async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
+        self.shared.enrollment_by_code(code)
+    }
+
+    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError> {
+        self.shared.complete_enrollment(code, device, now).await
+    }
+
+    async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        self.shared.get_device(id)
+    }
+
+    async fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
+        self.shared.list_devices(tenant, user)
+    }
+
+    async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {
+        self.shared.remove_device(tenant, id).await
+    }
+
+    async fn set_push_token(&self, id: &DeviceId, token: &str) -> Result<bool, StoreError> {
+        self.shared.set_push_token(id, token).await
+    }
+
+    async fn disable_push(&self, id: &DeviceId, token: &str) -> Result<(), StoreError> {
+        self.shared.disable_push(id, token).await
+    }
+
+    async fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
+        self.shared.touch_device(id, now)
+    }
+
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
+        self.shared.block_user(tenant, user, block).await
+    }
+
+    async fn record_wrong_number(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<UserBlock>, StoreError> {
+        self.shared.record_wrong_number(tenant, user, policy, now).await
+    }
+
+    async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
+        self.shared.unblock_user(tenant, user).await
+    }
+
+    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
+        self.shared.user_block(tenant, user, now)
+    }
+
+    async fn confirm_totp_enrollment(
+        &self,
+        tenant: &TenantId,
+        id: &EnrollmentId,
+        device: Device,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        self.shared.confirm_totp_enrollment(tenant, id, device, now).await
+    }
+
+    async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
+        self.shared.spend_totp_step(id, step).await
+    }
+
+    async fn record_totp_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<Millis>, StoreError> {
+        self.shared.record_totp_failure(tenant, user, policy, now)
+    }
+
+    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
+        self.shared.totp_locked_until(tenant, user, now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn embedded_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let opened = std::sync::atomic::AtomicUsize::new(0);
+        super::super::conformance::run_all(|clock| {
+            let n = opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = dir.path().join(format!("store-{n}"));
+            async move { EmbeddedStore::open(&path, Arc::new(clock)).await.expect("store opens") }
+        })
+        .await;
+    }
+}
