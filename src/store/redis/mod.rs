@@ -4,24 +4,9 @@
 //!
 //! # Key schema
 //!
-//! One user's keys share a hash slot through the tag `{tu}`: the first 16 hex
-//! digits of SHA-256("tenant\0user"), so user ids with braces or odd bytes cannot
-//! break the tag. Keys that find a user's slot from an id are global indexes.
-//!
-//! | key | type | content | lifetime |
-//! | --- | --- | --- | --- |
-//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at` | TTL: purge time + 1 min |
-//! | `pm:{tu}:pending` | zset | ids of PENDING challenges, scored by creation | TTL as the challenges |
-//! | `pm:{tu}:created` | zset | ids created in the rate window, scored by creation | TTL: the window |
-//! | `pm:{tu}:req:<request_id>` | string | challenge id for an idempotency key | TTL: the challenge's life |
-//! | `pm:{tu}:block` | string | JSON `UserBlock` | durable (the logic ends timed blocks) |
-//! | `pm:{tu}:wrong`, `pm:{tu}:totpfail` | zset | times of wrong numbers / wrong TOTP codes | TTL: the window |
-//! | `pm:{tu}:totplock` | string | VerifyTotp locked until (ms) | TTL: the lockout |
-//! | `pm:{tu}:dev:<device id>` | string | JSON `Device` | durable |
-//! | `pm:{tu}:devs` | set | the user's device ids | durable |
-//! | `pm:{tu}:en:<enrollment id>` | string | JSON `Enrollment` | TTL: expiry + 7 days |
-//! | `pm:cidx:<challenge id>`, `pm:didx:<device id>`, `pm:enidx:<enrollment id>` | string | the owner's `tu` | as their record |
-//! | `pm:code:<code digest>` | string | `<tu> <enrollment id>` | as the enrollment |
+//! One user's keys share a hash slot through a tag derived from tenant and user;
+//! global indexes find a user's slot from an id. The `keys` module lists every key,
+//! its type and its TTL; the scripts are in `scripts/*.lua`.
 //!
 //! Time is the store's clock (the `now` every call passes), never Redis's: expiry,
 //! windows and lockouts are decided in the scripts and in Rust against `now`; Redis
@@ -49,7 +34,6 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sha2::{Digest, Sha256};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -63,13 +47,17 @@ use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId, os_random};
 use crate::domain::time::{Clock, Millis};
 
+mod keys;
+mod scripts;
+
+pub use keys::SHARDS;
+use keys::{
+    ENROLLMENT_KEEP, Keys, TTL_MARGIN, challenge_index, code_index, device_index, enrollment_index, shard_channel, ttl_ms,
+    user_tag,
+};
+use scripts::Scripts;
+
 const BACKEND: &str = "redis";
-/// Pub/sub channels for challenge changes.
-pub const SHARDS: u32 = 16;
-/// Garbage-collection margin on top of the logical lifetime of ephemeral keys.
-const TTL_MARGIN: Duration = Duration::from_secs(60);
-/// How long a finished or expired enrollment record is kept.
-const ENROLLMENT_KEEP: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn unavailable(error: impl std::fmt::Display) -> StoreError {
     StoreError::unavailable(BACKEND, error)
@@ -82,174 +70,6 @@ fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
 fn decode<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError::corrupt(BACKEND, e))
 }
-
-fn ttl_ms(now: Millis, until: Millis) -> i64 {
-    i64::try_from(now.until(until).as_millis()).unwrap_or(i64::MAX).max(1)
-}
-
-/// The slot tag of a user's keys.
-fn user_tag(tenant: &TenantId, user: &UserId) -> String {
-    let digest = Sha256::digest(format!("{}\0{}", tenant.0, user.as_str()).as_bytes());
-    hex::encode(&digest[..8])
-}
-
-fn shard_channel(id: &ChallengeId) -> String {
-    let digest = Sha256::digest(id.as_str().as_bytes());
-    format!("pm:ev:{}", u32::from(digest[0]) % SHARDS)
-}
-
-struct Keys<'a>(&'a str);
-
-impl Keys<'_> {
-    fn challenge(&self, id: &str) -> String {
-        format!("pm:{{{}}}:ch:{id}", self.0)
-    }
-    fn challenge_prefix(&self) -> String {
-        format!("pm:{{{}}}:ch:", self.0)
-    }
-    fn pending(&self) -> String {
-        format!("pm:{{{}}}:pending", self.0)
-    }
-    fn created(&self) -> String {
-        format!("pm:{{{}}}:created", self.0)
-    }
-    fn request(&self, request_id: &str) -> String {
-        format!("pm:{{{}}}:req:{request_id}", self.0)
-    }
-    fn block(&self) -> String {
-        format!("pm:{{{}}}:block", self.0)
-    }
-    fn wrong(&self) -> String {
-        format!("pm:{{{}}}:wrong", self.0)
-    }
-    fn totp_failures(&self) -> String {
-        format!("pm:{{{}}}:totpfail", self.0)
-    }
-    fn totp_lock(&self) -> String {
-        format!("pm:{{{}}}:totplock", self.0)
-    }
-    fn device(&self, id: &str) -> String {
-        format!("pm:{{{}}}:dev:{id}", self.0)
-    }
-    fn devices(&self) -> String {
-        format!("pm:{{{}}}:devs", self.0)
-    }
-    fn enrollment(&self, id: &str) -> String {
-        format!("pm:{{{}}}:en:{id}", self.0)
-    }
-}
-
-fn challenge_index(id: &ChallengeId) -> String {
-    format!("pm:cidx:{id}")
-}
-fn device_index(id: &DeviceId) -> String {
-    format!("pm:didx:{id}")
-}
-fn enrollment_index(id: &EnrollmentId) -> String {
-    format!("pm:enidx:{id}")
-}
-fn code_index(code: &CodeDigest) -> String {
-    format!("pm:code:{}", code.0)
-}
-
-/// Creates a challenge: idempotency key, block, pending and window limits, insert.
-const CREATE_SCRIPT: &str = r"
-local now = tonumber(ARGV[3])
-if ARGV[9] == '1' then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then
-    local h = redis.call('HMGET', ARGV[10] .. existing, 'json', 'expires_at')
-    if h[1] and tonumber(h[2]) > now then
-      return {'existing', existing}
-    end
-  end
-end
-local block = redis.call('GET', KEYS[5])
-if block then
-  local b = cjson.decode(block)
-  if b['until'] == cjson.null or now < tonumber(b['until']) then
-    return {'blocked', block}
-  end
-end
-local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
-local pending = 0
-for _, cid in ipairs(ids) do
-  local h = redis.call('HMGET', ARGV[10] .. cid, 'state', 'expires_at')
-  if h[1] == 'Pending' and tonumber(h[2]) > now then
-    pending = pending + 1
-  else
-    redis.call('ZREM', KEYS[2], cid)
-  end
-end
-if pending >= tonumber(ARGV[6]) then
-  return {'too_many_pending'}
-end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
-if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
-  return {'rate_limited'}
-end
-redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('ZADD', KEYS[2], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
-redis.call('ZADD', KEYS[3], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[3], ARGV[8])
-if ARGV[9] == '1' then
-  redis.call('SET', KEYS[4], ARGV[2], 'PX', math.max(1, tonumber(ARGV[4]) - now))
-end
-return {'created'}
-";
-
-/// Compare-and-set of a challenge by version; publishes the new state.
-const CHALLENGE_CAS_SCRIPT: &str = r"
-local v = redis.call('HGET', KEYS[1], 'v')
-if not v or v ~= ARGV[1] then
-  return 0
-end
-local nv = tonumber(v) + 1
-redis.call('HSET', KEYS[1], 'json', ARGV[2], 'v', nv, 'state', ARGV[3])
-if ARGV[3] ~= 'Pending' then
-  redis.call('ZREM', KEYS[2], ARGV[5])
-end
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. nv .. ' ' .. ARGV[2])
-return nv
-";
-
-/// Compare-and-set of a string by value ('' expects no key); KEEPTTL.
-const VALUE_CAS_SCRIPT: &str = r"
-local current = redis.call('GET', KEYS[1])
-if (current or '') ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-return 1
-";
-
-/// Spends an enrollment (CAS on its record) and adds the device, in one step.
-const ENROLL_SCRIPT: &str = r"
-local current = redis.call('GET', KEYS[1])
-if (current or '') ~= ARGV[1] then
-  return 0
-end
-redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
-redis.call('SET', KEYS[2], ARGV[3])
-redis.call('SADD', KEYS[3], ARGV[4])
-return 1
-";
-
-/// Counts a strike in a sliding window; returns 1 (and forgets the strikes) when
-/// it is the limit-th.
-const STRIKE_SCRIPT: &str = r"
-local now = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]))
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
-";
 
 /// A connection that reconnects by itself: one node, or a cluster.
 #[derive(Clone)]
@@ -338,21 +158,12 @@ impl WatchRegistry {
     }
 }
 
-struct Scripts {
-    create: Script,
-    value_cas: Script,
-    enroll: Script,
-    strike: Script,
-}
-
 /// See the module documentation.
 pub struct RedisStore {
     connection: RedisConnection,
     operation_timeout: Duration,
     scripts: Scripts,
     watchers: Arc<WatchRegistry>,
-    /// The compare-and-set that every challenge change goes through.
-    challenge_cas: Arc<Script>,
     /// Stops the pub/sub and deadline tasks when the store is dropped.
     closing: CancellationToken,
 }
@@ -405,14 +216,8 @@ impl RedisStore {
         let store = Self {
             connection,
             operation_timeout: settings.operation_timeout,
-            scripts: Scripts {
-                create: Script::new(CREATE_SCRIPT),
-                value_cas: Script::new(VALUE_CAS_SCRIPT),
-                enroll: Script::new(ENROLL_SCRIPT),
-                strike: Script::new(STRIKE_SCRIPT),
-            },
+            scripts: Scripts::new(),
             watchers: Arc::new(WatchRegistry::default()),
-            challenge_cas: Arc::new(Script::new(CHALLENGE_CAS_SCRIPT)),
             closing: CancellationToken::new(),
         };
         store.health_check().await?;
@@ -427,7 +232,7 @@ impl RedisStore {
         Reader {
             connection: self.connection.clone(),
             operation_timeout: self.operation_timeout,
-            challenge_cas: Arc::clone(&self.challenge_cas),
+            challenge_cas: Arc::clone(&self.scripts.challenge_cas),
             watchers: Arc::clone(&self.watchers),
         }
     }
@@ -642,8 +447,8 @@ async fn follow_changes(client: redis::Client, reader: Reader, clock: Arc<dyn Cl
     loop {
         let subscribed = async {
             let mut pubsub = client.get_async_pubsub().await?;
-            for shard in 0..SHARDS {
-                pubsub.subscribe(format!("pm:ev:{shard}")).await?;
+            for channel in keys::all_channels() {
+                pubsub.subscribe(channel).await?;
             }
             Ok::<_, redis::RedisError>(pubsub)
         };
@@ -1124,22 +929,5 @@ mod tests {
             let mut connection = client.get_multiplexed_async_connection().await.expect("node");
             let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
         }
-    }
-
-    /// The part of a key that Redis Cluster hashes: between the first `{` and the next `}`.
-    fn hash_tag(key: &str) -> &str {
-        let open = key.find('{').expect("a tag");
-        let close = key[open + 1..].find('}').expect("closed") + open + 1;
-        &key[open + 1..close]
-    }
-
-    #[test]
-    fn one_users_keys_share_a_slot() {
-        let tag = user_tag(&TenantId("t".into()), &UserId::parse("jan{x}").expect("user"));
-        let keys = Keys(&tag);
-        for key in [keys.challenge("ch_1"), keys.pending(), keys.created(), keys.request("r}{"), keys.devices(), keys.block()] {
-            assert_eq!(hash_tag(&key), tag, "{key}");
-        }
-        assert_ne!(tag, user_tag(&TenantId("t".into()), &UserId::parse("piet").expect("user")));
     }
 }
