@@ -29,10 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt as _;
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
-use serde::Serialize;
+use redis::Script;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -47,9 +44,11 @@ use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId, os_random};
 use crate::domain::time::{Clock, Millis};
 
+mod connection;
 mod keys;
 mod scripts;
 
+use connection::{Connection, corrupt, decode, encode, unavailable};
 pub use keys::SHARDS;
 use keys::{
     ENROLLMENT_KEEP, Keys, TTL_MARGIN, challenge_index, code_index, device_index, enrollment_index, shard_channel, ttl_ms,
@@ -58,48 +57,6 @@ use keys::{
 use scripts::Scripts;
 
 const BACKEND: &str = "redis";
-
-fn unavailable(error: impl std::fmt::Display) -> StoreError {
-    StoreError::unavailable(BACKEND, error)
-}
-
-fn encode<T: Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::corrupt(BACKEND, e))
-}
-
-fn decode<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|e| StoreError::corrupt(BACKEND, e))
-}
-
-/// A connection that reconnects by itself: one node, or a cluster.
-#[derive(Clone)]
-enum RedisConnection {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for RedisConnection {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(connection) => connection.req_packed_command(cmd),
-            Self::Cluster(connection) => connection.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(connection) => connection.get_db(),
-            Self::Cluster(connection) => connection.get_db(),
-        }
-    }
-}
 
 /// How to reach Redis.
 #[derive(Clone, Debug)]
@@ -160,8 +117,7 @@ impl WatchRegistry {
 
 /// See the module documentation.
 pub struct RedisStore {
-    connection: RedisConnection,
-    operation_timeout: Duration,
+    connection: Connection,
     scripts: Scripts,
     watchers: Arc<WatchRegistry>,
     /// Stops the pub/sub and deadline tasks when the store is dropped.
@@ -187,35 +143,8 @@ impl RedisStore {
     /// pub/sub and deadline tasks on the current runtime.
     pub async fn connect(settings: RedisSettings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
         let first = settings.urls.first().cloned().ok_or_else(|| unavailable("no Redis URL configured"))?;
-        let connection = if settings.urls.len() > 1 {
-            let client = redis::cluster::ClusterClientBuilder::new(settings.urls.clone())
-                .connection_timeout(settings.operation_timeout)
-                .response_timeout(settings.operation_timeout)
-                .build()
-                .map_err(unavailable)?;
-            let connecting = client.get_async_connection();
-            let connection = tokio::time::timeout(settings.operation_timeout * 5, connecting)
-                .await
-                .map_err(|_| unavailable("timed out connecting to the cluster"))?
-                .map_err(unavailable)?;
-            RedisConnection::Cluster(connection)
-        } else {
-            let client = redis::Client::open(first.as_str()).map_err(unavailable)?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(settings.operation_timeout))
-                .set_response_timeout(Some(settings.operation_timeout))
-                .set_number_of_retries(2)
-                .set_max_delay(Duration::from_millis(500));
-            let connecting = ConnectionManager::new_with_config(client, config);
-            let connection = tokio::time::timeout(settings.operation_timeout * 5, connecting)
-                .await
-                .map_err(|_| unavailable("timed out connecting"))?
-                .map_err(unavailable)?;
-            RedisConnection::Single(connection)
-        };
         let store = Self {
-            connection,
-            operation_timeout: settings.operation_timeout,
+            connection: Connection::open(&settings.urls, settings.operation_timeout).await?,
             scripts: Scripts::new(),
             watchers: Arc::new(WatchRegistry::default()),
             closing: CancellationToken::new(),
@@ -231,43 +160,30 @@ impl RedisStore {
     fn reader(&self) -> Reader {
         Reader {
             connection: self.connection.clone(),
-            operation_timeout: self.operation_timeout,
             challenge_cas: Arc::clone(&self.scripts.challenge_cas),
             watchers: Arc::clone(&self.watchers),
         }
     }
 
     async fn health_check(&self) -> Result<(), StoreError> {
-        let pong: String = self.query(redis::cmd("PING")).await?;
+        let pong: String = self.connection.query(&redis::cmd("PING")).await?;
         if pong == "PONG" { Ok(()) } else { Err(unavailable(format!("unexpected PING answer {pong:?}"))) }
-    }
-
-    async fn query<T: redis::FromRedisValue>(&self, cmd: Cmd) -> Result<T, StoreError> {
-        run(&self.connection, self.operation_timeout, cmd).await
-    }
-
-    async fn invoke<T: redis::FromRedisValue>(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<T, StoreError> {
-        let mut connection = self.connection.clone();
-        tokio::time::timeout(self.operation_timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| unavailable("timed out"))?
-            .map_err(unavailable)
     }
 
     /// Reads a string key holding JSON.
     async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let text: Option<String> = self.query(redis::cmd("GET").arg(key).clone()).await?;
+        let text: Option<String> = self.connection.query(redis::cmd("GET").arg(key)).await?;
         text.map(|t| decode(&t)).transpose()
     }
 
     async fn device_tag(&self, id: &DeviceId) -> Result<Option<String>, StoreError> {
-        self.query(redis::cmd("GET").arg(device_index(id)).clone()).await
+        self.connection.query(redis::cmd("GET").arg(device_index(id))).await
     }
 
     async fn load_device(&self, id: &DeviceId) -> Result<Option<(String, String, Device)>, StoreError> {
         let Some(tag) = self.device_tag(id).await? else { return Ok(None) };
         let key = Keys(&tag).device(id.as_str());
-        let text: Option<String> = self.query(redis::cmd("GET").arg(&key).clone()).await?;
+        let text: Option<String> = self.connection.query(redis::cmd("GET").arg(&key)).await?;
         match text {
             Some(text) => Ok(Some((key, text.clone(), decode(&text)?))),
             None => Ok(None),
@@ -280,7 +196,7 @@ impl RedisStore {
         loop {
             let Some((key, current, device)) = self.load_device(id).await? else { return Ok(false) };
             let Some(updated) = change(&device) else { return Ok(true) };
-            let set: i64 = self.invoke(self.scripts.value_cas.key(&key).arg(&current).arg(encode(&updated)?)).await?;
+            let set: i64 = self.connection.invoke(self.scripts.value_cas.key(&key).arg(&current).arg(encode(&updated)?)).await?;
             if set == 1 {
                 return Ok(true);
             }
@@ -288,10 +204,10 @@ impl RedisStore {
     }
 
     async fn load_enrollment(&self, id: &EnrollmentId) -> Result<Option<(String, String, Enrollment)>, StoreError> {
-        let tag: Option<String> = self.query(redis::cmd("GET").arg(enrollment_index(id)).clone()).await?;
+        let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(enrollment_index(id))).await?;
         let Some(tag) = tag else { return Ok(None) };
         let key = Keys(&tag).enrollment(id.as_str());
-        let text: Option<String> = self.query(redis::cmd("GET").arg(&key).clone()).await?;
+        let text: Option<String> = self.connection.query(redis::cmd("GET").arg(&key)).await?;
         match text {
             Some(text) => Ok(Some((tag, text.clone(), decode(&text)?))),
             None => Ok(None),
@@ -326,8 +242,9 @@ impl RedisStore {
                 completed.totp_secret = None;
             }
             let keys = Keys(&tag);
-            let _: () = self.query(redis::cmd("SET").arg(device_index(&device.id)).arg(&tag).clone()).await?;
+            let _: () = self.connection.query(redis::cmd("SET").arg(device_index(&device.id)).arg(&tag)).await?;
             let spent: i64 = self
+                .connection
                 .invoke(
                     self.scripts
                         .enroll
@@ -343,16 +260,17 @@ impl RedisStore {
             if spent == 1 {
                 return Ok(CompleteOutcome::Completed(Box::new(completed)));
             }
-            let _: () = self.query(redis::cmd("DEL").arg(device_index(&device.id)).clone()).await?;
+            let _: () = self.connection.query(redis::cmd("DEL").arg(device_index(&device.id))).await?;
         }
     }
 
     async fn strike(&self, key: String, policy: &StrikePolicy, now: Millis) -> Result<bool, StoreError> {
         let mut nonce = [0u8; 8];
-        os_random(&mut nonce).map_err(|e| StoreError::corrupt(BACKEND, e))?;
+        os_random(&mut nonce).map_err(corrupt)?;
         let member = format!("{}-{}", now.0, hex::encode(nonce));
         let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
-        let reached: i64 = self.invoke(self.scripts.strike.key(key).arg(now.0).arg(window).arg(policy.limit).arg(member)).await?;
+        let reached: i64 =
+            self.connection.invoke(self.scripts.strike.key(key).arg(now.0).arg(window).arg(policy.limit).arg(member)).await?;
         Ok(reached == 1)
     }
 }
@@ -360,32 +278,18 @@ impl RedisStore {
 /// What the background tasks need: reads, expiry compare-and-sets, the registry.
 #[derive(Clone)]
 struct Reader {
-    connection: RedisConnection,
-    operation_timeout: Duration,
+    connection: Connection,
     challenge_cas: Arc<Script>,
     watchers: Arc<WatchRegistry>,
 }
 
-async fn run<T: redis::FromRedisValue>(connection: &RedisConnection, timeout: Duration, cmd: Cmd) -> Result<T, StoreError> {
-    let mut connection = connection.clone();
-    tokio::time::timeout(timeout, cmd.query_async(&mut connection))
-        .await
-        .map_err(|_| unavailable("timed out"))?
-        .map_err(unavailable)
-}
-
 impl Reader {
     async fn load(&self, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
-        let tag: Option<String> =
-            run(&self.connection, self.operation_timeout, redis::cmd("GET").arg(challenge_index(id)).clone()).await?;
+        let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(challenge_index(id))).await?;
         let Some(tag) = tag else { return Ok(None) };
         let key = Keys(&tag).challenge(id.as_str());
-        let fields: (Option<String>, Option<u64>, Option<i64>) = run(
-            &self.connection,
-            self.operation_timeout,
-            redis::cmd("HMGET").arg(&key).arg("json").arg("v").arg("purge_at").clone(),
-        )
-        .await?;
+        let fields: (Option<String>, Option<u64>, Option<i64>) =
+            self.connection.query(redis::cmd("HMGET").arg(&key).arg("json").arg("v").arg("purge_at")).await?;
         let (Some(json), Some(version), Some(purge_at)) = fields else { return Ok(None) };
         Ok(Some(ChallengeRecord { tag, version, purge_at: Millis(purge_at), challenge: decode(&json)? }))
     }
@@ -405,11 +309,7 @@ impl Reader {
             .arg(state.trim_matches('"'))
             .arg(shard_channel(&challenge.id))
             .arg(challenge.id.as_str());
-        let mut connection = self.connection.clone();
-        let new_version: u64 = tokio::time::timeout(self.operation_timeout, invocation.invoke_async(&mut connection))
-            .await
-            .map_err(|_| unavailable("timed out"))?
-            .map_err(unavailable)?;
+        let new_version: u64 = self.connection.invoke(&invocation).await?;
         if new_version == 0 {
             return Ok(None);
         }
@@ -454,7 +354,7 @@ async fn follow_changes(client: redis::Client, reader: Reader, clock: Arc<dyn Cl
         };
         let pubsub = tokio::select! {
             () = closing.cancelled() => return,
-            result = tokio::time::timeout(reader.operation_timeout, subscribed) => result,
+            result = tokio::time::timeout(reader.connection.timeout(), subscribed) => result,
         };
         match pubsub {
             Ok(Ok(pubsub)) => {
@@ -542,8 +442,9 @@ impl Store for RedisStore {
         let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
         let request_key = keys.request(challenge.request_id.as_deref().unwrap_or(""));
         let index = challenge_index(&challenge.id);
-        let _: () = self.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl).clone()).await?;
+        let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
         let outcome: Vec<String> = self
+            .connection
             .invoke(
                 self.scripts
                     .create
@@ -569,23 +470,22 @@ impl Store for RedisStore {
         let result = match outcome.first().map(String::as_str) {
             Some("created") => return Ok(CreateOutcome::Created(challenge)),
             Some("existing") => {
-                let existing =
-                    outcome.get(1).map(|id| ChallengeId::parse(id)).transpose().map_err(|e| StoreError::corrupt(BACKEND, e))?;
+                let existing = outcome.get(1).map(|id| ChallengeId::parse(id)).transpose().map_err(corrupt)?;
                 let reader = self.reader();
                 match existing {
                     Some(id) => match reader.current(&challenge.tenant, &id, now).await? {
                         Some(record) => CreateOutcome::Existing(record.challenge),
-                        None => return Err(StoreError::corrupt(BACKEND, "idempotency key without its challenge")),
+                        None => return Err(corrupt("idempotency key without its challenge")),
                     },
-                    None => return Err(StoreError::corrupt(BACKEND, "idempotency answer without an id")),
+                    None => return Err(corrupt("idempotency answer without an id")),
                 }
             }
             Some("blocked") => refused(Refusal::Blocked(decode(outcome.get(1).map_or("", String::as_str))?)),
             Some("too_many_pending") => refused(Refusal::TooManyPending { limit: policy.max_pending }),
             Some("rate_limited") => refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }),
-            other => return Err(StoreError::corrupt(BACKEND, format!("unexpected create answer {other:?}"))),
+            other => return Err(corrupt(format!("unexpected create answer {other:?}"))),
         };
-        let _: () = self.query(redis::cmd("DEL").arg(&index).clone()).await?;
+        let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
         Ok(result)
     }
 
@@ -670,7 +570,7 @@ impl Store for RedisStore {
 
     async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {
         let tag = user_tag(tenant, user);
-        let ids: Vec<String> = self.query(redis::cmd("ZREVRANGE").arg(Keys(&tag).pending()).arg(0).arg(-1).clone()).await?;
+        let ids: Vec<String> = self.connection.query(redis::cmd("ZREVRANGE").arg(Keys(&tag).pending()).arg(0).arg(-1)).await?;
         let reader = self.reader();
         let mut pending = Vec::new();
         for id in ids {
@@ -688,35 +588,33 @@ impl Store for RedisStore {
     async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
         let tag = user_tag(&enrollment.tenant, &enrollment.user_id);
         let ttl = ttl_ms(enrollment.created_at, enrollment.expires_at.plus(ENROLLMENT_KEEP));
-        let mut pipeline = redis::pipe();
-        pipeline.atomic();
-        pipeline.cmd("SET").arg(enrollment_index(&enrollment.id)).arg(&tag).arg("PX").arg(ttl).ignore();
-        if let Some(code) = &enrollment.code_digest {
-            pipeline.cmd("SET").arg(code_index(code)).arg(format!("{tag} {}", enrollment.id)).arg("PX").arg(ttl).ignore();
-        }
-        // The record last: once it exists, its indexes do too.
+        let index = redis::cmd("SET").arg(enrollment_index(&enrollment.id)).arg(&tag).arg("PX").arg(ttl).clone();
+        let code = enrollment.code_digest.as_ref().map(|code| {
+            redis::cmd("SET").arg(code_index(code)).arg(format!("{tag} {}", enrollment.id)).arg("PX").arg(ttl).clone()
+        });
         let record = redis::cmd("SET")
             .arg(Keys(&tag).enrollment(enrollment.id.as_str()))
             .arg(encode(&enrollment)?)
             .arg("PX")
             .arg(ttl)
             .clone();
-        let mut connection = self.connection.clone();
-        if !matches!(self.connection, RedisConnection::Cluster(_)) {
-            tokio::time::timeout(self.operation_timeout, pipeline.query_async::<()>(&mut connection))
-                .await
-                .map_err(|_| unavailable("timed out"))?
-                .map_err(unavailable)?;
-        } else {
+        if self.connection.is_cluster() {
             // Keys of different slots: one by one on a cluster.
-            let _: () =
-                self.query(redis::cmd("SET").arg(enrollment_index(&enrollment.id)).arg(&tag).arg("PX").arg(ttl).clone()).await?;
-            if let Some(code) = &enrollment.code_digest {
-                let value = format!("{tag} {}", enrollment.id);
-                let _: () = self.query(redis::cmd("SET").arg(code_index(code)).arg(value).arg("PX").arg(ttl).clone()).await?;
+            let _: () = self.connection.query(&index).await?;
+            if let Some(code) = &code {
+                let _: () = self.connection.query(code).await?;
             }
+        } else {
+            let mut pipeline = redis::pipe();
+            pipeline.atomic();
+            pipeline.add_command(index).ignore();
+            if let Some(code) = code {
+                pipeline.add_command(code).ignore();
+            }
+            self.connection.pipeline::<()>(&pipeline).await?;
         }
-        self.query(record).await
+        // The record last: once it exists, its indexes do too.
+        self.connection.query(&record).await
     }
 
     async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
@@ -724,11 +622,11 @@ impl Store for RedisStore {
     }
 
     async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
-        let found: Option<String> = self.query(redis::cmd("GET").arg(code_index(code)).clone()).await?;
+        let found: Option<String> = self.connection.query(redis::cmd("GET").arg(code_index(code))).await?;
         let Some(id) = found.as_deref().and_then(|value| value.split_once(' ')).map(|(_, id)| id.to_owned()) else {
             return Ok(None);
         };
-        let id = EnrollmentId::parse(&id).map_err(|e| StoreError::corrupt(BACKEND, e))?;
+        let id = EnrollmentId::parse(&id).map_err(corrupt)?;
         Ok(self.load_enrollment(&id).await?.map(|(_, _, e)| e))
     }
 
@@ -744,7 +642,7 @@ impl Store for RedisStore {
     async fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
         let tag = user_tag(tenant, user);
         let keys = Keys(&tag);
-        let mut ids: Vec<String> = self.query(redis::cmd("SMEMBERS").arg(keys.devices()).clone()).await?;
+        let mut ids: Vec<String> = self.connection.query(redis::cmd("SMEMBERS").arg(keys.devices())).await?;
         ids.sort();
         if ids.is_empty() {
             return Ok(Vec::new());
@@ -753,7 +651,7 @@ impl Store for RedisStore {
         for id in &ids {
             get.arg(keys.device(id));
         }
-        let records: Vec<Option<String>> = self.query(get).await?;
+        let records: Vec<Option<String>> = self.connection.query(&get).await?;
         let mut devices: Vec<Device> = Vec::new();
         for record in records.into_iter().flatten() {
             let device: Device = decode(&record)?;
@@ -771,9 +669,9 @@ impl Store for RedisStore {
             return Ok(false);
         }
         let tag = user_tag(&device.tenant, &device.user_id);
-        let _: () = self.query(redis::cmd("DEL").arg(&key).clone()).await?;
-        let _: () = self.query(redis::cmd("SREM").arg(Keys(&tag).devices()).arg(id.as_str()).clone()).await?;
-        let _: () = self.query(redis::cmd("DEL").arg(device_index(id)).clone()).await?;
+        let _: () = self.connection.query(redis::cmd("DEL").arg(&key)).await?;
+        let _: () = self.connection.query(redis::cmd("SREM").arg(Keys(&tag).devices()).arg(id.as_str())).await?;
+        let _: () = self.connection.query(redis::cmd("DEL").arg(device_index(id))).await?;
         Ok(true)
     }
 
@@ -798,7 +696,7 @@ impl Store for RedisStore {
 
     async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
         let tag = user_tag(tenant, user);
-        self.query(redis::cmd("SET").arg(Keys(&tag).block()).arg(encode(&block)?).clone()).await
+        self.connection.query(redis::cmd("SET").arg(Keys(&tag).block()).arg(encode(&block)?)).await
     }
 
     async fn record_wrong_number(
@@ -820,7 +718,7 @@ impl Store for RedisStore {
     async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
         let tag = user_tag(tenant, user);
         let keys = Keys(&tag);
-        self.query(redis::cmd("DEL").arg(keys.block()).arg(keys.wrong()).clone()).await
+        self.connection.query(redis::cmd("DEL").arg(keys.block()).arg(keys.wrong())).await
     }
 
     async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
@@ -846,7 +744,7 @@ impl Store for RedisStore {
                 return Ok(false);
             }
             let updated = Device { totp_last_step: Some(step), ..device };
-            let set: i64 = self.invoke(self.scripts.value_cas.key(&key).arg(&current).arg(encode(&updated)?)).await?;
+            let set: i64 = self.connection.invoke(self.scripts.value_cas.key(&key).arg(&current).arg(encode(&updated)?)).await?;
             if set == 1 {
                 return Ok(true);
             }
@@ -867,13 +765,13 @@ impl Store for RedisStore {
         }
         let until = now.plus(policy.block_for);
         let ttl = ttl_ms(now, until.plus(TTL_MARGIN));
-        let _: () = self.query(redis::cmd("SET").arg(keys.totp_lock()).arg(until.0).arg("PX").arg(ttl).clone()).await?;
+        let _: () = self.connection.query(redis::cmd("SET").arg(keys.totp_lock()).arg(until.0).arg("PX").arg(ttl)).await?;
         Ok(Some(until))
     }
 
     async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
         let tag = user_tag(tenant, user);
-        let until: Option<i64> = self.query(redis::cmd("GET").arg(Keys(&tag).totp_lock()).clone()).await?;
+        let until: Option<i64> = self.connection.query(redis::cmd("GET").arg(Keys(&tag).totp_lock())).await?;
         Ok(until.map(Millis).filter(|until| now < *until))
     }
 }
@@ -902,7 +800,7 @@ mod tests {
             let url = url.clone();
             async move {
                 let store = store_on(vec![url], clock).await;
-                let _: () = store.query(redis::cmd("FLUSHALL")).await.expect("flush");
+                let _: () = store.connection.query(&redis::cmd("FLUSHALL")).await.expect("flush");
                 store
             }
         })
