@@ -265,50 +265,37 @@ pub mod testing;
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use super::testing::{RedisCluster, RedisServer};
-    use super::*;
+    use super::{RedisSettings, RedisStore};
+    use crate::domain::time::ManualClock;
 
-    async fn store_on(urls: Vec<String>, clock: crate::domain::time::ManualClock) -> RedisStore {
+    async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
         RedisStore::connect(RedisSettings { urls, operation_timeout: Duration::from_secs(2) }, Arc::new(clock))
             .await
             .expect("store connects")
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn redis_store_passes_the_conformance_suite() {
-        let server = RedisServer::start().await;
-        let url = server.url();
-        super::super::conformance::run_all(|clock| {
-            let url = url.clone();
-            async move {
-                let store = store_on(vec![url], clock).await;
-                let _: () = store.connection.query(&redis::cmd("FLUSHALL")).await.expect("flush");
-                store
-            }
-        })
-        .await;
-    }
+    /// The conformance cases on one redis-server that they share.
+    mod single_node {
+        use super::*;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_three_master_cluster_passes_the_conformance_suite() {
-        let cluster = RedisCluster::start(3).await;
-        let urls = cluster.urls();
-        super::super::conformance::run_all(|clock| {
-            let urls = urls.clone();
-            async move {
-                cluster_flush(&urls).await;
-                store_on(urls, clock).await
-            }
-        })
-        .await;
-    }
-
-    async fn cluster_flush(urls: &[String]) {
-        for url in urls {
-            let client = redis::Client::open(url.as_str()).expect("url");
-            let mut connection = client.get_multiplexed_async_connection().await.expect("node");
-            let _: () = redis::cmd("FLUSHALL").query_async(&mut connection).await.expect("flush");
+        async fn store(clock: ManualClock) -> RedisStore {
+            store_on(vec![RedisServer::shared().await.to_owned()], clock).await
         }
+
+        crate::store::conformance::conformance_suite!(store);
+    }
+
+    /// The conformance cases on one three-master Redis Cluster that they share.
+    mod cluster {
+        use super::*;
+
+        async fn store(clock: ManualClock) -> RedisStore {
+            store_on(RedisCluster::shared().await.to_vec(), clock).await
+        }
+
+        crate::store::conformance::conformance_suite!(store);
     }
 }
