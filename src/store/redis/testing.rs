@@ -2,10 +2,10 @@
 //! saved to disk (`--save ""`). A missing binary fails loudly with how to install
 //! it; no test skips silently.
 //!
-//! A [`RedisServer`] or [`RedisCluster`] belongs to one test and is killed when
-//! dropped. [`RedisServer::shared`] and [`RedisCluster::shared`] start one server
-//! (or cluster) for every test of the process that asks for it: it is never
-//! dropped, and dies with the test process instead, however that ends.
+//! A [`RedisServer`] from `start` belongs to one test and is killed when dropped.
+//! [`RedisServer::shared`] and [`RedisCluster::shared`] start one server (or one
+//! three-master cluster) for every test of the process that asks for it: it is
+//! never dropped, and dies with the test process instead, however that ends.
 
 // Test support: a failed expectation here is a failed test, so panicking is the point.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -161,23 +161,19 @@ impl RedisServer {
     }
 }
 
-/// A Redis Cluster of `masters` nodes, no replicas.
+/// A Redis Cluster of masters only, no replicas.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
-    pub async fn start(masters: usize) -> Self {
-        Self::start_with(masters, false).await
-    }
-
     /// A three-master cluster that every test of this process shares; the same rules
     /// as for [`RedisServer::shared`] apply.
     pub async fn shared() -> &'static [String] {
         static URLS: OnceCell<Vec<String>> = OnceCell::const_new();
         URLS.get_or_init(|| {
             keep_for_the_process(|| async {
-                let cluster = Self::start_with(3, true).await;
+                let cluster = Self::start_shared(3).await;
                 let urls = cluster.urls();
                 (cluster, urls)
             })
@@ -185,12 +181,13 @@ impl RedisCluster {
         .await
     }
 
-    async fn start_with(masters: usize, shared: bool) -> Self {
+    /// Nodes that die with the test process (see [`RedisServer::shared`]).
+    async fn start_shared(masters: usize) -> Self {
         let mut nodes = Vec::new();
         for _ in 0..masters {
             let config = format!("nodes-{}.conf", free_port());
             let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &config, "--cluster-node-timeout", "5000"];
-            nodes.push(RedisServer::start_with(extra.iter().map(|s| (*s).to_owned()).collect(), shared).await);
+            nodes.push(RedisServer::start_with(extra.iter().map(|s| (*s).to_owned()).collect(), true).await);
         }
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let output = Command::new("redis-cli")
