@@ -2,7 +2,38 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 //! The store conformance suite: the behaviour every [`Store`] backend must show.
-//! Each backend's tests call [`run_all`] with a factory for fresh, empty stores.
+//!
+//! Each case is a public async fn `(store, clock, scope)`. A backend runs them as one
+//! `#[tokio::test]` per case, named after the case, with `conformance_suite!`:
+//!
+//! ```ignore
+//! #[cfg(test)]
+//! mod conformance {
+//!     use std::sync::Arc;
+//!
+//!     use crate::domain::time::ManualClock;
+//!
+//!     /// A store for one case, on `clock`. Cases run in parallel; each names its
+//!     /// tenants through its own `Scope`, so they may share one backend.
+//!     async fn store(clock: ManualClock) -> (super::EmbeddedStore, tempfile::TempDir) {
+//!         let dir = tempfile::tempdir().expect("tempdir");
+//!         let store = super::EmbeddedStore::open(dir.path(), Arc::new(clock)).await.expect("store opens");
+//!         (store, dir) // the temp dir lives as long as the case
+//!     }
+//!
+//!     crate::store::conformance::conformance_suite!(store);
+//! }
+//! ```
+//!
+//! That expands, in the module it is invoked in, to `async fn challenges_are_tenant_scoped()`,
+//! `async fn request_id_is_idempotent()`, ... (one per case, on a multi-thread runtime with
+//! two workers), so invoke it once per module: two backends in one file take a module each
+//! (see the Redis store's tests). The factory is any expression callable as
+//! `factory(ManualClock) -> impl Future<Output = F>`, where `F` is the store itself or a
+//! `(store, guard)` pair ([`Fixture`]). Each case gets a fresh [`ManualClock`] (which the
+//! factory must give the store) and a fresh [`Scope`].
+//!
+//! [`run_all`] runs every case in sequence in one test (the first failure hides the rest).
 
 use std::future::Future;
 use std::time::Duration;
@@ -13,7 +44,7 @@ use crate::domain::challenge::{
 };
 use crate::domain::device::{Device, DevicePublicKey, KeyAlgorithm};
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
-use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId, os_random};
 use crate::domain::time::{Clock, ManualClock, Millis};
 
 pub fn policy() -> AdmissionPolicy {
@@ -84,8 +115,47 @@ pub fn sample_enrollment(tenant: &TenantId, user: &UserId, now: Millis) -> Enrol
     }
 }
 
-fn tenant(name: &str) -> TenantId {
-    TenantId(name.into())
+/// The names of one run of a case: its tenants carry a suffix of their own, so
+/// cases that share a backend (one Redis for many tests at once) never see each
+/// other's records: every record belongs to a tenant's user or is found by a
+/// random id.
+pub struct Scope {
+    suffix: String,
+}
+
+impl Scope {
+    pub fn unique() -> Self {
+        let mut bytes = [0u8; 8];
+        os_random(&mut bytes).expect("random bytes");
+        Self { suffix: hex::encode(bytes) }
+    }
+
+    /// This run's tenant called `name`: the same for the same name, distinct from
+    /// every other run's.
+    pub fn tenant(&self, name: &str) -> TenantId {
+        TenantId(format!("{name}-{}", self.suffix))
+    }
+}
+
+/// What a backend's factory returns: the store alone, or the store and something
+/// that must live as long as the case does (a temp dir, say).
+pub trait Fixture {
+    type Store: Store;
+    fn store(&self) -> &Self::Store;
+}
+
+impl<S: Store> Fixture for S {
+    type Store = S;
+    fn store(&self) -> &S {
+        self
+    }
+}
+
+impl<S: Store, G> Fixture for (S, G) {
+    type Store = S;
+    fn store(&self) -> &S {
+        &self.0
+    }
 }
 
 fn user(name: &str) -> UserId {
@@ -108,36 +178,66 @@ async fn create<S: Store>(store: &S, challenge: Challenge, now: Millis) -> Chall
     }
 }
 
-/// Runs every check against fresh stores from `make`.
+/// Runs every case in sequence against fresh stores from `make`; prefer
+/// `conformance_suite!`, which runs each case as a test of its own.
 pub async fn run_all<S, F, Fut>(make: F)
 where
     S: Store,
     F: Fn(ManualClock) -> Fut,
     Fut: Future<Output = S>,
 {
-    macro_rules! check {
-        ($name:ident) => {{
-            let clock = ManualClock::starting_now();
-            let store = make(clock.clone()).await;
-            $name(&store, &clock).await;
-        }};
-    }
-    check!(challenges_are_tenant_scoped);
-    check!(request_id_is_idempotent);
-    check!(per_user_limits_refuse);
-    check!(exactly_one_resolution_wins);
-    check!(expiry_reaches_watchers);
-    check!(deliveries_reach_watchers);
-    check!(pending_lists_newest_first);
-    check!(enrollment_codes_complete_once);
-    check!(devices_are_tenant_scoped_and_push_toggles);
-    check!(blocks_and_wrong_numbers);
-    check!(totp_steps_are_spent_once_and_failures_lock);
-    check!(totp_enrollments_confirm_once);
+    crate::store::conformance::conformance_suite!(@cases in_sequence make);
 }
 
-async fn totp_steps_are_spent_once_and_failures_lock<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+/// One `#[tokio::test]` per conformance case, named after it; see the module
+/// documentation for how a backend invokes it.
+macro_rules! conformance_suite {
+    ($factory:expr $(,)?) => {
+        $crate::store::conformance::conformance_suite!(@cases tests $factory);
+    };
+    // The one list of cases.
+    (@cases $mode:ident $factory:expr) => {
+        $crate::store::conformance::conformance_suite!(@$mode $factory;
+            challenges_are_tenant_scoped,
+            request_id_is_idempotent,
+            per_user_limits_refuse,
+            exactly_one_resolution_wins,
+            expiry_reaches_watchers,
+            deliveries_reach_watchers,
+            pending_lists_newest_first,
+            enrollment_codes_complete_once,
+            devices_are_tenant_scoped_and_push_toggles,
+            blocks_and_wrong_numbers,
+            totp_steps_are_spent_once_and_failures_lock,
+            totp_enrollments_confirm_once
+        );
+    };
+    (@tests $factory:expr; $($case:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::store::conformance::conformance_suite!(@run $factory, $case);
+            }
+        )+
+    };
+    (@in_sequence $factory:expr; $($case:ident),+) => {
+        $( $crate::store::conformance::conformance_suite!(@run $factory, $case); )+
+    };
+    // One case on a fresh clock, scope and store; the store goes when the case ends.
+    (@run $factory:expr, $case:ident) => {{
+        let clock = $crate::domain::time::ManualClock::starting_now();
+        let scope = $crate::store::conformance::Scope::unique();
+        let fixture = ($factory)(clock.clone()).await;
+        let store = $crate::store::conformance::Fixture::store(&fixture);
+        $crate::store::conformance::$case(store, &clock, &scope).await;
+    }};
+}
+// Used by the backends' unit tests only; a `test-util` build without them leaves it unused.
+#[allow(unused_imports)]
+pub(crate) use conformance_suite;
+
+pub async fn totp_steps_are_spent_once_and_failures_lock<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let device = enrolled_device(store, &t, &u, clock.now()).await;
 
     let racing = (0..20).map(|_| store.spend_totp_step(&device.id, 1000));
@@ -160,13 +260,16 @@ async fn totp_steps_are_spent_once_and_failures_lock<S: Store>(store: &S, clock:
     assert_eq!(store.totp_locked_until(&t, &u, clock.now()).await.expect("read"), None, "the lockout ends");
 }
 
-async fn totp_enrollments_confirm_once<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+pub async fn totp_enrollments_confirm_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let enrollment = Enrollment { kind: EnrollmentKind::Totp, code_digest: None, ..sample_enrollment(&t, &u, clock.now()) };
     store.insert_enrollment(enrollment.clone()).await.expect("insert");
     let credential = Device { platform: None, public_key: None, ..sample_device(&t, &u, clock.now()) };
     assert_eq!(
-        store.confirm_totp_enrollment(&tenant("b"), &enrollment.id, credential.clone(), clock.now()).await.expect("confirm"),
+        store
+            .confirm_totp_enrollment(&scope.tenant("b"), &enrollment.id, credential.clone(), clock.now())
+            .await
+            .expect("confirm"),
         CompleteOutcome::UnknownCode,
         "another tenant's enrollment"
     );
@@ -186,35 +289,35 @@ async fn totp_enrollments_confirm_once<S: Store>(store: &S, clock: &ManualClock)
     );
 }
 
-async fn challenges_are_tenant_scoped<S: Store>(store: &S, clock: &ManualClock) {
+pub async fn challenges_are_tenant_scoped<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let now = clock.now();
-    let created = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
-    assert_eq!(store.get_challenge(&tenant("a"), &created.id, now).await.expect("get"), Some(created.clone()));
-    assert_eq!(store.get_challenge(&tenant("b"), &created.id, now).await.expect("get"), None);
-    assert!(store.watch_challenge(&tenant("b"), &created.id, now).await.expect("watch").is_none());
+    let created = create(store, sample_challenge(&scope.tenant("a"), &user("u"), now, None), now).await;
+    assert_eq!(store.get_challenge(&scope.tenant("a"), &created.id, now).await.expect("get"), Some(created.clone()));
+    assert_eq!(store.get_challenge(&scope.tenant("b"), &created.id, now).await.expect("get"), None);
+    assert!(store.watch_challenge(&scope.tenant("b"), &created.id, now).await.expect("watch").is_none());
     let resolution = Resolution::cancelled();
-    assert!(store.resolve_challenge(&tenant("b"), &created.id, resolution, now).await.expect("resolve").is_none());
+    assert!(store.resolve_challenge(&scope.tenant("b"), &created.id, resolution, now).await.expect("resolve").is_none());
 }
 
-async fn request_id_is_idempotent<S: Store>(store: &S, clock: &ManualClock) {
+pub async fn request_id_is_idempotent<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let now = clock.now();
-    let first = create(store, sample_challenge(&tenant("a"), &user("u"), now, Some("req-1")), now).await;
+    let first = create(store, sample_challenge(&scope.tenant("a"), &user("u"), now, Some("req-1")), now).await;
     let again = store
-        .create_challenge(sample_challenge(&tenant("a"), &user("u"), now, Some("req-1")), &policy(), now)
+        .create_challenge(sample_challenge(&scope.tenant("a"), &user("u"), now, Some("req-1")), &policy(), now)
         .await
         .expect("create");
     assert_eq!(again, CreateOutcome::Existing(first.clone()));
     // The same request_id for another user is another challenge.
-    create(store, sample_challenge(&tenant("a"), &user("v"), now, Some("req-1")), now).await;
+    create(store, sample_challenge(&scope.tenant("a"), &user("v"), now, Some("req-1")), now).await;
     // Once the first challenge expired, the key is free again.
     clock.advance(Duration::from_secs(61));
     let later = clock.now();
-    let fresh = create(store, sample_challenge(&tenant("a"), &user("u"), later, Some("req-1")), later).await;
+    let fresh = create(store, sample_challenge(&scope.tenant("a"), &user("u"), later, Some("req-1")), later).await;
     assert_ne!(fresh.id, first.id);
 }
 
-async fn per_user_limits_refuse<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+pub async fn per_user_limits_refuse<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let mut ids = vec![];
     for _ in 0..3 {
         let now = clock.now();
@@ -242,9 +345,9 @@ async fn per_user_limits_refuse<S: Store>(store: &S, clock: &ManualClock) {
     create(store, sample_challenge(&t, &u, now, None), now).await;
 }
 
-async fn exactly_one_resolution_wins<S: Store>(store: &S, clock: &ManualClock) {
+pub async fn exactly_one_resolution_wins<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let now = clock.now();
-    let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    let challenge = create(store, sample_challenge(&scope.tenant("a"), &user("u"), now, None), now).await;
     let device = DeviceId::generate().expect("id");
     let attempts = (0..50).map(|_| {
         let resolution = Decision::Approve.resolve(Some(challenge.number), challenge.number, device.clone());
@@ -258,9 +361,9 @@ async fn exactly_one_resolution_wins<S: Store>(store: &S, clock: &ManualClock) {
     }
 }
 
-async fn expiry_reaches_watchers<S: Store>(store: &S, clock: &ManualClock) {
+pub async fn expiry_reaches_watchers<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let now = clock.now();
-    let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    let challenge = create(store, sample_challenge(&scope.tenant("a"), &user("u"), now, None), now).await;
     let mut watch = store.watch_challenge(&challenge.tenant, &challenge.id, now).await.expect("watch").expect("found");
     assert_eq!(watch.borrow_and_update().state, ChallengeState::Pending);
     clock.advance(Duration::from_secs(60));
@@ -289,9 +392,9 @@ async fn expiry_reaches_watchers<S: Store>(store: &S, clock: &ManualClock) {
     tokio::time::timeout(Duration::from_secs(5), gone).await.expect("purged after retention");
 }
 
-async fn deliveries_reach_watchers<S: Store>(store: &S, clock: &ManualClock) {
+pub async fn deliveries_reach_watchers<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let now = clock.now();
-    let challenge = create(store, sample_challenge(&tenant("a"), &user("u"), now, None), now).await;
+    let challenge = create(store, sample_challenge(&scope.tenant("a"), &user("u"), now, None), now).await;
     let mut watch = store.watch_challenge(&challenge.tenant, &challenge.id, now).await.expect("watch").expect("found");
     watch.borrow_and_update();
     let delivery = sample_delivery();
@@ -305,8 +408,8 @@ async fn deliveries_reach_watchers<S: Store>(store: &S, clock: &ManualClock) {
         .expect("unknown challenge ignored");
 }
 
-async fn pending_lists_newest_first<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+pub async fn pending_lists_newest_first<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let first = create(store, sample_challenge(&t, &u, clock.now(), None), clock.now()).await;
     clock.advance(Duration::from_secs(1));
     let second = create(store, sample_challenge(&t, &u, clock.now(), None), clock.now()).await;
@@ -315,16 +418,16 @@ async fn pending_lists_newest_first<S: Store>(store: &S, clock: &ManualClock) {
     store.resolve_challenge(&t, &second.id, Resolution::cancelled(), clock.now()).await.expect("resolve");
     let pending: Vec<_> = store.pending_challenges(&t, &u, clock.now()).await.expect("list").into_iter().map(|c| c.id).collect();
     assert_eq!(pending, vec![third.id, first.id]);
-    assert!(store.pending_challenges(&tenant("b"), &u, clock.now()).await.expect("list").is_empty());
+    assert!(store.pending_challenges(&scope.tenant("b"), &u, clock.now()).await.expect("list").is_empty());
 }
 
-async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+pub async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let enrollment = sample_enrollment(&t, &u, clock.now());
     let code = enrollment.code_digest.clone().expect("push enrollment");
     store.insert_enrollment(enrollment.clone()).await.expect("insert");
     assert_eq!(store.get_enrollment(&t, &enrollment.id).await.expect("get"), Some(enrollment.clone()));
-    assert_eq!(store.get_enrollment(&tenant("b"), &enrollment.id).await.expect("get"), None);
+    assert_eq!(store.get_enrollment(&scope.tenant("b"), &enrollment.id).await.expect("get"), None);
 
     assert_eq!(store.enrollment_by_code(&code).await.expect("by code"), Some(enrollment.clone()));
     let device = sample_device(&t, &u, clock.now());
@@ -364,8 +467,8 @@ async fn enrollment_codes_complete_once<S: Store>(store: &S, clock: &ManualClock
     assert_eq!(store.list_devices(&t, &user("racer")).await.expect("list").len(), 1);
 }
 
-async fn devices_are_tenant_scoped_and_push_toggles<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+pub async fn devices_are_tenant_scoped_and_push_toggles<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let device = enrolled_device(store, &t, &u, clock.now()).await;
 
     store.disable_push(&device.id, "some-older-token").await.expect("disable");
@@ -380,15 +483,15 @@ async fn devices_are_tenant_scoped_and_push_toggles<S: Store>(store: &S, clock: 
     store.touch_device(&device.id, clock.now()).await.expect("touch");
     assert_eq!(store.get_device(&device.id).await.expect("get").expect("device").last_used_at, Some(clock.now()));
 
-    assert!(!store.remove_device(&tenant("b"), &device.id).await.expect("remove"), "another tenant cannot remove it");
+    assert!(!store.remove_device(&scope.tenant("b"), &device.id).await.expect("remove"), "another tenant cannot remove it");
     assert!(store.remove_device(&t, &device.id).await.expect("remove"));
     assert_eq!(store.get_device(&device.id).await.expect("get"), None);
     assert!(store.list_devices(&t, &u).await.expect("list").is_empty());
     assert!(!store.set_push_token(&device.id, "token-3").await.expect("set"));
 }
 
-async fn blocks_and_wrong_numbers<S: Store>(store: &S, clock: &ManualClock) {
-    let (t, u) = (tenant("a"), user("u"));
+pub async fn blocks_and_wrong_numbers<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
     let fraud = UserBlock { reason: BlockReason::FraudReported, since: clock.now(), until: None };
     store.block_user(&t, &u, fraud.clone()).await.expect("block");
     let now = clock.now();

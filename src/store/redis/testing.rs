@@ -1,17 +1,35 @@
 //! Real `redis-server` processes for tests, on free loopback ports with nothing
 //! saved to disk (`--save ""`). A missing binary fails loudly with how to install
 //! it; no test skips silently.
+//!
+//! A [`RedisServer`] from `start` belongs to one test and is killed when dropped.
+//! [`RedisServer::shared`] and [`RedisCluster::shared`] start one server (or one
+//! three-master cluster) for every test of the process that asks for it: it is
+//! never dropped, and dies with the test process instead, however that ends.
 
 // Test support: a failed expectation here is a failed test, so panicking is the point.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+use std::future::Future;
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::OnceCell;
 
 const READY_DEADLINE: Duration = Duration::from_secs(20);
+
+/// Runs `redis-server` (`$2...`, with directory `$1`) for a shared server and kills it,
+/// and removes the directory, once its standard input closes: the test process holds
+/// the other end, which the kernel closes when that process ends.
+const TIED_TO_PARENT: &str = r#"dir="$1"; shift
+"$@" &
+server=$!
+cat > /dev/null
+kill -9 "$server"
+wait "$server" 2>/dev/null
+rm -rf -- "$dir""#;
 
 fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
@@ -31,21 +49,41 @@ pub struct RedisServer {
     extra: Vec<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// For a shared server: the standard input of the shell that kills it when the
+    /// test process ends (see [`TIED_TO_PARENT`]).
+    lifeline: Option<ChildStdin>,
+    shared: bool,
 }
 
 impl RedisServer {
     pub async fn start() -> Self {
-        Self::start_with(Vec::new()).await
+        Self::start_with(Vec::new(), false).await
     }
 
     /// With an append-only file fsynced on every write, so a restart keeps the data
     /// (what operators run: see the README on AOF).
     pub async fn start_durable() -> Self {
-        Self::start_with(["--appendonly", "yes", "--appendfsync", "always"].map(str::to_owned).to_vec()).await
+        Self::start_with(["--appendonly", "yes", "--appendfsync", "always"].map(str::to_owned).to_vec(), false).await
     }
 
-    async fn start_with(extra: Vec<String>) -> Self {
-        let mut server = Self { port: free_port(), extra, dir: tempfile::tempdir().expect("temp dir"), child: None };
+    /// The server that every test of this process shares. Tests on it must keep out
+    /// of each other's keys (the conformance cases name tenants of their own) and must
+    /// not flush it, since tests run in parallel.
+    pub async fn shared() -> &'static str {
+        static URL: OnceCell<String> = OnceCell::const_new();
+        URL.get_or_init(|| {
+            keep_for_the_process(|| async {
+                let server = Self::start_with(Vec::new(), true).await;
+                let url = server.url();
+                (server, url)
+            })
+        })
+        .await
+    }
+
+    async fn start_with(extra: Vec<String>, shared: bool) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = Self { port: free_port(), extra, dir, child: None, lifeline: None, shared };
         server.spawn().await;
         server
     }
@@ -60,7 +98,17 @@ impl RedisServer {
 
     /// Starts the process and waits for its "Ready to accept connections" line.
     async fn spawn(&mut self) {
-        let mut command = Command::new("redis-server");
+        let mut command = if self.shared {
+            // The shell's failure to find the binary would only show as an early exit.
+            if let Err(error) = Command::new("redis-server").arg("--version").output().await {
+                missing_binary("redis-server", error);
+            }
+            let mut shell = Command::new("sh");
+            shell.args(["-c", TIED_TO_PARENT, "sh"]).arg(self.dir.path()).arg("redis-server").stdin(Stdio::piped());
+            shell
+        } else {
+            Command::new("redis-server")
+        };
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--dir", &self.dir.path().display().to_string(), "--logfile", ""])
@@ -68,8 +116,11 @@ impl RedisServer {
             .args(&self.extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true);
+            // A shared server's shell is not killed (that would orphan the server): the
+            // lifeline closing makes it kill the server.
+            .kill_on_drop(!self.shared);
         let mut child = command.spawn().unwrap_or_else(|error| missing_binary("redis-server", error));
+        self.lifeline = child.stdin.take();
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         tokio::time::timeout(READY_DEADLINE, async {
@@ -110,18 +161,33 @@ impl RedisServer {
     }
 }
 
-/// A Redis Cluster of `masters` nodes, no replicas.
+/// A Redis Cluster of masters only, no replicas.
 pub struct RedisCluster {
     nodes: Vec<RedisServer>,
 }
 
 impl RedisCluster {
-    pub async fn start(masters: usize) -> Self {
+    /// A three-master cluster that every test of this process shares; the same rules
+    /// as for [`RedisServer::shared`] apply.
+    pub async fn shared() -> &'static [String] {
+        static URLS: OnceCell<Vec<String>> = OnceCell::const_new();
+        URLS.get_or_init(|| {
+            keep_for_the_process(|| async {
+                let cluster = Self::start_shared(3).await;
+                let urls = cluster.urls();
+                (cluster, urls)
+            })
+        })
+        .await
+    }
+
+    /// Nodes that die with the test process (see [`RedisServer::shared`]).
+    async fn start_shared(masters: usize) -> Self {
         let mut nodes = Vec::new();
         for _ in 0..masters {
             let config = format!("nodes-{}.conf", free_port());
             let extra = ["--cluster-enabled", "yes", "--cluster-config-file", &config, "--cluster-node-timeout", "5000"];
-            nodes.push(RedisServer::start_with(extra.iter().map(|s| (*s).to_owned()).collect()).await);
+            nodes.push(RedisServer::start_with(extra.iter().map(|s| (*s).to_owned()).collect(), true).await);
         }
         let addresses: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port())).collect();
         let output = Command::new("redis-cli")
@@ -162,4 +228,29 @@ impl RedisCluster {
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
     }
+}
+
+/// Runs `start` on a thread of its own, whose runtime keeps what it started (and
+/// drains the servers' output) until the process exits, so shared servers outlive
+/// the test, and the runtime, that started them. Returns what `start` reports.
+async fn keep_for_the_process<T, R, F, Fut>(start: F) -> R
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = (T, R)>,
+    R: Send + 'static,
+{
+    let (report, reported) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("shared-redis".into())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
+            runtime.block_on(async move {
+                let (_kept, answer) = start().await;
+                // Kept even if the test that asked has gone: they are cleaned up at exit.
+                let _ = report.send(answer);
+                std::future::pending::<()>().await;
+            });
+        })
+        .expect("a thread for the shared Redis");
+    reported.await.expect("the shared Redis starts (its panic is above)")
 }

@@ -1,0 +1,238 @@
+//! Challenges: ephemeral records that change only by compare-and-set on their
+//! version, each change published for the watchers on every replica.
+
+use std::sync::Arc;
+
+use redis::Script;
+
+use super::RedisStore;
+use super::connection::{Connection, corrupt, decode, encode};
+use super::keys::{Keys, TTL_MARGIN, challenge_index, shard_channel, ttl_ms, user_tag};
+use super::watch::WatchRegistry;
+use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
+use crate::domain::ids::{ChallengeId, TenantId, UserId};
+use crate::domain::time::Millis;
+use crate::store::{AdmissionPolicy, ChallengeWatch, CreateOutcome, Refusal, ResolveOutcome, StoreError};
+
+/// What a challenge read returns: the challenge, its version and when it goes.
+pub(super) struct ChallengeRecord {
+    tag: String,
+    version: u64,
+    purge_at: Millis,
+    challenge: Challenge,
+}
+
+/// What the background tasks need: reads, expiry compare-and-sets, the registry.
+#[derive(Clone)]
+pub(super) struct Reader {
+    pub(super) connection: Connection,
+    /// The compare-and-set that every challenge change goes through.
+    pub(super) challenge_cas: Arc<Script>,
+    pub(super) watchers: Arc<WatchRegistry>,
+}
+
+impl Reader {
+    async fn load(&self, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
+        let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(challenge_index(id))).await?;
+        let Some(tag) = tag else { return Ok(None) };
+        let key = Keys(&tag).challenge(id.as_str());
+        let fields: (Option<String>, Option<u64>, Option<i64>) =
+            self.connection.query(redis::cmd("HMGET").arg(&key).arg("json").arg("v").arg("purge_at")).await?;
+        let (Some(json), Some(version), Some(purge_at)) = fields else { return Ok(None) };
+        Ok(Some(ChallengeRecord { tag, version, purge_at: Millis(purge_at), challenge: decode(&json)? }))
+    }
+
+    /// Writes `challenge` if the record is still at `version`; returns the new
+    /// version, or `None` when someone else changed it first.
+    async fn compare_and_set(&self, tag: &str, version: u64, challenge: &Challenge) -> Result<Option<u64>, StoreError> {
+        let keys = Keys(tag);
+        let json = encode(challenge)?;
+        let state = encode(&challenge.state)?;
+        let mut invocation = self.challenge_cas.prepare_invoke();
+        invocation
+            .key(keys.challenge(challenge.id.as_str()))
+            .key(keys.pending())
+            .arg(version)
+            .arg(&json)
+            .arg(state.trim_matches('"'))
+            .arg(shard_channel(&challenge.id))
+            .arg(challenge.id.as_str());
+        let new_version: u64 = self.connection.invoke(&invocation).await?;
+        if new_version == 0 {
+            return Ok(None);
+        }
+        self.watchers.apply(new_version, challenge);
+        Ok(Some(new_version))
+    }
+
+    /// Reads a challenge of `tenant`, expiring it first when its time is up; `None`
+    /// when unknown, another tenant's, or past its retention.
+    pub(super) async fn current(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeRecord>, StoreError> {
+        loop {
+            let Some(mut record) = self.load(id).await? else { return Ok(None) };
+            if record.challenge.tenant != *tenant || now >= record.purge_at {
+                return Ok(None);
+            }
+            if !record.challenge.expire_if_due(now) {
+                self.watchers.apply(record.version, &record.challenge);
+                return Ok(Some(record));
+            }
+            if let Some(version) = self.compare_and_set(&record.tag, record.version, &record.challenge).await? {
+                // Counted once across replicas: only the compare-and-set winner gets here.
+                crate::telemetry::metrics::challenge_resolved(ChallengeState::Expired, None);
+                record.version = version;
+                return Ok(Some(record));
+            }
+        }
+    }
+}
+
+/// The challenge half of [`crate::store::Store`] (the trait impl in `mod.rs` calls these).
+impl RedisStore {
+    pub(super) async fn create_challenge(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        let tag = user_tag(&challenge.tenant, &challenge.user_id);
+        let keys = Keys(&tag);
+        let purge_at = challenge.expires_at.plus(policy.retention);
+        let key_ttl = ttl_ms(now, purge_at.plus(TTL_MARGIN));
+        let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
+        let request_key = keys.request(challenge.request_id.as_deref().unwrap_or(""));
+        let index = challenge_index(&challenge.id);
+        let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
+        let outcome: Vec<String> = self
+            .connection
+            .invoke(
+                self.scripts
+                    .create
+                    .key(keys.challenge(challenge.id.as_str()))
+                    .key(keys.pending())
+                    .key(keys.created())
+                    .key(request_key)
+                    .key(keys.block())
+                    .arg(encode(&challenge)?)
+                    .arg(challenge.id.as_str())
+                    .arg(now.0)
+                    .arg(challenge.expires_at.0)
+                    .arg(key_ttl)
+                    .arg(policy.max_pending)
+                    .arg(policy.max_per_window)
+                    .arg(window.max(1))
+                    .arg(if challenge.request_id.is_some() { "1" } else { "0" })
+                    .arg(keys.challenge_prefix())
+                    .arg(purge_at.0),
+            )
+            .await?;
+        let refused = |refusal| CreateOutcome::Refused(refusal);
+        let result = match outcome.first().map(String::as_str) {
+            Some("created") => return Ok(CreateOutcome::Created(challenge)),
+            Some("existing") => {
+                let existing = outcome.get(1).map(|id| ChallengeId::parse(id)).transpose().map_err(corrupt)?;
+                let reader = self.reader();
+                match existing {
+                    Some(id) => match reader.current(&challenge.tenant, &id, now).await? {
+                        Some(record) => CreateOutcome::Existing(record.challenge),
+                        None => return Err(corrupt("idempotency key without its challenge")),
+                    },
+                    None => return Err(corrupt("idempotency answer without an id")),
+                }
+            }
+            Some("blocked") => refused(Refusal::Blocked(decode(outcome.get(1).map_or("", String::as_str))?)),
+            Some("too_many_pending") => refused(Refusal::TooManyPending { limit: policy.max_pending }),
+            Some("rate_limited") => refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }),
+            other => return Err(corrupt(format!("unexpected create answer {other:?}"))),
+        };
+        let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
+        Ok(result)
+    }
+
+    pub(super) async fn get_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<Challenge>, StoreError> {
+        Ok(self.reader().current(tenant, id, now).await?.map(|record| record.challenge))
+    }
+
+    pub(super) async fn watch_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeWatch>, StoreError> {
+        // Interest first, read second: a change published in between is kept by the
+        // registry and wins over the read by its version.
+        self.watchers.expect(id);
+        let record = match self.reader().current(tenant, id, now).await {
+            Ok(Some(record)) => record,
+            other => {
+                self.watchers.forget(id);
+                return other.map(|_| None);
+            }
+        };
+        Ok(Some(self.watchers.subscribe(id, record.version, &record.challenge)))
+    }
+
+    pub(super) async fn resolve_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        resolution: Resolution,
+        now: Millis,
+    ) -> Result<Option<ResolveOutcome>, StoreError> {
+        let reader = self.reader();
+        loop {
+            let Some(mut record) = reader.current(tenant, id, now).await? else { return Ok(None) };
+            if !record.challenge.apply(&resolution, now) {
+                return Ok(Some(ResolveOutcome { accepted: false, challenge: record.challenge }));
+            }
+            if reader.compare_and_set(&record.tag, record.version, &record.challenge).await?.is_some() {
+                return Ok(Some(ResolveOutcome { accepted: true, challenge: record.challenge }));
+            }
+        }
+    }
+
+    pub(super) async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+        let reader = self.reader();
+        loop {
+            let Some(mut record) = reader.load(id).await? else { return Ok(()) };
+            if !record.challenge.record_delivery(delivery.clone()) {
+                return Ok(());
+            }
+            if reader.compare_and_set(&record.tag, record.version, &record.challenge).await?.is_some() {
+                return Ok(());
+            }
+        }
+    }
+
+    pub(super) async fn pending_challenges(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        now: Millis,
+    ) -> Result<Vec<Challenge>, StoreError> {
+        let tag = user_tag(tenant, user);
+        let ids: Vec<String> = self.connection.query(redis::cmd("ZREVRANGE").arg(Keys(&tag).pending()).arg(0).arg(-1)).await?;
+        let reader = self.reader();
+        let mut pending = Vec::new();
+        for id in ids {
+            let Ok(id) = ChallengeId::parse(&id) else { continue };
+            if let Some(record) = reader.current(tenant, &id, now).await?
+                && record.challenge.state == ChallengeState::Pending
+            {
+                pending.push(record.challenge);
+            }
+        }
+        pending.sort_by_key(|c| std::cmp::Reverse(c.created_at));
+        Ok(pending)
+    }
+}

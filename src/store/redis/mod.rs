@@ -1,0 +1,301 @@
+//! The Redis store: stateless pushmatch replicas that share one Redis (or a Redis
+//! Cluster). Everything that decides is one atomic step in Redis (a Lua script or
+//! a compare-and-set), so of racing replicas exactly one wins.
+//!
+//! Time is the store's clock (the `now` every call passes), never Redis's: expiry,
+//! windows and lockouts are decided in the scripts and in Rust against `now`; Redis
+//! TTLs only collect garbage, with a margin.
+//!
+//! Every change to a challenge is published, with its version, on one of
+//! [`SHARDS`] channels (by challenge id), so each replica holds one pub/sub
+//! connection subscribed to a fixed handful of channels, not one SUBSCRIBE per
+//! challenge; `watch` turns that into wake-ups and expiry across replicas.
+//!
+//! | module | holds |
+//! | --- | --- |
+//! | `keys` | the key schema: every key, its type, content and TTL; the channels |
+//! | `scripts` | the Lua scripts (`scripts/*.lua`, each documents its KEYS and ARGV) |
+//! | `connection` | the connection: call deadline and the mapping to [`StoreError`] |
+//! | `challenges` | challenge reads and compare-and-sets, the challenge half of [`Store`] |
+//! | `records` | enrollments, devices, blocks, strikes and TOTP: the durable half |
+//! | `watch` | the watch registry, the pub/sub follower and the deadline task |
+//! | [`testing`] | real `redis-server` processes for tests |
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, UserBlock,
+};
+use crate::domain::challenge::{Challenge, Delivery, Resolution};
+use crate::domain::device::Device;
+use crate::domain::enrollment::Enrollment;
+use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
+use crate::domain::time::{Clock, Millis};
+
+mod challenges;
+mod connection;
+mod keys;
+mod records;
+mod scripts;
+mod watch;
+
+use challenges::Reader;
+use connection::{Connection, unavailable};
+pub use keys::SHARDS;
+use scripts::Scripts;
+use watch::WatchRegistry;
+
+const BACKEND: &str = "redis";
+
+/// How to reach Redis.
+#[derive(Clone, Debug)]
+pub struct RedisSettings {
+    /// One URL: a single Redis. Several: the seed nodes of a Redis Cluster.
+    pub urls: Vec<String>,
+    /// The deadline of one Redis call; past it the request fails with UNAVAILABLE.
+    pub operation_timeout: Duration,
+}
+
+/// See the module documentation.
+pub struct RedisStore {
+    connection: Connection,
+    scripts: Scripts,
+    watchers: Arc<WatchRegistry>,
+    /// Stops the pub/sub and deadline tasks when the store is dropped.
+    closing: CancellationToken,
+}
+
+impl Drop for RedisStore {
+    fn drop(&mut self) {
+        self.closing.cancel();
+    }
+}
+
+impl RedisStore {
+    /// Connects (failing fast with UNAVAILABLE when Redis is not there) and starts the
+    /// pub/sub and deadline tasks on the current runtime.
+    pub async fn connect(settings: RedisSettings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
+        let first = settings.urls.first().cloned().ok_or_else(|| unavailable("no Redis URL configured"))?;
+        let store = Self {
+            connection: Connection::open(&settings.urls, settings.operation_timeout).await?,
+            scripts: Scripts::new(),
+            watchers: Arc::new(WatchRegistry::default()),
+            closing: CancellationToken::new(),
+        };
+        store.health_check().await?;
+        let pubsub_client = redis::Client::open(first.as_str()).map_err(unavailable)?;
+        tokio::spawn(watch::follow_changes(pubsub_client, store.reader(), Arc::clone(&clock), store.closing.clone()));
+        tokio::spawn(watch::expire_watched(store.reader(), clock, store.closing.clone()));
+        Ok(store)
+    }
+
+    /// A cheap handle for the background tasks: the connection and the registry.
+    fn reader(&self) -> Reader {
+        Reader {
+            connection: self.connection.clone(),
+            challenge_cas: Arc::clone(&self.scripts.challenge_cas),
+            watchers: Arc::clone(&self.watchers),
+        }
+    }
+
+    async fn health_check(&self) -> Result<(), StoreError> {
+        let pong: String = self.connection.query(&redis::cmd("PING")).await?;
+        if pong == "PONG" { Ok(()) } else { Err(unavailable(format!("unexpected PING answer {pong:?}"))) }
+    }
+}
+
+/// Each method calls the inherent method of the same name: challenges in
+/// `challenges.rs`, everything durable in `records.rs`.
+#[async_trait]
+impl Store for RedisStore {
+    fn backend(&self) -> &'static str {
+        BACKEND
+    }
+
+    async fn health(&self) -> Result<(), StoreError> {
+        self.health_check().await
+    }
+
+    // ---- challenges: ephemeral ----
+
+    async fn create_challenge(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+    ) -> Result<CreateOutcome, StoreError> {
+        RedisStore::create_challenge(self, challenge, policy, now).await
+    }
+
+    async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError> {
+        RedisStore::get_challenge(self, tenant, id, now).await
+    }
+
+    async fn watch_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeWatch>, StoreError> {
+        RedisStore::watch_challenge(self, tenant, id, now).await
+    }
+
+    async fn resolve_challenge(
+        &self,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        resolution: Resolution,
+        now: Millis,
+    ) -> Result<Option<ResolveOutcome>, StoreError> {
+        RedisStore::resolve_challenge(self, tenant, id, resolution, now).await
+    }
+
+    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+        RedisStore::record_delivery(self, id, delivery).await
+    }
+
+    async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {
+        RedisStore::pending_challenges(self, tenant, user, now).await
+    }
+
+    // ---- enrollments and devices: durable ----
+
+    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+        RedisStore::insert_enrollment(self, enrollment).await
+    }
+
+    async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
+        RedisStore::get_enrollment(self, tenant, id).await
+    }
+
+    async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
+        RedisStore::enrollment_by_code(self, code).await
+    }
+
+    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError> {
+        RedisStore::complete_enrollment(self, code, device, now).await
+    }
+
+    async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        RedisStore::get_device(self, id).await
+    }
+
+    async fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
+        RedisStore::list_devices(self, tenant, user).await
+    }
+
+    async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {
+        RedisStore::remove_device(self, tenant, id).await
+    }
+
+    async fn set_push_token(&self, id: &DeviceId, token: &str) -> Result<bool, StoreError> {
+        RedisStore::set_push_token(self, id, token).await
+    }
+
+    async fn disable_push(&self, id: &DeviceId, token: &str) -> Result<(), StoreError> {
+        RedisStore::disable_push(self, id, token).await
+    }
+
+    async fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
+        RedisStore::touch_device(self, id, now).await
+    }
+
+    // ---- blocks ----
+
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
+        RedisStore::block_user(self, tenant, user, block).await
+    }
+
+    async fn record_wrong_number(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<UserBlock>, StoreError> {
+        RedisStore::record_wrong_number(self, tenant, user, policy, now).await
+    }
+
+    async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
+        RedisStore::unblock_user(self, tenant, user).await
+    }
+
+    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
+        RedisStore::user_block(self, tenant, user, now).await
+    }
+
+    // ---- TOTP ----
+
+    async fn confirm_totp_enrollment(
+        &self,
+        tenant: &TenantId,
+        id: &EnrollmentId,
+        device: Device,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        RedisStore::confirm_totp_enrollment(self, tenant, id, device, now).await
+    }
+
+    async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
+        RedisStore::spend_totp_step(self, id, step).await
+    }
+
+    async fn record_totp_failure(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        policy: &StrikePolicy,
+        now: Millis,
+    ) -> Result<Option<Millis>, StoreError> {
+        RedisStore::record_totp_failure(self, tenant, user, policy, now).await
+    }
+
+    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
+        RedisStore::totp_locked_until(self, tenant, user, now).await
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+pub mod testing;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::testing::{RedisCluster, RedisServer};
+    use super::{RedisSettings, RedisStore};
+    use crate::domain::time::ManualClock;
+
+    async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
+        RedisStore::connect(RedisSettings { urls, operation_timeout: Duration::from_secs(2) }, Arc::new(clock))
+            .await
+            .expect("store connects")
+    }
+
+    /// The conformance cases on one redis-server that they share.
+    mod single_node {
+        use super::*;
+
+        async fn store(clock: ManualClock) -> RedisStore {
+            store_on(vec![RedisServer::shared().await.to_owned()], clock).await
+        }
+
+        crate::store::conformance::conformance_suite!(store);
+    }
+
+    /// The conformance cases on one three-master Redis Cluster that they share.
+    mod cluster {
+        use super::*;
+
+        async fn store(clock: ManualClock) -> RedisStore {
+            store_on(RedisCluster::shared().await.to_vec(), clock).await
+        }
+
+        crate::store::conformance::conformance_suite!(store);
+    }
+}

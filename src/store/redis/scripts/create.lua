@@ -1,0 +1,66 @@
+-- Creates a challenge: idempotency key, block, pending and window limits, insert.
+-- All keys are one user's (one hash slot); other challenges of the user are read
+-- as ARGV[10] .. <id>.
+--
+-- KEYS[1]  the challenge's hash                  pm:{tu}:ch:<id>
+-- KEYS[2]  the user's PENDING ids (zset)         pm:{tu}:pending
+-- KEYS[3]  the user's ids in the rate window     pm:{tu}:created
+-- KEYS[4]  the idempotency key                   pm:{tu}:req:<request_id>
+-- KEYS[5]  the user's block                      pm:{tu}:block
+-- ARGV[1]  the challenge, JSON
+-- ARGV[2]  the challenge id
+-- ARGV[3]  now (ms, the store's clock)
+-- ARGV[4]  expires_at (ms)
+-- ARGV[5]  TTL of the record and the pending set (ms)
+-- ARGV[6]  max PENDING challenges per user
+-- ARGV[7]  max challenges per window
+-- ARGV[8]  the window (ms)
+-- ARGV[9]  '1' when the challenge has a request_id (KEYS[4] applies), else '0'
+-- ARGV[10] the prefix of the user's challenge keys, pm:{tu}:ch:
+-- ARGV[11] purge_at (ms): readable until then
+-- Returns {'created'}, {'existing', <id>}, {'blocked', <UserBlock JSON>},
+-- {'too_many_pending'} or {'rate_limited'}.
+local now = tonumber(ARGV[3])
+if ARGV[9] == '1' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then
+    local h = redis.call('HMGET', ARGV[10] .. existing, 'json', 'expires_at')
+    if h[1] and tonumber(h[2]) > now then
+      return {'existing', existing}
+    end
+  end
+end
+local block = redis.call('GET', KEYS[5])
+if block then
+  local b = cjson.decode(block)
+  if b['until'] == cjson.null or now < tonumber(b['until']) then
+    return {'blocked', block}
+  end
+end
+local ids = redis.call('ZRANGE', KEYS[2], 0, -1)
+local pending = 0
+for _, cid in ipairs(ids) do
+  local h = redis.call('HMGET', ARGV[10] .. cid, 'state', 'expires_at')
+  if h[1] == 'Pending' and tonumber(h[2]) > now then
+    pending = pending + 1
+  else
+    redis.call('ZREM', KEYS[2], cid)
+  end
+end
+if pending >= tonumber(ARGV[6]) then
+  return {'too_many_pending'}
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
+if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
+  return {'rate_limited'}
+end
+redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('ZADD', KEYS[3], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[3], ARGV[8])
+if ARGV[9] == '1' then
+  redis.call('SET', KEYS[4], ARGV[2], 'PX', math.max(1, tonumber(ARGV[4]) - now))
+end
+return {'created'}
