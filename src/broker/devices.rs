@@ -2,11 +2,12 @@
 //! the IdP's device management.
 
 use super::{AnswerOutcome, Broker, PendingForDevice};
-use crate::domain::challenge::{ChallengeState, Decision, DenyReason, Platform};
+use crate::domain::challenge::{Challenge, ChallengeState, Decision, DenyReason, Platform, Resolution};
 use crate::domain::device::{Device, DeviceProof};
 use crate::domain::error::DomainError;
 use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
 use crate::domain::ports::{BlockReason, UserBlock};
+use crate::domain::time::Millis;
 use crate::push::redact_token;
 use crate::telemetry::metrics::challenge_resolved;
 
@@ -32,7 +33,10 @@ impl Broker {
         Ok(())
     }
 
-    /// Checks a device's proof for `rpc` over `fields`; returns the device.
+    /// Checks a device's proof for `rpc` over `fields`; returns the device. A proof
+    /// works once: the store remembers each use (device, RPC, timestamp, fields)
+    /// until its timestamp leaves the window, so a captured call cannot be replayed
+    /// (an old push token put back, a pending list read again).
     pub async fn authenticate_device(&self, proof: &DeviceProof, rpc: &str, fields: &[&str]) -> Result<Device, DomainError> {
         let device = self
             .store
@@ -40,6 +44,12 @@ impl Broker {
             .await?
             .ok_or_else(|| DomainError::unauthenticated("proof.device_id: unknown or removed device"))?;
         proof.verify(&device, rpc, fields, self.clock.now(), self.settings.max_clock_skew)?;
+        let first_use =
+            self.store.spend_proof(proof.use_key(rpc, fields), proof.replayable_until(self.settings.max_clock_skew)).await?;
+        if !first_use {
+            tracing::warn!("device proof replayed: refused");
+            return Err(DomainError::unauthenticated("proof: this proof was used already; sign every call afresh"));
+        }
         Ok(device)
     }
 
@@ -65,7 +75,10 @@ impl Broker {
     /// A device's answer. The proof is checked first; the store then resolves the
     /// challenge atomically, so of any number of racing answers exactly one is
     /// accepted. An approval with the wrong number denies (one try) and counts
-    /// towards the wrong-number block; a fraud report blocks the user.
+    /// towards the wrong-number block; a fraud report blocks the user, also for a
+    /// challenge that ended (cancelled, expired, denied) within
+    /// `fraud_report_window`: the user saw a prompt they did not start, whatever
+    /// became of it.
     #[tracing::instrument(skip_all, fields(device_id = %proof.device_id, challenge_id = %challenge_id))]
     pub async fn respond(
         &self,
@@ -96,14 +109,17 @@ impl Broker {
         }
         if !outcome.accepted {
             tracing::info!(state = ?outcome.challenge.state, "answer to a resolved challenge");
+            if decision == Decision::ReportFraud && self.fraud_report_counts(&outcome.challenge, now) {
+                tracing::warn!("fraud reported on an ended challenge: the user is blocked");
+                self.block(&device.tenant, &device.user_id, fraud_block(now), now).await?;
+            }
             return Ok(AnswerOutcome { accepted: false, challenge: outcome.challenge });
         }
         tracing::info!(state = ?resolution.state, deny_reason = ?resolution.deny_reason, "challenge resolved");
         challenge_resolved(resolution.state, resolution.deny_reason);
         match (resolution.state, resolution.deny_reason) {
             (ChallengeState::FraudReported, _) => {
-                let block = UserBlock { reason: BlockReason::FraudReported, since: now, until: None };
-                self.store.block_user(&device.tenant, &device.user_id, block).await?;
+                self.block(&device.tenant, &device.user_id, fraud_block(now), now).await?;
                 tracing::warn!("fraud reported: new challenges for the user blocked until UnblockUser");
             }
             (_, Some(DenyReason::WrongNumber)) => {
@@ -111,6 +127,7 @@ impl Broker {
                     self.store.record_wrong_number(&device.tenant, &device.user_id, &self.settings.wrong_numbers, now).await?;
                 if blocked.is_some() {
                     tracing::warn!("too many wrong numbers: new challenges for the user blocked");
+                    self.cancel_pending(&device.tenant, &device.user_id, now).await?;
                 }
             }
             _ => {}
@@ -118,4 +135,40 @@ impl Broker {
         self.clear_other_devices(&outcome.challenge, Some(&device.id)).await;
         Ok(AnswerOutcome { accepted: true, challenge: outcome.challenge })
     }
+
+    /// Whether a fraud report on a challenge that did not accept it still counts: it
+    /// ended otherwise than approved (an approval the user gave stands) within the
+    /// window.
+    fn fraud_report_counts(&self, challenge: &Challenge, now: Millis) -> bool {
+        let ended_otherwise =
+            matches!(challenge.state, ChallengeState::Cancelled | ChallengeState::Expired | ChallengeState::Denied);
+        let recent = challenge.resolved_at.is_some_and(|at| now < at.plus(self.settings.fraud_report_window));
+        ended_otherwise && recent
+    }
+
+    /// Blocks the user (merged with a block in force by the store) and cancels
+    /// their pending challenges, so that no other prompt of the attack can still be
+    /// approved ("approve the other one, it's 42"); their watchers see CANCELLED.
+    async fn block(&self, tenant: &TenantId, user: &UserId, block: UserBlock, now: Millis) -> Result<(), DomainError> {
+        self.store.block_user(tenant, user, block, now).await?;
+        self.cancel_pending(tenant, user, now).await
+    }
+
+    /// Cancels every pending challenge of the user. The block is in the store
+    /// already, so no new challenge can appear meanwhile.
+    async fn cancel_pending(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<(), DomainError> {
+        for pending in self.store.pending_challenges(tenant, user, now).await? {
+            let cancelled = self.store.resolve_challenge(tenant, &pending.id, Resolution::cancelled(), now).await?;
+            if let Some(outcome) = cancelled.filter(|outcome| outcome.accepted) {
+                tracing::info!(challenge_id = %outcome.challenge.id, "pending challenge cancelled: the user is blocked");
+                challenge_resolved(outcome.challenge.state, outcome.challenge.deny_reason);
+                self.clear_other_devices(&outcome.challenge, None).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn fraud_block(now: Millis) -> UserBlock {
+    UserBlock { reason: BlockReason::FraudReported, since: now, until: None }
 }

@@ -7,7 +7,7 @@ use crate::domain::device::Device;
 use crate::domain::enrollment::{self, Enrollment, EnrollmentKind};
 use crate::domain::error::DomainError;
 use crate::domain::ids::{DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
-use crate::domain::ports::CompleteOutcome;
+use crate::domain::ports::{CompleteOutcome, InsertOutcome};
 use crate::domain::totp;
 use crate::push::redact_token;
 
@@ -52,7 +52,14 @@ impl Broker {
             device_id: None,
         };
         let qr_png = enrollment::qr_png(&uri)?;
-        self.store.insert_enrollment(enrollment.clone()).await?;
+        match self.store.insert_enrollment(enrollment.clone(), &self.settings.enrollment_limits, now).await? {
+            InsertOutcome::Inserted => {}
+            InsertOutcome::TooManyOpen { limit } => {
+                return Err(DomainError::ResourceExhausted(format!(
+                    "user_id: the user has {limit} open enrollments already; complete one or let it expire"
+                )));
+            }
+        }
         tracing::info!(enrollment_id = %enrollment.id, "enrollment begun");
         Ok(BegunEnrollment { enrollment, uri, qr_png })
     }
@@ -94,7 +101,7 @@ impl Broker {
         };
         // The store spends the code and adds the device in one step, re-checking the
         // enrollment's state: of two racing completions exactly one adds a device.
-        match self.store.complete_enrollment(&digest, device.clone(), now).await? {
+        match self.store.complete_enrollment(&digest, device.clone(), &self.settings.enrollment_limits, now).await? {
             CompleteOutcome::Completed(enrollment) => {
                 tracing::info!(enrollment_id = %enrollment.id, device_id = %device.id, token = %redact_token(&device.push_token), "device enrolled");
                 Ok(CompletedEnrollment {
@@ -110,6 +117,10 @@ impl Broker {
             }
             CompleteOutcome::Expired => {
                 Err(DomainError::FailedPrecondition("enrollment_code: this enrollment has expired".into()))
+            }
+            CompleteOutcome::TooManyDevices { limit } => Err(super::too_many_devices(limit)),
+            CompleteOutcome::KeyInUse => {
+                Err(DomainError::AlreadyExists("public_key: this key is enrolled already; make a new key pair".into()))
             }
         }
     }

@@ -19,8 +19,9 @@ use std::time::Duration;
 use crate::domain::challenge::{Challenge, Delivery, DeliveryState, Platform, SignInContext};
 use crate::domain::device::{Device, DevicePublicKey};
 use crate::domain::enrollment::Enrollment;
+use crate::domain::error::DomainError;
 use crate::domain::ids::{DeviceId, EnrollmentCode, TenantId, UserId};
-use crate::domain::ports::{AdmissionPolicy, Store, StrikePolicy};
+use crate::domain::ports::{AdmissionPolicy, EnrollmentLimits, Store, StrikePolicy, TotpPolicy};
 use crate::domain::secrets::SecretBox;
 use crate::domain::time::Clock;
 use crate::push::dispatcher::Dispatcher;
@@ -44,7 +45,12 @@ pub struct BrokerSettings {
     pub admission: AdmissionPolicy,
     pub wrong_numbers: StrikePolicy,
     /// Wrong TOTP codes that lock VerifyTotp for a user.
-    pub totp_lockout: StrikePolicy,
+    pub totp_lockout: TotpPolicy,
+    /// Devices and open enrollments per user.
+    pub enrollment_limits: EnrollmentLimits,
+    /// How long after a challenge ended a signed fraud report on it still blocks
+    /// the user (challenges are retained at least this long).
+    pub fraud_report_window: Duration,
     pub enrollment_ttl: Duration,
     pub max_clock_skew: Duration,
     /// Where enrollment QR codes send apps.
@@ -195,4 +201,8 @@ impl Broker {
             .await;
         }
     }
+}
+
+fn too_many_devices(limit: u32) -> DomainError {
+    DomainError::ResourceExhausted(format!("user_id: the user has {limit} devices already; remove one first"))
 }

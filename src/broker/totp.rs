@@ -6,7 +6,7 @@ use crate::domain::device::Device;
 use crate::domain::enrollment::{self, Enrollment, EnrollmentKind};
 use crate::domain::error::DomainError;
 use crate::domain::ids::{DeviceId, EnrollmentId, TenantId, UserId};
-use crate::domain::ports::CompleteOutcome;
+use crate::domain::ports::{CompleteOutcome, TotpAttempt};
 use crate::domain::totp;
 
 impl Broker {
@@ -52,7 +52,7 @@ impl Broker {
             enrolled_at: now,
             last_used_at: None,
         };
-        match self.store.confirm_totp_enrollment(tenant, id, credential, now).await? {
+        match self.store.confirm_totp_enrollment(tenant, id, credential, &self.settings.enrollment_limits, now).await? {
             CompleteOutcome::Completed(completed) => {
                 tracing::info!("totp enrollment confirmed");
                 Ok(*completed)
@@ -60,28 +60,50 @@ impl Broker {
             CompleteOutcome::UnknownCode => Err(DomainError::NotFound("enrollment")),
             CompleteOutcome::AlreadyUsed => Err(already_confirmed()),
             CompleteOutcome::Expired => Err(DomainError::FailedPrecondition("enrollment_id: this enrollment has expired".into())),
+            CompleteOutcome::TooManyDevices { limit } => Err(super::too_many_devices(limit)),
+            // A TOTP credential has no device key.
+            CompleteOutcome::KeyInUse => Err(DomainError::Internal("a TOTP credential refused for its key".into())),
         }
     }
 
     /// Checks a 6-digit code against the user's TOTP credentials: the current step
-    /// and one either side, each step of a credential accepted once. Wrong, stale and
-    /// replayed codes count towards the lockout; once it is in force the call is
-    /// refused with RESOURCE_EXHAUSTED until it ends.
+    /// and one either side, each step of a credential accepted once.
+    ///
+    /// Guessing is bounded in the store, before any code is compared: each attempt
+    /// is reserved atomically (so parallel guesses count too) and counts as wrong
+    /// unless it was right; `limits.totp_failure_limit` in the window lock VerifyTotp
+    /// for a while, and `limits.totp_max_consecutive_failures` since the last right
+    /// code lock it until UnblockUser. A user with no TOTP credential gets `valid =
+    /// false` and nothing is stored for them, so random user ids cost no memory.
     #[tracing::instrument(skip_all, fields(tenant = %tenant))]
     pub async fn verify_totp(&self, tenant: &TenantId, user: &UserId, code: &str) -> Result<TotpVerdict, DomainError> {
         totp::check_code_shape(code)?;
         let now = self.clock.now();
-        if let Some(until) = self.store.totp_locked_until(tenant, user, now).await? {
-            return Err(DomainError::ResourceExhausted(format!(
-                "user_id: too many wrong codes; VerifyTotp is locked for the user until {} (Unix s)",
-                until.as_unix_seconds()
-            )));
+        let credentials: Vec<Device> =
+            self.store.list_devices(tenant, user).await?.into_iter().filter(|device| device.totp_secret.is_some()).collect();
+        if credentials.is_empty() {
+            tracing::info!("totp code for a user without a totp credential");
+            return Ok(TotpVerdict { valid: false, device_id: None });
         }
-        for device in self.store.list_devices(tenant, user).await? {
+        match self.store.reserve_totp_attempt(tenant, user, &self.settings.totp_lockout, now).await? {
+            TotpAttempt::Allowed => {}
+            TotpAttempt::Locked { until } => {
+                tracing::warn!("totp attempt refused: verification locked for the user");
+                let until = until.map_or_else(
+                    || "until UnblockUser".to_owned(),
+                    |until| format!("until {} (Unix s)", until.as_unix_seconds()),
+                );
+                return Err(DomainError::ResourceExhausted(format!(
+                    "user_id: too many wrong codes; VerifyTotp is locked for the user {until}"
+                )));
+            }
+        }
+        for device in credentials {
             let Some(sealed) = &device.totp_secret else { continue };
             let secret = self.secrets.open(sealed, device.id.as_str())?;
             let Some(step) = totp::matching_step(&secret, code, now) else { continue };
             if self.store.spend_totp_step(&device.id, step).await? {
+                self.store.totp_attempt_succeeded(tenant, user, now).await?;
                 if let Err(error) = self.store.touch_device(&device.id, now).await {
                     tracing::warn!(%error, "could not record the credential's last use");
                 }
@@ -89,11 +111,7 @@ impl Broker {
                 return Ok(TotpVerdict { valid: true, device_id: Some(device.id) });
             }
         }
-        if self.store.record_totp_failure(tenant, user, &self.settings.totp_lockout, now).await?.is_some() {
-            tracing::warn!("too many wrong totp codes: verification locked for the user");
-        } else {
-            tracing::info!("totp code refused");
-        }
+        tracing::info!("totp code refused");
         Ok(TotpVerdict { valid: false, device_id: None })
     }
 }

@@ -19,7 +19,7 @@ pub use crate::telemetry::{LogConfig, LogFormat, TracingConfig};
 use crate::broker::{BrokerSettings, Tenant};
 use crate::domain::api_key::TenantKeys;
 use crate::domain::ids::TenantId;
-use crate::domain::ports::{AdmissionPolicy, StrikePolicy};
+use crate::domain::ports::{AdmissionPolicy, EnrollmentLimits, StrikePolicy, TotpPolicy};
 use crate::push::dispatcher::DispatcherSettings;
 use crate::tls::TlsFiles;
 
@@ -170,7 +170,8 @@ impl Default for StoreConfig {
 pub struct ChallengeConfig {
     pub default_ttl_seconds: u32,
     pub max_ttl_seconds: u32,
-    /// How long a resolved or expired challenge stays readable.
+    /// How long a resolved or expired challenge stays readable (at least
+    /// `limits.fraud_report_window_seconds`, which raises it when longer).
     pub retention_seconds: u32,
 }
 
@@ -194,6 +195,16 @@ pub struct LimitsConfig {
     pub totp_failure_limit: u32,
     pub totp_failure_window_seconds: u32,
     pub totp_lockout_seconds: u32,
+    /// Wrong TOTP codes since the last right one that lock VerifyTotp until
+    /// UnblockUser (NIST SP 800-63B: at most 100).
+    pub totp_max_consecutive_failures: u32,
+    /// Devices and TOTP credentials per user.
+    pub max_devices_per_user: u32,
+    /// Enrollments begun, not completed and not expired, per user.
+    pub max_open_enrollments_per_user: u32,
+    /// How long after a challenge ended (cancelled, expired, denied) a signed fraud
+    /// report on it still blocks the user; challenges are retained at least as long.
+    pub fraud_report_window_seconds: u32,
 }
 
 impl Default for LimitsConfig {
@@ -208,6 +219,10 @@ impl Default for LimitsConfig {
             totp_failure_limit: 5,
             totp_failure_window_seconds: 300,
             totp_lockout_seconds: 300,
+            totp_max_consecutive_failures: 20,
+            max_devices_per_user: 10,
+            max_open_enrollments_per_user: 5,
+            fraud_report_window_seconds: 900,
         }
     }
 }
@@ -228,13 +243,14 @@ impl Default for EnrollmentConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeviceConfig {
-    /// How far a proof's timestamp may be from the server's clock.
+    /// How far a proof's timestamp may be from the server's clock. Each proof works
+    /// once; the store remembers used ones this long, either side.
     pub max_clock_skew_seconds: u32,
 }
 
 impl Default for DeviceConfig {
     fn default() -> Self {
-        Self { max_clock_skew_seconds: 300 }
+        Self { max_clock_skew_seconds: 120 }
     }
 }
 
@@ -350,18 +366,28 @@ impl Config {
                 max_pending: self.limits.max_pending_per_user,
                 max_per_window: self.limits.max_challenges_per_window,
                 window: seconds(self.limits.challenge_window_seconds),
-                retention: seconds(self.challenge.retention_seconds),
+                // A fraud report may come for a challenge that ended up to the fraud
+                // window ago: it must still be there to be found.
+                retention: seconds(self.challenge.retention_seconds.max(self.limits.fraud_report_window_seconds)),
             },
             wrong_numbers: StrikePolicy {
                 limit: self.limits.wrong_number_limit,
                 window: seconds(self.limits.wrong_number_window_seconds),
                 block_for: seconds(self.limits.wrong_number_block_seconds),
             },
-            totp_lockout: StrikePolicy {
-                limit: self.limits.totp_failure_limit,
-                window: seconds(self.limits.totp_failure_window_seconds),
-                block_for: seconds(self.limits.totp_lockout_seconds),
+            totp_lockout: TotpPolicy {
+                strikes: StrikePolicy {
+                    limit: self.limits.totp_failure_limit,
+                    window: seconds(self.limits.totp_failure_window_seconds),
+                    block_for: seconds(self.limits.totp_lockout_seconds),
+                },
+                max_consecutive: self.limits.totp_max_consecutive_failures,
             },
+            enrollment_limits: EnrollmentLimits {
+                max_devices: self.limits.max_devices_per_user,
+                max_open_enrollments: self.limits.max_open_enrollments_per_user,
+            },
+            fraud_report_window: seconds(self.limits.fraud_report_window_seconds),
             enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
             max_clock_skew: seconds(self.device.max_clock_skew_seconds),
             public_url: self.server.public_url.clone(),

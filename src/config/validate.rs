@@ -69,7 +69,8 @@ impl Config {
         if self.store.backend == StoreBackend::Redis {
             let urls = self.redis_settings().urls;
             if let Some(bad) = urls.iter().find(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
-                return Err(invalid("store.redis_url", format!("{bad:?} is not a redis:// or rediss:// URL")));
+                let shown = crate::store::redacted_url(bad);
+                return Err(invalid("store.redis_url", format!("{shown:?} is not a redis:// or rediss:// URL")));
             }
             if self.store.operation_timeout_ms == 0 {
                 return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
@@ -87,6 +88,12 @@ impl Config {
 
     /// Challenge lifetimes, per-user limits and the push queue.
     fn validate_limits(&self) -> Result<(), ConfigError> {
+        if self.limits.totp_max_consecutive_failures > 100 {
+            return Err(invalid(
+                "limits.totp_max_consecutive_failures",
+                "must be at most 100 (NIST SP 800-63B: no more than 100 consecutive failed attempts)",
+            ));
+        }
         let challenge = &self.challenge;
         if challenge.default_ttl_seconds == 0 || challenge.default_ttl_seconds > challenge.max_ttl_seconds {
             return Err(invalid("challenge.default_ttl_seconds", "must be between 1 and challenge.max_ttl_seconds"));
@@ -102,6 +109,9 @@ impl Config {
             ("limits.wrong_number_window_seconds", self.limits.wrong_number_window_seconds),
             ("limits.totp_failure_limit", self.limits.totp_failure_limit),
             ("limits.totp_failure_window_seconds", self.limits.totp_failure_window_seconds),
+            ("limits.totp_max_consecutive_failures", self.limits.totp_max_consecutive_failures),
+            ("limits.max_devices_per_user", self.limits.max_devices_per_user),
+            ("limits.max_open_enrollments_per_user", self.limits.max_open_enrollments_per_user),
             ("enrollment.code_ttl_seconds", self.enrollment.code_ttl_seconds),
             ("device.max_clock_skew_seconds", self.device.max_clock_skew_seconds),
             ("push.queue_capacity", self.push.queue_capacity),

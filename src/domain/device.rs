@@ -74,6 +74,21 @@ impl DevicePublicKey {
         }
     }
 
+    /// The key's identity whatever its encoding: SHA-256 over the algorithm and the
+    /// canonical bytes (an uncompressed SEC1 point for P-256, the 32 bytes for
+    /// Ed25519), so one key sent compressed, uncompressed or as DER is one key.
+    pub fn fingerprint(&self) -> Result<KeyFingerprint, DomainError> {
+        use sha2::{Digest, Sha256};
+        let (tag, canonical): (&[u8], Vec<u8>) = match self.parse()? {
+            ParsedKey::P256(key) => (b"p256\n", key.to_encoded_point(false).as_bytes().to_vec()),
+            ParsedKey::Ed25519(key) => (b"ed25519\n", key.to_bytes().to_vec()),
+        };
+        let mut hasher = Sha256::new();
+        hasher.update(tag);
+        hasher.update(&canonical);
+        Ok(KeyFingerprint(hasher.finalize().into()))
+    }
+
     /// Whether `signature` signs `message` under this key. P-256 takes ASN.1 DER or
     /// raw r||s, high-S signatures too (as some keystores make them). Ed25519 uses
     /// strict verification (no small-order keys, canonical S).
@@ -99,6 +114,28 @@ impl DevicePublicKey {
             },
             Err(_) => false,
         }
+    }
+}
+
+/// A device key's identity ([`DevicePublicKey::fingerprint`]): a key enrolls once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct KeyFingerprint(pub [u8; 32]);
+
+impl KeyFingerprint {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+}
+
+/// What identifies one use of a proof: SHA-256 of the signed bytes (device, RPC,
+/// timestamp and the call's fields), never of the signature, which an attacker can
+/// re-encode (DER or raw, high or low S) without the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProofUse(pub [u8; 32]);
+
+impl ProofUse {
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
     }
 }
 
@@ -161,6 +198,18 @@ impl DeviceProof {
         let mut parts = vec!["pushmatch/v1", rpc, self.device_id.as_str(), timestamp.as_str()];
         parts.extend_from_slice(fields);
         parts.join("\n")
+    }
+
+    /// This use of the proof, for refusing its replay.
+    pub fn use_key(&self, rpc: &str, fields: &[&str]) -> ProofUse {
+        use sha2::{Digest, Sha256};
+        ProofUse(Sha256::digest(self.signing_string(rpc, fields).as_bytes()).into())
+    }
+
+    /// Until when a replay of this proof could still pass the timestamp check: past
+    /// it, the store may forget that it was used.
+    pub fn replayable_until(&self, max_skew: Duration) -> Millis {
+        Millis(self.timestamp_ms).plus(max_skew)
     }
 
     /// Checks the timestamp window and the signature against `device`'s key.

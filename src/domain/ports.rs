@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::challenge::{Challenge, Delivery, Resolution};
-use super::device::Device;
+use super::device::{Device, ProofUse};
 use super::enrollment::Enrollment;
 use super::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use super::time::Millis;
@@ -53,7 +53,7 @@ pub struct AdmissionPolicy {
 }
 
 /// Strikes against a user (wrong numbers, wrong TOTP codes): `limit` within
-/// `window` block the user (or lock TOTP) for `block_for`.
+/// `window` block the user (or lock VerifyTotp) for `block_for`.
 #[derive(Clone, Debug)]
 pub struct StrikePolicy {
     pub limit: u32,
@@ -61,10 +61,39 @@ pub struct StrikePolicy {
     pub block_for: Duration,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// VerifyTotp's bounds on guessing: `strikes` wrong codes in its window lock it for
+/// `strikes.block_for`; `max_consecutive` wrong codes since the last accepted one
+/// lock it until UnblockUser (NIST SP 800-63B allows at most 100).
+#[derive(Clone, Debug)]
+pub struct TotpPolicy {
+    pub strikes: StrikePolicy,
+    pub max_consecutive: u32,
+}
+
+/// Whether a VerifyTotp attempt may compare its code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TotpAttempt {
+    /// Reserved: it counts as a wrong code unless `totp_attempt_succeeded` follows.
+    Allowed,
+    /// Locked until then; `None`: until UnblockUser.
+    Locked { until: Option<Millis> },
+}
+
+/// How many credentials a user may gather (each a way in for whoever holds it).
+#[derive(Clone, Debug)]
+pub struct EnrollmentLimits {
+    /// Devices and TOTP credentials of one user.
+    pub max_devices: u32,
+    /// Enrollments begun and neither completed nor expired.
+    pub max_open_enrollments: u32,
+}
+
+/// Why a user is blocked, weakest first: a stronger reason is never replaced by a
+/// weaker one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum BlockReason {
-    FraudReported,
     WrongNumbers,
+    FraudReported,
 }
 
 /// A block on new challenges for one user. `until == None` lasts until UnblockUser.
@@ -78,6 +107,20 @@ pub struct UserBlock {
 impl UserBlock {
     pub fn in_force(&self, now: Millis) -> bool {
         self.until.is_none_or(|until| now < until)
+    }
+
+    /// The block that stands when `self` (in force at `now`, or not) meets `new`:
+    /// the stronger reason and the later end (no end beats any end), so a later
+    /// wrong-number strike never shortens or weakens a fraud block.
+    pub fn merge(&self, new: UserBlock, now: Millis) -> UserBlock {
+        if !self.in_force(now) {
+            return new;
+        }
+        let until = match (self.until, new.until) {
+            (None, _) | (_, None) => None,
+            (Some(a), Some(b)) => Some(a.max(b)),
+        };
+        UserBlock { reason: self.reason.max(new.reason), since: self.since.min(new.since), until }
     }
 }
 
@@ -110,6 +153,21 @@ pub enum CompleteOutcome {
     UnknownCode,
     AlreadyUsed,
     Expired,
+    /// The user has `EnrollmentLimits::max_devices` already.
+    TooManyDevices {
+        limit: u32,
+    },
+    /// The device's public key is enrolled already (for any user).
+    KeyInUse,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InsertOutcome {
+    Inserted,
+    /// The user has `EnrollmentLimits::max_open_enrollments` open already.
+    TooManyOpen {
+        limit: u32,
+    },
 }
 
 /// Follows one challenge: the receiver's current value is the latest state.
@@ -165,15 +223,30 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- enrollments and devices: durable ----
 
-    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError>;
+    /// Inserts the enrollment unless its user has too many open ones, atomically.
+    /// Enrollments are kept a while after their expiry (GetEnrollment reads them
+    /// EXPIRED or COMPLETED), then purged.
+    async fn insert_enrollment(
+        &self,
+        enrollment: Enrollment,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<InsertOutcome, StoreError>;
 
     async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError>;
 
     /// The enrollment whose code has this digest, whatever its state.
     async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError>;
 
-    /// Spends a one-time code and adds `device`, atomically: a code completes once.
-    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError>;
+    /// Spends a one-time code and adds `device`, atomically: a code completes once,
+    /// a user holds at most `limits.max_devices`, and a public key enrolls once.
+    async fn complete_enrollment(
+        &self,
+        code: &CodeDigest,
+        device: Device,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError>;
 
     async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError>;
 
@@ -194,10 +267,12 @@ pub trait Store: Send + Sync + 'static {
 
     // ---- blocks ----
 
-    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError>;
+    /// Blocks the user, merged atomically with a block in force ([`UserBlock::merge`]);
+    /// returns the block that stands.
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock, now: Millis) -> Result<UserBlock, StoreError>;
 
     /// Counts a wrong number; when it is the `limit`-th in the window, blocks the user
-    /// and returns the block.
+    /// (merged as `block_user` does) and returns the block that stands.
     async fn record_wrong_number(
         &self,
         tenant: &TenantId,
@@ -206,20 +281,21 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Option<UserBlock>, StoreError>;
 
-    /// Lifts any block and forgets counted wrong numbers.
+    /// Lifts any block and VerifyTotp lock, and forgets counted wrong numbers and
+    /// wrong codes.
     async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError>;
-
-    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError>;
 
     // ---- TOTP ----
 
     /// Completes a pending TOTP enrollment of `tenant` with `device` (its credential),
-    /// atomically: an enrollment confirms once.
+    /// atomically: an enrollment confirms once, and a user holds at most
+    /// `limits.max_devices`.
     async fn confirm_totp_enrollment(
         &self,
         tenant: &TenantId,
         id: &EnrollmentId,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError>;
 
@@ -227,15 +303,29 @@ pub trait Store: Send + Sync + 'static {
     /// before, atomically: of racing uses of one code exactly one returns true.
     async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError>;
 
-    /// Counts a wrong TOTP code; when it is the `limit`-th in the window, locks
-    /// VerifyTotp for the user and returns until when.
-    async fn record_totp_failure(
+    /// Reserves one VerifyTotp attempt before its code is compared, atomically: of
+    /// any number of racing attempts at most as many as the policy has left are
+    /// `Allowed`. An allowed attempt counts as a wrong code (in the window, and
+    /// towards `max_consecutive`) unless `totp_attempt_succeeded` follows.
+    async fn reserve_totp_attempt(
         &self,
         tenant: &TenantId,
         user: &UserId,
-        policy: &StrikePolicy,
+        policy: &TotpPolicy,
         now: Millis,
-    ) -> Result<Option<Millis>, StoreError>;
+    ) -> Result<TotpAttempt, StoreError>;
 
-    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError>;
+    /// The reserved attempt's code was right: it no longer counts as a wrong code,
+    /// and the consecutive count starts again.
+    async fn totp_attempt_succeeded(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<(), StoreError>;
+
+    // ---- device proofs ----
+
+    /// Records a use of a device proof; false when it was used before. `keep_until`:
+    /// past it the proof's timestamp is out of the window and the record may go.
+    async fn spend_proof(&self, proof: ProofUse, keep_until: Millis) -> Result<bool, StoreError>;
+
+    /// How many records the store holds now (entries in memory and in the file;
+    /// keys in Redis): what its size grows with.
+    async fn record_count(&self) -> Result<u64, StoreError>;
 }

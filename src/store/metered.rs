@@ -11,12 +11,13 @@ use std::time::Instant;
 use async_trait::async_trait;
 
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
-use crate::domain::device::Device;
+use crate::domain::device::{Device, ProofUse};
 use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, UserBlock,
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
+    StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::telemetry::metrics::names;
 
@@ -102,8 +103,13 @@ impl Store for MeteredStore {
         self.timed("pending_challenges", self.inner.pending_challenges(tenant, user, now)).await
     }
 
-    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
-        self.timed("insert_enrollment", self.inner.insert_enrollment(enrollment)).await
+    async fn insert_enrollment(
+        &self,
+        enrollment: Enrollment,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<InsertOutcome, StoreError> {
+        self.timed("insert_enrollment", self.inner.insert_enrollment(enrollment, limits, now)).await
     }
 
     async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
@@ -114,8 +120,14 @@ impl Store for MeteredStore {
         self.timed("enrollment_by_code", self.inner.enrollment_by_code(code)).await
     }
 
-    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError> {
-        self.timed("complete_enrollment", self.inner.complete_enrollment(code, device, now)).await
+    async fn complete_enrollment(
+        &self,
+        code: &CodeDigest,
+        device: Device,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        self.timed("complete_enrollment", self.inner.complete_enrollment(code, device, limits, now)).await
     }
 
     async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -142,8 +154,8 @@ impl Store for MeteredStore {
         self.timed("touch_device", self.inner.touch_device(id, now)).await
     }
 
-    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
-        self.timed("block_user", self.inner.block_user(tenant, user, block)).await
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock, now: Millis) -> Result<UserBlock, StoreError> {
+        self.timed("block_user", self.inner.block_user(tenant, user, block, now)).await
     }
 
     async fn record_wrong_number(
@@ -160,35 +172,40 @@ impl Store for MeteredStore {
         self.timed("unblock_user", self.inner.unblock_user(tenant, user)).await
     }
 
-    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
-        self.timed("user_block", self.inner.user_block(tenant, user, now)).await
-    }
-
     async fn confirm_totp_enrollment(
         &self,
         tenant: &TenantId,
         id: &EnrollmentId,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        self.timed("confirm_totp_enrollment", self.inner.confirm_totp_enrollment(tenant, id, device, now)).await
+        self.timed("confirm_totp_enrollment", self.inner.confirm_totp_enrollment(tenant, id, device, limits, now)).await
     }
 
     async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
         self.timed("spend_totp_step", self.inner.spend_totp_step(id, step)).await
     }
 
-    async fn record_totp_failure(
+    async fn reserve_totp_attempt(
         &self,
         tenant: &TenantId,
         user: &UserId,
-        policy: &StrikePolicy,
+        policy: &TotpPolicy,
         now: Millis,
-    ) -> Result<Option<Millis>, StoreError> {
-        self.timed("record_totp_failure", self.inner.record_totp_failure(tenant, user, policy, now)).await
+    ) -> Result<TotpAttempt, StoreError> {
+        self.timed("reserve_totp_attempt", self.inner.reserve_totp_attempt(tenant, user, policy, now)).await
     }
 
-    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
-        self.timed("totp_locked_until", self.inner.totp_locked_until(tenant, user, now)).await
+    async fn totp_attempt_succeeded(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<(), StoreError> {
+        self.timed("totp_attempt_succeeded", self.inner.totp_attempt_succeeded(tenant, user, now)).await
+    }
+
+    async fn spend_proof(&self, proof: ProofUse, keep_until: Millis) -> Result<bool, StoreError> {
+        self.timed("spend_proof", self.inner.spend_proof(proof, keep_until)).await
+    }
+
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        self.timed("record_count", self.inner.record_count()).await
     }
 }

@@ -12,11 +12,11 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
 use super::{BACKEND, Recover, Shared, UserKey, io_error};
-use crate::domain::device::Device;
+use crate::domain::device::{Device, KeyFingerprint};
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{CompleteOutcome, StoreError, UserBlock};
+use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError, UserBlock};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
 const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
@@ -24,6 +24,13 @@ const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollme
 const ENROLLMENT_CODES: TableDefinition<&str, &str> = TableDefinition::new("enrollment_codes");
 /// "tenant\0user" -> block.
 const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
+/// "tenant\0user" -> since (Unix ms): VerifyTotp locked until UnblockUser, after
+/// too many wrong codes in a row. Durable, so a restart does not hand out guesses.
+const TOTP_LOCKS: TableDefinition<&str, i64> = TableDefinition::new("totp_locks");
+
+/// How long an enrollment stays readable (GetEnrollment) after its expiry, as in
+/// the Redis store; then it is purged.
+pub(super) const ENROLLMENT_KEEP: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 fn block_key(tenant: &TenantId, user: &UserId) -> String {
     format!("{}\0{}", tenant.0, user.as_str())
@@ -44,7 +51,10 @@ pub(super) struct DurableMirror {
     user_devices: HashMap<UserKey, Vec<DeviceId>>,
     enrollments: HashMap<EnrollmentId, Enrollment>,
     codes: HashMap<CodeDigest, EnrollmentId>,
+    /// Every device key's fingerprint: a key enrolls once.
+    keys: HashMap<KeyFingerprint, DeviceId>,
     pub(super) blocks: HashMap<UserKey, UserBlock>,
+    pub(super) totp_locks: HashMap<UserKey, Millis>,
 }
 
 impl DurableMirror {
@@ -53,7 +63,35 @@ impl DurableMirror {
         if !ids.contains(&device.id) {
             ids.push(device.id.clone());
         }
+        if let Some(fingerprint) = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()) {
+            self.keys.insert(fingerprint, device.id.clone());
+        }
         self.devices.insert(device.id.clone(), device);
+    }
+
+    fn remove_enrollment(&mut self, id: &EnrollmentId) {
+        if let Some(enrollment) = self.enrollments.remove(id)
+            && let Some(digest) = &enrollment.code_digest
+        {
+            self.codes.remove(digest);
+        }
+    }
+
+    /// The user's enrollments that are neither completed nor expired.
+    fn open_enrollments(&self, tenant: &TenantId, user: &UserId, now: Millis) -> usize {
+        self.enrollments
+            .values()
+            .filter(|e| e.tenant == *tenant && e.user_id == *user && !e.completed && now < e.expires_at)
+            .count()
+    }
+
+    fn device_count(&self, tenant: &TenantId, user: &UserId) -> usize {
+        self.user_devices.get(&(tenant.clone(), user.clone())).map_or(0, Vec::len)
+    }
+
+    /// How many records the mirror holds (each also a row in the file).
+    pub(super) fn record_count(&self) -> usize {
+        self.devices.len() + self.enrollments.len() + self.codes.len() + self.blocks.len() + self.totp_locks.len()
     }
 
     fn put_enrollment(&mut self, enrollment: Enrollment) {
@@ -65,6 +103,9 @@ impl DurableMirror {
 
     fn remove_device(&mut self, id: &DeviceId) {
         if let Some(device) = self.devices.remove(id) {
+            if let Some(fingerprint) = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()) {
+                self.keys.remove(&fingerprint);
+            }
             let key = (device.tenant, device.user_id);
             if let Some(ids) = self.user_devices.get_mut(&key) {
                 ids.retain(|other| other != id);
@@ -81,11 +122,18 @@ impl DurableMirror {
             DurableWrite::PutDevice(device) => self.put_device(device),
             DurableWrite::RemoveDevice(id) => self.remove_device(&id),
             DurableWrite::PutEnrollment(enrollment) => self.put_enrollment(enrollment),
+            DurableWrite::RemoveEnrollment(id) => self.remove_enrollment(&id),
             DurableWrite::PutBlock(key, block) => {
                 self.blocks.insert(key, block);
             }
             DurableWrite::RemoveBlock(key) => {
                 self.blocks.remove(&key);
+            }
+            DurableWrite::PutTotpLock(key, since) => {
+                self.totp_locks.insert(key, since);
+            }
+            DurableWrite::RemoveTotpLock(key) => {
+                self.totp_locks.remove(&key);
             }
         }
     }
@@ -96,8 +144,12 @@ pub(super) enum DurableWrite {
     PutDevice(Device),
     RemoveDevice(DeviceId),
     PutEnrollment(Enrollment),
+    /// An enrollment past its keep time, with its code's index entry.
+    RemoveEnrollment(EnrollmentId),
     PutBlock(UserKey, UserBlock),
     RemoveBlock(UserKey),
+    PutTotpLock(UserKey, Millis),
+    RemoveTotpLock(UserKey),
 }
 
 impl Shared {
@@ -113,6 +165,7 @@ impl Shared {
                 let mut enrollments = txn.open_table(ENROLLMENTS).map_err(io_error)?;
                 let mut codes = txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
                 let mut blocks = txn.open_table(BLOCKS).map_err(io_error)?;
+                let mut totp_locks = txn.open_table(TOTP_LOCKS).map_err(io_error)?;
                 for write in &writes {
                     match write {
                         DurableWrite::PutDevice(device) => {
@@ -127,6 +180,21 @@ impl Shared {
                             if let Some(digest) = &enrollment.code_digest {
                                 codes.insert(digest.0.as_str(), id.as_str()).map_err(io_error)?;
                             }
+                        }
+                        DurableWrite::RemoveEnrollment(id) => {
+                            let removed = enrollments.remove(id.to_string().as_str()).map_err(io_error)?;
+                            if let Some(removed) = removed {
+                                let enrollment: Enrollment = decode(removed.value())?;
+                                if let Some(digest) = &enrollment.code_digest {
+                                    codes.remove(digest.0.as_str()).map_err(io_error)?;
+                                }
+                            }
+                        }
+                        DurableWrite::PutTotpLock((tenant, user), since) => {
+                            totp_locks.insert(block_key(tenant, user).as_str(), since.0).map_err(io_error)?;
+                        }
+                        DurableWrite::RemoveTotpLock((tenant, user)) => {
+                            totp_locks.remove(block_key(tenant, user).as_str()).map_err(io_error)?;
                         }
                         DurableWrite::PutBlock((tenant, user), block) => {
                             blocks.insert(block_key(tenant, user).as_str(), encode(block)?.as_slice()).map_err(io_error)?;
@@ -159,6 +227,7 @@ pub(super) fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
         txn.open_table(ENROLLMENTS).map_err(io_error)?;
         txn.open_table(ENROLLMENT_CODES).map_err(io_error)?;
         txn.open_table(BLOCKS).map_err(io_error)?;
+        txn.open_table(TOTP_LOCKS).map_err(io_error)?;
     }
     txn.commit().map_err(io_error)?;
 
@@ -174,13 +243,22 @@ pub(super) fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
     }
     for row in txn.open_table(BLOCKS).map_err(io_error)?.iter().map_err(io_error)? {
         let (key, value) = row.map_err(io_error)?;
-        let Some((tenant, user)) = key.value().split_once('\0') else {
-            return Err(StoreError::corrupt(BACKEND, "block key without separator"));
-        };
-        let user = UserId::parse(user).map_err(|e| StoreError::corrupt(BACKEND, e))?;
-        mirror.blocks.insert((TenantId(tenant.to_owned()), user), decode(value.value())?);
+        mirror.blocks.insert(user_key(key.value())?, decode(value.value())?);
+    }
+    for row in txn.open_table(TOTP_LOCKS).map_err(io_error)?.iter().map_err(io_error)? {
+        let (key, since) = row.map_err(io_error)?;
+        mirror.totp_locks.insert(user_key(key.value())?, Millis(since.value()));
     }
     Ok(mirror)
+}
+
+/// The user of a "tenant\0user" key.
+fn user_key(key: &str) -> Result<UserKey, StoreError> {
+    let Some((tenant, user)) = key.split_once('\0') else {
+        return Err(StoreError::corrupt(BACKEND, "user key without separator"));
+    };
+    let user = UserId::parse(user).map_err(|e| StoreError::corrupt(BACKEND, e))?;
+    Ok((TenantId(tenant.to_owned()), user))
 }
 
 /// Writes batched `last_used_at` changes every few seconds, one transaction each
@@ -211,9 +289,45 @@ pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationTok
 
 /// The `Store` operations on devices, enrollments and blocks.
 impl Shared {
-    pub(super) async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+    pub(super) async fn insert_enrollment(
+        &self,
+        enrollment: Enrollment,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<InsertOutcome, StoreError> {
         let _gate = self.write_gate.lock().await;
-        self.commit(vec![DurableWrite::PutEnrollment(enrollment)], Durability::Immediate).await
+        let open = self.durable().open_enrollments(&enrollment.tenant, &enrollment.user_id, now);
+        if open >= limits.max_open_enrollments as usize {
+            return Ok(InsertOutcome::TooManyOpen { limit: limits.max_open_enrollments });
+        }
+        self.commit(vec![DurableWrite::PutEnrollment(enrollment)], Durability::Immediate).await?;
+        Ok(InsertOutcome::Inserted)
+    }
+
+    /// Removes enrollments whose keep time has passed (in one commit).
+    pub(super) async fn purge_enrollments(&self, now: Millis) -> Result<usize, StoreError> {
+        let _gate = self.write_gate.lock().await;
+        let old: Vec<DurableWrite> = self
+            .durable()
+            .enrollments
+            .values()
+            .filter(|e| now >= e.expires_at.plus(ENROLLMENT_KEEP))
+            .map(|e| DurableWrite::RemoveEnrollment(e.id.clone()))
+            .collect();
+        let count = old.len();
+        if count > 0 {
+            self.commit(old, Durability::Immediate).await?;
+        }
+        Ok(count)
+    }
+
+    /// Why `device` may not be added for its user now, if it may not.
+    fn refuse_device(mirror: &DurableMirror, device: &Device, limits: &EnrollmentLimits) -> Option<CompleteOutcome> {
+        if mirror.device_count(&device.tenant, &device.user_id) >= limits.max_devices as usize {
+            return Some(CompleteOutcome::TooManyDevices { limit: limits.max_devices });
+        }
+        let fingerprint = device.public_key.as_ref().and_then(|key| key.fingerprint().ok());
+        fingerprint.filter(|f| mirror.keys.contains_key(f)).map(|_| CompleteOutcome::KeyInUse)
     }
 
     pub(super) fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
@@ -229,19 +343,24 @@ impl Shared {
         &self,
         code: &CodeDigest,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
         let _gate = self.write_gate.lock().await;
         let enrollment = {
             let mirror = self.durable();
             let found = mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id));
-            match found {
+            let enrollment = match found {
                 None => return Ok(CompleteOutcome::UnknownCode),
                 Some(e) if e.kind != EnrollmentKind::Push => return Ok(CompleteOutcome::UnknownCode),
                 Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
                 Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
                 Some(e) => e.clone(),
+            };
+            if let Some(refusal) = Self::refuse_device(&mirror, &device, limits) {
+                return Ok(refusal);
             }
+            enrollment
         };
         let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), ..enrollment };
         self.commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
@@ -297,14 +416,22 @@ impl Shared {
         Ok(())
     }
 
-    pub(super) async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
+    /// Merges `block` with the user's block in force, under the write gate.
+    pub(super) async fn block_user(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        block: UserBlock,
+        now: Millis,
+    ) -> Result<UserBlock, StoreError> {
         let _gate = self.write_gate.lock().await;
-        self.commit(vec![DurableWrite::PutBlock((tenant.clone(), user.clone()), block)], Durability::Immediate).await
-    }
-
-    pub(super) fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
         let key = (tenant.clone(), user.clone());
-        Ok(self.durable().blocks.get(&key).filter(|block| block.in_force(now)).cloned())
+        let merged = match self.durable().blocks.get(&key) {
+            Some(existing) => existing.merge(block, now),
+            None => block,
+        };
+        self.commit(vec![DurableWrite::PutBlock(key, merged.clone())], Durability::Immediate).await?;
+        Ok(merged)
     }
 
     pub(super) async fn confirm_totp_enrollment(
@@ -312,17 +439,22 @@ impl Shared {
         tenant: &TenantId,
         id: &EnrollmentId,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
         let _gate = self.write_gate.lock().await;
         let enrollment = {
             let mirror = self.durable();
-            match mirror.enrollments.get(id).filter(|e| e.tenant == *tenant && e.kind == EnrollmentKind::Totp) {
+            let enrollment = match mirror.enrollments.get(id).filter(|e| e.tenant == *tenant && e.kind == EnrollmentKind::Totp) {
                 None => return Ok(CompleteOutcome::UnknownCode),
                 Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
                 Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
                 Some(e) => e.clone(),
+            };
+            if let Some(refusal) = Self::refuse_device(&mirror, &device, limits) {
+                return Ok(refusal);
             }
+            enrollment
         };
         // The pending secret moves onto the device: the enrollment keeps no copy.
         let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), totp_secret: None, ..enrollment };
@@ -348,6 +480,8 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use std::time::Duration;
+
     use crate::domain::time::{Clock, ManualClock};
     use crate::store::Store;
     use crate::store::embedded::EmbeddedStore;
@@ -363,17 +497,38 @@ mod tests {
             let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
             let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
             let code = enrollment.code_digest.clone().expect("push enrollment");
-            store.insert_enrollment(enrollment).await.expect("insert");
+            let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
+            assert_eq!(store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert"), InsertOutcome::Inserted);
             assert!(matches!(
-                store.complete_enrollment(&code, device.clone(), clock.now()).await.expect("complete"),
+                store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete"),
                 CompleteOutcome::Completed(_)
             ));
             let block = UserBlock { reason: crate::store::BlockReason::FraudReported, since: clock.now(), until: None };
-            store.block_user(&tenant, &user, block).await.expect("block");
+            store.block_user(&tenant, &user, block, clock.now()).await.expect("block");
+            let totp = crate::store::TotpPolicy {
+                strikes: crate::store::StrikePolicy {
+                    limit: 100,
+                    window: Duration::from_secs(1),
+                    block_for: Duration::from_secs(1),
+                },
+                max_consecutive: 1,
+            };
+            store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
+            let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
+            assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None });
         }
         let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
         assert_eq!(store.get_device(&device.id).await.expect("get"), Some(device.clone()));
         assert_eq!(store.list_devices(&tenant, &user).await.expect("list"), vec![device]);
-        assert!(store.user_block(&tenant, &user, clock.now()).await.expect("block").is_some());
+        let challenge = crate::store::conformance::sample_challenge(&tenant, &user, clock.now(), None);
+        let policy = crate::store::conformance::policy();
+        let refused = store.create_challenge(challenge, &policy, clock.now()).await.expect("create");
+        assert!(matches!(refused, crate::store::CreateOutcome::Refused(crate::store::Refusal::Blocked(_))), "{refused:?}");
+        let totp = crate::store::TotpPolicy {
+            strikes: crate::store::StrikePolicy { limit: 100, window: Duration::from_secs(1), block_for: Duration::from_secs(1) },
+            max_consecutive: 1,
+        };
+        let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
+        assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None }, "the hard TOTP lock survives a restart");
     }
 }

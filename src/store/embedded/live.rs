@@ -5,17 +5,13 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use redb::Durability;
 use tokio::sync::watch;
 
-use super::durable::DurableWrite;
 use super::{BACKEND, Shared, UserKey};
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::ids::{ChallengeId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{
-    AdmissionPolicy, BlockReason, ChallengeWatch, CreateOutcome, Refusal, ResolveOutcome, StoreError, StrikePolicy, UserBlock,
-};
+use crate::store::{AdmissionPolicy, ChallengeWatch, CreateOutcome, Refusal, ResolveOutcome, StoreError};
 use crate::telemetry::metrics::{challenge_resolved, names};
 
 /// The 128 random bits of a challenge id: the table's key (16 bytes instead of the
@@ -38,25 +34,36 @@ fn request_tag(request_id: Option<&str>) -> u32 {
 }
 
 #[derive(Default)]
-struct UserActivity {
+pub(super) struct UserActivity {
     /// Challenges of the user still held in memory (pending or retained), oldest first.
     live: Vec<LiveRef>,
     /// When the user's recent challenges were created, oldest first.
     created: VecDeque<Millis>,
     /// When the user's recent wrong numbers were typed, oldest first.
-    wrong_numbers: VecDeque<Millis>,
-    /// When the user's recent wrong TOTP codes were typed, oldest first.
-    totp_failures: VecDeque<Millis>,
-    totp_locked_until: Option<Millis>,
+    pub(super) wrong_numbers: VecDeque<Millis>,
+    /// VerifyTotp attempts reserved lately, oldest first: each counts as a wrong code
+    /// unless its code was right.
+    pub(super) totp_attempts: VecDeque<Millis>,
+    pub(super) totp_locked_until: Option<Millis>,
+    /// Wrong TOTP codes since the last accepted one.
+    pub(super) totp_consecutive: u32,
+    /// When every window counted above has passed: then, with nothing else held,
+    /// the entry goes (see `forget_after`).
+    forget_at: Option<Millis>,
 }
 
 impl UserActivity {
-    fn is_idle(&self) -> bool {
+    /// Keeps the entry at least until `until` (a window entry's end).
+    pub(super) fn forget_after(&mut self, until: Millis) {
+        self.forget_at = Some(self.forget_at.map_or(until, |at| at.max(until)));
+    }
+
+    /// Whether nothing of the entry matters any more at `now`.
+    pub(super) fn is_idle(&self, now: Millis) -> bool {
         self.live.is_empty()
-            && self.created.is_empty()
-            && self.wrong_numbers.is_empty()
-            && self.totp_failures.is_empty()
-            && self.totp_locked_until.is_none()
+            && self.forget_at.is_none_or(|at| at <= now)
+            && self.totp_consecutive == 0
+            && self.totp_locked_until.is_none_or(|until| until <= now)
     }
 }
 
@@ -165,12 +172,17 @@ impl ChallengeEntry {
 #[derive(Default)]
 pub(super) struct ChallengeTable {
     entries: HashMap<Key, ChallengeEntry>,
-    users: HashMap<UserKey, UserActivity>,
+    pub(super) users: HashMap<UserKey, UserActivity>,
     /// (when, key): expiry of pending challenges, then their purge.
     deadlines: BTreeSet<(Millis, Key)>,
 }
 
 impl ChallengeTable {
+    /// Challenges and per-user entries held.
+    pub(super) fn record_count(&self) -> usize {
+        self.entries.len() + self.users.len()
+    }
+
     /// The entry of `id`, refreshed, with its challenge, if it belongs to `tenant`.
     fn get(
         &mut self,
@@ -187,7 +199,7 @@ impl ChallengeTable {
         Ok(Some((entry, challenge)))
     }
 
-    fn purge(&mut self, key: &Key) {
+    fn purge(&mut self, key: &Key, now: Millis) {
         let Some(entry) = self.entries.remove(key) else { return };
         let challenge = match entry.challenge() {
             Ok(challenge) => challenge,
@@ -200,7 +212,7 @@ impl ChallengeTable {
         let user = (challenge.tenant, challenge.user_id);
         if let Some(activity) = self.users.get_mut(&user) {
             activity.live.retain(|other| other.key != *key);
-            if activity.is_idle() {
+            if activity.is_idle(now) {
                 self.users.remove(&user);
             }
         }
@@ -219,7 +231,7 @@ impl ChallengeTable {
             }
             let purge_at = entry.purge_at;
             if now >= purge_at {
-                self.purge(&key);
+                self.purge(&key, now);
             } else {
                 self.deadlines.insert((purge_at, key));
             }
@@ -228,7 +240,7 @@ impl ChallengeTable {
     }
 }
 
-fn prune_before(times: &mut VecDeque<Millis>, cutoff: Millis) {
+pub(super) fn prune_before(times: &mut VecDeque<Millis>, cutoff: Millis) {
     while times.front().is_some_and(|t| *t <= cutoff) {
         times.pop_front();
     }
@@ -285,6 +297,7 @@ impl Shared {
         if activity.created.len() >= policy.max_per_window as usize {
             return Ok(CreateOutcome::Refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }));
         }
+        activity.forget_after(now.plus(policy.window));
 
         let key = challenge.id.bits();
         let entry = ChallengeEntry::new(&challenge, challenge.expires_at.plus(policy.retention))?;
@@ -355,79 +368,6 @@ impl Shared {
         }
         pending.sort_by_key(|c| std::cmp::Reverse(c.created_at));
         Ok(pending)
-    }
-
-    pub(super) async fn record_wrong_number(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        policy: &StrikePolicy,
-        now: Millis,
-    ) -> Result<Option<UserBlock>, StoreError> {
-        let key = (tenant.clone(), user.clone());
-        let reached = {
-            let mut table = self.challenges();
-            let activity = table.users.entry(key.clone()).or_default();
-            prune_before(&mut activity.wrong_numbers, now.minus(policy.window));
-            activity.wrong_numbers.push_back(now);
-            let reached = activity.wrong_numbers.len() >= policy.limit as usize;
-            if reached {
-                activity.wrong_numbers.clear();
-            }
-            reached
-        };
-        if !reached {
-            return Ok(None);
-        }
-        let block = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: Some(now.plus(policy.block_for)) };
-        self.block_user(tenant, user, block.clone()).await?;
-        Ok(Some(block))
-    }
-
-    pub(super) async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
-        let key = (tenant.clone(), user.clone());
-        if let Some(activity) = self.challenges().users.get_mut(&key) {
-            activity.wrong_numbers.clear();
-        }
-        let _gate = self.write_gate.lock().await;
-        if self.durable().blocks.contains_key(&key) {
-            self.commit(vec![DurableWrite::RemoveBlock(key)], Durability::Immediate).await?;
-        }
-        Ok(())
-    }
-
-    pub(super) fn record_totp_failure(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        policy: &StrikePolicy,
-        now: Millis,
-    ) -> Result<Option<Millis>, StoreError> {
-        let mut table = self.challenges();
-        let activity = table.users.entry((tenant.clone(), user.clone())).or_default();
-        prune_before(&mut activity.totp_failures, now.minus(policy.window));
-        activity.totp_failures.push_back(now);
-        if activity.totp_failures.len() < policy.limit as usize {
-            return Ok(None);
-        }
-        activity.totp_failures.clear();
-        let until = now.plus(policy.block_for);
-        activity.totp_locked_until = Some(until);
-        Ok(Some(until))
-    }
-
-    pub(super) fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
-        let mut table = self.challenges();
-        let key = (tenant.clone(), user.clone());
-        let Some(activity) = table.users.get_mut(&key) else { return Ok(None) };
-        if activity.totp_locked_until.is_some_and(|until| now >= until) {
-            activity.totp_locked_until = None;
-        }
-        let locked = activity.totp_locked_until;
-        if activity.is_idle() {
-            table.users.remove(&key);
-        }
-        Ok(locked)
     }
 }
 

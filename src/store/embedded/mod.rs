@@ -40,6 +40,7 @@
 //! operations are in `live.rs`, the device, enrollment and block ones in `durable.rs`.
 
 mod durable;
+mod limits;
 mod live;
 
 use std::path::Path;
@@ -53,10 +54,11 @@ use tokio_util::sync::CancellationToken;
 use self::durable::{DurableMirror, flush_touches, load_mirror};
 use self::live::ChallengeTable;
 use super::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, UserBlock,
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
+    StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
-use crate::domain::device::Device;
+use crate::domain::device::{Device, ProofUse};
 use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::{Clock, Millis};
@@ -93,6 +95,8 @@ struct Shared {
     deadline_changed: Arc<Notify>,
     /// Devices whose `last_used_at` changed in memory only, not yet in the file.
     touched: Mutex<std::collections::HashSet<DeviceId>>,
+    /// Device proofs used, until their timestamp leaves the window (`limits.rs`).
+    proofs: Mutex<std::collections::HashMap<ProofUse, Millis>>,
 }
 
 impl Shared {
@@ -143,10 +147,12 @@ impl EmbeddedStore {
             db: Arc::new(db),
             deadline_changed: Arc::new(Notify::new()),
             touched: Mutex::new(std::collections::HashSet::new()),
+            proofs: Mutex::new(std::collections::HashMap::new()),
         });
         let closing = CancellationToken::new();
         let wake = Arc::clone(&shared.deadline_changed);
-        tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, clock, closing.clone()));
+        tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, Arc::clone(&clock), closing.clone()));
+        tokio::spawn(run_sweeps(Arc::downgrade(&shared), clock, closing.clone()));
         tokio::spawn(flush_touches(Arc::downgrade(&shared), closing.clone()));
         Ok(Self { shared, closing })
     }
@@ -177,6 +183,24 @@ async fn run_deadlines(shared: Weak<Shared>, wake: Arc<Notify>, clock: Arc<dyn C
             () = sleep => {}
             () = changed => {}
             () = closing.cancelled() => return,
+        }
+    }
+}
+
+/// Sweeps every few seconds (of the store's clock): idle per-user counts, used
+/// proofs and old enrollments go, so the store's size follows its real users, not
+/// the strangers who called it.
+async fn run_sweeps(shared: Weak<Shared>, clock: Arc<dyn Clock>, closing: CancellationToken) {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+    loop {
+        let next = clock.sleep_until(clock.now().plus(EVERY));
+        tokio::select! {
+            () = next => {}
+            () = closing.cancelled() => return,
+        }
+        let Some(strong) = shared.upgrade() else { return };
+        if let Err(error) = strong.sweep(clock.now()).await {
+            tracing::warn!(%error, "could not purge old enrollments; retrying at the next sweep");
         }
     }
 }
@@ -229,8 +253,13 @@ impl Store for EmbeddedStore {
         self.shared.pending_challenges(tenant, user, now)
     }
 
-    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
-        self.shared.insert_enrollment(enrollment).await
+    async fn insert_enrollment(
+        &self,
+        enrollment: Enrollment,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<InsertOutcome, StoreError> {
+        self.shared.insert_enrollment(enrollment, limits, now).await
     }
 
     async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
@@ -241,8 +270,14 @@ impl Store for EmbeddedStore {
         self.shared.enrollment_by_code(code)
     }
 
-    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError> {
-        self.shared.complete_enrollment(code, device, now).await
+    async fn complete_enrollment(
+        &self,
+        code: &CodeDigest,
+        device: Device,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        self.shared.complete_enrollment(code, device, limits, now).await
     }
 
     async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -269,8 +304,8 @@ impl Store for EmbeddedStore {
         self.shared.touch_device(id, now)
     }
 
-    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
-        self.shared.block_user(tenant, user, block).await
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock, now: Millis) -> Result<UserBlock, StoreError> {
+        self.shared.block_user(tenant, user, block, now).await
     }
 
     async fn record_wrong_number(
@@ -287,52 +322,60 @@ impl Store for EmbeddedStore {
         self.shared.unblock_user(tenant, user).await
     }
 
-    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
-        self.shared.user_block(tenant, user, now)
-    }
-
     async fn confirm_totp_enrollment(
         &self,
         tenant: &TenantId,
         id: &EnrollmentId,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        self.shared.confirm_totp_enrollment(tenant, id, device, now).await
+        self.shared.confirm_totp_enrollment(tenant, id, device, limits, now).await
     }
 
     async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
         self.shared.spend_totp_step(id, step).await
     }
 
-    async fn record_totp_failure(
+    async fn reserve_totp_attempt(
         &self,
         tenant: &TenantId,
         user: &UserId,
-        policy: &StrikePolicy,
+        policy: &TotpPolicy,
         now: Millis,
-    ) -> Result<Option<Millis>, StoreError> {
-        self.shared.record_totp_failure(tenant, user, policy, now)
+    ) -> Result<TotpAttempt, StoreError> {
+        self.shared.reserve_totp_attempt(tenant, user, policy, now).await
     }
 
-    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
-        self.shared.totp_locked_until(tenant, user, now)
+    async fn totp_attempt_succeeded(&self, tenant: &TenantId, user: &UserId, _now: Millis) -> Result<(), StoreError> {
+        self.shared.totp_attempt_succeeded(tenant, user);
+        Ok(())
+    }
+
+    async fn spend_proof(&self, proof: ProofUse, keep_until: Millis) -> Result<bool, StoreError> {
+        Ok(self.shared.spend_proof(proof, keep_until))
+    }
+
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        let live = self.shared.challenges().record_count();
+        let durable = self.shared.durable().record_count();
+        let proofs = self.shared.proofs.lock().recover().len();
+        Ok(u64::try_from(live + durable + proofs).unwrap_or(u64::MAX))
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
+mod conformance {
+    use std::sync::Arc;
 
-    #[tokio::test]
-    async fn embedded_store_passes_the_conformance_suite() {
+    use crate::domain::time::ManualClock;
+
+    /// A store of its own for each case, in a temporary folder that lives as long.
+    async fn store(clock: ManualClock) -> (super::EmbeddedStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let opened = std::sync::atomic::AtomicUsize::new(0);
-        super::super::conformance::run_all(|clock| {
-            let n = opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = dir.path().join(format!("store-{n}"));
-            async move { EmbeddedStore::open(&path, Arc::new(clock)).await.expect("store opens") }
-        })
-        .await;
+        let store = super::EmbeddedStore::open(dir.path(), Arc::new(clock)).await.expect("store opens");
+        (store, dir)
     }
+
+    crate::store::conformance::conformance_suite!(store);
 }
