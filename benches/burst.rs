@@ -10,14 +10,8 @@
 //! start (so a stalled broker cannot hide its queueing: coordinated omission is
 //! corrected). The last line of output is one JSON object.
 //!
-//! Flags (defaults in brackets): --store embedded|redis [embedded] --users N [20000]
-//! --signins K [50000] --rate R sign-ins/s, 0 = as fast as it goes [0]
-//! --concurrency C in flight when rate is 0 [1000] --human-delay-ms D [0]
-//! --median-ms M [25] --p99-ms P [120] --error-5xx F --error-410 F --error-429 F [0]
-//! --herd N (fire N CreateChallenge within one second instead of the burst)
-//! --live N (create N challenges nobody answers, TTL 300 s, wait for their pushes, then read the broker's RSS)
-//! --quick (2,000 users, 6,000 sign-ins: under a minute; CI runs it)
-//! --timeline FILE (per-second CSV for the chart)
+//! Flags, each with its default: `cargo bench --bench burst -- --help` (the `Args`
+//! struct below).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, dead_code)]
 
@@ -33,6 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
@@ -57,92 +54,94 @@ const WAIT: Duration = Duration::from_secs(15);
 /// final state in that time has really lost it.
 const WATCH_WAIT: Duration = Duration::from_secs(75);
 
-#[derive(Clone, Debug)]
+/// The bench's flags (`cargo bench --bench burst -- --help`). A flag given twice
+/// keeps its last value.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "burst",
+    bin_name = "cargo bench --bench burst --",
+    about = "The Monday-morning rush: a sign-in burst against the real broker binary",
+    long_about = None,
+    args_override_self = true,
+    allow_negative_numbers = true
+)]
 struct Args {
+    /// Store backend: one broker on the embedded store, or two replicas on one Redis.
+    #[arg(long, value_name = "STORE", default_value = "embedded", value_parser = ["embedded", "redis"])]
     store: String,
+    /// Users to enroll (2,000 with --quick unless given).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
     users: usize,
+    /// Sign-ins in the burst, round robin over the users (6,000 with --quick unless given).
+    #[arg(long, value_name = "K", default_value_t = 50_000)]
     signins: usize,
+    /// Offered sign-ins per second, open loop; 0 = as fast as it goes (closed loop, see --concurrency).
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
     rate: f64,
+    /// Sign-ins in flight when --rate is 0.
+    #[arg(long, value_name = "C", default_value_t = 1_000)]
     concurrency: usize,
+    /// How long a phone's user takes to answer once the push arrives, in milliseconds.
+    #[arg(long = "human-delay-ms", value_name = "D", default_value = "0", value_parser = millis)]
     human_delay: Duration,
+    /// Mock providers' median answer latency in milliseconds (lognormal; 0 = no delay).
+    #[arg(long, value_name = "M", default_value_t = 25.0)]
     median_ms: f64,
+    /// Mock providers' p99 answer latency in milliseconds.
+    #[arg(long, value_name = "P", default_value_t = 120.0)]
     p99_ms: f64,
+    /// Fraction of pushes the mock providers refuse with 503.
+    #[arg(long = "error-5xx", value_name = "F", default_value_t = 0.0)]
     error_5xx: f64,
+    /// Fraction of pushes refused as unregistered (APNs 410, FCM 404 UNREGISTERED).
+    #[arg(long = "error-410", value_name = "F", default_value_t = 0.0)]
     error_410: f64,
+    /// Fraction of pushes refused with 429 and Retry-After.
+    #[arg(long = "error-429", value_name = "F", default_value_t = 0.0)]
     error_429: f64,
+    /// Fire N CreateChallenge calls within one second instead of the burst.
+    #[arg(long, value_name = "N")]
     herd: Option<usize>,
-    /// Create this many challenges that nobody answers, then read the broker's RSS.
+    /// Create N challenges nobody answers (TTL 300 s), wait for their pushes, then read the broker's RSS.
+    #[arg(long, value_name = "N")]
     live: Option<usize>,
+    /// 2,000 users and 6,000 sign-ins (under a minute); fails unless lost, double, errors and wrong outcomes are 0. CI runs it.
+    #[arg(long)]
     quick: bool,
+    /// Write a per-second CSV (second, sign-ins, worst create ms) to FILE for benches/chart.py.
+    #[arg(long, value_name = "FILE")]
     timeline: Option<PathBuf>,
+    /// Passed by `cargo bench` to harness = false benches; ignored.
+    #[arg(long = "bench", hide = true)]
+    _bench: bool,
+}
+
+fn millis(value: &str) -> Result<Duration, std::num::ParseIntError> {
+    value.parse().map(Duration::from_millis)
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        store: "embedded".into(),
-        users: 20_000,
-        signins: 50_000,
-        rate: 0.0,
-        concurrency: 1_000,
-        human_delay: Duration::ZERO,
-        median_ms: 25.0,
-        p99_ms: 120.0,
-        error_5xx: 0.0,
-        error_410: 0.0,
-        error_429: 0.0,
-        herd: None,
-        live: None,
-        quick: false,
-        timeline: None,
-    };
-    let mut raw = std::env::args().skip(1);
-    let mut users_set = false;
-    let mut signins_set = false;
-    while let Some(flag) = raw.next() {
-        let mut value = || raw.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--bench" => {}
-            "--store" => args.store = value(),
-            "--users" => {
-                args.users = value().parse().expect("--users N");
-                users_set = true;
-            }
-            "--signins" => {
-                args.signins = value().parse().expect("--signins K");
-                signins_set = true;
-            }
-            "--rate" => args.rate = value().parse().expect("--rate R"),
-            "--concurrency" => args.concurrency = value().parse().expect("--concurrency C"),
-            "--human-delay-ms" => args.human_delay = Duration::from_millis(value().parse().expect("ms")),
-            "--median-ms" => args.median_ms = value().parse().expect("ms"),
-            "--p99-ms" => args.p99_ms = value().parse().expect("ms"),
-            "--error-5xx" => args.error_5xx = value().parse().expect("fraction"),
-            "--error-410" => args.error_410 = value().parse().expect("fraction"),
-            "--error-429" => args.error_429 = value().parse().expect("fraction"),
-            "--herd" => args.herd = Some(value().parse().expect("--herd N")),
-            "--live" => args.live = Some(value().parse().expect("--live N")),
-            "--quick" => args.quick = true,
-            "--timeline" => args.timeline = Some(PathBuf::from(value())),
-            other => panic!("unknown flag {other}: see the comment at the top of benches/burst.rs"),
-        }
-    }
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Args::command()).exit());
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     if args.quick {
-        if !users_set {
+        if !given("users") {
             args.users = 2_000;
         }
-        if !signins_set {
+        if !given("signins") {
             args.signins = 6_000;
         }
     }
-    assert!(args.store == "embedded" || args.store == "redis", "--store embedded|redis");
     // Sign-ins go round robin over the users; at most 3 of a user's may be pending
     // (the default limit), and the burst may have all of them in flight at once.
-    assert!(
-        args.herd.is_some() || args.live.is_some() || args.signins <= 3 * args.users,
-        "--signins {} needs at least {} --users: a user may hold 3 pending challenges",
-        args.signins,
-        args.signins.div_ceil(3)
-    );
+    if args.herd.is_none() && args.live.is_none() && args.signins > 3 * args.users {
+        let message = format!(
+            "--signins {} needs at least {} --users: a user may hold 3 pending challenges",
+            args.signins,
+            args.signins.div_ceil(3)
+        );
+        Args::command().error(ErrorKind::ArgumentConflict, message).exit();
+    }
     args
 }
 
