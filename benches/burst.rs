@@ -242,6 +242,56 @@ fn response(status: u16, body: &'static str, retry_after: bool) -> hyper::Respon
     builder.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
 }
 
+/// One request at a mock provider (its `seed`th): after the provider's delay, maybe
+/// a refusal; else the push is recorded as arrived (when it carries a challenge) and
+/// accepted.
+async fn answer_push(
+    request: hyper::Request<hyper::body::Incoming>,
+    behaviour: &ProviderBehaviour,
+    seed: u64,
+    arrivals: &Arrivals,
+) -> hyper::Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let alert = request.headers().get("apns-push-type").is_none_or(|v| v == "alert");
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    tokio::time::sleep(behaviour.delay(seed)).await;
+    let fcm = path.ends_with("messages:send");
+    let roll = unit(seed ^ 0xABCD);
+    if roll < behaviour.error_5xx {
+        arrivals.refused.fetch_add(1, Ordering::Relaxed);
+        return response(503, r#"{"reason":"ServiceUnavailable"}"#, false);
+    }
+    if roll < behaviour.error_5xx + behaviour.error_429 {
+        arrivals.refused.fetch_add(1, Ordering::Relaxed);
+        return response(429, r#"{"reason":"TooManyRequests"}"#, true);
+    }
+    if roll < behaviour.error_5xx + behaviour.error_429 + behaviour.error_410 {
+        arrivals.refused.fetch_add(1, Ordering::Relaxed);
+        return if fcm {
+            response(
+                404,
+                r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
+                false,
+            )
+        } else {
+            response(410, r#"{"reason":"Unregistered"}"#, false)
+        };
+    }
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (challenge_id, token, is_challenge) = if fcm {
+        let message = &json["message"];
+        let data = &message["data"];
+        (data["challenge_id"].as_str(), message["token"].as_str(), data.get("state").is_none())
+    } else {
+        (json["challenge_id"].as_str(), path.strip_prefix("/3/device/"), alert)
+    };
+    if let (Some(challenge_id), Some(token), true) = (challenge_id, token, is_challenge) {
+        arrivals.delivered.fetch_add(1, Ordering::Relaxed);
+        arrivals.arrive(challenge_id.to_owned(), token.to_owned(), Instant::now());
+    }
+    if fcm { response(200, r#"{"name":"projects/pushmatch-test/messages/1"}"#, false) } else { response(200, "", false) }
+}
+
 /// One mock provider (APNs or FCM, told apart by the path) over HTTP/2 and TLS.
 async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc<Arrivals>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -260,49 +310,7 @@ async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc
                     let (behaviour, arrivals, requests) = (behaviour.clone(), arrivals.clone(), requests.clone());
                     async move {
                         let seed = requests.fetch_add(1, Ordering::Relaxed);
-                        let path = request.uri().path().to_owned();
-                        let alert = request.headers().get("apns-push-type").is_none_or(|v| v == "alert");
-                        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        tokio::time::sleep(behaviour.delay(seed)).await;
-                        let fcm = path.ends_with("messages:send");
-                        let roll = unit(seed ^ 0xABCD);
-                        if roll < behaviour.error_5xx {
-                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
-                            return Ok::<_, Infallible>(response(503, r#"{"reason":"ServiceUnavailable"}"#, false));
-                        }
-                        if roll < behaviour.error_5xx + behaviour.error_429 {
-                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
-                            return Ok(response(429, r#"{"reason":"TooManyRequests"}"#, true));
-                        }
-                        if roll < behaviour.error_5xx + behaviour.error_429 + behaviour.error_410 {
-                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
-                            return Ok(if fcm {
-                                response(
-                                    404,
-                                    r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
-                                    false,
-                                )
-                            } else {
-                                response(410, r#"{"reason":"Unregistered"}"#, false)
-                            });
-                        }
-                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                        let (challenge_id, token, is_challenge) = if fcm {
-                            let message = &json["message"];
-                            let data = &message["data"];
-                            (data["challenge_id"].as_str(), message["token"].as_str(), data.get("state").is_none())
-                        } else {
-                            (json["challenge_id"].as_str(), path.strip_prefix("/3/device/"), alert)
-                        };
-                        if let (Some(challenge_id), Some(token), true) = (challenge_id, token, is_challenge) {
-                            arrivals.delivered.fetch_add(1, Ordering::Relaxed);
-                            arrivals.arrive(challenge_id.to_owned(), token.to_owned(), Instant::now());
-                        }
-                        Ok(if fcm {
-                            response(200, r#"{"name":"projects/pushmatch-test/messages/1"}"#, false)
-                        } else {
-                            response(200, "", false)
-                        })
+                        Ok::<_, Infallible>(answer_push(request, &behaviour, seed, &arrivals).await)
                     }
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
