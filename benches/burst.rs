@@ -378,8 +378,28 @@ async fn start_broker(
     env: &[(String, String)],
 ) -> Broker {
     let port = free_port();
-    let data = dir.join(format!("data-{index}"));
-    let config = format!(
+    let config = broker_config(port, &dir.join(format!("data-{index}")), store, redis_url, providers);
+    let path = dir.join(format!("broker-{index}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the pushmatch binary");
+    let addr = format!("http://127.0.0.1:{port}");
+    wait_until_serving(&addr).await;
+    Broker { child, addr }
+}
+
+/// A broker's configuration file: listening on `port`, its store in `data` (or on
+/// Redis), its APNs and FCM senders pointed at the mock providers.
+fn broker_config(port: u16, data: &Path, store: &str, redis_url: &str, providers: &Providers) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
@@ -423,22 +443,12 @@ ca_cert_path = "{ca}"
         fcm = providers.fcm,
         ca = providers.ca_path,
         service_account = providers.service_account_path.display(),
-    );
-    let path = dir.join(format!("broker-{index}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .envs(env.iter().cloned())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the pushmatch binary");
-    let addr = format!("http://127.0.0.1:{port}");
-    // Ready when gRPC health says SERVING.
-    let endpoint = Endpoint::from_shared(addr.clone()).unwrap();
+    )
+}
+
+/// Waits (a minute at most) until the broker at `addr` is ready: gRPC health says SERVING.
+async fn wait_until_serving(addr: &str) {
+    let endpoint = Endpoint::from_shared(addr.to_owned()).unwrap();
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             if let Ok(channel) = endpoint.connect().await {
@@ -455,7 +465,6 @@ ca_cert_path = "{ca}"
     })
     .await
     .expect("the broker serves within a minute");
-    Broker { child, addr }
 }
 
 /// A pool of HTTP/2 connections to one broker (one connection carries a limited
