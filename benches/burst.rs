@@ -652,6 +652,73 @@ fn intent_of(i: usize) -> (Intent, bool) {
     (intent, intent != Intent::NeverAnswer && unit(i as u64 ^ 0x2D) < 0.02)
 }
 
+/// The IdP's watcher: the first final state of the challenge and when it was seen;
+/// None when the stream ended or WATCH_WAIT passed without one.
+async fn watch_until_final(watch: &mut tonic::Streaming<pb::Challenge>) -> Option<(Instant, pb::ChallengeState, pb::DenyReason)> {
+    tokio::time::timeout(WATCH_WAIT, async {
+        while let Ok(Some(update)) = watch.message().await {
+            if update.state() != pb::ChallengeState::Pending {
+                return Some((Instant::now(), update.state(), update.deny_reason()));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The phone that answers sign-in `i`: the first of the user's phones that the push
+/// reached, or (push lost) the user's first phone through the pull fallback. None
+/// (recorded as a wrong outcome or an error) when the pull does not show the challenge.
+async fn answering_phone(
+    world: &World,
+    i: usize,
+    user: usize,
+    challenge_id: &str,
+    arrival: Option<(Instant, String)>,
+    scheduled: Instant,
+) -> Option<SimulatedPhone> {
+    let phone_index = match &arrival {
+        Some((at, token)) => {
+            Recorder::record(&world.recorder.push, at.saturating_duration_since(scheduled));
+            world.population.by_token.get(token).copied().unwrap_or(world.population.users[user][0])
+        }
+        None => world.population.users[user][0],
+    };
+    let phone = &world.population.phones[phone_index];
+    let mut device =
+        SimulatedPhone::new(world.phones[i % world.phones.len()].clone(), phone.key.clone(), phone.platform, String::new());
+    device.impersonate(&phone.device_id);
+    if arrival.is_none() {
+        world.recorder.pull_fallbacks.fetch_add(1, Ordering::Relaxed);
+        match device.pending().await {
+            Ok(pending) if pending.iter().any(|p| p.challenge_id == challenge_id) => {}
+            Ok(_) => {
+                world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Err(status) => {
+                world.recorder.error("pending", &status);
+                return None;
+            }
+        }
+    }
+    Some(device)
+}
+
+/// What the phone sends for `intent` on a challenge showing `number`, and the final
+/// state the IdP should then see.
+fn answer_for(intent: Intent, number: &str) -> (pb::Decision, String, pb::ChallengeState) {
+    match intent {
+        Intent::Approve => (pb::Decision::Approve, number.to_owned(), pb::ChallengeState::Approved),
+        Intent::WrongNumber => {
+            (pb::Decision::Approve, if number == "10" { "11".into() } else { "10".into() }, pb::ChallengeState::Denied)
+        }
+        _ => (pb::Decision::Deny, String::new(), pb::ChallengeState::Denied),
+    }
+}
+
 async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
     let (intent, twice) = intent_of(i);
     let user = i % world.population.users.len();
@@ -677,22 +744,8 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
             Ok(response) => response.into_inner(),
             Err(status) => return world.recorder.error("watch", &status),
         };
-    let watcher = tokio::spawn(async move {
-        tokio::time::timeout(WATCH_WAIT, async {
-            while let Ok(Some(update)) = watch.message().await {
-                if update.state() != pb::ChallengeState::Pending {
-                    return Some((Instant::now(), update.state(), update.deny_reason()));
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-    });
+    let watcher = tokio::spawn(async move { watch_until_final(&mut watch).await });
 
-    // The phone: the first of the user's phones that the push reached, or (push
-    // lost) the user's first phone through the pull fallback.
     let arrival = if intent == Intent::NeverAnswer { None } else { world.arrivals.wait(&challenge.challenge_id).await };
     if intent == Intent::NeverAnswer {
         match watcher.await.ok().flatten() {
@@ -702,38 +755,11 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         world.recorder.tick(world.start, create_latency);
         return;
     }
-    let phone_index = match &arrival {
-        Some((at, token)) => {
-            Recorder::record(&world.recorder.push, at.saturating_duration_since(scheduled));
-            world.population.by_token.get(token).copied().unwrap_or(world.population.users[user][0])
-        }
-        None => world.population.users[user][0],
-    };
-    let phone = &world.population.phones[phone_index];
-    let mut device =
-        SimulatedPhone::new(world.phones[i % world.phones.len()].clone(), phone.key.clone(), phone.platform, String::new());
-    device.impersonate(&phone.device_id);
-    if arrival.is_none() {
-        world.recorder.pull_fallbacks.fetch_add(1, Ordering::Relaxed);
-        match device.pending().await {
-            Ok(pending) if pending.iter().any(|p| p.challenge_id == challenge.challenge_id) => {}
-            Ok(_) => {
-                world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(status) => return world.recorder.error("pending", &status),
-        }
-    }
+    let Some(mut device) = answering_phone(&world, i, user, &challenge.challenge_id, arrival, scheduled).await else { return };
     if !world.human_delay.is_zero() {
         tokio::time::sleep(world.human_delay).await;
     }
-    let (decision, number, expected) = match intent {
-        Intent::Approve => (pb::Decision::Approve, challenge.number.clone(), pb::ChallengeState::Approved),
-        Intent::WrongNumber => {
-            (pb::Decision::Approve, if challenge.number == "10" { "11".into() } else { "10".into() }, pb::ChallengeState::Denied)
-        }
-        _ => (pb::Decision::Deny, String::new(), pb::ChallengeState::Denied),
-    };
+    let (decision, number, expected) = answer_for(intent, &challenge.number);
     let respond_start = Instant::now();
     let answer = match device.respond(&challenge.challenge_id, decision, &number).await {
         Ok(answer) => answer,
