@@ -863,54 +863,7 @@ async fn main() {
     } else if let Some(herd) = args.herd {
         run_herd(&world, herd, &mut json).await;
     } else {
-        let start = Instant::now();
-        let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
-        let mut tasks = Vec::with_capacity(args.signins);
-        for i in 0..args.signins {
-            let scheduled = if args.rate > 0.0 {
-                let at = start + Duration::from_secs_f64(i as f64 / args.rate);
-                tokio::time::sleep_until(at.into()).await;
-                at
-            } else {
-                Instant::now()
-            };
-            let permit = if args.rate > 0.0 { None } else { Some(Arc::clone(&limit).acquire_owned().await.unwrap()) };
-            let world = Arc::clone(&world);
-            tasks.push(tokio::spawn(async move {
-                sign_in(world, i, scheduled).await;
-                drop(permit);
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let recorder = &world.recorder;
-        let completed = recorder.completed.load(Ordering::Relaxed) + recorder.expired.load(Ordering::Relaxed);
-        let delivered = arrivals.delivered.load(Ordering::Relaxed) - delivered_before;
-        json.insert("signins".into(), completed.into());
-        json.insert("seconds".into(), elapsed.into());
-        json.insert("signins_per_sec".into(), (completed as f64 / elapsed).round().into());
-        json.insert("pushes_per_sec".into(), (delivered as f64 / elapsed).round().into());
-        for (name, histogram) in
-            [("create", &recorder.create), ("push", &recorder.push), ("respond", &recorder.respond), ("notify", &recorder.notify)]
-        {
-            json.insert(format!("{name}_p50_ms"), percentile_ms(histogram, 0.5).into());
-            json.insert(format!("{name}_p99_ms"), percentile_ms(histogram, 0.99).into());
-        }
-        json.insert("expired".into(), recorder.expired.load(Ordering::Relaxed).into());
-        json.insert("pull_fallbacks".into(), recorder.pull_fallbacks.load(Ordering::Relaxed).into());
-        json.insert("wrong_outcome".into(), recorder.wrong_outcome.load(Ordering::Relaxed).into());
-        json.insert("lost".into(), recorder.lost.load(Ordering::Relaxed).into());
-        json.insert("double".into(), recorder.double.load(Ordering::Relaxed).into());
-        json.insert("provider_refusals".into(), arrivals.refused.load(Ordering::Relaxed).into());
-        if let Some(path) = &args.timeline {
-            let mut csv = String::from("second,signins,create_max_ms\n");
-            for (second, (count, worst)) in recorder.timeline.lock().unwrap().iter() {
-                csv.push_str(&format!("{second},{count},{:.3}\n", *worst as f64 / 1000.0));
-            }
-            std::fs::write(path, csv).unwrap();
-        }
+        run_burst(&world, &args, delivered_before, &mut json).await;
     }
     let errors: BTreeMap<String, u64> = world.recorder.errors.lock().unwrap().clone();
     json.insert("errors".into(), serde_json::to_value(&errors).unwrap());
@@ -937,6 +890,69 @@ async fn main() {
         eprintln!("quick run failed: lost, double, unexpected errors or outcomes above");
         std::process::exit(1);
     }
+}
+
+/// The burst: `--signins` sign-ins, open loop at `--rate` (or `--concurrency` at a
+/// time as fast as they go), then its figures into `json`.
+async fn run_burst(
+    world: &Arc<World>,
+    args: &Args,
+    delivered_before: u64,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let start = Instant::now();
+    let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(args.signins);
+    for i in 0..args.signins {
+        let scheduled = if args.rate > 0.0 {
+            let at = start + Duration::from_secs_f64(i as f64 / args.rate);
+            tokio::time::sleep_until(at.into()).await;
+            at
+        } else {
+            Instant::now()
+        };
+        let permit = if args.rate > 0.0 { None } else { Some(Arc::clone(&limit).acquire_owned().await.unwrap()) };
+        let world = Arc::clone(world);
+        tasks.push(tokio::spawn(async move {
+            sign_in(world, i, scheduled).await;
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let recorder = &world.recorder;
+    let completed = recorder.completed.load(Ordering::Relaxed) + recorder.expired.load(Ordering::Relaxed);
+    let delivered = world.arrivals.delivered.load(Ordering::Relaxed) - delivered_before;
+    json.insert("signins".into(), completed.into());
+    json.insert("seconds".into(), elapsed.into());
+    json.insert("signins_per_sec".into(), (completed as f64 / elapsed).round().into());
+    json.insert("pushes_per_sec".into(), (delivered as f64 / elapsed).round().into());
+    for (name, histogram) in
+        [("create", &recorder.create), ("push", &recorder.push), ("respond", &recorder.respond), ("notify", &recorder.notify)]
+    {
+        json.insert(format!("{name}_p50_ms"), percentile_ms(histogram, 0.5).into());
+        json.insert(format!("{name}_p99_ms"), percentile_ms(histogram, 0.99).into());
+    }
+    json.insert("expired".into(), recorder.expired.load(Ordering::Relaxed).into());
+    json.insert("pull_fallbacks".into(), recorder.pull_fallbacks.load(Ordering::Relaxed).into());
+    json.insert("wrong_outcome".into(), recorder.wrong_outcome.load(Ordering::Relaxed).into());
+    json.insert("lost".into(), recorder.lost.load(Ordering::Relaxed).into());
+    json.insert("double".into(), recorder.double.load(Ordering::Relaxed).into());
+    json.insert("provider_refusals".into(), world.arrivals.refused.load(Ordering::Relaxed).into());
+    if let Some(path) = &args.timeline {
+        write_timeline(path, recorder);
+    }
+}
+
+/// The per-second CSV of `--timeline`: sign-ins completed and the worst create latency.
+fn write_timeline(path: &Path, recorder: &Recorder) {
+    let mut csv = String::from("second,signins,create_max_ms\n");
+    for (second, (count, worst)) in recorder.timeline.lock().unwrap().iter() {
+        csv.push_str(&format!("{second},{count},{:.3}\n", *worst as f64 / 1000.0));
+    }
+    std::fs::write(path, csv).unwrap();
 }
 
 /// Fires `count` CreateChallenge calls within one second and waits for all of
