@@ -369,6 +369,28 @@ struct Providers {
     service_account_path: PathBuf,
 }
 
+/// The mock APNs and FCM providers, the OAuth token endpoint FCM's sender uses (kept
+/// alive by the caller), and the key, service account and CA files the brokers read
+/// from `dir`.
+async fn start_providers(dir: &Path, behaviour: ProviderBehaviour, arrivals: &Arc<Arrivals>) -> (Providers, MockServer) {
+    let ca = TestCa::new();
+    let token_endpoint = MockServer::token_endpoint().await;
+    let (apns_pem, _) = mock_push::apns_key();
+    let apns_key_path = dir.join("AuthKey.p8");
+    std::fs::write(&apns_key_path, apns_pem).unwrap();
+    let service_account_path = dir.join("service-account.json");
+    std::fs::write(&service_account_path, mock_push::service_account_json(&token_endpoint.token_uri())).unwrap();
+    let providers = Providers {
+        apns: start_provider(&ca, behaviour.clone(), Arc::clone(arrivals)).await,
+        fcm: start_provider(&ca, behaviour, Arc::clone(arrivals)).await,
+        token_uri: token_endpoint.token_uri(),
+        ca_path: ca.write_pem(dir),
+        apns_key_path,
+        service_account_path,
+    };
+    (providers, token_endpoint)
+}
+
 async fn start_broker(
     dir: &Path,
     index: usize,
@@ -796,23 +818,8 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
 async fn main() {
     let args = parse_args();
     let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
     let arrivals = Arc::new(Arrivals::default());
-    let behaviour = ProviderBehaviour::new(&args);
-    let token_endpoint = MockServer::token_endpoint().await;
-    let (apns_pem, _) = mock_push::apns_key();
-    let apns_key_path = dir.path().join("AuthKey.p8");
-    std::fs::write(&apns_key_path, apns_pem).unwrap();
-    let service_account_path = dir.path().join("service-account.json");
-    std::fs::write(&service_account_path, mock_push::service_account_json(&token_endpoint.token_uri())).unwrap();
-    let providers = Providers {
-        apns: start_provider(&ca, behaviour.clone(), Arc::clone(&arrivals)).await,
-        fcm: start_provider(&ca, behaviour, Arc::clone(&arrivals)).await,
-        token_uri: token_endpoint.token_uri(),
-        ca_path: ca.write_pem(dir.path()),
-        apns_key_path,
-        service_account_path,
-    };
+    let (providers, _token_endpoint) = start_providers(dir.path(), ProviderBehaviour::new(&args), &arrivals).await;
 
     let redis = if args.store == "redis" { Some(RedisServer::start().await) } else { None };
     let redis_url = redis.as_ref().map(RedisServer::url).unwrap_or_default();
