@@ -10,14 +10,8 @@
 //! start (so a stalled broker cannot hide its queueing: coordinated omission is
 //! corrected). The last line of output is one JSON object.
 //!
-//! Flags (defaults in brackets): --store embedded|redis [embedded] --users N [20000]
-//! --signins K [50000] --rate R sign-ins/s, 0 = as fast as it goes [0]
-//! --concurrency C in flight when rate is 0 [1000] --human-delay-ms D [0]
-//! --median-ms M [25] --p99-ms P [120] --error-5xx F --error-410 F --error-429 F [0]
-//! --herd N (fire N CreateChallenge within one second instead of the burst)
-//! --live N (create N challenges nobody answers, TTL 300 s, wait for their pushes, then read the broker's RSS)
-//! --quick (2,000 users, 6,000 sign-ins: under a minute; CI runs it)
-//! --timeline FILE (per-second CSV for the chart)
+//! Flags, each with its default: `cargo bench --bench burst -- --help` (the `Args`
+//! struct below).
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic, dead_code)]
 
@@ -33,6 +27,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{CommandFactory as _, FromArgMatches as _, Parser};
 use futures::StreamExt as _;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt as _, Full};
@@ -57,92 +54,94 @@ const WAIT: Duration = Duration::from_secs(15);
 /// final state in that time has really lost it.
 const WATCH_WAIT: Duration = Duration::from_secs(75);
 
-#[derive(Clone, Debug)]
+/// The bench's flags (`cargo bench --bench burst -- --help`). A flag given twice
+/// keeps its last value.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "burst",
+    bin_name = "cargo bench --bench burst --",
+    about = "The Monday-morning rush: a sign-in burst against the real broker binary",
+    long_about = None,
+    args_override_self = true,
+    allow_negative_numbers = true
+)]
 struct Args {
+    /// Store backend: one broker on the embedded store, or two replicas on one Redis.
+    #[arg(long, value_name = "STORE", default_value = "embedded", value_parser = ["embedded", "redis"])]
     store: String,
+    /// Users to enroll (2,000 with --quick unless given).
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
     users: usize,
+    /// Sign-ins in the burst, round robin over the users (6,000 with --quick unless given).
+    #[arg(long, value_name = "K", default_value_t = 50_000)]
     signins: usize,
+    /// Offered sign-ins per second, open loop; 0 = as fast as it goes (closed loop, see --concurrency).
+    #[arg(long, value_name = "R", default_value_t = 0.0)]
     rate: f64,
+    /// Sign-ins in flight when --rate is 0.
+    #[arg(long, value_name = "C", default_value_t = 1_000)]
     concurrency: usize,
+    /// How long a phone's user takes to answer once the push arrives, in milliseconds.
+    #[arg(long = "human-delay-ms", value_name = "D", default_value = "0", value_parser = millis)]
     human_delay: Duration,
+    /// Mock providers' median answer latency in milliseconds (lognormal; 0 = no delay).
+    #[arg(long, value_name = "M", default_value_t = 25.0)]
     median_ms: f64,
+    /// Mock providers' p99 answer latency in milliseconds.
+    #[arg(long, value_name = "P", default_value_t = 120.0)]
     p99_ms: f64,
+    /// Fraction of pushes the mock providers refuse with 503.
+    #[arg(long = "error-5xx", value_name = "F", default_value_t = 0.0)]
     error_5xx: f64,
+    /// Fraction of pushes refused as unregistered (APNs 410, FCM 404 UNREGISTERED).
+    #[arg(long = "error-410", value_name = "F", default_value_t = 0.0)]
     error_410: f64,
+    /// Fraction of pushes refused with 429 and Retry-After.
+    #[arg(long = "error-429", value_name = "F", default_value_t = 0.0)]
     error_429: f64,
+    /// Fire N CreateChallenge calls within one second instead of the burst.
+    #[arg(long, value_name = "N")]
     herd: Option<usize>,
-    /// Create this many challenges that nobody answers, then read the broker's RSS.
+    /// Create N challenges nobody answers (TTL 300 s), wait for their pushes, then read the broker's RSS.
+    #[arg(long, value_name = "N")]
     live: Option<usize>,
+    /// 2,000 users and 6,000 sign-ins (under a minute); fails unless lost, double, errors and wrong outcomes are 0. CI runs it.
+    #[arg(long)]
     quick: bool,
+    /// Write a per-second CSV (second, sign-ins, worst create ms) to FILE for benches/chart.py.
+    #[arg(long, value_name = "FILE")]
     timeline: Option<PathBuf>,
+    /// Passed by `cargo bench` to harness = false benches; ignored.
+    #[arg(long = "bench", hide = true)]
+    _bench: bool,
+}
+
+fn millis(value: &str) -> Result<Duration, std::num::ParseIntError> {
+    value.parse().map(Duration::from_millis)
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        store: "embedded".into(),
-        users: 20_000,
-        signins: 50_000,
-        rate: 0.0,
-        concurrency: 1_000,
-        human_delay: Duration::ZERO,
-        median_ms: 25.0,
-        p99_ms: 120.0,
-        error_5xx: 0.0,
-        error_410: 0.0,
-        error_429: 0.0,
-        herd: None,
-        live: None,
-        quick: false,
-        timeline: None,
-    };
-    let mut raw = std::env::args().skip(1);
-    let mut users_set = false;
-    let mut signins_set = false;
-    while let Some(flag) = raw.next() {
-        let mut value = || raw.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--bench" => {}
-            "--store" => args.store = value(),
-            "--users" => {
-                args.users = value().parse().expect("--users N");
-                users_set = true;
-            }
-            "--signins" => {
-                args.signins = value().parse().expect("--signins K");
-                signins_set = true;
-            }
-            "--rate" => args.rate = value().parse().expect("--rate R"),
-            "--concurrency" => args.concurrency = value().parse().expect("--concurrency C"),
-            "--human-delay-ms" => args.human_delay = Duration::from_millis(value().parse().expect("ms")),
-            "--median-ms" => args.median_ms = value().parse().expect("ms"),
-            "--p99-ms" => args.p99_ms = value().parse().expect("ms"),
-            "--error-5xx" => args.error_5xx = value().parse().expect("fraction"),
-            "--error-410" => args.error_410 = value().parse().expect("fraction"),
-            "--error-429" => args.error_429 = value().parse().expect("fraction"),
-            "--herd" => args.herd = Some(value().parse().expect("--herd N")),
-            "--live" => args.live = Some(value().parse().expect("--live N")),
-            "--quick" => args.quick = true,
-            "--timeline" => args.timeline = Some(PathBuf::from(value())),
-            other => panic!("unknown flag {other}: see the comment at the top of benches/burst.rs"),
-        }
-    }
+    let matches = Args::command().get_matches();
+    let mut args = Args::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut Args::command()).exit());
+    let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
     if args.quick {
-        if !users_set {
+        if !given("users") {
             args.users = 2_000;
         }
-        if !signins_set {
+        if !given("signins") {
             args.signins = 6_000;
         }
     }
-    assert!(args.store == "embedded" || args.store == "redis", "--store embedded|redis");
     // Sign-ins go round robin over the users; at most 3 of a user's may be pending
     // (the default limit), and the burst may have all of them in flight at once.
-    assert!(
-        args.herd.is_some() || args.live.is_some() || args.signins <= 3 * args.users,
-        "--signins {} needs at least {} --users: a user may hold 3 pending challenges",
-        args.signins,
-        args.signins.div_ceil(3)
-    );
+    if args.herd.is_none() && args.live.is_none() && args.signins > 3 * args.users {
+        let message = format!(
+            "--signins {} needs at least {} --users: a user may hold 3 pending challenges",
+            args.signins,
+            args.signins.div_ceil(3)
+        );
+        Args::command().error(ErrorKind::ArgumentConflict, message).exit();
+    }
     args
 }
 
@@ -243,6 +242,56 @@ fn response(status: u16, body: &'static str, retry_after: bool) -> hyper::Respon
     builder.body(Full::new(Bytes::from_static(body.as_bytes()))).unwrap()
 }
 
+/// One request at a mock provider (its `seed`th): after the provider's delay, maybe
+/// a refusal; else the push is recorded as arrived (when it carries a challenge) and
+/// accepted.
+async fn answer_push(
+    request: hyper::Request<hyper::body::Incoming>,
+    behaviour: &ProviderBehaviour,
+    seed: u64,
+    arrivals: &Arrivals,
+) -> hyper::Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let alert = request.headers().get("apns-push-type").is_none_or(|v| v == "alert");
+    let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    tokio::time::sleep(behaviour.delay(seed)).await;
+    let fcm = path.ends_with("messages:send");
+    let roll = unit(seed ^ 0xABCD);
+    if roll < behaviour.error_5xx {
+        arrivals.refused.fetch_add(1, Ordering::Relaxed);
+        return response(503, r#"{"reason":"ServiceUnavailable"}"#, false);
+    }
+    if roll < behaviour.error_5xx + behaviour.error_429 {
+        arrivals.refused.fetch_add(1, Ordering::Relaxed);
+        return response(429, r#"{"reason":"TooManyRequests"}"#, true);
+    }
+    if roll < behaviour.error_5xx + behaviour.error_429 + behaviour.error_410 {
+        arrivals.refused.fetch_add(1, Ordering::Relaxed);
+        return if fcm {
+            response(
+                404,
+                r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
+                false,
+            )
+        } else {
+            response(410, r#"{"reason":"Unregistered"}"#, false)
+        };
+    }
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (challenge_id, token, is_challenge) = if fcm {
+        let message = &json["message"];
+        let data = &message["data"];
+        (data["challenge_id"].as_str(), message["token"].as_str(), data.get("state").is_none())
+    } else {
+        (json["challenge_id"].as_str(), path.strip_prefix("/3/device/"), alert)
+    };
+    if let (Some(challenge_id), Some(token), true) = (challenge_id, token, is_challenge) {
+        arrivals.delivered.fetch_add(1, Ordering::Relaxed);
+        arrivals.arrive(challenge_id.to_owned(), token.to_owned(), Instant::now());
+    }
+    if fcm { response(200, r#"{"name":"projects/pushmatch-test/messages/1"}"#, false) } else { response(200, "", false) }
+}
+
 /// One mock provider (APNs or FCM, told apart by the path) over HTTP/2 and TLS.
 async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc<Arrivals>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -261,49 +310,7 @@ async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc
                     let (behaviour, arrivals, requests) = (behaviour.clone(), arrivals.clone(), requests.clone());
                     async move {
                         let seed = requests.fetch_add(1, Ordering::Relaxed);
-                        let path = request.uri().path().to_owned();
-                        let alert = request.headers().get("apns-push-type").is_none_or(|v| v == "alert");
-                        let body = request.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-                        tokio::time::sleep(behaviour.delay(seed)).await;
-                        let fcm = path.ends_with("messages:send");
-                        let roll = unit(seed ^ 0xABCD);
-                        if roll < behaviour.error_5xx {
-                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
-                            return Ok::<_, Infallible>(response(503, r#"{"reason":"ServiceUnavailable"}"#, false));
-                        }
-                        if roll < behaviour.error_5xx + behaviour.error_429 {
-                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
-                            return Ok(response(429, r#"{"reason":"TooManyRequests"}"#, true));
-                        }
-                        if roll < behaviour.error_5xx + behaviour.error_429 + behaviour.error_410 {
-                            arrivals.refused.fetch_add(1, Ordering::Relaxed);
-                            return Ok(if fcm {
-                                response(
-                                    404,
-                                    r#"{"error":{"code":404,"status":"NOT_FOUND","details":[{"@type":"type.googleapis.com/google.firebase.fcm.v1.FcmError","errorCode":"UNREGISTERED"}]}}"#,
-                                    false,
-                                )
-                            } else {
-                                response(410, r#"{"reason":"Unregistered"}"#, false)
-                            });
-                        }
-                        let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                        let (challenge_id, token, is_challenge) = if fcm {
-                            let message = &json["message"];
-                            let data = &message["data"];
-                            (data["challenge_id"].as_str(), message["token"].as_str(), data.get("state").is_none())
-                        } else {
-                            (json["challenge_id"].as_str(), path.strip_prefix("/3/device/"), alert)
-                        };
-                        if let (Some(challenge_id), Some(token), true) = (challenge_id, token, is_challenge) {
-                            arrivals.delivered.fetch_add(1, Ordering::Relaxed);
-                            arrivals.arrive(challenge_id.to_owned(), token.to_owned(), Instant::now());
-                        }
-                        Ok(if fcm {
-                            response(200, r#"{"name":"projects/pushmatch-test/messages/1"}"#, false)
-                        } else {
-                            response(200, "", false)
-                        })
+                        Ok::<_, Infallible>(answer_push(request, &behaviour, seed, &arrivals).await)
                     }
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -362,6 +369,28 @@ struct Providers {
     service_account_path: PathBuf,
 }
 
+/// The mock APNs and FCM providers, the OAuth token endpoint FCM's sender uses (kept
+/// alive by the caller), and the key, service account and CA files the brokers read
+/// from `dir`.
+async fn start_providers(dir: &Path, behaviour: ProviderBehaviour, arrivals: &Arc<Arrivals>) -> (Providers, MockServer) {
+    let ca = TestCa::new();
+    let token_endpoint = MockServer::token_endpoint().await;
+    let (apns_pem, _) = mock_push::apns_key();
+    let apns_key_path = dir.join("AuthKey.p8");
+    std::fs::write(&apns_key_path, apns_pem).unwrap();
+    let service_account_path = dir.join("service-account.json");
+    std::fs::write(&service_account_path, mock_push::service_account_json(&token_endpoint.token_uri())).unwrap();
+    let providers = Providers {
+        apns: start_provider(&ca, behaviour.clone(), Arc::clone(arrivals)).await,
+        fcm: start_provider(&ca, behaviour, Arc::clone(arrivals)).await,
+        token_uri: token_endpoint.token_uri(),
+        ca_path: ca.write_pem(dir),
+        apns_key_path,
+        service_account_path,
+    };
+    (providers, token_endpoint)
+}
+
 async fn start_broker(
     dir: &Path,
     index: usize,
@@ -371,8 +400,28 @@ async fn start_broker(
     env: &[(String, String)],
 ) -> Broker {
     let port = free_port();
-    let data = dir.join(format!("data-{index}"));
-    let config = format!(
+    let config = broker_config(port, &dir.join(format!("data-{index}")), store, redis_url, providers);
+    let path = dir.join(format!("broker-{index}.toml"));
+    std::fs::write(&path, config).unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .envs(env.iter().cloned())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the pushmatch binary");
+    let addr = format!("http://127.0.0.1:{port}");
+    wait_until_serving(&addr).await;
+    Broker { child, addr }
+}
+
+/// A broker's configuration file: listening on `port`, its store in `data` (or on
+/// Redis), its APNs and FCM senders pointed at the mock providers.
+fn broker_config(port: u16, data: &Path, store: &str, redis_url: &str, providers: &Providers) -> String {
+    format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
@@ -416,22 +465,12 @@ ca_cert_path = "{ca}"
         fcm = providers.fcm,
         ca = providers.ca_path,
         service_account = providers.service_account_path.display(),
-    );
-    let path = dir.join(format!("broker-{index}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .env_remove("RUST_LOG")
-        .envs(env.iter().cloned())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start the pushmatch binary");
-    let addr = format!("http://127.0.0.1:{port}");
-    // Ready when gRPC health says SERVING.
-    let endpoint = Endpoint::from_shared(addr.clone()).unwrap();
+    )
+}
+
+/// Waits (a minute at most) until the broker at `addr` is ready: gRPC health says SERVING.
+async fn wait_until_serving(addr: &str) {
+    let endpoint = Endpoint::from_shared(addr.to_owned()).unwrap();
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             if let Ok(channel) = endpoint.connect().await {
@@ -448,7 +487,6 @@ ca_cert_path = "{ca}"
     })
     .await
     .expect("the broker serves within a minute");
-    Broker { child, addr }
 }
 
 /// A pool of HTTP/2 connections to one broker (one connection carries a limited
@@ -636,6 +674,73 @@ fn intent_of(i: usize) -> (Intent, bool) {
     (intent, intent != Intent::NeverAnswer && unit(i as u64 ^ 0x2D) < 0.02)
 }
 
+/// The IdP's watcher: the first final state of the challenge and when it was seen;
+/// None when the stream ended or WATCH_WAIT passed without one.
+async fn watch_until_final(watch: &mut tonic::Streaming<pb::Challenge>) -> Option<(Instant, pb::ChallengeState, pb::DenyReason)> {
+    tokio::time::timeout(WATCH_WAIT, async {
+        while let Ok(Some(update)) = watch.message().await {
+            if update.state() != pb::ChallengeState::Pending {
+                return Some((Instant::now(), update.state(), update.deny_reason()));
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The phone that answers sign-in `i`: the first of the user's phones that the push
+/// reached, or (push lost) the user's first phone through the pull fallback. None
+/// (recorded as a wrong outcome or an error) when the pull does not show the challenge.
+async fn answering_phone(
+    world: &World,
+    i: usize,
+    user: usize,
+    challenge_id: &str,
+    arrival: Option<(Instant, String)>,
+    scheduled: Instant,
+) -> Option<SimulatedPhone> {
+    let phone_index = match &arrival {
+        Some((at, token)) => {
+            Recorder::record(&world.recorder.push, at.saturating_duration_since(scheduled));
+            world.population.by_token.get(token).copied().unwrap_or(world.population.users[user][0])
+        }
+        None => world.population.users[user][0],
+    };
+    let phone = &world.population.phones[phone_index];
+    let mut device =
+        SimulatedPhone::new(world.phones[i % world.phones.len()].clone(), phone.key.clone(), phone.platform, String::new());
+    device.impersonate(&phone.device_id);
+    if arrival.is_none() {
+        world.recorder.pull_fallbacks.fetch_add(1, Ordering::Relaxed);
+        match device.pending().await {
+            Ok(pending) if pending.iter().any(|p| p.challenge_id == challenge_id) => {}
+            Ok(_) => {
+                world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            Err(status) => {
+                world.recorder.error("pending", &status);
+                return None;
+            }
+        }
+    }
+    Some(device)
+}
+
+/// What the phone sends for `intent` on a challenge showing `number`, and the final
+/// state the IdP should then see.
+fn answer_for(intent: Intent, number: &str) -> (pb::Decision, String, pb::ChallengeState) {
+    match intent {
+        Intent::Approve => (pb::Decision::Approve, number.to_owned(), pb::ChallengeState::Approved),
+        Intent::WrongNumber => {
+            (pb::Decision::Approve, if number == "10" { "11".into() } else { "10".into() }, pb::ChallengeState::Denied)
+        }
+        _ => (pb::Decision::Deny, String::new(), pb::ChallengeState::Denied),
+    }
+}
+
 async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
     let (intent, twice) = intent_of(i);
     let user = i % world.population.users.len();
@@ -661,22 +766,8 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
             Ok(response) => response.into_inner(),
             Err(status) => return world.recorder.error("watch", &status),
         };
-    let watcher = tokio::spawn(async move {
-        tokio::time::timeout(WATCH_WAIT, async {
-            while let Ok(Some(update)) = watch.message().await {
-                if update.state() != pb::ChallengeState::Pending {
-                    return Some((Instant::now(), update.state(), update.deny_reason()));
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-    });
+    let watcher = tokio::spawn(async move { watch_until_final(&mut watch).await });
 
-    // The phone: the first of the user's phones that the push reached, or (push
-    // lost) the user's first phone through the pull fallback.
     let arrival = if intent == Intent::NeverAnswer { None } else { world.arrivals.wait(&challenge.challenge_id).await };
     if intent == Intent::NeverAnswer {
         match watcher.await.ok().flatten() {
@@ -686,38 +777,11 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         world.recorder.tick(world.start, create_latency);
         return;
     }
-    let phone_index = match &arrival {
-        Some((at, token)) => {
-            Recorder::record(&world.recorder.push, at.saturating_duration_since(scheduled));
-            world.population.by_token.get(token).copied().unwrap_or(world.population.users[user][0])
-        }
-        None => world.population.users[user][0],
-    };
-    let phone = &world.population.phones[phone_index];
-    let mut device =
-        SimulatedPhone::new(world.phones[i % world.phones.len()].clone(), phone.key.clone(), phone.platform, String::new());
-    device.impersonate(&phone.device_id);
-    if arrival.is_none() {
-        world.recorder.pull_fallbacks.fetch_add(1, Ordering::Relaxed);
-        match device.pending().await {
-            Ok(pending) if pending.iter().any(|p| p.challenge_id == challenge.challenge_id) => {}
-            Ok(_) => {
-                world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            Err(status) => return world.recorder.error("pending", &status),
-        }
-    }
+    let Some(mut device) = answering_phone(&world, i, user, &challenge.challenge_id, arrival, scheduled).await else { return };
     if !world.human_delay.is_zero() {
         tokio::time::sleep(world.human_delay).await;
     }
-    let (decision, number, expected) = match intent {
-        Intent::Approve => (pb::Decision::Approve, challenge.number.clone(), pb::ChallengeState::Approved),
-        Intent::WrongNumber => {
-            (pb::Decision::Approve, if challenge.number == "10" { "11".into() } else { "10".into() }, pb::ChallengeState::Denied)
-        }
-        _ => (pb::Decision::Deny, String::new(), pb::ChallengeState::Denied),
-    };
+    let (decision, number, expected) = answer_for(intent, &challenge.number);
     let respond_start = Instant::now();
     let answer = match device.respond(&challenge.challenge_id, decision, &number).await {
         Ok(answer) => answer,
@@ -754,23 +818,8 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
 async fn main() {
     let args = parse_args();
     let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new();
     let arrivals = Arc::new(Arrivals::default());
-    let behaviour = ProviderBehaviour::new(&args);
-    let token_endpoint = MockServer::token_endpoint().await;
-    let (apns_pem, _) = mock_push::apns_key();
-    let apns_key_path = dir.path().join("AuthKey.p8");
-    std::fs::write(&apns_key_path, apns_pem).unwrap();
-    let service_account_path = dir.path().join("service-account.json");
-    std::fs::write(&service_account_path, mock_push::service_account_json(&token_endpoint.token_uri())).unwrap();
-    let providers = Providers {
-        apns: start_provider(&ca, behaviour.clone(), Arc::clone(&arrivals)).await,
-        fcm: start_provider(&ca, behaviour, Arc::clone(&arrivals)).await,
-        token_uri: token_endpoint.token_uri(),
-        ca_path: ca.write_pem(dir.path()),
-        apns_key_path,
-        service_account_path,
-    };
+    let (providers, _token_endpoint) = start_providers(dir.path(), ProviderBehaviour::new(&args), &arrivals).await;
 
     let redis = if args.store == "redis" { Some(RedisServer::start().await) } else { None };
     let redis_url = redis.as_ref().map(RedisServer::url).unwrap_or_default();
@@ -821,54 +870,7 @@ async fn main() {
     } else if let Some(herd) = args.herd {
         run_herd(&world, herd, &mut json).await;
     } else {
-        let start = Instant::now();
-        let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
-        let mut tasks = Vec::with_capacity(args.signins);
-        for i in 0..args.signins {
-            let scheduled = if args.rate > 0.0 {
-                let at = start + Duration::from_secs_f64(i as f64 / args.rate);
-                tokio::time::sleep_until(at.into()).await;
-                at
-            } else {
-                Instant::now()
-            };
-            let permit = if args.rate > 0.0 { None } else { Some(Arc::clone(&limit).acquire_owned().await.unwrap()) };
-            let world = Arc::clone(&world);
-            tasks.push(tokio::spawn(async move {
-                sign_in(world, i, scheduled).await;
-                drop(permit);
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
-        let elapsed = start.elapsed().as_secs_f64();
-        let recorder = &world.recorder;
-        let completed = recorder.completed.load(Ordering::Relaxed) + recorder.expired.load(Ordering::Relaxed);
-        let delivered = arrivals.delivered.load(Ordering::Relaxed) - delivered_before;
-        json.insert("signins".into(), completed.into());
-        json.insert("seconds".into(), elapsed.into());
-        json.insert("signins_per_sec".into(), (completed as f64 / elapsed).round().into());
-        json.insert("pushes_per_sec".into(), (delivered as f64 / elapsed).round().into());
-        for (name, histogram) in
-            [("create", &recorder.create), ("push", &recorder.push), ("respond", &recorder.respond), ("notify", &recorder.notify)]
-        {
-            json.insert(format!("{name}_p50_ms"), percentile_ms(histogram, 0.5).into());
-            json.insert(format!("{name}_p99_ms"), percentile_ms(histogram, 0.99).into());
-        }
-        json.insert("expired".into(), recorder.expired.load(Ordering::Relaxed).into());
-        json.insert("pull_fallbacks".into(), recorder.pull_fallbacks.load(Ordering::Relaxed).into());
-        json.insert("wrong_outcome".into(), recorder.wrong_outcome.load(Ordering::Relaxed).into());
-        json.insert("lost".into(), recorder.lost.load(Ordering::Relaxed).into());
-        json.insert("double".into(), recorder.double.load(Ordering::Relaxed).into());
-        json.insert("provider_refusals".into(), arrivals.refused.load(Ordering::Relaxed).into());
-        if let Some(path) = &args.timeline {
-            let mut csv = String::from("second,signins,create_max_ms\n");
-            for (second, (count, worst)) in recorder.timeline.lock().unwrap().iter() {
-                csv.push_str(&format!("{second},{count},{:.3}\n", *worst as f64 / 1000.0));
-            }
-            std::fs::write(path, csv).unwrap();
-        }
+        run_burst(&world, &args, delivered_before, &mut json).await;
     }
     let errors: BTreeMap<String, u64> = world.recorder.errors.lock().unwrap().clone();
     json.insert("errors".into(), serde_json::to_value(&errors).unwrap());
@@ -895,6 +897,69 @@ async fn main() {
         eprintln!("quick run failed: lost, double, unexpected errors or outcomes above");
         std::process::exit(1);
     }
+}
+
+/// The burst: `--signins` sign-ins, open loop at `--rate` (or `--concurrency` at a
+/// time as fast as they go), then its figures into `json`.
+async fn run_burst(
+    world: &Arc<World>,
+    args: &Args,
+    delivered_before: u64,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    let start = Instant::now();
+    let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(args.signins);
+    for i in 0..args.signins {
+        let scheduled = if args.rate > 0.0 {
+            let at = start + Duration::from_secs_f64(i as f64 / args.rate);
+            tokio::time::sleep_until(at.into()).await;
+            at
+        } else {
+            Instant::now()
+        };
+        let permit = if args.rate > 0.0 { None } else { Some(Arc::clone(&limit).acquire_owned().await.unwrap()) };
+        let world = Arc::clone(world);
+        tasks.push(tokio::spawn(async move {
+            sign_in(world, i, scheduled).await;
+            drop(permit);
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let recorder = &world.recorder;
+    let completed = recorder.completed.load(Ordering::Relaxed) + recorder.expired.load(Ordering::Relaxed);
+    let delivered = world.arrivals.delivered.load(Ordering::Relaxed) - delivered_before;
+    json.insert("signins".into(), completed.into());
+    json.insert("seconds".into(), elapsed.into());
+    json.insert("signins_per_sec".into(), (completed as f64 / elapsed).round().into());
+    json.insert("pushes_per_sec".into(), (delivered as f64 / elapsed).round().into());
+    for (name, histogram) in
+        [("create", &recorder.create), ("push", &recorder.push), ("respond", &recorder.respond), ("notify", &recorder.notify)]
+    {
+        json.insert(format!("{name}_p50_ms"), percentile_ms(histogram, 0.5).into());
+        json.insert(format!("{name}_p99_ms"), percentile_ms(histogram, 0.99).into());
+    }
+    json.insert("expired".into(), recorder.expired.load(Ordering::Relaxed).into());
+    json.insert("pull_fallbacks".into(), recorder.pull_fallbacks.load(Ordering::Relaxed).into());
+    json.insert("wrong_outcome".into(), recorder.wrong_outcome.load(Ordering::Relaxed).into());
+    json.insert("lost".into(), recorder.lost.load(Ordering::Relaxed).into());
+    json.insert("double".into(), recorder.double.load(Ordering::Relaxed).into());
+    json.insert("provider_refusals".into(), world.arrivals.refused.load(Ordering::Relaxed).into());
+    if let Some(path) = &args.timeline {
+        write_timeline(path, recorder);
+    }
+}
+
+/// The per-second CSV of `--timeline`: sign-ins completed and the worst create latency.
+fn write_timeline(path: &Path, recorder: &Recorder) {
+    let mut csv = String::from("second,signins,create_max_ms\n");
+    for (second, (count, worst)) in recorder.timeline.lock().unwrap().iter() {
+        csv.push_str(&format!("{second},{count},{:.3}\n", *worst as f64 / 1000.0));
+    }
+    std::fs::write(path, csv).unwrap();
 }
 
 /// Fires `count` CreateChallenge calls within one second and waits for all of
