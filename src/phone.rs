@@ -90,11 +90,20 @@ pub struct SimulatedPhone {
     platform: pb::Platform,
     push_token: String,
     device_id: String,
+    /// The newest proof timestamp used, so every proof differs.
+    last_timestamp_ms: std::sync::atomic::AtomicI64,
 }
 
 impl SimulatedPhone {
     pub fn new(channel: Channel, key: PhoneKey, platform: pb::Platform, push_token: impl Into<String>) -> Self {
-        Self { client: DeviceServiceClient::new(channel), key, platform, push_token: push_token.into(), device_id: String::new() }
+        Self {
+            client: DeviceServiceClient::new(channel),
+            key,
+            platform,
+            push_token: push_token.into(),
+            device_id: String::new(),
+            last_timestamp_ms: std::sync::atomic::AtomicI64::new(0),
+        }
     }
 
     pub fn device_id(&self) -> &str {
@@ -133,9 +142,15 @@ impl SimulatedPhone {
         self.device_id = device_id.to_owned();
     }
 
-    /// A proof for `rpc` over `fields`, timestamped now.
+    /// A proof for `rpc` over `fields`, timestamped now. A proof works once, so
+    /// two calls of one kind within one millisecond take the next millisecond,
+    /// as a real app must too.
     pub fn proof(&self, rpc: &str, fields: &[&str]) -> pb::DeviceProof {
-        self.proof_at(rpc, fields, SystemClock.now().0)
+        let now = SystemClock.now().0;
+        let previous = self.last_timestamp_ms.fetch_max(now, std::sync::atomic::Ordering::Relaxed);
+        let timestamp =
+            if previous >= now { self.last_timestamp_ms.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 } else { now };
+        self.proof_at(rpc, fields, timestamp)
     }
 
     pub fn proof_at(&self, rpc: &str, fields: &[&str], timestamp_ms: i64) -> pb::DeviceProof {

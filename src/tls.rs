@@ -23,10 +23,11 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use parking_lot::{Mutex, RwLock};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -91,10 +92,7 @@ impl ReloadingTls {
     }
 
     fn current(&self) -> Arc<rustls::ServerConfig> {
-        match self.current.read() {
-            Ok(config) => Arc::clone(&config),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
-        }
+        Arc::clone(&self.current.read())
     }
 
     /// Reads the files again and, if they make a usable config, serves new
@@ -105,24 +103,15 @@ impl ReloadingTls {
         let outcome = if result.is_ok() { "reloaded" } else { "failed" };
         metrics::counter!(names::TLS_RELOADS, "outcome" => outcome).increment(1);
         let config = result?;
-        match self.current.write() {
-            Ok(mut current) => *current = config,
-            Err(poisoned) => *poisoned.into_inner() = config,
-        }
-        match self.loaded.lock() {
-            Ok(mut loaded) => *loaded = fingerprint,
-            Err(poisoned) => *poisoned.into_inner() = fingerprint,
-        }
+        *self.current.write() = config;
+        *self.loaded.lock() = fingerprint;
         tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
         Ok(())
     }
 
     async fn changed_on_disk(&self) -> bool {
         let now = fingerprint(&self.files).await;
-        match self.loaded.lock() {
-            Ok(loaded) => *loaded != now,
-            Err(poisoned) => *poisoned.into_inner() != now,
-        }
+        *self.loaded.lock() != now
     }
 
     /// Reloads on SIGHUP and when the files change, until `stop` fires.

@@ -8,7 +8,8 @@
 mod support;
 
 use pushmatch::pb;
-use pushmatch::phone::PhoneKey;
+use pushmatch::pb::device_service_client::DeviceServiceClient;
+use pushmatch::phone::{P256Encoding, PhoneKey};
 use support::*;
 use tonic::Code;
 
@@ -127,4 +128,119 @@ async fn a_small_order_ed25519_key_that_verifies_forged_signatures_cannot_enroll
     }
     // The code was not spent: the real phone enrolls with it.
     server.phone(PhoneKey::ed25519(), pb::Platform::Fcm).enroll(&enrollment.uri, "Jan's phone").await.expect("enrolls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_device_proof_cannot_be_replayed() {
+    let server = TestServer::start().await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::p256(P256Encoding::Sec1Uncompressed), pb::Platform::Fcm).await;
+    let mut devices = DeviceServiceClient::new(server.channel.clone());
+
+    // A captured UpdatePushToken would put an old (attacker-held) token back.
+    let proof = phone.proof("UpdatePushToken", &["old-token"]);
+    let request = pb::UpdatePushTokenRequest { proof: Some(proof.clone()), push_token: "old-token".into() };
+    devices.update_push_token(request.clone()).await.expect("the first use");
+    phone.update_push_token("new-token").await.expect("the app moves on");
+    assert_code(devices.update_push_token(request).await, Code::Unauthenticated, "proof");
+
+    // The same signed bytes with the signature re-encoded (raw r||s as DER) are the same proof.
+    let signature = p256::ecdsa::Signature::from_slice(&proof.signature).expect("raw signature");
+    let der = pb::DeviceProof { signature: signature.to_der().as_bytes().to_vec(), ..proof };
+    let request = pb::UpdatePushTokenRequest { proof: Some(der), push_token: "old-token".into() };
+    assert_code(devices.update_push_token(request).await, Code::Unauthenticated, "proof");
+
+    // A captured ListPendingChallenges shows the contexts once, not again.
+    server.create_challenge("jan").await;
+    let proof = phone.proof("ListPendingChallenges", &[]);
+    assert_eq!(phone.pending_with(proof.clone()).await.expect("the first use").len(), 1);
+    assert_code(phone.pending_with(proof).await, Code::Unauthenticated, "proof");
+    assert_eq!(phone.pending().await.expect("a fresh proof").len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fraud_report_after_the_sign_in_was_cancelled_still_blocks_the_user() {
+    let server = TestServer::start().await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let mut challenges = server.challenges(KEY_A);
+    let bombed = server.create_challenge("jan").await;
+    // The attacker gave up; the user reports it anyway, a few minutes later.
+    let request = pb::CancelChallengeRequest { challenge_id: bombed.challenge_id.clone() };
+    challenges.cancel_challenge(request).await.expect("cancel");
+    server.clock.advance(std::time::Duration::from_secs(600));
+    let report = phone.respond(&bombed.challenge_id, pb::Decision::ReportFraud, "").await.expect("report");
+    assert_eq!((report.accepted, report.state()), (false, pb::ChallengeState::Cancelled));
+    let request = pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() };
+    assert_code(challenges.create_challenge(request.clone()).await, Code::FailedPrecondition, "fraud");
+
+    // Past the window, an old challenge no longer blocks anyone.
+    server.enrollments(KEY_A).unblock_user(pb::UnblockUserRequest { user_id: "jan".into() }).await.expect("unblock");
+    let old = server.create_challenge("jan").await;
+    challenges.cancel_challenge(pb::CancelChallengeRequest { challenge_id: old.challenge_id.clone() }).await.expect("cancel");
+    server.clock.advance(std::time::Duration::from_secs(901));
+    let _ = phone.respond(&old.challenge_id, pb::Decision::ReportFraud, "").await;
+    challenges.create_challenge(request).await.expect("not blocked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_fraud_report_the_other_pending_prompt_cannot_be_approved() {
+    let server = TestServer::start().await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let first = server.create_challenge("jan").await;
+    let second = server.create_challenge("jan").await;
+    let mut watch = server.watch(&second.challenge_id).await;
+    assert!(phone.respond(&first.challenge_id, pb::Decision::ReportFraud, "").await.expect("report").accepted);
+    // "Approve the other one, it's 42": it was cancelled with the block.
+    let seen = follow_to_final(&mut watch).await;
+    assert_eq!(seen.last().map(pb::Challenge::state), Some(pb::ChallengeState::Cancelled));
+    let answer = phone.respond(&second.challenge_id, pb::Decision::Approve, &second.number).await.expect("answer");
+    assert_eq!((answer.accepted, answer.state()), (false, pb::ChallengeState::Cancelled));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stolen_enrollment_key_cannot_enroll_a_second_device() {
+    let server = TestServer::start().await;
+    let key = PhoneKey::p256(P256Encoding::Sec1Uncompressed);
+    server
+        .phone(key.clone(), pb::Platform::Fcm)
+        .enroll(&server.begin_enrollment("jan").await.uri, "Jan's")
+        .await
+        .expect("enroll");
+    // The same key, compressed this time, for another user.
+    let copy = match &key {
+        PhoneKey::P256 { key, der_signatures, .. } => {
+            PhoneKey::P256 { key: key.clone(), encoding: P256Encoding::Sec1Compressed, der_signatures: *der_signatures }
+        }
+        other => other.clone(),
+    };
+    let enrollment = server.begin_enrollment("mallory").await;
+    let mut thief = server.phone(copy, pb::Platform::Fcm);
+    assert_code(thief.enroll(&enrollment.uri, "Mallory's").await, Code::AlreadyExists, "public_key");
+    // The code was not spent.
+    server.phone(PhoneKey::ed25519(), pb::Platform::Fcm).enroll(&enrollment.uri, "Mallory's own").await.expect("enroll");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_cannot_gather_devices_or_open_enrollments_without_bound() {
+    let server = TestServer::start_with(|config| {
+        config.limits.max_devices_per_user = 3;
+        config.limits.max_open_enrollments_per_user = 2;
+    })
+    .await;
+    let open = [server.begin_enrollment("jan").await, server.begin_enrollment("jan").await];
+    let request = pb::BeginEnrollmentRequest {
+        user_id: "jan".into(),
+        account_name: "jan@gors.nl".into(),
+        kind: pb::EnrollmentKind::Push.into(),
+    };
+    assert_code(server.enrollments(KEY_A).begin_enrollment(request).await, Code::ResourceExhausted, "open enrollments");
+    for enrollment in &open {
+        server.phone(PhoneKey::ed25519(), pb::Platform::Fcm).enroll(&enrollment.uri, "phone").await.expect("enroll");
+    }
+    let third = server.begin_enrollment("jan").await;
+    server.phone(PhoneKey::ed25519(), pb::Platform::Fcm).enroll(&third.uri, "phone").await.expect("the third");
+    let fourth = server.begin_enrollment("jan").await;
+    let refused = server.phone(PhoneKey::ed25519(), pb::Platform::Fcm).enroll(&fourth.uri, "phone").await;
+    assert_code(refused, Code::ResourceExhausted, "devices");
+    let devices = server.enrollments(KEY_A).list_devices(pb::ListDevicesRequest { user_id: "jan".into() }).await.expect("list");
+    assert_eq!(devices.into_inner().devices.len(), 3);
 }

@@ -221,3 +221,55 @@ async fn no_secret_is_stored_in_clear() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_parallel_wrong_codes_compare_at_most_five() {
+    let server = TestServer::start().await;
+    let enrollment = server.begin_enrollment("jan").await;
+    let mut phone = server.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
+    let secret = phone.enroll(&enrollment.uri, "phone").await.expect("enroll").totp_secret;
+    let wrong = bump(&independent_code(&secret, server.clock.now().0));
+    let calls = (0..50).map(|_| {
+        let mut client = server.challenges(KEY_A);
+        let code = wrong.clone();
+        tokio::spawn(async move { client.verify_totp(pb::VerifyTotpRequest { user_id: "jan".into(), code }).await })
+    });
+    let mut compared = 0;
+    for answer in futures::future::join_all(calls).await {
+        match answer.expect("task") {
+            Ok(verdict) => {
+                assert!(!verdict.get_ref().valid);
+                compared += 1;
+            }
+            Err(status) => assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}"),
+        }
+    }
+    assert_eq!(compared, 5, "a lock checked before and counted after the compare let all 50 through");
+    let right = independent_code(&secret, server.clock.now().0);
+    assert_code(verify(&server, "jan", &right).await, Code::ResourceExhausted, "locked");
+}
+
+#[tokio::test]
+async fn twenty_wrong_codes_in_a_row_lock_verification_until_unblock() {
+    let server = TestServer::start().await;
+    let enrollment = server.begin_enrollment("jan").await;
+    let mut phone = server.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
+    let secret = phone.enroll(&enrollment.uri, "phone").await.expect("enroll").totp_secret;
+    // Four wrong codes every five minutes stay under the window's lock; before, that
+    // went on forever (about 12 % a month to hit a code).
+    for round in 0..5 {
+        for _ in 0..4 {
+            let wrong = bump(&independent_code(&secret, server.clock.now().0));
+            assert!(!verify(&server, "jan", &wrong).await.expect("verify").valid, "round {round}");
+        }
+        server.clock.advance(Duration::from_secs(301));
+    }
+    // The 21st in a row is refused, even with the right code, and stays refused.
+    let right = independent_code(&secret, server.clock.now().0);
+    assert_code(verify(&server, "jan", &right).await, Code::ResourceExhausted, "until UnblockUser");
+    server.clock.advance(Duration::from_secs(24 * 3600));
+    let right = independent_code(&secret, server.clock.now().0);
+    assert_code(verify(&server, "jan", &right).await, Code::ResourceExhausted, "until UnblockUser");
+    server.enrollments(KEY_A).unblock_user(pb::UnblockUserRequest { user_id: "jan".into() }).await.expect("unblock");
+    assert!(verify(&server, "jan", &right).await.expect("verify").valid, "UnblockUser lifts it");
+}

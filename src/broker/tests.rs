@@ -38,7 +38,9 @@ fn settings() -> BrokerSettings {
             retention: Duration::from_secs(300),
         },
         wrong_numbers: StrikePolicy { limit: 3, window: Duration::from_secs(600), block_for: Duration::from_secs(900) },
-        totp_lockout: StrikePolicy { limit: 5, window: Duration::from_secs(300), block_for: Duration::from_secs(300) },
+        totp_lockout: crate::store::conformance::totp_policy(),
+        enrollment_limits: crate::store::conformance::limits(),
+        fraud_report_window: Duration::from_secs(900),
         enrollment_ttl: Duration::from_secs(600),
         max_clock_skew: Duration::from_secs(300),
         public_url: "https://mfa.example.com".into(),
@@ -50,6 +52,11 @@ async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = ManualClock::starting_now();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("store"));
+    fixture_on(store, clock, dir)
+}
+
+/// The broker over `store` (on `clock`), with a recording FCM sender.
+fn fixture_on(store: Arc<dyn Store>, clock: ManualClock, dir: tempfile::TempDir) -> Fixture {
     let fcm = RecordingPushSender::new(Platform::Fcm);
     let dispatcher = Dispatcher::start(
         vec![Arc::new(fcm.clone())],
@@ -76,10 +83,11 @@ impl Fixture {
     async fn enroll(&self, user: &UserId) -> Device {
         let now = self.clock.now();
         let enrollment = sample_enrollment(&self.tenant, user, now);
-        self.store.insert_enrollment(enrollment.clone()).await.expect("insert");
+        let limits = crate::store::conformance::limits();
+        self.store.insert_enrollment(enrollment.clone(), &limits, now).await.expect("insert");
         let device = sample_device(&self.tenant, user, now);
         let code = enrollment.code_digest.as_ref().expect("code");
-        self.store.complete_enrollment(code, device.clone(), now).await.expect("complete");
+        self.store.complete_enrollment(code, device.clone(), &limits, now).await.expect("complete");
         device
     }
 
@@ -149,7 +157,7 @@ async fn per_user_limits_and_blocks_are_refused_with_their_reason() {
     assert!(error.to_string().contains("2 pending challenges"), "{error}");
 
     let fraud = UserBlock { reason: BlockReason::FraudReported, since: f.clock.now(), until: None };
-    f.store.block_user(&f.tenant, &piet, fraud).await.expect("block");
+    f.store.block_user(&f.tenant, &piet, fraud, f.clock.now()).await.expect("block");
     let error = f.create(&piet, 0).await.expect_err("blocked");
     assert_eq!(error.kind(), ErrorKind::FailedPrecondition);
     assert!(error.to_string().contains("UnblockUser"), "{error}");
@@ -204,4 +212,23 @@ async fn cancel_resolves_once_and_an_expired_challenge_reads_expired() {
     let other = TenantId("other".into());
     let error = f.broker.get_challenge(&other, &second.id).await.expect_err("another tenant's");
     assert_eq!(error.kind(), ErrorKind::NotFound);
+}
+
+/// VerifyTotp for user ids nobody enrolled: 100,000 calls leave the store as it
+/// was, so a stranger with a tenant key cannot grow it.
+async fn totp_for_strangers_stores_nothing(f: &Fixture) {
+    let jan = user("jan");
+    f.enroll(&jan).await;
+    let before = f.store.record_count().await.expect("count");
+    for n in 0..100_000u32 {
+        let stranger = user(&format!("stranger-{n:x}-{}", n.wrapping_mul(2_654_435_761)));
+        let verdict = f.broker.verify_totp(&f.tenant, &stranger, "123456").await.expect("verify");
+        assert!(!verdict.valid);
+    }
+    assert_eq!(f.store.record_count().await.expect("count"), before, "the store grew with strangers' calls");
+}
+
+#[tokio::test]
+async fn totp_calls_for_random_users_leave_the_embedded_store_as_it_was() {
+    totp_for_strangers_stores_nothing(&fixture().await).await;
 }

@@ -11,7 +11,9 @@
 //! (`content-available`, priority 5) carrying the challenge id and its final state.
 //! Neither carries the number: the job has none.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -255,10 +257,10 @@ impl ProviderTokens {
     /// and usable, else a new one.
     pub fn current(&self, now: u64) -> Arc<IssuedToken> {
         let fresh = |state: &TokenState| state.usable && now.saturating_sub(state.token.iat) < TOKEN_RENEW_AFTER.as_secs();
-        if let Some(state) = self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|s| fresh(s)) {
+        if let Some(state) = self.current.read().as_ref().filter(|s| fresh(s)) {
             return Arc::clone(&state.token);
         }
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.write();
         if let Some(state) = current.as_ref().filter(|s| fresh(s)) {
             return Arc::clone(&state.token);
         }
@@ -274,7 +276,7 @@ impl ProviderTokens {
     /// APNs refused `used` as expired: the next push signs a new token, unless
     /// another push renewed it already.
     pub fn expire(&self, used: &Arc<IssuedToken>) {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.write();
         if let Some(state) = current.as_mut().filter(|s| Arc::ptr_eq(&s.token, used)) {
             state.usable = false;
         }

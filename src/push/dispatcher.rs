@@ -238,7 +238,7 @@ fn jittered(backoff: Duration) -> Duration {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use parking_lot::Mutex;
 
     use async_trait::async_trait;
 
@@ -256,7 +256,7 @@ mod tests {
             Platform::Fcm
         }
         async fn send(&self, _job: &PushJob) -> SendOutcome {
-            let mut outcomes = self.outcomes.lock().expect("lock");
+            let mut outcomes = self.outcomes.lock();
             if outcomes.is_empty() { SendOutcome::Sent } else { outcomes.remove(0) }
         }
     }

@@ -16,7 +16,9 @@
 //! with the challenge id and its final state, under the same collapse key, so a clear
 //! also replaces a challenge message still waiting for an offline phone.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -173,7 +175,7 @@ impl AccessTokens {
 
     fn cached(&self) -> Option<Arc<AccessToken>> {
         let now = Instant::now();
-        self.current.read().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|t| t.renew_at > now).cloned()
+        self.current.read().as_ref().filter(|t| t.renew_at > now).cloned()
     }
 
     async fn current(&self) -> Result<Arc<AccessToken>, GrantError> {
@@ -185,13 +187,13 @@ impl AccessTokens {
             return Ok(token);
         }
         let token = Arc::new(self.grant().await?);
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::clone(&token));
+        *self.current.write() = Some(Arc::clone(&token));
         Ok(token)
     }
 
     /// FCM refused `used`: drop it, unless a newer one replaced it already.
     fn invalidate(&self, used: &Arc<AccessToken>) {
-        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.current.write();
         if current.as_ref().is_some_and(|t| Arc::ptr_eq(t, used)) {
             *current = None;
         }

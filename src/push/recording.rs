@@ -13,7 +13,7 @@ use crate::domain::challenge::Platform;
 pub struct RecordingPushSender {
     platform: Platform,
     jobs: Arc<watch::Sender<Vec<PushJob>>>,
-    outcome: Arc<std::sync::Mutex<SendOutcome>>,
+    outcome: Arc<parking_lot::Mutex<SendOutcome>>,
 }
 
 impl RecordingPushSender {
@@ -21,13 +21,13 @@ impl RecordingPushSender {
         Self {
             platform,
             jobs: Arc::new(watch::Sender::new(Vec::new())),
-            outcome: Arc::new(std::sync::Mutex::new(SendOutcome::Sent)),
+            outcome: Arc::new(parking_lot::Mutex::new(SendOutcome::Sent)),
         }
     }
 
     /// What every later send answers.
     pub fn answer_with(&self, outcome: SendOutcome) {
-        *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = outcome;
+        *self.outcome.lock() = outcome;
     }
 
     pub fn jobs(&self) -> Vec<PushJob> {
@@ -55,7 +55,7 @@ impl PushSender for RecordingPushSender {
     }
 
     async fn send(&self, job: &PushJob) -> SendOutcome {
-        let outcome = self.outcome.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let outcome = self.outcome.lock().clone();
         self.jobs.send_modify(|jobs| jobs.push(job.clone()));
         outcome
     }

@@ -159,7 +159,7 @@ type Sender = http2::SendRequest<Full<Bytes>>;
 
 /// One connection's place in the pool.
 struct Slot {
-    ready: std::sync::Mutex<Option<Sender>>,
+    ready: parking_lot::Mutex<Option<Sender>>,
     /// Held while connecting, so a burst on a cold slot opens one connection, not one per request.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -182,7 +182,7 @@ impl ConnectionPool {
             return Err(TransportSetupError::Tls("the TLS configuration must offer ALPN h2".into()));
         }
         let slots = (0..settings.connections.max(1))
-            .map(|_| Slot { ready: std::sync::Mutex::new(None), connecting: tokio::sync::Mutex::new(()) })
+            .map(|_| Slot { ready: parking_lot::Mutex::new(None), connecting: tokio::sync::Mutex::new(()) })
             .collect();
         Ok(Self {
             target,
@@ -239,7 +239,7 @@ impl ConnectionPool {
             return Ok(sender);
         }
         let sender = self.connect().await?;
-        *slot.ready.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender.clone());
+        *slot.ready.lock() = Some(sender.clone());
         Ok(sender)
     }
 
@@ -277,14 +277,14 @@ impl ConnectionPool {
 }
 
 fn forget_closed(slot: &Slot) {
-    let mut ready = slot.ready.lock().unwrap_or_else(|p| p.into_inner());
+    let mut ready = slot.ready.lock();
     if ready.as_ref().is_some_and(Sender::is_closed) {
         *ready = None;
     }
 }
 
 fn live(slot: &Slot) -> Option<Sender> {
-    slot.ready.lock().unwrap_or_else(|p| p.into_inner()).as_ref().filter(|sender| !sender.is_closed()).cloned()
+    slot.ready.lock().as_ref().filter(|sender| !sender.is_closed()).cloned()
 }
 
 /// One HTTP/1.1 request on a new connection: `https://` through `tls` (which must offer

@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 
-use super::{BACKEND, Recover, Shared, UserKey, io_error};
+use super::{BACKEND, Shared, UserKey, io_error};
 use crate::domain::device::{Device, KeyFingerprint};
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
@@ -271,7 +271,7 @@ pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationTok
             () = tokio::time::sleep(EVERY) => {}
         }
         let Some(shared) = shared.upgrade() else { return };
-        let touched: Vec<DeviceId> = shared.touched.lock().recover().drain().collect();
+        let touched: Vec<DeviceId> = shared.touched.lock().drain().collect();
         if touched.is_empty() {
             continue;
         }
@@ -282,7 +282,7 @@ pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationTok
         };
         if let Err(error) = shared.commit(writes, Durability::None).await {
             tracing::warn!(%error, "could not write devices' last use; retrying");
-            shared.touched.lock().recover().extend(touched);
+            shared.touched.lock().extend(touched);
         }
     }
 }
@@ -411,7 +411,7 @@ impl Shared {
     pub(super) fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
         if let Some(device) = self.durable_mut().devices.get_mut(id) {
             device.last_used_at = Some(now);
-            self.touched.lock().recover().insert(id.clone());
+            self.touched.lock().insert(id.clone());
         }
         Ok(())
     }

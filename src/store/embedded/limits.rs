@@ -9,7 +9,7 @@ use redb::Durability;
 
 use super::durable::DurableWrite;
 use super::live::prune_before;
-use super::{Recover, Shared, UserKey};
+use super::{Shared, UserKey};
 use crate::domain::device::ProofUse;
 use crate::domain::ids::{TenantId, UserId};
 use crate::domain::time::Millis;
@@ -128,7 +128,7 @@ impl Shared {
     /// True the first time; each use is kept until `keep_until`, when a replay
     /// would fail the timestamp check anyway.
     pub(super) fn spend_proof(&self, proof: ProofUse, keep_until: Millis) -> bool {
-        let mut proofs = self.proofs.lock().recover();
+        let mut proofs = self.proofs.lock();
         match proofs.entry(proof) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
@@ -142,8 +142,52 @@ impl Shared {
     /// their window, enrollments past their keep time. Runs every few seconds.
     pub(super) async fn sweep(&self, now: Millis) -> Result<(), StoreError> {
         self.challenges().users.retain(|_, activity| !activity.is_idle(now));
-        self.proofs.lock().recover().retain(|_, keep_until| now < *keep_until);
+        self.proofs.lock().retain(|_, keep_until| now < *keep_until);
         self.purge_enrollments(now).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use crate::domain::time::{Clock, ManualClock};
+    use crate::store::conformance::{Scope, limits, sample_enrollment, totp_policy};
+    use crate::store::embedded::EmbeddedStore;
+    use crate::store::{Store, StrikePolicy};
+
+    /// What strangers leave behind goes with the sweep: counts whose windows passed,
+    /// used proofs past their window, enrollments past their keep time.
+    #[tokio::test]
+    async fn the_sweep_forgets_what_no_window_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = ManualClock::starting_now();
+        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+        let scope = Scope::unique();
+        let tenant = scope.tenant("a");
+        let empty = store.record_count().await.expect("count");
+
+        let user = crate::domain::ids::UserId::parse("stranger").expect("user");
+        let now = clock.now();
+        store.insert_enrollment(sample_enrollment(&tenant, &user, now), &limits(), now).await.expect("insert");
+        let wrong = StrikePolicy { limit: 3, window: Duration::from_secs(900), block_for: Duration::from_secs(900) };
+        store.record_wrong_number(&tenant, &user, &wrong, now).await.expect("strike");
+        let other = crate::domain::ids::UserId::parse("guesser").expect("user");
+        store.reserve_totp_attempt(&tenant, &other, &totp_policy(), now).await.expect("reserve");
+        store.totp_attempt_succeeded(&tenant, &other, now).await.expect("right code");
+        let proof = crate::domain::device::ProofUse([7; 32]);
+        store.spend_proof(proof, now.plus(Duration::from_secs(240))).await.expect("spend");
+        assert!(store.record_count().await.expect("count") > empty);
+
+        // Within the windows nothing goes.
+        store.shared.sweep(clock.now()).await.expect("sweep");
+        assert!(store.record_count().await.expect("count") > empty);
+        // A week after the enrollment expired, everything has.
+        clock.advance(Duration::from_secs(600) + super::super::durable::ENROLLMENT_KEEP);
+        store.shared.sweep(clock.now()).await.expect("sweep");
+        assert_eq!(store.record_count().await.expect("count"), empty);
+        assert!(store.spend_proof(proof, clock.now().plus(Duration::from_secs(1))).await.expect("spend"), "forgotten");
     }
 }

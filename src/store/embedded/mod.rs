@@ -44,9 +44,10 @@ mod limits;
 mod live;
 
 use std::path::Path;
-use std::sync::{Arc, LockResult, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use redb::Database;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -73,18 +74,6 @@ fn io_error(error: impl std::fmt::Display) -> StoreError {
     StoreError::unavailable(BACKEND, error)
 }
 
-/// Takes a lock whether or not it is poisoned: a panic while holding one of the
-/// store's locks would be a bug, and what the lock guards stays usable.
-trait Recover<Guard> {
-    fn recover(self) -> Guard;
-}
-
-impl<Guard> Recover<Guard> for LockResult<Guard> {
-    fn recover(self) -> Guard {
-        self.unwrap_or_else(PoisonError::into_inner)
-    }
-}
-
 struct Shared {
     challenges: Mutex<ChallengeTable>,
     durable: RwLock<DurableMirror>,
@@ -101,15 +90,15 @@ struct Shared {
 
 impl Shared {
     fn challenges(&self) -> MutexGuard<'_, ChallengeTable> {
-        self.challenges.lock().recover()
+        self.challenges.lock()
     }
 
     fn durable(&self) -> RwLockReadGuard<'_, DurableMirror> {
-        self.durable.read().recover()
+        self.durable.read()
     }
 
     fn durable_mut(&self) -> RwLockWriteGuard<'_, DurableMirror> {
-        self.durable.write().recover()
+        self.durable.write()
     }
 }
 
@@ -359,7 +348,7 @@ impl Store for EmbeddedStore {
     async fn record_count(&self) -> Result<u64, StoreError> {
         let live = self.shared.challenges().record_count();
         let durable = self.shared.durable().record_count();
-        let proofs = self.shared.proofs.lock().recover().len();
+        let proofs = self.shared.proofs.lock().len();
         Ok(u64::try_from(live + durable + proofs).unwrap_or(u64::MAX))
     }
 }
