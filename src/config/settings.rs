@@ -1,0 +1,85 @@
+//! Translation: each module's settings from the configuration, so that no module
+//! but `config/` (and the wiring in `server/`) reads a `Config`.
+
+use std::time::Duration;
+
+use super::Config;
+use crate::broker::{BrokerSettings, Tenant};
+use crate::domain::api_key::TenantKeys;
+use crate::domain::ids::TenantId;
+use crate::domain::ports::{AdmissionPolicy, StrikePolicy};
+use crate::push::dispatcher::DispatcherSettings;
+use crate::tls::TlsFiles;
+
+impl Config {
+    pub fn broker_settings(&self) -> BrokerSettings {
+        let seconds = |s: u32| Duration::from_secs(u64::from(s));
+        BrokerSettings {
+            default_ttl: seconds(self.challenge.default_ttl_seconds),
+            max_ttl: seconds(self.challenge.max_ttl_seconds),
+            admission: AdmissionPolicy {
+                max_pending: self.limits.max_pending_per_user,
+                max_per_window: self.limits.max_challenges_per_window,
+                window: seconds(self.limits.challenge_window_seconds),
+                retention: seconds(self.challenge.retention_seconds),
+            },
+            wrong_numbers: StrikePolicy {
+                limit: self.limits.wrong_number_limit,
+                window: seconds(self.limits.wrong_number_window_seconds),
+                block_for: seconds(self.limits.wrong_number_block_seconds),
+            },
+            totp_lockout: StrikePolicy {
+                limit: self.limits.totp_failure_limit,
+                window: seconds(self.limits.totp_failure_window_seconds),
+                block_for: seconds(self.limits.totp_lockout_seconds),
+            },
+            enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
+            max_clock_skew: seconds(self.device.max_clock_skew_seconds),
+            public_url: self.server.public_url.clone(),
+            max_creates_in_flight: self.server.max_creates_in_flight as usize,
+        }
+    }
+
+    pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
+        let urls = if self.store.redis_cluster_urls.is_empty() {
+            vec![self.store.redis_url.clone()]
+        } else {
+            self.store.redis_cluster_urls.clone()
+        };
+        crate::store::redis::RedisSettings {
+            urls,
+            operation_timeout: Duration::from_millis(u64::from(self.store.operation_timeout_ms)),
+        }
+    }
+
+    /// The certificate files of the gRPC port; `None` serves plain gRPC (validation
+    /// made sure that the certificate and key come together).
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        let server = &self.server;
+        let (cert, key) = (server.tls_cert_path.clone()?, server.tls_key_path.clone()?);
+        Some(TlsFiles {
+            cert,
+            key,
+            client_ca: server.tls_client_ca_path.clone(),
+            reload_interval: Duration::from_secs(u64::from(server.tls_reload_interval_seconds)),
+        })
+    }
+
+    /// Every tenant's accepted API-key digests.
+    pub fn tenant_keys(&self) -> TenantKeys {
+        TenantKeys::new(self.tenants.iter().map(|t| (TenantId(t.id.clone()), t.api_key_sha256.as_slice())))
+    }
+
+    pub fn dispatcher_settings(&self) -> DispatcherSettings {
+        DispatcherSettings {
+            queue_capacity: self.push.queue_capacity as usize,
+            max_in_flight: self.push.max_in_flight as usize,
+            max_attempts: self.push.max_attempts,
+            ..DispatcherSettings::default()
+        }
+    }
+
+    pub fn domain_tenants(&self) -> Vec<Tenant> {
+        self.tenants.iter().map(|t| Tenant { id: TenantId(t.id.clone()), display_name: t.display_name.clone() }).collect()
+    }
+}
