@@ -34,8 +34,8 @@ impl Broker {
             ));
         }
         let targets: Vec<&Device> = devices.iter().filter(|d| d.takes_pushes()).collect();
-        if !self.dispatcher.has_room_for(targets.len()) {
-            return Err(DomainError::ResourceExhausted("the push queue is full; retry shortly".into()));
+        if let Err(full) = self.dispatcher.room_for(tenant, targets.len()) {
+            return Err(DomainError::ResourceExhausted(format!("{full}; retry shortly")));
         }
 
         let now = self.clock.now();
@@ -62,6 +62,7 @@ impl Broker {
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
                 kind: PushKind::Challenge,
+                tenant: tenant.clone(),
                 challenge_id: created.id.clone(),
                 device_id: device.id.clone(),
                 platform,

@@ -186,6 +186,7 @@ impl Broker {
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
                 kind: PushKind::Clear { state: challenge.state },
+                tenant: challenge.tenant.clone(),
                 challenge_id: challenge.id.clone(),
                 device_id: device.id.clone(),
                 platform,
