@@ -102,6 +102,10 @@ pub struct ServerConfig {
     /// CreateChallenge calls this replica works on at once; past it a call is refused
     /// at once with RESOURCE_EXHAUSTED instead of queueing (load shedding in a burst).
     pub max_creates_in_flight: u32,
+    /// The share of `max_creates_in_flight` one tenant may hold, above 0.0 and at most
+    /// 1.0 (rounded up, at least one call); past it that tenant is refused at once
+    /// while the others still get the rest. With a single tenant it limits nothing.
+    pub creates_share_per_tenant: f64,
     /// Deadline for a unary call (watch streams are not bound by it).
     pub request_timeout_seconds: u32,
     /// How long shutdown waits for calls to finish.
@@ -122,6 +126,7 @@ impl Default for ServerConfig {
             max_connection_age_grace_seconds: 0,
             max_concurrent_requests_per_connection: 256,
             max_creates_in_flight: 256,
+            creates_share_per_tenant: 0.5,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 10,
         }
@@ -490,6 +495,10 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
             (TENANT.replace("6b86", "zz86"), vec![], "tenants.api_key_sha256"),
             (TENANT.into(), env(&[("PUSHMATCH_LIMITS__MAX_PENDING_PER_USER", "0")]), "limits.max_pending_per_user"),
             (TENANT.into(), env(&[("PUSHMATCH_SERVER__MAX_CREATES_IN_FLIGHT", "0")]), "server.max_creates_in_flight"),
+            (TENANT.into(), env(&[("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "0")]), "server.creates_share_per_tenant"),
+            (TENANT.into(), env(&[("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "nan")]), "server.creates_share_per_tenant"),
+            (TENANT.into(), env(&[("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "1.5")]), "push.queue_share_per_tenant"),
+            (TENANT.into(), env(&[("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "-0.5")]), "push.queue_share_per_tenant"),
             (TENANT.into(), env(&[("PUSHMATCH_STORE__BACKEND", "mysql")]), "backend"),
         ];
         for (text, env, expected) in cases {
@@ -497,6 +506,31 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
             let error = Config::load(Some(file.path()), env).expect_err("invalid");
             assert!(error.to_string().contains(expected), "{error} should name {expected}");
         }
+    }
+
+    #[test]
+    fn each_tenants_share_is_a_rounded_up_part_of_the_whole_and_a_lone_tenant_has_all() {
+        let second = TENANT.replace("gors", "acme").replace("Gors", "Acme").replace("6b86", "7b86");
+        let two = file(&format!("{TENANT}{second}"));
+        let parts = |file: &tempfile::NamedTempFile, pairs: &[(&str, &str)]| {
+            let config = Config::load(Some(file.path()), env(pairs)).expect("loads").config;
+            let dispatcher = config.dispatcher_settings();
+            (
+                config.broker_settings().max_creates_in_flight_per_tenant,
+                dispatcher.max_queued_per_tenant,
+                dispatcher.tenants.len(),
+            )
+        };
+        assert_eq!(parts(&two, &[]), (128, 5_000, 2), "half of 256 and of 10000 by default");
+        let small = [
+            ("PUSHMATCH_SERVER__MAX_CREATES_IN_FLIGHT", "3"),
+            ("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "0.5"),
+            ("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "0.00001"),
+        ];
+        assert_eq!(parts(&two, &small), (2, 1, 2), "rounded up: every tenant gets at least one");
+        let whole = [("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "1"), ("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "1.0")];
+        assert_eq!(parts(&two, &whole), (256, 10_000, 2));
+        assert_eq!(parts(&file(TENANT), &[]), (256, 10_000, 1), "a lone tenant has nobody to share with");
     }
 
     #[test]

@@ -37,7 +37,22 @@ impl Config {
             max_clock_skew: seconds(self.device.max_clock_skew_seconds),
             public_url: self.server.public_url.clone(),
             max_creates_in_flight: self.server.max_creates_in_flight as usize,
+            max_creates_in_flight_per_tenant: self
+                .tenant_part(self.server.max_creates_in_flight, self.server.creates_share_per_tenant),
         }
+    }
+
+    /// One tenant's part of a resource of `total` that all tenants share: `share` of
+    /// it, rounded up so that every tenant gets at least one. All of it when a single
+    /// tenant is configured: a share protects tenants from each other, and a lone
+    /// tenant would only lose capacity to it.
+    fn tenant_part(&self, total: u32, share: f64) -> usize {
+        let total = total as usize;
+        if self.tenants.len() <= 1 {
+            return total;
+        }
+        // Validation keeps `share` in (0, 1], so the product is in (0, total].
+        ((total as f64 * share).ceil() as usize).clamp(1, total)
     }
 
     pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
@@ -75,6 +90,8 @@ impl Config {
             queue_capacity: self.push.queue_capacity as usize,
             max_in_flight: self.push.max_in_flight as usize,
             max_attempts: self.push.max_attempts,
+            tenants: self.tenants.iter().map(|t| TenantId(t.id.clone())).collect(),
+            max_queued_per_tenant: self.tenant_part(self.push.queue_capacity, self.push.queue_share_per_tenant),
             ..DispatcherSettings::default()
         }
     }
