@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use mock_push::{MockServer, Reply, TestCa, apns_key, service_account_json};
 use pushmatch::config::{ApnsConfig, FcmConfig, PushConfig};
 use pushmatch::domain::challenge::{DeliveryState, Platform};
-use pushmatch::domain::ids::{ChallengeId, DeviceId};
+use pushmatch::domain::ids::{ChallengeId, DeviceId, TenantId};
 use pushmatch::domain::time::{Clock, SystemClock};
 use pushmatch::push::dispatcher::{Dispatcher, DispatcherSettings};
 use pushmatch::push::{DeliveryReporter, PushJob, PushKind};
@@ -147,6 +147,7 @@ async fn run(platform: Platform, latency: Duration, connections: u32, pushes: us
     let dispatcher = Dispatcher::start(senders, finished.clone(), Arc::clone(&clock), settings, Arc::default(), shutdown.clone());
     let job = || PushJob {
         kind: PushKind::Challenge,
+        tenant: TenantId("bench".into()),
         challenge_id: ChallengeId::generate().expect("id"),
         device_id: DeviceId::generate().expect("id"),
         platform,

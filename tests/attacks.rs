@@ -1,7 +1,7 @@
 //! What an attacker of a push-MFA service tries first, over the wire, each test
 //! named for the attack it stops (SECURITY.md lists them as "defended"). The rules
 //! that live in the store are proven on both stores by the conformance suite
-//! (`src/store/conformance.rs`); these tests show the whole path through gRPC.
+//! (`src/store/conformance/`); these tests show the whole path through gRPC.
 
 #![allow(clippy::expect_used)]
 
@@ -243,4 +243,75 @@ async fn a_user_cannot_gather_devices_or_open_enrollments_without_bound() {
     assert_code(refused, Code::ResourceExhausted, "devices");
     let devices = server.enrollments(KEY_A).list_devices(pb::ListDevicesRequest { user_id: "jan".into() }).await.expect("list");
     assert_eq!(devices.into_inner().devices.len(), 3);
+
+/// A tenant's herd (its IdP in a retry storm, or whoever holds a stolen API key)
+/// fills at most its share of the push queue (`push.queue_share_per_tenant`): past it
+/// that tenant is shed at once, and another tenant's sign-ins still go through. The
+/// share of creates in flight (`server.creates_share_per_tenant`) works the same
+/// way; `src/broker/tests.rs` shows it with the permits held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_herd_is_shed_while_another_tenants_sign_ins_go_through() {
+    let server = TestServer::start_with(|config| {
+        // Two tenants at the default share of one half: two pushes each.
+        config.push.queue_capacity = 4;
+        config.push.max_in_flight = 1;
+        // The herd retries one user's sign-in: the per-user limits are not what stops it.
+        config.limits.max_pending_per_user = 100;
+        config.limits.max_challenges_per_window = 100;
+    })
+    .await;
+    server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let enrollment = server
+        .enrollments(KEY_B)
+        .begin_enrollment(pb::BeginEnrollmentRequest {
+            user_id: "piet".into(),
+            account_name: "piet@other.example".into(),
+            kind: pb::EnrollmentKind::Push.into(),
+        })
+        .await
+        .expect("tenant b begins an enrollment")
+        .into_inner();
+    let mut piet = server.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
+    piet.enroll(&enrollment.uri, "Piet's phone").await.expect("enrolls with tenant b");
+
+    // The provider stalls, so tenant a's pushes pile up in the queue. The dispatcher
+    // takes at most two off it (one sending, one waiting to send), so the herd meets
+    // its share of two within four sign-ins, however fast the dispatcher is.
+    server.fcm.hold();
+    let mut herd = server.challenges(KEY_A);
+    let retry = || pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() };
+    let mut created = 0;
+    let shed = loop {
+        match herd.create_challenge(retry()).await {
+            Ok(_) => created += 1,
+            Err(status) => break status,
+        }
+        assert!(created <= 4, "tenant a's herd filled more than its share of the push queue");
+    };
+    assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
+    assert!(shed.message().contains("push.queue_share_per_tenant"), "{shed:?}");
+
+    // Tenant b's sign-in is created, pushed and approved meanwhile.
+    let mut challenges = server.challenges(KEY_B);
+    let request = pb::CreateChallengeRequest { user_id: "piet".into(), ..Default::default() };
+    let challenge = challenges.create_challenge(request).await.expect("tenant b is not shed").into_inner();
+    let mut watch = challenges
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    server.fcm.release();
+    tokio::time::timeout(DEADLINE, server.fcm.wait_for(|job| job.challenge_id.as_str() == challenge.challenge_id))
+        .await
+        .expect("tenant b's push is sent");
+    let answer = piet.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("respond");
+    assert!(answer.accepted);
+    let last = follow_to_final(&mut watch).await.pop().expect("a final state");
+    assert_eq!(last.state(), pb::ChallengeState::Approved);
+
+    // Once the stall is over and its pushes have left the queue, tenant a signs in again.
+    tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| jobs.len() >= created + 1))
+        .await
+        .expect("every queued push is sent");
+    herd.create_challenge(retry()).await.expect("tenant a's share is free again");
 }

@@ -14,18 +14,40 @@ use crate::telemetry::metrics::{challenge_resolved, names};
 
 impl Broker {
     /// Creates a challenge for the user and pushes it to every device that takes
-    /// pushes. Refused at once (RESOURCE_EXHAUSTED) past `max_creates_in_flight` or
-    /// when the push queue has no room; the store applies the per-user limits and
-    /// the idempotency key in the same atomic step as the insert.
+    /// pushes. Refused at once (RESOURCE_EXHAUSTED) past the tenant's share of
+    /// `max_creates_in_flight`, past `max_creates_in_flight` itself, or when the push
+    /// queue (or the tenant's share of it) has no room; the store applies the
+    /// per-user limits and the idempotency key in the same atomic step as the insert.
     #[tracing::instrument(skip_all, fields(tenant = %tenant))]
     pub async fn create_challenge(&self, tenant: &TenantId, request: ChallengeRequest) -> Result<Challenge, DomainError> {
         let ttl = self.challenge_ttl(request.ttl_seconds)?;
+        // The tenant's own permit first: a tenant past its share is refused without
+        // touching the global permits, which stay for the other tenants. A tenant not
+        // configured (none reaches here through the API) has the global cap only.
+        let _tenant_creating = match self.tenant_creating.get(tenant).map(tokio::sync::Semaphore::try_acquire) {
+            Some(Err(_)) => {
+                return Err(shed(
+                    tenant,
+                    "server.creates_share_per_tenant",
+                    format!(
+                        "tenant {tenant} is creating {} challenges already, its share of server.max_creates_in_flight \
+                         (server.creates_share_per_tenant); retry with backoff",
+                        self.settings.max_creates_in_flight_per_tenant
+                    ),
+                ));
+            }
+            Some(Ok(permit)) => Some(permit),
+            None => None,
+        };
         let Ok(_creating) = self.creating.try_acquire() else {
-            metrics::counter!(names::CHALLENGES_SHED).increment(1);
-            return Err(DomainError::ResourceExhausted(format!(
-                "the broker is creating {} challenges already (server.max_creates_in_flight); retry with backoff",
-                self.settings.max_creates_in_flight
-            )));
+            return Err(shed(
+                tenant,
+                "server.max_creates_in_flight",
+                format!(
+                    "the broker is creating {} challenges already (server.max_creates_in_flight); retry with backoff",
+                    self.settings.max_creates_in_flight
+                ),
+            ));
         };
         let devices = self.store.list_devices(tenant, &request.user_id).await?;
         if !devices.iter().any(Device::answers_challenges) {
@@ -34,8 +56,8 @@ impl Broker {
             ));
         }
         let targets: Vec<&Device> = devices.iter().filter(|d| d.takes_pushes()).collect();
-        if !self.dispatcher.has_room_for(targets.len()) {
-            return Err(DomainError::ResourceExhausted("the push queue is full; retry shortly".into()));
+        if let Err(full) = self.dispatcher.room_for(tenant, targets.len()) {
+            return Err(shed(tenant, full.setting(), format!("{full}; retry shortly")));
         }
 
         let now = self.clock.now();
@@ -62,6 +84,7 @@ impl Broker {
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
                 kind: PushKind::Challenge,
+                tenant: tenant.clone(),
                 challenge_id: created.id.clone(),
                 device_id: device.id.clone(),
                 platform,
@@ -150,6 +173,14 @@ fn new_challenge(
         deliveries,
         request_id: request.request_id,
     })
+}
+
+/// A CreateChallenge refused for overload, counted by tenant and by the setting
+/// whose limit was reached (the message names it too).
+fn shed(tenant: &TenantId, setting: &'static str, message: String) -> DomainError {
+    metrics::counter!(names::CHALLENGES_SHED, "tenant" => tenant.0.clone(), "limit" => setting).increment(1);
+    tracing::debug!(limit = setting, "CreateChallenge shed");
+    DomainError::ResourceExhausted(message)
 }
 
 fn refusal_error(refusal: Refusal) -> DomainError {

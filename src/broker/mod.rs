@@ -57,6 +57,10 @@ pub struct BrokerSettings {
     pub public_url: String,
     /// CreateChallenge calls worked on at once; past it they are refused at once.
     pub max_creates_in_flight: usize,
+    /// Of those, the most one tenant may hold (its share, `server.creates_share_per_tenant`);
+    /// past it that tenant is refused at once while the others still get permits.
+    /// At `max_creates_in_flight` or more, no tenant is limited beyond the global cap.
+    pub max_creates_in_flight_per_tenant: usize,
 }
 
 /// A tenant as the domain sees it.
@@ -133,6 +137,12 @@ pub struct Broker {
     /// the push queue take, a caller hears RESOURCE_EXHAUSTED at once and backs off,
     /// instead of waiting in a queue that only grows (BENCHMARKS.md, the herd).
     creating: tokio::sync::Semaphore,
+    /// Each tenant's own permits, taken before a global one: a tenant's herd (its IdP
+    /// in a retry storm, or a stolen key) holds at most its share of `creating`, and
+    /// the other tenants' sign-ins still find permits. Built up front from the
+    /// configured tenants and never changed, so the hot path takes no lock; empty
+    /// when a share would be the whole cap.
+    tenant_creating: HashMap<TenantId, tokio::sync::Semaphore>,
 }
 
 impl Broker {
@@ -144,9 +154,15 @@ impl Broker {
         tenants: Vec<Tenant>,
         secrets: SecretBox,
     ) -> Self {
-        let tenants = tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
         let creating = tokio::sync::Semaphore::new(settings.max_creates_in_flight);
-        Self { store, dispatcher, clock, settings, tenants, secrets, creating }
+        let per_tenant = settings.max_creates_in_flight_per_tenant;
+        let tenant_creating = if per_tenant < settings.max_creates_in_flight {
+            tenants.iter().map(|t| (t.id.clone(), tokio::sync::Semaphore::new(per_tenant))).collect()
+        } else {
+            HashMap::new()
+        };
+        let tenants = tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
+        Self { store, dispatcher, clock, settings, tenants, secrets, creating, tenant_creating }
     }
 
     fn issuer(&self, tenant: &TenantId) -> String {
@@ -192,6 +208,7 @@ impl Broker {
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
                 kind: PushKind::Clear { state: challenge.state },
+                tenant: challenge.tenant.clone(),
                 challenge_id: challenge.id.clone(),
                 device_id: device.id.clone(),
                 platform,

@@ -24,6 +24,8 @@ struct Fixture {
     clock: ManualClock,
     fcm: RecordingPushSender,
     tenant: TenantId,
+    /// A second tenant, for the rules between tenants.
+    other: TenantId,
     _dir: tempfile::TempDir,
 }
 
@@ -45,10 +47,15 @@ fn settings() -> BrokerSettings {
         max_clock_skew: Duration::from_secs(300),
         public_url: "https://mfa.example.com".into(),
         max_creates_in_flight: 4,
+        max_creates_in_flight_per_tenant: 2,
     }
 }
 
 async fn fixture() -> Fixture {
+    fixture_with(DispatcherSettings::default()).await
+}
+
+async fn fixture_with(dispatcher: DispatcherSettings) -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = ManualClock::starting_now();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("store"));
@@ -62,39 +69,51 @@ fn fixture_on(store: Arc<dyn Store>, clock: ManualClock, dir: tempfile::TempDir)
         vec![Arc::new(fcm.clone())],
         Arc::new(DeliveryRecorder::new(Arc::clone(&store))),
         Arc::new(clock.clone()),
-        DispatcherSettings::default(),
+        dispatcher,
         Arc::new(DispatcherCounters::default()),
         tokio_util::sync::CancellationToken::new(),
     );
-    let tenant = TenantId("acme".into());
+    let (tenant, other) = (TenantId("acme".into()), TenantId("globex".into()));
     let broker = Broker::new(
         Arc::clone(&store),
         dispatcher,
         Arc::new(clock.clone()),
         settings(),
-        vec![Tenant { id: tenant.clone(), display_name: "Acme".into() }],
+        vec![
+            Tenant { id: tenant.clone(), display_name: "Acme".into() },
+            Tenant { id: other.clone(), display_name: "Globex".into() },
+        ],
         SecretBox::new(&[9u8; 32]),
     );
-    Fixture { broker, store, clock, fcm, tenant, _dir: dir }
+    Fixture { broker, store, clock, fcm, tenant, other, _dir: dir }
 }
 
 impl Fixture {
     /// Enrolls a push device (FCM) for `user` straight through the store.
     async fn enroll(&self, user: &UserId) -> Device {
+        self.enroll_in(&self.tenant, user).await
+    }
+
+    /// Enrolls a push device (FCM) for `user` of `tenant`.
+    async fn enroll_in(&self, tenant: &TenantId, user: &UserId) -> Device {
         let now = self.clock.now();
-        let enrollment = sample_enrollment(&self.tenant, user, now);
+        let enrollment = sample_enrollment(tenant, user, now);
         let limits = crate::store::conformance::limits();
         self.store.insert_enrollment(enrollment.clone(), &limits, now).await.expect("insert");
-        let device = sample_device(&self.tenant, user, now);
+        let device = sample_device(tenant, user, now);
         let code = enrollment.code_digest.as_ref().expect("code");
         self.store.complete_enrollment(code, device.clone(), &limits, now).await.expect("complete");
         device
     }
 
     async fn create(&self, user: &UserId, ttl_seconds: u32) -> Result<Challenge, DomainError> {
+        self.create_in(&self.tenant, user, ttl_seconds).await
+    }
+
+    async fn create_in(&self, tenant: &TenantId, user: &UserId, ttl_seconds: u32) -> Result<Challenge, DomainError> {
         let request =
             ChallengeRequest { user_id: user.clone(), context: SignInContext::default(), ttl_seconds, request_id: None };
-        self.broker.create_challenge(&self.tenant, request).await
+        self.broker.create_challenge(tenant, request).await
     }
 }
 
@@ -133,6 +152,84 @@ async fn creates_past_the_in_flight_cap_are_shed_at_once_and_go_through_after() 
 
     drop(held);
     f.create(&jan, 0).await.expect("a permit is free again");
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_share_of_creates_is_shed_while_another_tenant_still_creates() {
+    let f = fixture().await;
+    let jan = user("jan");
+    f.enroll_in(&f.tenant, &jan).await;
+    f.enroll_in(&f.other, &jan).await;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let metrics = recorder.handle();
+    // This test's calls run on this thread: its counters land in this recorder.
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    // Acme's herd holds its whole share in flight: its 2 permits of its own, and the
+    // 2 of the 4 global permits those calls took.
+    let herd = (
+        f.broker.tenant_creating[&f.tenant].try_acquire_many(2).expect("acme's share"),
+        f.broker.creating.try_acquire_many(2).expect("global permits"),
+    );
+    let error = f.create_in(&f.tenant, &jan, 0).await.expect_err("acme is past its share");
+    assert_eq!(error.kind(), ErrorKind::ResourceExhausted);
+    assert!(error.to_string().contains("server.creates_share_per_tenant"), "{error}");
+    assert!(f.store.pending_challenges(&f.tenant, &jan, f.clock.now()).await.expect("read").is_empty(), "nothing stored");
+    assert_eq!(f.broker.creating.available_permits(), 2, "the refusal took no global permit");
+
+    // Globex's sign-ins go through the permits acme cannot reach.
+    f.create_in(&f.other, &jan, 0).await.expect("globex still creates");
+    let shed = metrics.render();
+    let series = r#"pushmatch_challenges_shed_total{tenant="acme",limit="server.creates_share_per_tenant"} 1"#;
+    assert!(shed.contains(series), "{series} in\n{shed}");
+    assert!(!shed.contains(r#"pushmatch_challenges_shed_total{tenant="globex""#), "globex was not shed:\n{shed}");
+
+    drop(herd);
+    f.create_in(&f.tenant, &jan, 0).await.expect("acme's share is free again");
+}
+
+#[tokio::test]
+async fn a_tenant_past_its_share_of_the_push_queue_is_refused_while_another_tenant_still_pushes() {
+    let f = fixture_with(DispatcherSettings {
+        queue_capacity: 4,
+        max_in_flight: 1,
+        tenants: vec![TenantId("acme".into()), TenantId("globex".into())],
+        max_queued_per_tenant: 2,
+        ..DispatcherSettings::default()
+    })
+    .await;
+    // The provider holds every send: one push is in flight, the rest wait in the queue.
+    f.fcm.hold();
+    let users: Vec<UserId> = (0..8).map(|i| user(&format!("herd-{i}"))).collect();
+    for herd in &users {
+        f.enroll_in(&f.tenant, herd).await;
+    }
+    let piet = user("piet");
+    f.enroll_in(&f.other, &piet).await;
+
+    // Acme's burst meets its share of two within four challenges (the worker takes at
+    // most two pushes off the queue while the provider holds them).
+    let mut created = 0;
+    let error = loop {
+        match f.create_in(&f.tenant, &users[created], 0).await {
+            Ok(_) => created += 1,
+            Err(error) => break error,
+        }
+        assert!(created <= 4, "acme's burst was never refused");
+    };
+    assert_eq!(error.kind(), ErrorKind::ResourceExhausted);
+    assert!(
+        error.to_string().contains("push queue is full") && error.to_string().contains("push.queue_share_per_tenant"),
+        "{error}"
+    );
+    assert!(f.store.pending_challenges(&f.tenant, &users[created], f.clock.now()).await.expect("read").is_empty());
+
+    // Globex's challenge is created and its push queued behind acme's.
+    let challenge = f.create_in(&f.other, &piet, 0).await.expect("globex still creates");
+    f.fcm.release();
+    tokio::time::timeout(Duration::from_secs(10), f.fcm.wait_for(|job| job.challenge_id == challenge.id))
+        .await
+        .expect("globex's push is sent");
 }
 
 #[tokio::test]

@@ -2,6 +2,8 @@
 //! variables (`PUSHMATCH_` + the key's path in capitals joined by `__`, e.g.
 //! `PUSHMATCH_SERVER__LISTEN=0.0.0.0:50051`). Everything is validated before a port
 //! opens. The environment is passed in, so tests need no process globals.
+//! `validate` holds the checks, `settings` the translation into each module's
+//! settings.
 //!
 //! The layering is written here by hand (about fifty lines over `toml::Value`)
 //! rather than with figment or config-rs: those read the process environment
@@ -9,20 +11,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
 pub use crate::push::settings::{ApnsConfig, FcmConfig, PushConfig};
 pub use crate::telemetry::{LogConfig, LogFormat, TracingConfig};
 
-use crate::broker::{BrokerSettings, Tenant};
-use crate::domain::api_key::TenantKeys;
-use crate::domain::ids::TenantId;
-use crate::domain::ports::{AdmissionPolicy, EnrollmentLimits, StrikePolicy, TotpPolicy};
-use crate::push::dispatcher::DispatcherSettings;
-use crate::tls::TlsFiles;
-
+mod settings;
 mod validate;
 
 /// The environment variable that names the configuration file.
@@ -107,6 +102,10 @@ pub struct ServerConfig {
     /// CreateChallenge calls this replica works on at once; past it a call is refused
     /// at once with RESOURCE_EXHAUSTED instead of queueing (load shedding in a burst).
     pub max_creates_in_flight: u32,
+    /// The share of `max_creates_in_flight` one tenant may hold, above 0.0 and at most
+    /// 1.0 (rounded up, at least one call); past it that tenant is refused at once
+    /// while the others still get the rest. With a single tenant it limits nothing.
+    pub creates_share_per_tenant: f64,
     /// Deadline for a unary call (watch streams are not bound by it).
     pub request_timeout_seconds: u32,
     /// How long shutdown waits for calls to finish.
@@ -127,6 +126,7 @@ impl Default for ServerConfig {
             max_connection_age_grace_seconds: 0,
             max_concurrent_requests_per_connection: 256,
             max_creates_in_flight: 256,
+            creates_share_per_tenant: 0.5,
             request_timeout_seconds: 30,
             shutdown_grace_seconds: 10,
         }
@@ -356,87 +356,6 @@ impl Config {
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
         self.server.listen.parse().map_err(|e| invalid("server.listen", format!("not an address: {e}")))
     }
-
-    pub fn broker_settings(&self) -> BrokerSettings {
-        let seconds = |s: u32| Duration::from_secs(u64::from(s));
-        BrokerSettings {
-            default_ttl: seconds(self.challenge.default_ttl_seconds),
-            max_ttl: seconds(self.challenge.max_ttl_seconds),
-            admission: AdmissionPolicy {
-                max_pending: self.limits.max_pending_per_user,
-                max_per_window: self.limits.max_challenges_per_window,
-                window: seconds(self.limits.challenge_window_seconds),
-                // A fraud report may come for a challenge that ended up to the fraud
-                // window ago: it must still be there to be found.
-                retention: seconds(self.challenge.retention_seconds.max(self.limits.fraud_report_window_seconds)),
-            },
-            wrong_numbers: StrikePolicy {
-                limit: self.limits.wrong_number_limit,
-                window: seconds(self.limits.wrong_number_window_seconds),
-                block_for: seconds(self.limits.wrong_number_block_seconds),
-            },
-            totp_lockout: TotpPolicy {
-                strikes: StrikePolicy {
-                    limit: self.limits.totp_failure_limit,
-                    window: seconds(self.limits.totp_failure_window_seconds),
-                    block_for: seconds(self.limits.totp_lockout_seconds),
-                },
-                max_consecutive: self.limits.totp_max_consecutive_failures,
-            },
-            enrollment_limits: EnrollmentLimits {
-                max_devices: self.limits.max_devices_per_user,
-                max_open_enrollments: self.limits.max_open_enrollments_per_user,
-            },
-            fraud_report_window: seconds(self.limits.fraud_report_window_seconds),
-            enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
-            max_clock_skew: seconds(self.device.max_clock_skew_seconds),
-            public_url: self.server.public_url.clone(),
-            max_creates_in_flight: self.server.max_creates_in_flight as usize,
-        }
-    }
-
-    pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
-        let urls = if self.store.redis_cluster_urls.is_empty() {
-            vec![self.store.redis_url.clone()]
-        } else {
-            self.store.redis_cluster_urls.clone()
-        };
-        crate::store::redis::RedisSettings {
-            urls,
-            operation_timeout: Duration::from_millis(u64::from(self.store.operation_timeout_ms)),
-        }
-    }
-
-    /// The certificate files of the gRPC port; `None` serves plain gRPC (validation
-    /// made sure that the certificate and key come together).
-    pub fn tls_files(&self) -> Option<TlsFiles> {
-        let server = &self.server;
-        let (cert, key) = (server.tls_cert_path.clone()?, server.tls_key_path.clone()?);
-        Some(TlsFiles {
-            cert,
-            key,
-            client_ca: server.tls_client_ca_path.clone(),
-            reload_interval: Duration::from_secs(u64::from(server.tls_reload_interval_seconds)),
-        })
-    }
-
-    /// Every tenant's accepted API-key digests.
-    pub fn tenant_keys(&self) -> TenantKeys {
-        TenantKeys::new(self.tenants.iter().map(|t| (TenantId(t.id.clone()), t.api_key_sha256.as_slice())))
-    }
-
-    pub fn dispatcher_settings(&self) -> DispatcherSettings {
-        DispatcherSettings {
-            queue_capacity: self.push.queue_capacity as usize,
-            max_in_flight: self.push.max_in_flight as usize,
-            max_attempts: self.push.max_attempts,
-            ..DispatcherSettings::default()
-        }
-    }
-
-    pub fn domain_tenants(&self) -> Vec<Tenant> {
-        self.tenants.iter().map(|t| Tenant { id: TenantId(t.id.clone()), display_name: t.display_name.clone() }).collect()
-    }
 }
 
 /// Deep-merges `overlay` into `base`: tables merge key by key, anything else replaces.
@@ -592,6 +511,10 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
             (TENANT.replace("6b86", "zz86"), vec![], "tenants.api_key_sha256"),
             (TENANT.into(), env(&[("PUSHMATCH_LIMITS__MAX_PENDING_PER_USER", "0")]), "limits.max_pending_per_user"),
             (TENANT.into(), env(&[("PUSHMATCH_SERVER__MAX_CREATES_IN_FLIGHT", "0")]), "server.max_creates_in_flight"),
+            (TENANT.into(), env(&[("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "0")]), "server.creates_share_per_tenant"),
+            (TENANT.into(), env(&[("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "nan")]), "server.creates_share_per_tenant"),
+            (TENANT.into(), env(&[("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "1.5")]), "push.queue_share_per_tenant"),
+            (TENANT.into(), env(&[("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "-0.5")]), "push.queue_share_per_tenant"),
             (TENANT.into(), env(&[("PUSHMATCH_STORE__BACKEND", "mysql")]), "backend"),
         ];
         for (text, env, expected) in cases {
@@ -599,6 +522,31 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
             let error = Config::load(Some(file.path()), env).expect_err("invalid");
             assert!(error.to_string().contains(expected), "{error} should name {expected}");
         }
+    }
+
+    #[test]
+    fn each_tenants_share_is_a_rounded_up_part_of_the_whole_and_a_lone_tenant_has_all() {
+        let second = TENANT.replace("gors", "acme").replace("Gors", "Acme").replace("6b86", "7b86");
+        let two = file(&format!("{TENANT}{second}"));
+        let parts = |file: &tempfile::NamedTempFile, pairs: &[(&str, &str)]| {
+            let config = Config::load(Some(file.path()), env(pairs)).expect("loads").config;
+            let dispatcher = config.dispatcher_settings();
+            (
+                config.broker_settings().max_creates_in_flight_per_tenant,
+                dispatcher.max_queued_per_tenant,
+                dispatcher.tenants.len(),
+            )
+        };
+        assert_eq!(parts(&two, &[]), (128, 5_000, 2), "half of 256 and of 10000 by default");
+        let small = [
+            ("PUSHMATCH_SERVER__MAX_CREATES_IN_FLIGHT", "3"),
+            ("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "0.5"),
+            ("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "0.00001"),
+        ];
+        assert_eq!(parts(&two, &small), (2, 1, 2), "rounded up: every tenant gets at least one");
+        let whole = [("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "1"), ("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "1.0")];
+        assert_eq!(parts(&two, &whole), (256, 10_000, 2));
+        assert_eq!(parts(&file(TENANT), &[]), (256, 10_000, 1), "a lone tenant has nobody to share with");
     }
 
     #[test]

@@ -41,6 +41,7 @@ impl Config {
         if self.server.max_creates_in_flight == 0 {
             return Err(invalid("server.max_creates_in_flight", "must be at least 1"));
         }
+        check_share("server.creates_share_per_tenant", self.server.creates_share_per_tenant, "server.max_creates_in_flight")?;
         if self.server.request_timeout_seconds == 0 {
             return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
         }
@@ -128,7 +129,7 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        Ok(())
+        check_share("push.queue_share_per_tenant", self.push.queue_share_per_tenant, "push.queue_capacity")
     }
 
     fn validate_tenants(&self) -> Result<(), ConfigError> {
@@ -167,4 +168,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// A tenant's share of a resource: a fraction above 0.0 (a tenant must be able to
+/// sign anyone in) and at most 1.0 (all of it: no share). NaN fails both.
+fn check_share(key: &'static str, share: f64, of: &str) -> Result<(), ConfigError> {
+    if share > 0.0 && share <= 1.0 {
+        return Ok(());
+    }
+    Err(invalid(key, format!("{share} is not a fraction of {of} above 0.0 and at most 1.0 (0.5: half)")))
 }

@@ -308,7 +308,7 @@ mod tests {
 
     use super::*;
     use crate::domain::challenge::ChallengeState;
-    use crate::domain::ids::{ChallengeId, DeviceId};
+    use crate::domain::ids::{ChallengeId, DeviceId, TenantId};
     use crate::domain::time::Millis;
 
     fn tokens() -> (ProviderTokens, VerifyingKey) {
@@ -410,6 +410,7 @@ mod tests {
     fn payloads_carry_the_id_and_expiry_never_a_number() {
         let job = PushJob {
             kind: PushKind::Challenge,
+            tenant: TenantId("t".into()),
             challenge_id: ChallengeId::generate().expect("id"),
             device_id: DeviceId::generate().expect("id"),
             platform: Platform::Apns,

@@ -2,7 +2,10 @@
 //!
 //! CreateChallenge enqueues one job per device and returns at once. When the queue
 //! is full, enqueueing fails and the caller answers RESOURCE_EXHAUSTED: overload is
-//! refused quickly instead of queueing without bound. Jobs run concurrently up to a
+//! refused quickly instead of queueing without bound. Each tenant's jobs in the queue
+//! are counted, and past its share (`push.queue_share_per_tenant`) that tenant's
+//! jobs are refused while the others' still go in: one tenant's burst cannot fill
+//! the queue for everyone. Jobs run concurrently up to a
 //! limit, and each provider's sends up to that provider's own limit (a slow provider
 //! holds its own permits, not the other's sends); retryable failures back off
 //! exponentially with jitter, honour the provider's Retry-After, and never retry
@@ -18,8 +21,10 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
+use super::shares::{ShareSlot, TenantShares};
 use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, redact_token};
 use crate::domain::challenge::{DeliveryState, Platform};
+use crate::domain::ids::TenantId;
 use crate::domain::time::Clock;
 use crate::telemetry::TraceOrigin;
 use crate::telemetry::metrics::names;
@@ -31,6 +36,12 @@ pub struct DispatcherSettings {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// The tenants whose jobs are counted, each against `max_queued_per_tenant`. A
+    /// job of a tenant not listed counts against the whole queue only.
+    pub tenants: Vec<TenantId>,
+    /// Jobs of one tenant waiting in the queue at most; at `queue_capacity` or more
+    /// nothing is counted per tenant.
+    pub max_queued_per_tenant: usize,
 }
 
 impl Default for DispatcherSettings {
@@ -41,13 +52,30 @@ impl Default for DispatcherSettings {
             max_attempts: 5,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
+            tenants: Vec::new(),
+            max_queued_per_tenant: usize::MAX,
         }
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("the push queue is full")]
-pub struct QueueFull;
+/// Why a job found no room; the message names the setting that bounds it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum QueueFull {
+    #[error("the push queue is full (push.queue_capacity)")]
+    Queue,
+    #[error("the push queue is full for this tenant: its pushes waiting fill its share (push.queue_share_per_tenant)")]
+    TenantShare,
+}
+
+impl QueueFull {
+    /// The configuration key of the limit that was reached (a metric label).
+    pub fn setting(self) -> &'static str {
+        match self {
+            Self::Queue => "push.queue_capacity",
+            Self::TenantShare => "push.queue_share_per_tenant",
+        }
+    }
+}
 
 /// Jobs accepted into the queue since start; the end-to-end tests read it to see
 /// that a refused call queued nothing.
@@ -56,15 +84,16 @@ pub struct DispatcherCounters {
     pub enqueued: AtomicU64,
 }
 
-/// A queued job and the trace it was queued in (the CreateChallenge call), so the
-/// push's span continues that call's trace.
-type QueuedJob = (PushJob, TraceOrigin);
+/// A queued job, the trace it was queued in (the CreateChallenge call), so the
+/// push's span continues that call's trace, and its place in its tenant's share.
+type QueuedJob = (PushJob, TraceOrigin, Option<ShareSlot>);
 
 /// The handle that enqueues jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
     queue: mpsc::Sender<QueuedJob>,
     counters: Arc<DispatcherCounters>,
+    shares: Arc<TenantShares>,
 }
 
 impl Dispatcher {
@@ -78,6 +107,7 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Self {
         let (queue, jobs) = mpsc::channel(settings.queue_capacity.max(1));
+        let shares = Arc::new(TenantShares::new(&settings.tenants, settings.max_queued_per_tenant, settings.queue_capacity));
         let provider_limits = senders
             .iter()
             .filter_map(|sender| Some((sender.platform(), Arc::new(Semaphore::new(sender.max_in_flight()?.max(1))))))
@@ -85,19 +115,29 @@ impl Dispatcher {
         let senders = senders.into_iter().map(|sender| (sender.platform(), sender)).collect();
         let worker = Worker { senders, provider_limits, reporter, clock, settings: settings.clone() };
         tokio::spawn(worker.run(jobs, shutdown));
-        Self { queue, counters }
+        Self { queue, counters, shares }
     }
 
-    /// Queues a job without waiting; fails at once when the queue is full.
+    /// Queues a job without waiting; fails at once when the queue is full or the
+    /// job's tenant has its share of it waiting already.
     pub fn enqueue(&self, job: PushJob) -> Result<(), QueueFull> {
-        self.queue.try_send((job, TraceOrigin::current())).map_err(|_| QueueFull)?;
+        let slot = self.shares.take(&job.tenant)?;
+        // A refused job comes back with its slot, which is dropped here: given back.
+        self.queue.try_send((job, TraceOrigin::current(), slot)).map_err(|_| QueueFull::Queue)?;
         self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Whether `count` more jobs fit now (CreateChallenge checks before it creates).
-    pub fn has_room_for(&self, count: usize) -> bool {
-        self.queue.capacity() >= count
+    /// Whether `count` more jobs of `tenant` fit now (CreateChallenge checks before
+    /// it creates); the tenant's share is checked first, so a tenant past it hears so.
+    pub fn room_for(&self, tenant: &TenantId, count: usize) -> Result<(), QueueFull> {
+        if !self.shares.has_room(tenant, count) {
+            return Err(QueueFull::TenantShare);
+        }
+        if self.queue.capacity() < count {
+            return Err(QueueFull::Queue);
+        }
+        Ok(())
     }
 
     /// Jobs waiting in the queue now (the metrics endpoint samples it).
@@ -128,7 +168,10 @@ impl Worker {
                 job = jobs.recv() => job,
                 () = shutdown.cancelled() => None,
             };
-            let Some((job, origin)) = job else { return };
+            let Some((job, origin, share)) = job else { return };
+            // The job has left the queue: its tenant's share has room for another
+            // (as the queue has), whether or not a send slot is free yet.
+            drop(share);
             let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
             let worker = Arc::clone(&this);
             let span = tracing::info_span!("push", challenge_id = %job.challenge_id, device_id = %job.device_id, platform = job.platform.name());
@@ -280,8 +323,13 @@ mod tests {
     }
 
     fn job(platform: Platform, clock: &ManualClock) -> PushJob {
+        job_of("t", platform, clock)
+    }
+
+    fn job_of(tenant: &str, platform: Platform, clock: &ManualClock) -> PushJob {
         PushJob {
             kind: PushKind::Challenge,
+            tenant: TenantId(tenant.into()),
             challenge_id: ChallengeId::generate().expect("id"),
             device_id: DeviceId::generate().expect("id"),
             platform,
@@ -444,6 +492,85 @@ mod tests {
             .expect("alive");
         assert_eq!(apns.most.load(Ordering::SeqCst), 2);
         assert_eq!(fcm.most.load(Ordering::SeqCst), 3);
+    }
+
+    fn tenant(id: &str) -> TenantId {
+        TenantId(id.into())
+    }
+
+    #[tokio::test]
+    async fn a_tenant_past_its_share_of_the_queue_is_refused_while_another_still_enqueues() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        // One send at a time, held at the gate: from then on the queue only fills.
+        let fcm = Gate::new(Platform::Fcm, 1);
+        let settings = DispatcherSettings {
+            queue_capacity: 4,
+            max_in_flight: 1,
+            tenants: vec![tenant("a"), tenant("b")],
+            max_queued_per_tenant: 2,
+            ..DispatcherSettings::default()
+        };
+        let dispatcher = Dispatcher::start(
+            vec![fcm.clone()],
+            reports.clone(),
+            Arc::new(clock.clone()),
+            settings,
+            Arc::default(),
+            CancellationToken::new(),
+        );
+
+        // The worker takes at most two jobs off the queue (one at the gate, one waiting
+        // for the send slot), so a's burst meets its share of two within four jobs.
+        let mut accepted = 0;
+        let refused = loop {
+            match dispatcher.enqueue(job_of("a", Platform::Fcm, &clock)) {
+                Ok(()) => accepted += 1,
+                Err(full) => break full,
+            }
+            assert!(accepted <= 4, "a's burst was never refused");
+        };
+        assert_eq!(refused, QueueFull::TenantShare);
+        assert_eq!(dispatcher.room_for(&tenant("a"), 1), Err(QueueFull::TenantShare));
+        // a's share is half the queue: b's jobs still fit.
+        dispatcher.room_for(&tenant("b"), 2).expect("room for b");
+        dispatcher.enqueue(job_of("b", Platform::Fcm, &clock)).expect("b enqueues past a's burst");
+        dispatcher.enqueue(job_of("b", Platform::Fcm, &clock)).expect("b enqueues its share");
+
+        // Once the jobs have left the queue, a has its whole share again.
+        fcm.open.send_replace(true);
+        let mut seen = reports.seen.subscribe();
+        tokio::time::timeout(Duration::from_secs(5), seen.wait_for(|seen| seen.len() == accepted + 2))
+            .await
+            .expect("all sent")
+            .expect("alive");
+        dispatcher.room_for(&tenant("a"), 2).expect("a's share is free again");
+        dispatcher.enqueue(job_of("a", Platform::Fcm, &clock)).expect("a enqueues again");
+    }
+
+    #[tokio::test]
+    async fn a_job_the_queue_refuses_gives_its_place_in_the_tenants_share_back() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        let settings = DispatcherSettings {
+            queue_capacity: 4,
+            tenants: vec![tenant("a"), tenant("b")],
+            max_queued_per_tenant: 1,
+            ..DispatcherSettings::default()
+        };
+        let shutdown = CancellationToken::new();
+        let dispatcher = Dispatcher::start(vec![], reports, Arc::new(clock.clone()), settings, Arc::default(), shutdown.clone());
+        // A stopped worker closes the queue: every job is refused by the queue itself.
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), dispatcher.queue.closed()).await.expect("the worker stops");
+        for _ in 0..3 {
+            assert_eq!(
+                dispatcher.enqueue(job_of("a", Platform::Fcm, &clock)),
+                Err(QueueFull::Queue),
+                "not a's share: it was given back"
+            );
+        }
+        dispatcher.room_for(&tenant("a"), 1).expect("a's share is empty");
     }
 
     #[test]

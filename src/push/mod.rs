@@ -1,6 +1,7 @@
 //! Pushes to phones. [`PushSender`] is one provider (APNs, FCM); the
-//! [`dispatcher::Dispatcher`] queues jobs, sends them with bounded concurrency,
-//! retries, and reports each delivery's state back through [`DeliveryReporter`].
+//! [`dispatcher::Dispatcher`] queues jobs (each tenant's within its share of the
+//! queue, `shares`), sends them with bounded concurrency, retries, and reports each
+//! delivery's state back through [`DeliveryReporter`].
 //! `push/` never touches the store: the broker implements the reporter.
 //!
 //! A push carries the challenge id and its expiry, never the number.
@@ -16,13 +17,14 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::domain::challenge::{ChallengeState, DeliveryState, Platform};
-use crate::domain::ids::{ChallengeId, DeviceId};
+use crate::domain::ids::{ChallengeId, DeviceId, TenantId};
 use crate::domain::time::{Clock, Millis};
 
 pub mod apns;
 pub mod dispatcher;
 pub mod fcm;
 pub mod settings;
+mod shares;
 pub mod transport;
 
 use settings::{ApnsConfig, FcmConfig, PushConfig};
@@ -43,6 +45,9 @@ pub enum PushKind {
 #[derive(Clone, Debug)]
 pub struct PushJob {
     pub kind: PushKind,
+    /// Whose sign-in: the dispatcher counts each tenant's jobs in the queue against
+    /// its share (`push.queue_share_per_tenant`).
+    pub tenant: TenantId,
     pub challenge_id: ChallengeId,
     pub device_id: DeviceId,
     pub platform: Platform,

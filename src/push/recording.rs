@@ -1,5 +1,6 @@
 //! A fake provider for tests: records every job and answers `Sent` (or what the test
-//! scripted). Jobs can be awaited, so tests wait on the event, not on a timer.
+//! scripted), or holds its answers until released, the way a stalled provider does.
+//! Jobs can be awaited, so tests wait on the event, not on a timer.
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub struct RecordingPushSender {
     platform: Platform,
     jobs: Arc<watch::Sender<Vec<PushJob>>>,
     outcome: Arc<parking_lot::Mutex<SendOutcome>>,
+    /// While true, every send waits (after it is recorded) until it turns false.
+    held: Arc<watch::Sender<bool>>,
 }
 
 impl RecordingPushSender {
@@ -22,7 +25,19 @@ impl RecordingPushSender {
             platform,
             jobs: Arc::new(watch::Sender::new(Vec::new())),
             outcome: Arc::new(parking_lot::Mutex::new(SendOutcome::Sent)),
+            held: Arc::new(watch::Sender::new(false)),
         }
+    }
+
+    /// Holds every later send, and those waiting, until [`Self::release`]: the
+    /// dispatcher's sends stay in flight and its queue fills, as with a stalled provider.
+    pub fn hold(&self) {
+        self.held.send_replace(true);
+    }
+
+    /// Lets every held send answer.
+    pub fn release(&self) {
+        self.held.send_replace(false);
     }
 
     /// What every later send answers.
@@ -57,6 +72,8 @@ impl PushSender for RecordingPushSender {
     async fn send(&self, job: &PushJob) -> SendOutcome {
         let outcome = self.outcome.lock().clone();
         self.jobs.send_modify(|jobs| jobs.push(job.clone()));
+        // The sender lives in `self`, so the channel cannot close while we wait.
+        let _ = self.held.subscribe().wait_for(|held| !*held).await;
         outcome
     }
 }

@@ -11,6 +11,11 @@ use serde::{Deserialize, Serialize};
 pub struct PushConfig {
     /// Push jobs waiting to be sent; when full, CreateChallenge answers RESOURCE_EXHAUSTED.
     pub queue_capacity: u32,
+    /// The share of `queue_capacity` one tenant's pushes may fill, above 0.0 and at
+    /// most 1.0 (rounded up, at least one push); past it that tenant's CreateChallenge
+    /// answers RESOURCE_EXHAUSTED while the others' pushes still go in. With a single
+    /// tenant it limits nothing.
+    pub queue_share_per_tenant: f64,
     /// Pushes in flight at once.
     pub max_in_flight: u32,
     pub max_attempts: u32,
@@ -22,7 +27,7 @@ pub struct PushConfig {
 
 impl Default for PushConfig {
     fn default() -> Self {
-        Self { queue_capacity: 10_000, max_in_flight: 2_000, max_attempts: 5, apns: None, fcm: None }
+        Self { queue_capacity: 10_000, queue_share_per_tenant: 0.5, max_in_flight: 2_000, max_attempts: 5, apns: None, fcm: None }
     }
 }
 

@@ -32,8 +32,10 @@ pub mod names {
     pub const GRPC_HANDLING_SECONDS: &str = "grpc_server_handling_seconds";
     /// Counter {tenant}: challenges created (not the idempotent repeats).
     pub const CHALLENGES_CREATED: &str = "pushmatch_challenges_created_total";
-    /// Counter: CreateChallenge calls refused because `server.max_creates_in_flight`
-    /// were being worked on already.
+    /// Counter {tenant, limit}: CreateChallenge calls refused at once for overload,
+    /// by the caller's tenant and the setting whose limit was reached (limit:
+    /// server.max_creates_in_flight, server.creates_share_per_tenant,
+    /// push.queue_capacity, push.queue_share_per_tenant).
     pub const CHALLENGES_SHED: &str = "pushmatch_challenges_shed_total";
     /// Counter {outcome, deny_reason}: challenges that reached a final state.
     /// outcome: approved, denied, expired, cancelled, fraud_reported;
@@ -161,7 +163,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::GRPC_HANDLED, Kind::Counter, "gRPC calls completed on the server, by status code (streams when they end)"),
     (names::GRPC_HANDLING_SECONDS, Kind::Seconds, "gRPC call latency until the response (or stream) ended"),
     (names::CHALLENGES_CREATED, Kind::Counter, "challenges created"),
-    (names::CHALLENGES_SHED, Kind::Counter, "CreateChallenge calls shed: server.max_creates_in_flight reached"),
+    (names::CHALLENGES_SHED, Kind::Counter, "CreateChallenge calls shed for overload, by tenant and the limit reached"),
     (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by outcome"),
     (names::CHALLENGES_LIVE, Kind::Gauge, "PENDING challenges in the store"),
     (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge streams on this replica"),

@@ -1,0 +1,112 @@
+//! Translation: each module's settings from the configuration, so that no module
+//! but `config/` (and the wiring in `server/`) reads a `Config`.
+
+use std::time::Duration;
+
+use super::Config;
+use crate::broker::{BrokerSettings, Tenant};
+use crate::domain::api_key::TenantKeys;
+use crate::domain::ids::TenantId;
+use crate::domain::ports::{AdmissionPolicy, EnrollmentLimits, StrikePolicy, TotpPolicy};
+use crate::push::dispatcher::DispatcherSettings;
+use crate::tls::TlsFiles;
+
+impl Config {
+    pub fn broker_settings(&self) -> BrokerSettings {
+        let seconds = |s: u32| Duration::from_secs(u64::from(s));
+        BrokerSettings {
+            default_ttl: seconds(self.challenge.default_ttl_seconds),
+            max_ttl: seconds(self.challenge.max_ttl_seconds),
+            admission: AdmissionPolicy {
+                max_pending: self.limits.max_pending_per_user,
+                max_per_window: self.limits.max_challenges_per_window,
+                window: seconds(self.limits.challenge_window_seconds),
+                // A fraud report may come for a challenge that ended up to the fraud
+                // window ago: it must still be there to be found.
+                retention: seconds(self.challenge.retention_seconds.max(self.limits.fraud_report_window_seconds)),
+            },
+            wrong_numbers: StrikePolicy {
+                limit: self.limits.wrong_number_limit,
+                window: seconds(self.limits.wrong_number_window_seconds),
+                block_for: seconds(self.limits.wrong_number_block_seconds),
+            },
+            totp_lockout: TotpPolicy {
+                strikes: StrikePolicy {
+                    limit: self.limits.totp_failure_limit,
+                    window: seconds(self.limits.totp_failure_window_seconds),
+                    block_for: seconds(self.limits.totp_lockout_seconds),
+                },
+                max_consecutive: self.limits.totp_max_consecutive_failures,
+            },
+            enrollment_limits: EnrollmentLimits {
+                max_devices: self.limits.max_devices_per_user,
+                max_open_enrollments: self.limits.max_open_enrollments_per_user,
+            },
+            fraud_report_window: seconds(self.limits.fraud_report_window_seconds),
+            enrollment_ttl: seconds(self.enrollment.code_ttl_seconds),
+            max_clock_skew: seconds(self.device.max_clock_skew_seconds),
+            public_url: self.server.public_url.clone(),
+            max_creates_in_flight: self.server.max_creates_in_flight as usize,
+            max_creates_in_flight_per_tenant: self
+                .tenant_part(self.server.max_creates_in_flight, self.server.creates_share_per_tenant),
+        }
+    }
+
+    /// One tenant's part of a resource of `total` that all tenants share: `share` of
+    /// it, rounded up so that every tenant gets at least one. All of it when a single
+    /// tenant is configured: a share protects tenants from each other, and a lone
+    /// tenant would only lose capacity to it.
+    fn tenant_part(&self, total: u32, share: f64) -> usize {
+        let total = total as usize;
+        if self.tenants.len() <= 1 {
+            return total;
+        }
+        // Validation keeps `share` in (0, 1], so the product is in (0, total].
+        ((total as f64 * share).ceil() as usize).clamp(1, total)
+    }
+
+    pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
+        let urls = if self.store.redis_cluster_urls.is_empty() {
+            vec![self.store.redis_url.clone()]
+        } else {
+            self.store.redis_cluster_urls.clone()
+        };
+        crate::store::redis::RedisSettings {
+            urls,
+            operation_timeout: Duration::from_millis(u64::from(self.store.operation_timeout_ms)),
+        }
+    }
+
+    /// The certificate files of the gRPC port; `None` serves plain gRPC (validation
+    /// made sure that the certificate and key come together).
+    pub fn tls_files(&self) -> Option<TlsFiles> {
+        let server = &self.server;
+        let (cert, key) = (server.tls_cert_path.clone()?, server.tls_key_path.clone()?);
+        Some(TlsFiles {
+            cert,
+            key,
+            client_ca: server.tls_client_ca_path.clone(),
+            reload_interval: Duration::from_secs(u64::from(server.tls_reload_interval_seconds)),
+        })
+    }
+
+    /// Every tenant's accepted API-key digests.
+    pub fn tenant_keys(&self) -> TenantKeys {
+        TenantKeys::new(self.tenants.iter().map(|t| (TenantId(t.id.clone()), t.api_key_sha256.as_slice())))
+    }
+
+    pub fn dispatcher_settings(&self) -> DispatcherSettings {
+        DispatcherSettings {
+            queue_capacity: self.push.queue_capacity as usize,
+            max_in_flight: self.push.max_in_flight as usize,
+            max_attempts: self.push.max_attempts,
+            tenants: self.tenants.iter().map(|t| TenantId(t.id.clone())).collect(),
+            max_queued_per_tenant: self.tenant_part(self.push.queue_capacity, self.push.queue_share_per_tenant),
+            ..DispatcherSettings::default()
+        }
+    }
+
+    pub fn domain_tenants(&self) -> Vec<Tenant> {
+        self.tenants.iter().map(|t| Tenant { id: TenantId(t.id.clone()), display_name: t.display_name.clone() }).collect()
+    }
+}
