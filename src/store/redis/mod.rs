@@ -296,7 +296,8 @@ mod tests {
     use super::{RedisSettings, RedisStore};
     use crate::domain::time::ManualClock;
 
-    async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
+    /// A store on `urls` (one: a single node; several: a cluster's seeds), on `clock`.
+    pub(super) async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
         RedisStore::connect(RedisSettings { urls, operation_timeout: Duration::from_secs(2) }, Arc::new(clock))
             .await
             .expect("store connects")

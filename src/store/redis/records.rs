@@ -324,3 +324,118 @@ impl RedisStore {
         }
     }
 }
+
+/// What the conformance suite cannot see: the claims and indexes behind the caps.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::super::RedisStore;
+    use super::super::keys::{Keys, public_key, user_tag};
+    use super::super::testing::{RedisCluster, RedisServer};
+    use super::super::tests::store_on;
+    use crate::domain::device::Device;
+    use crate::domain::ids::UserId;
+    use crate::domain::time::{Clock, ManualClock};
+    use crate::store::conformance::{Scope, sample_device, sample_enrollment};
+    use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome};
+
+    async fn holder(store: &RedisStore, device: &Device) -> Option<String> {
+        let fingerprint = device.public_key.as_ref().expect("a key").fingerprint().expect("fingerprint");
+        store.connection.query(redis::cmd("GET").arg(public_key(&fingerprint))).await.expect("get")
+    }
+
+    /// A completion refused for the user's cap leaves the key free; a completed one
+    /// holds it until its device is removed.
+    async fn refusals_release_the_key_claim(store: RedisStore) {
+        let clock = ManualClock::starting_now();
+        let now = clock.now();
+        let scope = Scope::unique();
+        let tenant = scope.tenant("a");
+        let (full, other) = (UserId::parse("full").expect("user"), UserId::parse("other").expect("user"));
+        let one = EnrollmentLimits { max_devices: 1, max_open_enrollments: 5 };
+        let first = sample_enrollment(&tenant, &full, now);
+        store.insert_enrollment(first.clone(), &one, now).await.expect("insert");
+        let owned = sample_device(&tenant, &full, now);
+        let code = first.code_digest.as_ref().expect("code");
+        assert!(matches!(
+            store.complete_enrollment(code, owned.clone(), &one, now).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        assert_eq!(holder(&store, &owned).await.as_deref(), Some(owned.id.as_str()));
+
+        let second = sample_enrollment(&tenant, &full, now);
+        store.insert_enrollment(second.clone(), &one, now).await.expect("insert");
+        let refused = sample_device(&tenant, &full, now);
+        let code = second.code_digest.as_ref().expect("code");
+        assert_eq!(
+            store.complete_enrollment(code, refused.clone(), &one, now).await.expect("complete"),
+            CompleteOutcome::TooManyDevices { limit: 1 }
+        );
+        assert_eq!(holder(&store, &refused).await, None, "the refused device's key is free");
+        let index: Option<String> =
+            store.connection.query(redis::cmd("GET").arg(format!("pm:didx:{}", refused.id))).await.expect("get");
+        assert_eq!(index, None, "and so is its id");
+
+        // Another user enrolls that key.
+        let theirs = sample_enrollment(&tenant, &other, now);
+        store.insert_enrollment(theirs.clone(), &one, now).await.expect("insert");
+        let same_key = Device { public_key: refused.public_key.clone(), ..sample_device(&tenant, &other, now) };
+        let code = theirs.code_digest.as_ref().expect("code");
+        assert!(matches!(
+            store.complete_enrollment(code, same_key.clone(), &one, now).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        assert_eq!(holder(&store, &same_key).await.as_deref(), Some(same_key.id.as_str()));
+
+        assert!(store.remove_device(&tenant, &owned.id).await.expect("remove"));
+        assert_eq!(holder(&store, &owned).await, None, "a removed device frees its key");
+    }
+
+    #[tokio::test]
+    async fn refusals_release_the_key_claim_on_a_single_node() {
+        let store = store_on(vec![RedisServer::shared().await.to_owned()], ManualClock::starting_now()).await;
+        refusals_release_the_key_claim(store).await;
+    }
+
+    #[tokio::test]
+    async fn refusals_release_the_key_claim_on_a_cluster() {
+        let store = store_on(RedisCluster::shared().await.to_vec(), ManualClock::starting_now()).await;
+        refusals_release_the_key_claim(store).await;
+    }
+
+    /// The index of open enrollments holds the open ones only, and goes with the
+    /// latest expiry; a refused insert leaves no trace.
+    #[tokio::test]
+    async fn the_open_enrollment_index_stays_bounded() {
+        let clock = ManualClock::starting_now();
+        let store = store_on(vec![RedisServer::shared().await.to_owned()], clock.clone()).await;
+        let now = clock.now();
+        let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+        let tag = user_tag(&tenant, &user);
+        let index = Keys(&tag).open_enrollments();
+        let two = EnrollmentLimits { max_devices: 10, max_open_enrollments: 2 };
+        let first = sample_enrollment(&tenant, &user, now);
+        for enrollment in [first.clone(), sample_enrollment(&tenant, &user, now)] {
+            assert_eq!(store.insert_enrollment(enrollment, &two, now).await.expect("insert"), InsertOutcome::Inserted);
+        }
+        let refused = sample_enrollment(&tenant, &user, now);
+        assert_eq!(
+            store.insert_enrollment(refused.clone(), &two, now).await.expect("insert"),
+            InsertOutcome::TooManyOpen { limit: 2 }
+        );
+        let code = refused.code_digest.as_ref().expect("code");
+        assert_eq!(store.enrollment_by_code(code).await.expect("by code"), None, "no code index for a refused insert");
+        let ttl: i64 = store.connection.query(redis::cmd("PTTL").arg(&index)).await.expect("pttl");
+        assert!(ttl > 600_000 && ttl <= 660_000, "{ttl}");
+
+        let code = first.code_digest.as_ref().expect("code");
+        let device = sample_device(&tenant, &user, now);
+        assert!(matches!(
+            store.complete_enrollment(code, device, &two, now).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        let open: Vec<String> = store.connection.query(redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1)).await.expect("zrange");
+        assert_eq!(open.len(), 1, "a completed enrollment leaves the index: {open:?}");
+    }
+}
