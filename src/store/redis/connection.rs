@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, ScriptInvocation, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -83,6 +84,23 @@ impl Connection {
     pub(super) async fn invoke<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, StoreError> {
         let mut link = self.link.clone();
         bounded(self.timeout, "timed out", invocation.invoke_async(&mut link)).await
+    }
+
+    /// The integer answers of `cmd` (DBSIZE) from every primary, summed: the one
+    /// node, or each master of the cluster (replicas would count keys twice).
+    pub(super) async fn sum_over_primaries(&self, cmd: &Cmd) -> Result<u64, StoreError> {
+        match &self.link {
+            Link::Single(_) => self.query(cmd).await,
+            Link::Cluster(connection) => {
+                let mut connection = connection.clone();
+                let routing = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::Aggregate(AggregateOp::Sum)),
+                ));
+                let sum = bounded(self.timeout, "timed out", connection.route_command(cmd.clone(), routing)).await?;
+                redis::from_redis_value(sum).map_err(corrupt)
+            }
+        }
     }
 
     /// Runs a pipeline (all its keys in one slot on a cluster).

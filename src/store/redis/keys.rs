@@ -14,17 +14,32 @@
 //! | `pm:{tu}:req:<request_id>` | string | challenge id for an idempotency key | until the challenge expires |
 //! | `pm:{tu}:block` | string | JSON `UserBlock` | none: durable (the logic ends timed blocks) |
 //! | `pm:{tu}:wrong` | zset | times of wrong numbers (`<ms>-<nonce>`, scored by time) | the strike window |
-//! | `pm:{tu}:totpfail` | zset | times of wrong TOTP codes (`<ms>-<nonce>`, scored by time) | the strike window |
-//! | `pm:{tu}:totplock` | string | VerifyTotp locked until (ms) | the lockout + 1 min |
+//! | `pm:{tu}:totpatt` | zset | VerifyTotp attempts reserved in the strike window (`<ms>-<nonce>`, scored by time); a right code takes one back | the strike window + 1 min |
+//! | `pm:{tu}:totplock` | string | VerifyTotp locked until (ms), after the window's limit | the lockout + 1 min |
+//! | `pm:{tu}:totprow` | string | integer: reserved attempts in a row since the last right code | none: until a right code or UnblockUser |
+//! | `pm:{tu}:totphard` | string | since when (ms) VerifyTotp is locked until UnblockUser (`max_consecutive` in a row) | none: until UnblockUser |
 //! | `pm:{tu}:dev:<device id>` | string | JSON `Device` | none: durable |
-//! | `pm:{tu}:devs` | set | the user's device ids | none: durable |
+//! | `pm:{tu}:devs` | set | the user's device ids (at most `max_devices`, added only by `enroll.lua`) | none: durable |
 //! | `pm:{tu}:en:<enrollment id>` | string | JSON `Enrollment` | expiry + 7 days (from its creation) |
+//! | `pm:{tu}:ens` | zset | ids of the user's open enrollments, scored by expiry; completed and expired ones are pruned by `insert_enrollment.lua` and `enroll.lua` | the latest expiry + 1 min |
 //! | `pm:cidx:<challenge id>` | string | the owner's `tu` | as the challenge's record |
 //! | `pm:didx:<device id>` | string | the owner's `tu` | none: durable |
 //! | `pm:enidx:<enrollment id>` | string | the owner's `tu` | as the enrollment |
 //! | `pm:code:<code digest>` | string | `<tu> <enrollment id>` | as the enrollment |
+//! | `pm:pubkey:<key fingerprint hex>` | string | the id of the device that holds the public key (a key enrolls once, for any user) | none: until the device is removed |
+//! | `pm:proof:<proof use hex>` | string | `1`: this device proof was used | until the proof's `keep_until` (at least 1 ms) |
 //!
 //! Updates by compare-and-set keep a key's TTL (`KEEPTTL`).
+//!
+//! The TOTP keys (`totpatt`, `totplock`, `totprow`, `totphard`) exist only for users
+//! with a TOTP credential: the broker asks the store about VerifyTotp only then. The
+//! two without a TTL go with a right code (`totprow`) or with UnblockUser (both).
+//!
+//! `pm:pubkey:*` lives in a slot of its own, not the user's: a key is claimed with
+//! `SET NX` before `enroll.lua` adds the device and released (compare-and-delete,
+//! `release.lua`) when the script refuses or the device is removed, so it never
+//! names a second device. See `records.rs` (`spend_enrollment`) for why the two
+//! steps are safe.
 //!
 //! Pub/sub: every change to a challenge is published on one of [`SHARDS`] channels
 //! `pm:ev:<n>` ([`shard_channel`], by challenge id) as `<challenge id> <version> <json>`.
@@ -33,6 +48,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
+use crate::domain::device::{KeyFingerprint, ProofUse};
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 
@@ -95,20 +111,37 @@ impl Keys<'_> {
     pub(super) fn wrong(&self) -> String {
         format!("pm:{{{}}}:wrong", self.0)
     }
-    pub(super) fn totp_failures(&self) -> String {
-        format!("pm:{{{}}}:totpfail", self.0)
+    pub(super) fn totp_attempts(&self) -> String {
+        format!("pm:{{{}}}:totpatt", self.0)
     }
     pub(super) fn totp_lock(&self) -> String {
         format!("pm:{{{}}}:totplock", self.0)
     }
+    pub(super) fn totp_in_a_row(&self) -> String {
+        format!("pm:{{{}}}:totprow", self.0)
+    }
+    pub(super) fn totp_hard_lock(&self) -> String {
+        format!("pm:{{{}}}:totphard", self.0)
+    }
     pub(super) fn device(&self, id: &str) -> String {
         format!("pm:{{{}}}:dev:{id}", self.0)
+    }
+    /// What [`Keys::device`] puts before the id; `enroll.lua` appends ids to it.
+    pub(super) fn device_prefix(&self) -> String {
+        format!("pm:{{{}}}:dev:", self.0)
     }
     pub(super) fn devices(&self) -> String {
         format!("pm:{{{}}}:devs", self.0)
     }
     pub(super) fn enrollment(&self, id: &str) -> String {
         format!("pm:{{{}}}:en:{id}", self.0)
+    }
+    /// What [`Keys::enrollment`] puts before the id; the enrollment scripts append ids to it.
+    pub(super) fn enrollment_prefix(&self) -> String {
+        format!("pm:{{{}}}:en:", self.0)
+    }
+    pub(super) fn open_enrollments(&self) -> String {
+        format!("pm:{{{}}}:ens", self.0)
     }
 }
 
@@ -123,6 +156,12 @@ pub(super) fn enrollment_index(id: &EnrollmentId) -> String {
 }
 pub(super) fn code_index(code: &CodeDigest) -> String {
     format!("pm:code:{}", code.0)
+}
+pub(super) fn public_key(fingerprint: &KeyFingerprint) -> String {
+    format!("pm:pubkey:{}", fingerprint.to_hex())
+}
+pub(super) fn proof(proof: &ProofUse) -> String {
+    format!("pm:proof:{}", proof.to_hex())
 }
 
 #[cfg(test)]
@@ -140,7 +179,23 @@ mod tests {
     fn one_users_keys_share_a_slot() {
         let tag = user_tag(&TenantId("t".into()), &UserId::parse("jan{x}").expect("user"));
         let keys = Keys(&tag);
-        for key in [keys.challenge("ch_1"), keys.pending(), keys.created(), keys.request("r}{"), keys.devices(), keys.block()] {
+        let user_keys = [
+            keys.challenge("ch_1"),
+            keys.pending(),
+            keys.created(),
+            keys.request("r}{"),
+            keys.block(),
+            keys.wrong(),
+            keys.totp_attempts(),
+            keys.totp_lock(),
+            keys.totp_in_a_row(),
+            keys.totp_hard_lock(),
+            keys.device("dev_1"),
+            keys.devices(),
+            keys.enrollment("en_1"),
+            keys.open_enrollments(),
+        ];
+        for key in user_keys {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }
         assert_ne!(tag, user_tag(&TenantId("t".into()), &UserId::parse("piet").expect("user")));

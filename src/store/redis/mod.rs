@@ -17,7 +17,8 @@
 //! | `scripts` | the Lua scripts (`scripts/*.lua`, each documents its KEYS and ARGV) |
 //! | `connection` | the connection: call deadline and the mapping to [`StoreError`] |
 //! | `challenges` | challenge reads and compare-and-sets, the challenge half of [`Store`] |
-//! | `records` | enrollments, devices, blocks, strikes and TOTP: the durable half |
+//! | `records` | enrollments and devices, their caps and the public-key claims: the durable half |
+//! | `limits` | blocks, wrong numbers, VerifyTotp attempts and locks, used device proofs; the key count |
 //! | `watch` | the watch registry, the pub/sub follower and the deadline task |
 //! | [`testing`] | real `redis-server` processes for tests |
 
@@ -28,10 +29,11 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, UserBlock,
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
+    StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
-use crate::domain::device::Device;
+use crate::domain::device::{Device, ProofUse};
 use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::{Clock, Millis};
@@ -39,6 +41,7 @@ use crate::domain::time::{Clock, Millis};
 mod challenges;
 mod connection;
 mod keys;
+mod limits;
 mod records;
 mod scripts;
 mod watch;
@@ -65,6 +68,8 @@ pub struct RedisStore {
     connection: Connection,
     scripts: Scripts,
     watchers: Arc<WatchRegistry>,
+    /// The store's clock, for the calls that get no `now` (`spend_proof`).
+    clock: Arc<dyn Clock>,
     /// Stops the pub/sub and deadline tasks when the store is dropped.
     closing: CancellationToken,
 }
@@ -84,6 +89,7 @@ impl RedisStore {
             connection: Connection::open(&settings.urls, settings.operation_timeout).await?,
             scripts: Scripts::new(),
             watchers: Arc::new(WatchRegistry::default()),
+            clock: Arc::clone(&clock),
             closing: CancellationToken::new(),
         };
         store.health_check().await?;
@@ -109,7 +115,8 @@ impl RedisStore {
 }
 
 /// Each method calls the inherent method of the same name: challenges in
-/// `challenges.rs`, everything durable in `records.rs`.
+/// `challenges.rs`, enrollments and devices in `records.rs`, blocks, strikes, TOTP
+/// attempts, proofs and the key count in `limits.rs`.
 #[async_trait]
 impl Store for RedisStore {
     fn backend(&self) -> &'static str {
@@ -164,8 +171,13 @@ impl Store for RedisStore {
 
     // ---- enrollments and devices: durable ----
 
-    async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
-        RedisStore::insert_enrollment(self, enrollment).await
+    async fn insert_enrollment(
+        &self,
+        enrollment: Enrollment,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<InsertOutcome, StoreError> {
+        RedisStore::insert_enrollment(self, enrollment, limits, now).await
     }
 
     async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
@@ -176,8 +188,14 @@ impl Store for RedisStore {
         RedisStore::enrollment_by_code(self, code).await
     }
 
-    async fn complete_enrollment(&self, code: &CodeDigest, device: Device, now: Millis) -> Result<CompleteOutcome, StoreError> {
-        RedisStore::complete_enrollment(self, code, device, now).await
+    async fn complete_enrollment(
+        &self,
+        code: &CodeDigest,
+        device: Device,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<CompleteOutcome, StoreError> {
+        RedisStore::complete_enrollment(self, code, device, limits, now).await
     }
 
     async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -206,8 +224,8 @@ impl Store for RedisStore {
 
     // ---- blocks ----
 
-    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
-        RedisStore::block_user(self, tenant, user, block).await
+    async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock, now: Millis) -> Result<UserBlock, StoreError> {
+        RedisStore::block_user(self, tenant, user, block, now).await
     }
 
     async fn record_wrong_number(
@@ -224,10 +242,6 @@ impl Store for RedisStore {
         RedisStore::unblock_user(self, tenant, user).await
     }
 
-    async fn user_block(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<UserBlock>, StoreError> {
-        RedisStore::user_block(self, tenant, user, now).await
-    }
-
     // ---- TOTP ----
 
     async fn confirm_totp_enrollment(
@@ -235,27 +249,38 @@ impl Store for RedisStore {
         tenant: &TenantId,
         id: &EnrollmentId,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        RedisStore::confirm_totp_enrollment(self, tenant, id, device, now).await
+        RedisStore::confirm_totp_enrollment(self, tenant, id, device, limits, now).await
     }
 
     async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
         RedisStore::spend_totp_step(self, id, step).await
     }
 
-    async fn record_totp_failure(
+    async fn reserve_totp_attempt(
         &self,
         tenant: &TenantId,
         user: &UserId,
-        policy: &StrikePolicy,
+        policy: &TotpPolicy,
         now: Millis,
-    ) -> Result<Option<Millis>, StoreError> {
-        RedisStore::record_totp_failure(self, tenant, user, policy, now).await
+    ) -> Result<TotpAttempt, StoreError> {
+        RedisStore::reserve_totp_attempt(self, tenant, user, policy, now).await
     }
 
-    async fn totp_locked_until(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Option<Millis>, StoreError> {
-        RedisStore::totp_locked_until(self, tenant, user, now).await
+    async fn totp_attempt_succeeded(&self, tenant: &TenantId, user: &UserId, _now: Millis) -> Result<(), StoreError> {
+        RedisStore::totp_attempt_succeeded(self, tenant, user).await
+    }
+
+    // ---- device proofs ----
+
+    async fn spend_proof(&self, proof: ProofUse, keep_until: Millis) -> Result<bool, StoreError> {
+        RedisStore::spend_proof(self, proof, keep_until).await
+    }
+
+    async fn record_count(&self) -> Result<u64, StoreError> {
+        RedisStore::record_count(self).await
     }
 }
 
@@ -271,7 +296,8 @@ mod tests {
     use super::{RedisSettings, RedisStore};
     use crate::domain::time::ManualClock;
 
-    async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
+    /// A store on `urls` (one: a single node; several: a cluster's seeds), on `clock`.
+    pub(super) async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
         RedisStore::connect(RedisSettings { urls, operation_timeout: Duration::from_secs(2) }, Arc::new(clock))
             .await
             .expect("store connects")

@@ -1,25 +1,18 @@
-//! Durable records and counters: enrollments, devices, blocks, strikes and TOTP.
+//! Durable records: enrollments and devices, with the caps on them (open
+//! enrollments, devices per user) and the claim that lets a public key enroll once.
 //! Records change by compare-and-set on their whole value.
-
-use serde::de::DeserializeOwned;
 
 use super::RedisStore;
 use super::connection::{corrupt, decode, encode};
-use super::keys::{ENROLLMENT_KEEP, Keys, TTL_MARGIN, code_index, device_index, enrollment_index, ttl_ms, user_tag};
+use super::keys::{ENROLLMENT_KEEP, Keys, TTL_MARGIN, code_index, device_index, enrollment_index, public_key, ttl_ms, user_tag};
 use crate::domain::device::Device;
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
-use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId, os_random};
+use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{BlockReason, CompleteOutcome, StoreError, StrikePolicy, UserBlock};
+use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError};
 
 /// Reads and compare-and-sets behind the trait methods below.
 impl RedisStore {
-    /// Reads a string key holding JSON.
-    async fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>, StoreError> {
-        let text: Option<String> = self.connection.query(redis::cmd("GET").arg(key)).await?;
-        text.map(|t| decode(&t)).transpose()
-    }
-
     /// The device's key, its stored text and the device.
     async fn load_device(&self, id: &DeviceId) -> Result<Option<(String, String, Device)>, StoreError> {
         let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(device_index(id))).await?;
@@ -62,36 +55,63 @@ impl RedisStore {
         }
     }
 
-    /// Spends a pending enrollment of `kind` and adds `device`, by compare-and-set.
+    /// Spends a pending enrollment of `kind` and adds `device` (`enroll.lua`): the
+    /// script re-checks the enrollment by compare-and-set, the user's device cap and
+    /// the key's claim, and spends nothing and adds nothing unless it completes.
+    ///
+    /// A public key enrolls once, for any user, but its claim `pm:pubkey:<hex>`
+    /// lives in a slot of its own, so it is a step before the script: `SET NX` names
+    /// this device; when the script then refuses, the claim is released by
+    /// compare-and-delete (`release.lua`). That is safe because a device with a key
+    /// is only ever added while its completion holds the key's claim, and a claim
+    /// goes only when no device was added with it (a refusal) or after its device
+    /// was removed (`remove_device`): a key never names two devices. What can go
+    /// wrong between the steps fails closed: a crash, or an error that leaves open
+    /// whether the script ran, keeps the claim, and the key is refused (KeyInUse)
+    /// until an operator deletes the claim; the code is not spent by a refusal.
     async fn spend_enrollment(
         &self,
         id: &EnrollmentId,
         expected_tenant: Option<&TenantId>,
         kind: EnrollmentKind,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        // The index goes first, so a device is never without one; a failed attempt removes it.
-        loop {
+        let claim = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()).map(|f| public_key(&f));
+        // Whether this call holds `claim` (None: not tried yet).
+        let mut claimed: Option<bool> = None;
+        let mut indexed = false;
+        let outcome = loop {
             let Some((tag, current, enrollment)) = self.load_enrollment(id).await? else {
-                return Ok(CompleteOutcome::UnknownCode);
+                break CompleteOutcome::UnknownCode;
             };
             if enrollment.kind != kind || expected_tenant.is_some_and(|t| *t != enrollment.tenant) {
-                return Ok(CompleteOutcome::UnknownCode);
+                break CompleteOutcome::UnknownCode;
             }
             if enrollment.completed {
-                return Ok(CompleteOutcome::AlreadyUsed);
+                break CompleteOutcome::AlreadyUsed;
             }
             if now >= enrollment.expires_at {
-                return Ok(CompleteOutcome::Expired);
+                break CompleteOutcome::Expired;
             }
+            if let (Some(key), None) = (&claim, claimed) {
+                let set: Option<String> =
+                    self.connection.query(redis::cmd("SET").arg(key).arg(device.id.as_str()).arg("NX")).await?;
+                claimed = Some(set.is_some());
+            }
+            let key_in_use = claimed == Some(false);
             let mut completed = Enrollment { completed: true, device_id: Some(device.id.clone()), ..enrollment };
             if kind == EnrollmentKind::Totp {
                 completed.totp_secret = None;
             }
             let keys = Keys(&tag);
-            let _: () = self.connection.query(redis::cmd("SET").arg(device_index(&device.id)).arg(&tag)).await?;
-            let spent: i64 = self
+            // The index goes first, so a device is never without one; a refusal removes it.
+            if !indexed {
+                let _: () = self.connection.query(redis::cmd("SET").arg(device_index(&device.id)).arg(&tag)).await?;
+                indexed = true;
+            }
+            let answer: String = self
                 .connection
                 .invoke(
                     self.scripts
@@ -99,46 +119,54 @@ impl RedisStore {
                         .key(keys.enrollment(id.as_str()))
                         .key(keys.device(device.id.as_str()))
                         .key(keys.devices())
+                        .key(keys.open_enrollments())
                         .arg(&current)
                         .arg(encode(&completed)?)
                         .arg(encode(&device)?)
-                        .arg(device.id.as_str()),
+                        .arg(device.id.as_str())
+                        .arg(id.as_str())
+                        .arg(limits.max_devices)
+                        .arg(if key_in_use { "1" } else { "0" })
+                        .arg(keys.device_prefix()),
                 )
                 .await?;
-            if spent == 1 {
-                return Ok(CompleteOutcome::Completed(Box::new(completed)));
+            match answer.as_str() {
+                "completed" => return Ok(CompleteOutcome::Completed(Box::new(completed))),
+                "changed" => continue,
+                "too_many_devices" => break CompleteOutcome::TooManyDevices { limit: limits.max_devices },
+                "key_in_use" => break CompleteOutcome::KeyInUse,
+                other => return Err(corrupt(format!("unexpected enroll answer {other:?}"))),
             }
+        };
+        // Refused: nothing was added, so what this call set up goes again.
+        if let (Some(key), Some(true)) = (&claim, claimed) {
+            let _: i64 = self.connection.invoke(self.scripts.release.key(key).arg(device.id.as_str())).await?;
+        }
+        if indexed {
             let _: () = self.connection.query(redis::cmd("DEL").arg(device_index(&device.id))).await?;
         }
-    }
-
-    /// Counts a strike at `key`; true when it is the policy's limit-th in its window.
-    async fn strike(&self, key: String, policy: &StrikePolicy, now: Millis) -> Result<bool, StoreError> {
-        let mut nonce = [0u8; 8];
-        os_random(&mut nonce).map_err(corrupt)?;
-        let member = format!("{}-{}", now.0, hex::encode(nonce));
-        let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
-        let reached: i64 =
-            self.connection.invoke(self.scripts.strike.key(key).arg(now.0).arg(window).arg(policy.limit).arg(member)).await?;
-        Ok(reached == 1)
+        Ok(outcome)
     }
 }
 
 /// The durable half of [`crate::store::Store`] (the trait impl in `mod.rs` calls these).
 impl RedisStore {
-    pub(super) async fn insert_enrollment(&self, enrollment: Enrollment) -> Result<(), StoreError> {
+    /// The global indexes first (other slots), then the record within the user's
+    /// cap on open enrollments (`insert_enrollment.lua`); a refusal removes the
+    /// indexes again (a fresh id and code: no one else's).
+    pub(super) async fn insert_enrollment(
+        &self,
+        enrollment: Enrollment,
+        limits: &EnrollmentLimits,
+        now: Millis,
+    ) -> Result<InsertOutcome, StoreError> {
         let tag = user_tag(&enrollment.tenant, &enrollment.user_id);
+        let keys = Keys(&tag);
         let ttl = ttl_ms(enrollment.created_at, enrollment.expires_at.plus(ENROLLMENT_KEEP));
         let index = redis::cmd("SET").arg(enrollment_index(&enrollment.id)).arg(&tag).arg("PX").arg(ttl).clone();
         let code = enrollment.code_digest.as_ref().map(|code| {
             redis::cmd("SET").arg(code_index(code)).arg(format!("{tag} {}", enrollment.id)).arg("PX").arg(ttl).clone()
         });
-        let record = redis::cmd("SET")
-            .arg(Keys(&tag).enrollment(enrollment.id.as_str()))
-            .arg(encode(&enrollment)?)
-            .arg("PX")
-            .arg(ttl)
-            .clone();
         if self.connection.is_cluster() {
             // Keys of different slots: one by one on a cluster.
             let _: () = self.connection.query(&index).await?;
@@ -155,7 +183,32 @@ impl RedisStore {
             self.connection.pipeline::<()>(&pipeline).await?;
         }
         // The record last: once it exists, its indexes do too.
-        self.connection.query(&record).await
+        let margin = i64::try_from(TTL_MARGIN.as_millis()).unwrap_or(i64::MAX);
+        let inserted: i64 = self
+            .connection
+            .invoke(
+                self.scripts
+                    .insert_enrollment
+                    .key(keys.enrollment(enrollment.id.as_str()))
+                    .key(keys.open_enrollments())
+                    .arg(encode(&enrollment)?)
+                    .arg(enrollment.id.as_str())
+                    .arg(now.0)
+                    .arg(enrollment.expires_at.0)
+                    .arg(ttl)
+                    .arg(limits.max_open_enrollments)
+                    .arg(keys.enrollment_prefix())
+                    .arg(margin),
+            )
+            .await?;
+        if inserted == 1 {
+            return Ok(InsertOutcome::Inserted);
+        }
+        let _: () = self.connection.query(redis::cmd("DEL").arg(enrollment_index(&enrollment.id))).await?;
+        if let Some(code) = &enrollment.code_digest {
+            let _: () = self.connection.query(redis::cmd("DEL").arg(code_index(code))).await?;
+        }
+        Ok(InsertOutcome::TooManyOpen { limit: limits.max_open_enrollments })
     }
 
     pub(super) async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
@@ -175,10 +228,11 @@ impl RedisStore {
         &self,
         code: &CodeDigest,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
         let Some(enrollment) = self.enrollment_by_code(code).await? else { return Ok(CompleteOutcome::UnknownCode) };
-        self.spend_enrollment(&enrollment.id, None, EnrollmentKind::Push, device, now).await
+        self.spend_enrollment(&enrollment.id, None, EnrollmentKind::Push, device, limits, now).await
     }
 
     pub(super) async fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -217,6 +271,12 @@ impl RedisStore {
         let tag = user_tag(&device.tenant, &device.user_id);
         let _: () = self.connection.query(redis::cmd("DEL").arg(&key)).await?;
         let _: () = self.connection.query(redis::cmd("SREM").arg(Keys(&tag).devices()).arg(id.as_str())).await?;
+        // The key's claim goes after the device, so the key never names two devices
+        // (see `spend_enrollment`); compare-and-delete, so a repeated removal never
+        // frees a claim that a later enrollment holds.
+        if let Some(fingerprint) = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()) {
+            let _: i64 = self.connection.invoke(self.scripts.release.key(public_key(&fingerprint)).arg(id.as_str())).await?;
+        }
         let _: () = self.connection.query(redis::cmd("DEL").arg(device_index(id))).await?;
         Ok(true)
     }
@@ -240,52 +300,15 @@ impl RedisStore {
         self.update_device(id, |device| Some(Device { last_used_at: Some(now), ..device.clone() })).await.map(drop)
     }
 
-    pub(super) async fn block_user(&self, tenant: &TenantId, user: &UserId, block: UserBlock) -> Result<(), StoreError> {
-        let tag = user_tag(tenant, user);
-        self.connection.query(redis::cmd("SET").arg(Keys(&tag).block()).arg(encode(&block)?)).await
-    }
-
-    pub(super) async fn record_wrong_number(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        policy: &StrikePolicy,
-        now: Millis,
-    ) -> Result<Option<UserBlock>, StoreError> {
-        let tag = user_tag(tenant, user);
-        if !self.strike(Keys(&tag).wrong(), policy, now).await? {
-            return Ok(None);
-        }
-        let block = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: Some(now.plus(policy.block_for)) };
-        self.block_user(tenant, user, block.clone()).await?;
-        Ok(Some(block))
-    }
-
-    pub(super) async fn unblock_user(&self, tenant: &TenantId, user: &UserId) -> Result<(), StoreError> {
-        let tag = user_tag(tenant, user);
-        let keys = Keys(&tag);
-        self.connection.query(redis::cmd("DEL").arg(keys.block()).arg(keys.wrong())).await
-    }
-
-    pub(super) async fn user_block(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        now: Millis,
-    ) -> Result<Option<UserBlock>, StoreError> {
-        let tag = user_tag(tenant, user);
-        let block: Option<UserBlock> = self.get_json(&Keys(&tag).block()).await?;
-        Ok(block.filter(|b| b.in_force(now)))
-    }
-
     pub(super) async fn confirm_totp_enrollment(
         &self,
         tenant: &TenantId,
         id: &EnrollmentId,
         device: Device,
+        limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        self.spend_enrollment(id, Some(tenant), EnrollmentKind::Totp, device, now).await
+        self.spend_enrollment(id, Some(tenant), EnrollmentKind::Totp, device, limits, now).await
     }
 
     pub(super) async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
@@ -300,33 +323,119 @@ impl RedisStore {
             }
         }
     }
+}
 
-    pub(super) async fn record_totp_failure(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        policy: &StrikePolicy,
-        now: Millis,
-    ) -> Result<Option<Millis>, StoreError> {
-        let tag = user_tag(tenant, user);
-        let keys = Keys(&tag);
-        if !self.strike(keys.totp_failures(), policy, now).await? {
-            return Ok(None);
-        }
-        let until = now.plus(policy.block_for);
-        let ttl = ttl_ms(now, until.plus(TTL_MARGIN));
-        let _: () = self.connection.query(redis::cmd("SET").arg(keys.totp_lock()).arg(until.0).arg("PX").arg(ttl)).await?;
-        Ok(Some(until))
+/// What the conformance suite cannot see: the claims and indexes behind the caps.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+    use super::super::RedisStore;
+    use super::super::keys::{Keys, public_key, user_tag};
+    use super::super::testing::{RedisCluster, RedisServer};
+    use super::super::tests::store_on;
+    use crate::domain::device::Device;
+    use crate::domain::ids::UserId;
+    use crate::domain::time::{Clock, ManualClock};
+    use crate::store::conformance::{Scope, sample_device, sample_enrollment};
+    use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome};
+
+    async fn holder(store: &RedisStore, device: &Device) -> Option<String> {
+        let fingerprint = device.public_key.as_ref().expect("a key").fingerprint().expect("fingerprint");
+        store.connection.query(redis::cmd("GET").arg(public_key(&fingerprint))).await.expect("get")
     }
 
-    pub(super) async fn totp_locked_until(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        now: Millis,
-    ) -> Result<Option<Millis>, StoreError> {
-        let tag = user_tag(tenant, user);
-        let until: Option<i64> = self.connection.query(redis::cmd("GET").arg(Keys(&tag).totp_lock())).await?;
-        Ok(until.map(Millis).filter(|until| now < *until))
+    /// A completion refused for the user's cap leaves the key free; a completed one
+    /// holds it until its device is removed.
+    async fn refusals_release_the_key_claim(store: RedisStore) {
+        let clock = ManualClock::starting_now();
+        let now = clock.now();
+        let scope = Scope::unique();
+        let tenant = scope.tenant("a");
+        let (full, other) = (UserId::parse("full").expect("user"), UserId::parse("other").expect("user"));
+        let one = EnrollmentLimits { max_devices: 1, max_open_enrollments: 5 };
+        let first = sample_enrollment(&tenant, &full, now);
+        store.insert_enrollment(first.clone(), &one, now).await.expect("insert");
+        let owned = sample_device(&tenant, &full, now);
+        let code = first.code_digest.as_ref().expect("code");
+        assert!(matches!(
+            store.complete_enrollment(code, owned.clone(), &one, now).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        assert_eq!(holder(&store, &owned).await.as_deref(), Some(owned.id.as_str()));
+
+        let second = sample_enrollment(&tenant, &full, now);
+        store.insert_enrollment(second.clone(), &one, now).await.expect("insert");
+        let refused = sample_device(&tenant, &full, now);
+        let code = second.code_digest.as_ref().expect("code");
+        assert_eq!(
+            store.complete_enrollment(code, refused.clone(), &one, now).await.expect("complete"),
+            CompleteOutcome::TooManyDevices { limit: 1 }
+        );
+        assert_eq!(holder(&store, &refused).await, None, "the refused device's key is free");
+        let index: Option<String> =
+            store.connection.query(redis::cmd("GET").arg(format!("pm:didx:{}", refused.id))).await.expect("get");
+        assert_eq!(index, None, "and so is its id");
+
+        // Another user enrolls that key.
+        let theirs = sample_enrollment(&tenant, &other, now);
+        store.insert_enrollment(theirs.clone(), &one, now).await.expect("insert");
+        let same_key = Device { public_key: refused.public_key.clone(), ..sample_device(&tenant, &other, now) };
+        let code = theirs.code_digest.as_ref().expect("code");
+        assert!(matches!(
+            store.complete_enrollment(code, same_key.clone(), &one, now).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        assert_eq!(holder(&store, &same_key).await.as_deref(), Some(same_key.id.as_str()));
+
+        assert!(store.remove_device(&tenant, &owned.id).await.expect("remove"));
+        assert_eq!(holder(&store, &owned).await, None, "a removed device frees its key");
+    }
+
+    #[tokio::test]
+    async fn refusals_release_the_key_claim_on_a_single_node() {
+        let store = store_on(vec![RedisServer::shared().await.to_owned()], ManualClock::starting_now()).await;
+        refusals_release_the_key_claim(store).await;
+    }
+
+    #[tokio::test]
+    async fn refusals_release_the_key_claim_on_a_cluster() {
+        let store = store_on(RedisCluster::shared().await.to_vec(), ManualClock::starting_now()).await;
+        refusals_release_the_key_claim(store).await;
+    }
+
+    /// The index of open enrollments holds the open ones only, and goes with the
+    /// latest expiry; a refused insert leaves no trace.
+    #[tokio::test]
+    async fn the_open_enrollment_index_stays_bounded() {
+        let clock = ManualClock::starting_now();
+        let store = store_on(vec![RedisServer::shared().await.to_owned()], clock.clone()).await;
+        let now = clock.now();
+        let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+        let tag = user_tag(&tenant, &user);
+        let index = Keys(&tag).open_enrollments();
+        let two = EnrollmentLimits { max_devices: 10, max_open_enrollments: 2 };
+        let first = sample_enrollment(&tenant, &user, now);
+        for enrollment in [first.clone(), sample_enrollment(&tenant, &user, now)] {
+            assert_eq!(store.insert_enrollment(enrollment, &two, now).await.expect("insert"), InsertOutcome::Inserted);
+        }
+        let refused = sample_enrollment(&tenant, &user, now);
+        assert_eq!(
+            store.insert_enrollment(refused.clone(), &two, now).await.expect("insert"),
+            InsertOutcome::TooManyOpen { limit: 2 }
+        );
+        let code = refused.code_digest.as_ref().expect("code");
+        assert_eq!(store.enrollment_by_code(code).await.expect("by code"), None, "no code index for a refused insert");
+        let ttl: i64 = store.connection.query(redis::cmd("PTTL").arg(&index)).await.expect("pttl");
+        assert!(ttl > 600_000 && ttl <= 660_000, "{ttl}");
+
+        let code = first.code_digest.as_ref().expect("code");
+        let device = sample_device(&tenant, &user, now);
+        assert!(matches!(
+            store.complete_enrollment(code, device, &two, now).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        let open: Vec<String> = store.connection.query(redis::cmd("ZRANGE").arg(&index).arg(0).arg(-1)).await.expect("zrange");
+        assert_eq!(open.len(), 1, "a completed enrollment leaves the index: {open:?}");
     }
 }

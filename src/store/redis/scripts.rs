@@ -11,12 +11,20 @@ pub(super) struct Scripts {
     /// The compare-and-set that every challenge change goes through, shared with
     /// the background tasks (`challenge_cas.lua`).
     pub(super) challenge_cas: Arc<Script>,
-    /// Compare-and-set of a device record (`value_cas.lua`).
+    /// Compare-and-set of a device record or a user's block (`value_cas.lua`).
     pub(super) value_cas: Script,
-    /// Spends an enrollment and adds its device (`enroll.lua`).
+    /// Compare-and-delete of a claim: a public key's (`release.lua`).
+    pub(super) release: Script,
+    /// Inserts an enrollment within the user's cap on open ones (`insert_enrollment.lua`).
+    pub(super) insert_enrollment: Script,
+    /// Spends an enrollment and adds its device within the user's cap (`enroll.lua`).
     pub(super) enroll: Script,
     /// Counts a strike in a sliding window (`strike.lua`).
     pub(super) strike: Script,
+    /// Reserves a VerifyTotp attempt, or answers the lock (`reserve_totp.lua`).
+    pub(super) reserve_totp: Script,
+    /// Takes back a reserved attempt whose code was right (`totp_succeeded.lua`).
+    pub(super) totp_succeeded: Script,
 }
 
 impl Scripts {
@@ -25,8 +33,12 @@ impl Scripts {
             create: Script::new(include_str!("scripts/create.lua")),
             challenge_cas: Arc::new(Script::new(include_str!("scripts/challenge_cas.lua"))),
             value_cas: Script::new(include_str!("scripts/value_cas.lua")),
+            release: Script::new(include_str!("scripts/release.lua")),
+            insert_enrollment: Script::new(include_str!("scripts/insert_enrollment.lua")),
             enroll: Script::new(include_str!("scripts/enroll.lua")),
             strike: Script::new(include_str!("scripts/strike.lua")),
+            reserve_totp: Script::new(include_str!("scripts/reserve_totp.lua")),
+            totp_succeeded: Script::new(include_str!("scripts/totp_succeeded.lua")),
         }
     }
 }

@@ -1,6 +1,6 @@
 -- Counts a strike in a sliding window; at the limit-th it forgets the strikes.
 --
--- KEYS[1]  the strikes (zset)                    pm:{tu}:wrong or pm:{tu}:totpfail
+-- KEYS[1]  the strikes (zset)                    pm:{tu}:wrong
 -- ARGV[1]  now (ms, the store's clock)
 -- ARGV[2]  the window (ms), also the key's TTL
 -- ARGV[3]  the limit

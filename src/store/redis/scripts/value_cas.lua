@@ -1,6 +1,7 @@
 -- Compare-and-set of a string by value; keeps the key's TTL.
 --
--- KEYS[1]  the string (a device record)          pm:{tu}:dev:<id>
+-- KEYS[1]  the string: a device record           pm:{tu}:dev:<id>
+--          or a user's block                     pm:{tu}:block
 -- ARGV[1]  the value the caller read ('' expects no key)
 -- ARGV[2]  the new value
 -- Returns 1 when set, 0 when the value had changed.
