@@ -1,10 +1,13 @@
 //! The Redis store: stateless pushmatch replicas that share one Redis (or a Redis
 //! Cluster). Everything that decides is one atomic step in Redis (a Lua script or
-//! a compare-and-set), so of racing replicas exactly one wins.
+//! a compare-and-set), so of racing replicas exactly one wins. The one decision
+//! that spans two slots, that a public key enrolls once, is a claim (`SET NX`) on
+//! the key before the user's script; `records.rs` shows why that is safe.
 //!
-//! Time is the store's clock (the `now` every call passes), never Redis's: expiry,
-//! windows and lockouts are decided in the scripts and in Rust against `now`; Redis
-//! TTLs only collect garbage, with a margin.
+//! Time is the store's clock (the `now` every call passes; `spend_proof`, which
+//! gets none, reads the clock the store was given), never Redis's: expiry, windows
+//! and lockouts are decided in the scripts and in Rust against `now`; Redis TTLs
+//! only collect garbage, with a margin.
 //!
 //! Every change to a challenge is published, with its version, on one of
 //! [`SHARDS`] channels (by challenge id), so each replica holds one pub/sub
