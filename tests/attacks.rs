@@ -7,6 +7,7 @@
 
 mod support;
 
+use pushmatch::domain::time::Clock as _;
 use pushmatch::pb;
 use pushmatch::pb::device_service_client::DeviceServiceClient;
 use pushmatch::phone::{P256Encoding, PhoneKey};
@@ -22,7 +23,7 @@ async fn a_bidi_override_or_invisible_character_cannot_spoof_the_prompt() {
     let server = TestServer::start().await;
     let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
     let mut challenges = server.challenges(KEY_A);
-    for bad in SPOOFING {
+    for (n, bad) in SPOOFING.into_iter().enumerate() {
         // "Rotterdam" with a right-to-left override reads as an invented place.
         let location = format!("Amsterdam{bad}LN ,madrettoR");
         let context = pb::SignInContext { location, ..Default::default() };
@@ -36,7 +37,8 @@ async fn a_bidi_override_or_invisible_character_cannot_spoof_the_prompt() {
         };
         assert_code(server.enrollments(KEY_A).begin_enrollment(request).await, Code::InvalidArgument, "account_name");
 
-        let enrollment = server.begin_enrollment("jan").await;
+        // (A user of its own each time: a user holds at most five open enrollments.)
+        let enrollment = server.begin_enrollment(&format!("user-{n}")).await;
         let mut other = server.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
         assert_code(other.enroll(&enrollment.uri, &format!("Jan{bad}s phone")).await, Code::InvalidArgument, "display_name");
     }
@@ -157,6 +159,17 @@ async fn a_captured_device_proof_cannot_be_replayed() {
     assert_eq!(phone.pending().await.expect("a fresh proof").len(), 1);
 }
 
+/// A fraud report signed at the server's (manual) clock.
+async fn report_fraud(
+    server: &TestServer,
+    phone: &mut pushmatch::phone::SimulatedPhone,
+    challenge_id: &str,
+) -> Result<pb::RespondToChallengeResponse, tonic::Status> {
+    let decision = pb::Decision::ReportFraud;
+    let proof = phone.proof_at("RespondToChallenge", &[challenge_id, decision.as_str_name(), ""], server.clock.now().0);
+    phone.respond_with(proof, challenge_id, decision, "").await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fraud_report_after_the_sign_in_was_cancelled_still_blocks_the_user() {
     let server = TestServer::start().await;
@@ -167,7 +180,7 @@ async fn a_fraud_report_after_the_sign_in_was_cancelled_still_blocks_the_user() 
     let request = pb::CancelChallengeRequest { challenge_id: bombed.challenge_id.clone() };
     challenges.cancel_challenge(request).await.expect("cancel");
     server.clock.advance(std::time::Duration::from_secs(600));
-    let report = phone.respond(&bombed.challenge_id, pb::Decision::ReportFraud, "").await.expect("report");
+    let report = report_fraud(&server, &mut phone, &bombed.challenge_id).await.expect("report");
     assert_eq!((report.accepted, report.state()), (false, pb::ChallengeState::Cancelled));
     let request = pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() };
     assert_code(challenges.create_challenge(request.clone()).await, Code::FailedPrecondition, "fraud");
@@ -177,7 +190,7 @@ async fn a_fraud_report_after_the_sign_in_was_cancelled_still_blocks_the_user() 
     let old = server.create_challenge("jan").await;
     challenges.cancel_challenge(pb::CancelChallengeRequest { challenge_id: old.challenge_id.clone() }).await.expect("cancel");
     server.clock.advance(std::time::Duration::from_secs(901));
-    let _ = phone.respond(&old.challenge_id, pb::Decision::ReportFraud, "").await;
+    let _ = report_fraud(&server, &mut phone, &old.challenge_id).await;
     challenges.create_challenge(request).await.expect("not blocked");
 }
 
@@ -243,6 +256,7 @@ async fn a_user_cannot_gather_devices_or_open_enrollments_without_bound() {
     assert_code(refused, Code::ResourceExhausted, "devices");
     let devices = server.enrollments(KEY_A).list_devices(pb::ListDevicesRequest { user_id: "jan".into() }).await.expect("list");
     assert_eq!(devices.into_inner().devices.len(), 3);
+}
 
 /// A tenant's herd (its IdP in a retry storm, or whoever holds a stolen API key)
 /// fills at most its share of the push queue (`push.queue_share_per_tenant`): past it
@@ -310,8 +324,6 @@ async fn one_tenants_herd_is_shed_while_another_tenants_sign_ins_go_through() {
     assert_eq!(last.state(), pb::ChallengeState::Approved);
 
     // Once the stall is over and its pushes have left the queue, tenant a signs in again.
-    tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| jobs.len() >= created + 1))
-        .await
-        .expect("every queued push is sent");
+    tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| jobs.len() > created)).await.expect("every queued push is sent");
     herd.create_challenge(retry()).await.expect("tenant a's share is free again");
 }

@@ -120,11 +120,14 @@ async fn fifty_concurrent_approvals_accept_exactly_one() {
     let phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
     let challenge = server.create_challenge("jan").await;
     let mut watch = server.watch(&challenge.challenge_id).await;
-    let proof = phone.proof("RespondToChallenge", &[&challenge.challenge_id, "DECISION_APPROVE", &challenge.number]);
-    let answers = (0..50).map(|_| {
+    // Fifty answers, each with a proof of its own (a proof works once), sent at once.
+    let fields = [challenge.challenge_id.as_str(), "DECISION_APPROVE", challenge.number.as_str()];
+    let now = pushmatch::domain::time::Clock::now(&server.clock).0;
+    let proofs: Vec<_> = (0..50).map(|i| phone.proof_at("RespondToChallenge", &fields, now + i)).collect();
+    let answers = proofs.into_iter().map(|proof| {
         let mut phone = SimulatedPhone::new(server.channel.clone(), phone.key().clone(), pb::Platform::Fcm, FCM_TOKEN);
         phone.impersonate(phone_id(&proof));
-        let (proof, id, number) = (proof.clone(), challenge.challenge_id.clone(), challenge.number.clone());
+        let (id, number) = (challenge.challenge_id.clone(), challenge.number.clone());
         tokio::spawn(async move { phone.respond_with(proof, &id, pb::Decision::Approve, &number).await })
     });
     let answers = futures::future::join_all(answers).await;

@@ -88,12 +88,15 @@ async fn fifty_approvals_spread_over_both_replicas_accept_exactly_one() {
     let phone = a.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
     let challenge = a.create_challenge("jan").await;
     let mut watch = b.watch(&challenge.challenge_id).await;
-    let proof = phone.proof("RespondToChallenge", &[&challenge.challenge_id, "DECISION_APPROVE", &challenge.number]);
-    let answers = (0..50).map(|i| {
+    // Fifty answers, each with a proof of its own (a proof works once), sent at once.
+    let fields = [challenge.challenge_id.as_str(), "DECISION_APPROVE", challenge.number.as_str()];
+    let now = pushmatch::domain::time::Clock::now(&a.clock).0;
+    let answers = (0..50i64).map(|i| {
         let channel = if i % 2 == 0 { a.channel.clone() } else { b.channel.clone() };
         let mut replica_phone = SimulatedPhone::new(channel, phone.key().clone(), pb::Platform::Fcm, FCM_TOKEN);
         replica_phone.impersonate(phone.device_id());
-        let (proof, id, number) = (proof.clone(), challenge.challenge_id.clone(), challenge.number.clone());
+        let proof = phone.proof_at("RespondToChallenge", &fields, now + i);
+        let (id, number) = (challenge.challenge_id.clone(), challenge.number.clone());
         tokio::spawn(async move { replica_phone.respond_with(proof, &id, pb::Decision::Approve, &number).await })
     });
     let mut accepted = 0;
@@ -104,6 +107,20 @@ async fn fifty_approvals_spread_over_both_replicas_accept_exactly_one() {
     }
     assert_eq!(accepted, 1);
     assert_eq!(follow_to_final(&mut watch).await.pop().expect("final").state(), pb::ChallengeState::Approved);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_used_on_one_replica_is_refused_on_the_other() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    let mut phone = a.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    a.create_challenge("jan").await;
+    let proof = phone.proof("ListPendingChallenges", &[]);
+    assert_eq!(phone.pending_with(proof.clone()).await.expect("first use, on replica a").len(), 1);
+    let mut on_b = SimulatedPhone::new(b.channel.clone(), phone.key().clone(), pb::Platform::Fcm, FCM_TOKEN);
+    on_b.impersonate(phone.device_id());
+    let replay = on_b.pending_with(proof).await.expect_err("the replay, on replica b");
+    assert_eq!(replay.code(), tonic::Code::Unauthenticated, "{replay:?}");
 }
 
 async fn wait_for_health(server: &TestServer, wanted: ServingStatus) {

@@ -9,10 +9,11 @@
 //! and publishes), which is how expiry reaches watchers everywhere.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt as _;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +39,7 @@ pub(super) struct WatchRegistry {
 
 impl WatchRegistry {
     fn lock(&self) -> MutexGuard<'_, HashMap<ChallengeId, Watched>> {
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries.lock()
     }
 
     /// Notes interest in a challenge before it is read, so a change published
