@@ -20,7 +20,7 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -171,7 +171,6 @@ pub struct ConnectionPool {
     slots: Box<[Slot]>,
     next: AtomicUsize,
     request_timeout: Duration,
-    connections_opened: AtomicU64,
 }
 
 impl ConnectionPool {
@@ -190,18 +189,12 @@ impl ConnectionPool {
             slots,
             next: AtomicUsize::new(0),
             request_timeout: settings.request_timeout,
-            connections_opened: AtomicU64::new(0),
         })
     }
 
     /// The absolute URI of `path` (which starts with '/') on this endpoint.
     pub fn uri(&self, path: &str) -> Result<Uri, http::Error> {
         Ok(Uri::try_from(format!("{}{path}", self.target.base))?)
-    }
-
-    /// How many connections this pool has opened so far (reconnects included).
-    pub fn connections_opened(&self) -> u64 {
-        self.connections_opened.load(Ordering::Relaxed)
     }
 
     /// Sends `request` on one of the pool's connections and reads the whole response,
@@ -270,8 +263,7 @@ impl ConnectionPool {
                 tracing::debug!(%host, %error, "push connection closed");
             }
         });
-        let opened = self.connections_opened.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::debug!(host = %self.target.host, opened, "push connection open");
+        tracing::debug!(host = %self.target.host, "push connection open");
         Ok(sender)
     }
 }
