@@ -327,3 +327,29 @@ async fn one_tenants_herd_is_shed_while_another_tenants_sign_ins_go_through() {
     tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| jobs.len() > created)).await.expect("every queued push is sent");
     herd.create_challenge(retry()).await.expect("tenant a's share is free again");
 }
+
+#[tokio::test]
+async fn a_redis_password_never_appears_in_an_error() {
+    const PASSWORD: &str = "s3cret-redis-password";
+    // A URL of the wrong scheme: refused by validation, naming the key, not the password.
+    let env = [
+        ("PUSHMATCH_STORE__BACKEND".to_owned(), "redis".to_owned()),
+        ("PUSHMATCH_STORE__REDIS_URL".to_owned(), format!("http://app:{PASSWORD}@cache:6379")),
+        ("PUSHMATCH_SECRETS__KEY_HEX".to_owned(), "ab".repeat(32)),
+    ];
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("pushmatch.toml");
+    let tenant = pushmatch::domain::api_key::api_key_digest_hex(KEY_A);
+    std::fs::write(&file, format!("[[tenants]]\nid = \"a\"\ndisplay_name = \"A\"\napi_key_sha256 = [\"{tenant}\"]\n"))
+        .expect("write");
+    let error = pushmatch::config::Config::load(Some(&file), env.clone()).expect_err("not a redis URL").to_string();
+    assert!(error.starts_with("store.redis_url: ") && !error.contains(PASSWORD), "{error}");
+
+    // A Redis that is not there: the server stops before it listens, without the password.
+    let mut env = env;
+    env[1].1 = format!("redis://app:{PASSWORD}@127.0.0.1:1");
+    let config = pushmatch::config::Config::load(Some(&file), env).expect("loads").config;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let error = pushmatch::server::run(listener, config, std::future::pending()).await.expect_err("no Redis").to_string();
+    assert!(error.contains("redis") && !error.contains(PASSWORD), "{error}");
+}
