@@ -152,16 +152,16 @@ impl Broker {
     /// and the app's pull fallback still finds the challenge.
     async fn push(&self, job: PushJob) {
         if let Err(full) = self.dispatcher.enqueue(job.clone()) {
-            tracing::warn!(challenge_id = %job.challenge_id, "{full}");
-            if job.kind == PushKind::Challenge {
+            tracing::warn!(kind = job.kind.label(), challenge_id = job.challenge_id().map(tracing::field::display), "{full}");
+            if let PushKind::Challenge { challenge_id } = &job.kind {
                 let delivery = Delivery {
-                    device_id: job.device_id,
+                    device_id: job.device_id.clone(),
                     platform: job.platform,
                     state: DeliveryState::Failed,
                     attempts: 0,
                     error: "push queue full".into(),
                 };
-                if let Err(error) = self.store.record_delivery(&job.challenge_id, delivery).await {
+                if let Err(error) = self.store.record_delivery(challenge_id, delivery).await {
                     tracing::warn!(%error, "could not record a failed delivery");
                 }
             }
@@ -185,8 +185,7 @@ impl Broker {
             }
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
-                kind: PushKind::Clear { state: challenge.state },
-                challenge_id: challenge.id.clone(),
+                kind: PushKind::Clear { challenge_id: challenge.id.clone(), state: challenge.state },
                 device_id: device.id.clone(),
                 platform,
                 push_token: device.push_token.clone(),

@@ -131,7 +131,13 @@ impl Worker {
             let Some((job, origin)) = job else { return };
             let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
             let worker = Arc::clone(&this);
-            let span = tracing::info_span!("push", challenge_id = %job.challenge_id, device_id = %job.device_id, platform = job.platform.name());
+            let span = tracing::info_span!(
+                "push",
+                kind = job.kind.label(),
+                challenge_id = job.challenge_id().map(tracing::field::display),
+                device_id = %job.device_id,
+                platform = job.platform.name()
+            );
             origin.adopt(&span);
             tokio::spawn(
                 async move {
@@ -144,7 +150,8 @@ impl Worker {
     }
 
     async fn deliver(&self, job: PushJob) {
-        let reports = job.kind == PushKind::Challenge;
+        // Only a challenge has deliveries to record; any push can find a dead token.
+        let reports = matches!(job.kind, PushKind::Challenge { .. });
         let Some(sender) = self.senders.get(&job.platform) else {
             if reports {
                 self.reporter.report(&job, DeliveryState::Failed, 0, "not configured").await;
@@ -180,9 +187,7 @@ impl Worker {
                 }
             }
         };
-        let kind = if reports { "challenge" } else { "clear" };
-        metrics::counter!(names::PUSH_DELIVERIES, "provider" => job.platform.name(), "kind" => kind, "state" => delivery_state_label(state))
-            .increment(1);
+        record_delivery(job.platform, &job.kind, state);
         if reports || state == DeliveryState::Unregistered {
             self.reporter.report(&job, state, attempts, &error).await;
         }
@@ -215,6 +220,12 @@ fn record_attempt(platform: Platform, outcome: &SendOutcome, latency: Duration) 
     };
     metrics::counter!(names::PUSH_SENDS, "provider" => platform.name(), "outcome" => outcome).increment(1);
     metrics::histogram!(names::PUSH_LATENCY, "provider" => platform.name()).record(latency.as_secs_f64());
+}
+
+/// Counts a push done, by its kind and final state.
+fn record_delivery(platform: Platform, kind: &PushKind, state: DeliveryState) {
+    metrics::counter!(names::PUSH_DELIVERIES, "provider" => platform.name(), "kind" => kind.label(), "state" => delivery_state_label(state))
+        .increment(1);
 }
 
 fn delivery_state_label(state: DeliveryState) -> &'static str {
@@ -281,8 +292,7 @@ mod tests {
 
     fn job(platform: Platform, clock: &ManualClock) -> PushJob {
         PushJob {
-            kind: PushKind::Challenge,
-            challenge_id: ChallengeId::generate().expect("id"),
+            kind: PushKind::Challenge { challenge_id: ChallengeId::generate().expect("id") },
             device_id: DeviceId::generate().expect("id"),
             platform,
             push_token: "token".into(),
@@ -444,6 +454,67 @@ mod tests {
             .expect("alive");
         assert_eq!(apns.most.load(Ordering::SeqCst), 2);
         assert_eq!(fcm.most.load(Ordering::SeqCst), 3);
+    }
+
+    fn notice(clock: &ManualClock) -> PushJob {
+        PushJob {
+            kind: PushKind::NewDevice {
+                new_device_id: DeviceId::generate().expect("id"),
+                method: crate::domain::enrollment::EnrollmentKind::Push,
+                enrolled_at: clock.now(),
+            },
+            ..job(Platform::Fcm, clock)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_notice_reports_a_dead_token_and_nothing_else() {
+        let clock = ManualClock::new(Millis(0));
+        let reports = Arc::new(Reports::default());
+        let unregistered = SendOutcome::Unregistered { reason: "UNREGISTERED".into() };
+        let sender: Arc<dyn PushSender> =
+            Arc::new(Scripted { outcomes: Mutex::new(vec![SendOutcome::Sent, retry_now(), unregistered]) });
+        // One job at a time: the first notice is done, reported or not, before the second starts.
+        let settings = DispatcherSettings { max_in_flight: 1, ..DispatcherSettings::default() };
+        let dispatcher = Dispatcher::start(
+            vec![sender],
+            reports.clone(),
+            Arc::new(clock.clone()),
+            settings,
+            Arc::default(),
+            CancellationToken::new(),
+        );
+        dispatcher.enqueue(notice(&clock)).expect("room");
+        dispatcher.enqueue(notice(&clock)).expect("room");
+        // Neither the first notice's SENT nor the second's retry is reported (a notice
+        // has no delivery to record); its dead token is, so pushes go off for the device.
+        assert_eq!(final_report(&reports).await, (DeliveryState::Unregistered, 2, "UNREGISTERED".into()));
+        assert_eq!(reports.seen.borrow().len(), 1, "{:?}", reports.seen.borrow());
+    }
+
+    /// A retry due at once, so the manual clock need not move.
+    fn retry_now() -> SendOutcome {
+        SendOutcome::Retry { reason: "503".into(), after: Some(Duration::ZERO) }
+    }
+
+    #[test]
+    fn deliveries_are_counted_by_kind() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let clock = ManualClock::new(Millis(0));
+        metrics::with_local_recorder(&recorder, || {
+            record_delivery(Platform::Fcm, &job(Platform::Fcm, &clock).kind, DeliveryState::Sent);
+            record_delivery(Platform::Apns, &notice(&clock).kind, DeliveryState::Sent);
+            record_delivery(Platform::Apns, &notice(&clock).kind, DeliveryState::Unregistered);
+        });
+        let text = handle.render();
+        for expected in [
+            r#"pushmatch_push_deliveries_total{provider="fcm",kind="challenge",state="sent"} 1"#,
+            r#"pushmatch_push_deliveries_total{provider="apns",kind="new_device",state="sent"} 1"#,
+            r#"pushmatch_push_deliveries_total{provider="apns",kind="new_device",state="unregistered"} 1"#,
+        ] {
+            assert!(text.contains(expected), "{expected} in\n{text}");
+        }
     }
 
     #[test]
