@@ -146,9 +146,8 @@ async fn run(platform: Platform, latency: Duration, connections: u32, pushes: us
     let settings = DispatcherSettings { queue_capacity: pushes + 1_000, ..DispatcherSettings::default() };
     let dispatcher = Dispatcher::start(senders, finished.clone(), Arc::clone(&clock), settings, Arc::default(), shutdown.clone());
     let job = || PushJob {
-        kind: PushKind::Challenge,
+        kind: PushKind::Challenge { challenge_id: ChallengeId::generate().expect("id") },
         tenant: TenantId("bench".into()),
-        challenge_id: ChallengeId::generate().expect("id"),
         device_id: DeviceId::generate().expect("id"),
         platform,
         push_token: if platform == Platform::Apns { APNS_TOKEN } else { FCM_TOKEN }.into(),

@@ -7,10 +7,15 @@
 
 mod support;
 
+use std::sync::atomic::Ordering;
+
+use pushmatch::domain::enrollment::EnrollmentKind;
+use pushmatch::domain::ids::DeviceId;
 use pushmatch::domain::time::Clock as _;
 use pushmatch::pb;
 use pushmatch::pb::device_service_client::DeviceServiceClient;
-use pushmatch::phone::{P256Encoding, PhoneKey};
+use pushmatch::phone::{P256Encoding, PhoneKey, SimulatedPhone};
+use pushmatch::push::{NOTICE_LIFETIME, PushJob, PushKind};
 use support::*;
 use tonic::Code;
 
@@ -315,9 +320,12 @@ async fn one_tenants_herd_is_shed_while_another_tenants_sign_ins_go_through() {
         .expect("watch")
         .into_inner();
     server.fcm.release();
-    tokio::time::timeout(DEADLINE, server.fcm.wait_for(|job| job.challenge_id.as_str() == challenge.challenge_id))
-        .await
-        .expect("tenant b's push is sent");
+    tokio::time::timeout(
+        DEADLINE,
+        server.fcm.wait_for(|job| job.challenge_id().is_some_and(|id| id.as_str() == challenge.challenge_id)),
+    )
+    .await
+    .expect("tenant b's push is sent");
     let answer = piet.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("respond");
     assert!(answer.accepted);
     let last = follow_to_final(&mut watch).await.pop().expect("a final state");
@@ -352,4 +360,79 @@ async fn a_redis_password_never_appears_in_an_error() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let error = pushmatch::server::run(listener, config, std::future::pending()).await.expect_err("no Redis").to_string();
     assert!(error.contains("redis") && !error.contains(PASSWORD), "{error}");
+}
+
+/// The FCM pushes sent, once there are `count`.
+async fn fcm_jobs(server: &TestServer, count: usize) -> Vec<PushJob> {
+    let jobs =
+        tokio::time::timeout(DEADLINE, server.fcm.wait_until(|jobs| jobs.len() >= count)).await.expect("the pushes are sent");
+    assert_eq!(jobs.len(), count, "{jobs:#?}");
+    jobs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attacker_enrolling_a_phone_or_an_authenticator_app_is_announced_to_the_users_other_devices() {
+    let server = TestServer::start().await;
+    // Pushes are queued before the enrolling call returns: after each call, this is
+    // every push it caused, so "none" is a count, not a wait.
+    let queued = || server.push_counters.enqueued.load(Ordering::SeqCst);
+    let notice_of = |new_device_id: &str, method| PushKind::NewDevice {
+        new_device_id: DeviceId::parse(new_device_id).expect("a device id"),
+        method,
+        enrolled_at: server.clock.now(),
+    };
+
+    // Jan's phone is the first device: there is no one to tell.
+    let phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    assert_eq!(queued(), 0, "a user's first device is announced to no one");
+    // Jan's tablet has pushes off (no push token): it is announced, and told nothing later.
+    let mut tablet = SimulatedPhone::new(server.channel.clone(), PhoneKey::ed25519(), pb::Platform::Fcm, "");
+    tablet.enroll(&server.begin_enrollment("jan").await.uri, "Jan's tablet").await.expect("the tablet enrolls");
+    assert_eq!(queued(), 1);
+    assert_eq!(fcm_jobs(&server, 1).await[0].kind, notice_of(tablet.device_id(), EnrollmentKind::Push));
+
+    // The attacker completes an enrollment code phished from Jan, naming the phone to reassure.
+    let mut attacker = SimulatedPhone::new(server.channel.clone(), PhoneKey::ed25519(), pb::Platform::Fcm, "attacker-token");
+    let lure = "IT security check - no action needed";
+    attacker.enroll(&server.begin_enrollment("jan").await.uri, lure).await.expect("the attacker's phone enrolls");
+    assert_eq!(queued(), 2, "exactly one notice: not to the tablet, whose pushes are off, nor to the new phone");
+    let notice: PushJob = fcm_jobs(&server, 2).await.remove(1);
+    assert_eq!(
+        (notice.device_id.as_str(), notice.push_token.as_str(), &notice.kind),
+        (phone.device_id(), FCM_TOKEN, &notice_of(attacker.device_id(), EnrollmentKind::Push))
+    );
+    assert_eq!(notice.expires_at, server.clock.now().plus(NOTICE_LIFETIME));
+    assert!(!format!("{notice:?}").contains(lure), "the attacker's text is not in the push: {notice:?}");
+
+    // An authenticator app (TOTP) is a sign-in method too: both push devices hear of it.
+    let totp = server
+        .enrollments(KEY_A)
+        .begin_enrollment(pb::BeginEnrollmentRequest {
+            user_id: "jan".into(),
+            account_name: "jan@gors.nl".into(),
+            kind: pb::EnrollmentKind::Totp.into(),
+        })
+        .await
+        .expect("a TOTP enrollment")
+        .into_inner();
+    let secret = totp.uri.split(['?', '&']).find_map(|p| p.strip_prefix("secret=")).expect("secret");
+    let secret = data_encoding::BASE32_NOPAD.decode(secret.as_bytes()).expect("base32");
+    let code = pushmatch::domain::totp::code_for_step(&secret, pushmatch::domain::totp::step_at(server.clock.now()));
+    let confirmed = server
+        .enrollments(KEY_A)
+        .confirm_totp_enrollment(pb::ConfirmTotpEnrollmentRequest { enrollment_id: totp.enrollment_id, code })
+        .await
+        .expect("the TOTP credential is confirmed")
+        .into_inner();
+    assert_eq!(queued(), 4, "one notice each to the phone and the attacker's phone, none to the tablet");
+    let mut told: Vec<(String, PushKind)> =
+        fcm_jobs(&server, 4).await.split_off(2).into_iter().map(|job| (job.device_id.as_str().to_owned(), job.kind)).collect();
+    told.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expected: Vec<(String, PushKind)> = [phone.device_id(), attacker.device_id()]
+        .into_iter()
+        .map(|to| (to.to_owned(), notice_of(&confirmed.device_id, EnrollmentKind::Totp)))
+        .collect();
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(told, expected);
+    assert!(server.apns.jobs().is_empty());
 }

@@ -62,9 +62,12 @@ async fn approve_flow(key: PhoneKey, platform: pb::Platform) {
 
     // The push carries the challenge id; the job type has no number to carry.
     let recorder = if platform == pb::Platform::Apns { &server.apns } else { &server.fcm };
-    let jobs = tokio::time::timeout(DEADLINE, recorder.wait_for(|job| job.challenge_id.as_str() == challenge.challenge_id))
-        .await
-        .expect("pushed");
+    let jobs = tokio::time::timeout(
+        DEADLINE,
+        recorder.wait_for(|job| job.challenge_id().is_some_and(|id| id.as_str() == challenge.challenge_id)),
+    )
+    .await
+    .expect("pushed");
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].device_id.as_str(), completed.device_id);
 
@@ -388,8 +391,8 @@ async fn deliveries_reach_the_watcher_and_every_device_is_pushed() {
     iphone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("respond");
     let clears = |jobs: &[PushJob]| {
         jobs.iter()
-            .filter(|j| j.challenge_id.as_str() == challenge.challenge_id)
-            .filter(|j| j.kind == PushKind::Clear { state: ChallengeState::Approved })
+            .filter(|j| j.challenge_id().is_some_and(|id| id.as_str() == challenge.challenge_id))
+            .filter(|j| matches!(j.kind, PushKind::Clear { state: ChallengeState::Approved, .. }))
             .count()
     };
     let fcm =
@@ -439,9 +442,12 @@ async fn a_dead_token_turns_pushes_off_until_a_new_token_arrives() {
     phone.respond(&next.challenge_id, pb::Decision::Deny, "").await.expect("respond");
     let third = server.create_challenge("jan").await;
     assert_eq!(third.deliveries.len(), 1);
-    let jobs = tokio::time::timeout(DEADLINE, server.fcm.wait_for(|j| j.challenge_id.as_str() == third.challenge_id))
-        .await
-        .expect("pushed");
+    let jobs = tokio::time::timeout(
+        DEADLINE,
+        server.fcm.wait_for(|j| j.challenge_id().is_some_and(|id| id.as_str() == third.challenge_id)),
+    )
+    .await
+    .expect("pushed");
     assert_eq!(jobs.last().expect("job").push_token, "fcm-new-token");
 }
 

@@ -89,9 +89,12 @@ async fn no_secret_reaches_the_logs() {
     for decision in [pb::Decision::Approve, pb::Decision::Deny, pb::Decision::Approve] {
         let challenge = server.create_challenge("jan").await;
         let mut watch = server.watch(&challenge.challenge_id).await;
-        tokio::time::timeout(DEADLINE, server.apns.wait_for(|j| j.challenge_id.as_str() == challenge.challenge_id))
-            .await
-            .expect("pushed");
+        tokio::time::timeout(
+            DEADLINE,
+            server.apns.wait_for(|j| j.challenge_id().is_some_and(|id| id.as_str() == challenge.challenge_id)),
+        )
+        .await
+        .expect("pushed");
         let typed = if numbers.len() == 2 { "00".to_owned() } else { challenge.number.clone() };
         phone
             .respond(&challenge.challenge_id, decision, if decision == pb::Decision::Deny { "" } else { &typed })

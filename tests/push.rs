@@ -295,13 +295,17 @@ async fn three_devices_on_both_platforms_are_pushed_at_once_and_the_others_clear
     let mut iphone = phone_with_token(&server, "ann", pb::Platform::Apns, APNS_TOKEN).await;
     let ipad = phone_with_token(&server, "ann", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
     let android = phone_with_token(&server, "ann", pb::Platform::Fcm, FCM_TOKEN).await;
+    // The iPhone heard of the iPad and the Android phone, the iPad of the Android phone.
+    const NOTICES: usize = 3;
+    let notices = providers.apns.wait_for_requests(NOTICES).await;
+    assert!(notices.iter().all(|r| r.json()["kind"] == "new_device"), "{notices:#?}");
     // The mocks hold every answer until all three pushes arrived: pushes sent one
     // after another would never get there.
     providers.apns.answer_with(Reply::ok().held());
     providers.fcm.answer_with(Reply::ok().held());
 
     let challenge = create(&server, "ann", 0).await.expect("create");
-    let apns_requests = providers.apns.wait_for_requests(2).await;
+    let apns_requests = providers.apns.wait_for_requests(NOTICES + 2).await.split_off(NOTICES);
     providers.fcm.wait_for_requests(1).await;
     let mut paths: Vec<&str> = apns_requests.iter().map(|r| r.path.as_str()).collect();
     paths.sort_unstable();
@@ -319,8 +323,8 @@ async fn three_devices_on_both_platforms_are_pushed_at_once_and_the_others_clear
 
     // The iPad gets a background push, the Android phone a data message; the iPhone
     // that answered gets nothing more.
-    let apns_requests = providers.apns.wait_for_requests(3).await;
-    let clear = &apns_requests[2];
+    let apns_requests = providers.apns.wait_for_requests(NOTICES + 3).await;
+    let clear = &apns_requests[NOTICES + 2];
     assert_eq!(clear.path, format!("/3/device/{SECOND_APNS_TOKEN}"));
     assert_eq!(clear.header("apns-push-type"), "background");
     assert_eq!(clear.header("apns-priority"), "5");
@@ -338,8 +342,93 @@ async fn three_devices_on_both_platforms_are_pushed_at_once_and_the_others_clear
     for request in [clear, &fcm_clear] {
         assert_no_number(request, &challenge.number);
     }
-    assert_eq!(providers.apns.requests().len(), 3);
+    assert_eq!(providers.apns.requests().len(), NOTICES + 3);
     let _ = (ipad, android);
+}
+
+/// When `device_id` of `user` enrolled, in Unix seconds (from ListDevices).
+async fn enrolled_at(server: &TestServer, user: &str, device_id: &str) -> i64 {
+    let devices = server
+        .enrollments(KEY_A)
+        .list_devices(pb::ListDevicesRequest { user_id: user.into() })
+        .await
+        .expect("list devices")
+        .into_inner()
+        .devices;
+    let device = devices.iter().find(|d| d.device_id == device_id).expect("the device is listed");
+    device.enrolled_at.expect("enrolled_at").seconds
+}
+
+#[tokio::test]
+async fn a_new_device_notice_every_header_and_the_body_on_apns_and_fcm() {
+    const DAY: i64 = 24 * 60 * 60;
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let iphone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+
+    // The Android phone enrolls: the iPhone gets an alert about it.
+    let android = phone_with_token(&server, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    let android_enrolled = enrolled_at(&server, "jan", android.device_id()).await;
+    let request = providers.apns.wait_for_requests(1).await.remove(0);
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.path, format!("/3/device/{APNS_TOKEN}"));
+    assert_eq!(request.header("apns-topic"), TOPIC);
+    assert_eq!(request.header("apns-push-type"), "alert");
+    assert_eq!(request.header("apns-priority"), "10");
+    assert_eq!(request.header("apns-expiration"), (android_enrolled + DAY).to_string());
+    assert_eq!(request.header("apns-collapse-id"), android.device_id());
+    let jwt = request.header("authorization").strip_prefix("bearer ").expect("a bearer token");
+    verify_es256(jwt, &providers.apns_verifying_key);
+    let body = request.json();
+    assert_eq!(
+        body,
+        serde_json::json!({
+            "aps": {"alert": {"title": body["aps"]["alert"]["title"], "body": body["aps"]["alert"]["body"]},
+                    "sound": "default", "category": "PUSHMATCH_NEW_DEVICE"},
+            "kind": "new_device",
+            "device_id": iphone.device_id(),
+            "new_device_id": android.device_id(),
+            "method": "push",
+            "enrolled_at": android_enrolled,
+        })
+    );
+    assert!(body["aps"]["alert"]["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(body["aps"]["alert"]["body"].as_str().is_some_and(|t| !t.is_empty()));
+
+    // An iPad enrolls: the Android phone gets a data message, the iPhone a second alert.
+    let ipad = phone_with_token(&server, "jan", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
+    let ipad_enrolled = enrolled_at(&server, "jan", ipad.device_id()).await;
+    let request = providers.fcm.wait_for_requests(1).await.remove(0);
+    assert_eq!(request.method, "POST");
+    assert_eq!(request.path, format!("/v1/projects/{FCM_PROJECT}/messages:send"));
+    assert_eq!(request.header("authorization"), "Bearer mock-access-token-1");
+    assert_eq!(request.header("content-type"), "application/json");
+    let body = request.json();
+    let ttl = body["message"]["android"]["ttl"].as_str().expect("ttl").to_owned();
+    let ttl_seconds: i64 = ttl.strip_suffix('s').expect("ttl in seconds").parse().expect("a number");
+    assert!((DAY - 60..=DAY).contains(&ttl_seconds), "ttl {ttl} is the rest of a day");
+    assert_eq!(
+        body,
+        serde_json::json!({"message": {
+            "token": FCM_TOKEN,
+            "data": {"kind": "new_device", "device_id": android.device_id(), "new_device_id": ipad.device_id(),
+                     "method": "push", "enrolled_at": ipad_enrolled.to_string()},
+            "android": {"priority": "HIGH", "ttl": ttl, "collapse_key": ipad.device_id()},
+        }})
+    );
+    let second = providers.apns.wait_for_requests(2).await.remove(1);
+    assert_eq!(second.path, format!("/3/device/{APNS_TOKEN}"), "the new iPad hears nothing of itself");
+    assert_eq!(second.header("apns-collapse-id"), ipad.device_id());
+    assert_eq!(second.json()["new_device_id"], ipad.device_id());
+
+    // The notices were pushes like any other: a challenge reaches all three after them.
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    assert_eq!(deliveries_done(&server, &challenge.challenge_id).await.deliveries.len(), 3);
+    let apns = providers.apns.wait_for_requests(4).await;
+    let collapse_ids: Vec<&str> = apns.iter().map(|r| r.header("apns-collapse-id")).collect();
+    assert_eq!(collapse_ids[..2], [android.device_id(), ipad.device_id()]);
+    assert_eq!(collapse_ids[2..], [challenge.challenge_id.as_str(), challenge.challenge_id.as_str()]);
+    assert_eq!(providers.fcm.requests().len(), 2, "one notice and the challenge");
 }
 
 #[tokio::test]

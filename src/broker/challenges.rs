@@ -83,9 +83,8 @@ impl Broker {
         for device in targets {
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
-                kind: PushKind::Challenge,
+                kind: PushKind::Challenge { challenge_id: created.id.clone() },
                 tenant: tenant.clone(),
-                challenge_id: created.id.clone(),
                 device_id: device.id.clone(),
                 platform,
                 push_token: device.push_token.clone(),

@@ -9,7 +9,7 @@ use crate::domain::ports::Store;
 use crate::push::{DeliveryReporter, PushJob, PushKind};
 
 /// Records the dispatcher's progress on the challenge (waking its watchers) and
-/// turns pushes off for devices whose token is dead.
+/// turns pushes off for devices whose token is dead, whatever the push was.
 pub struct DeliveryRecorder {
     store: Arc<dyn Store>,
 }
@@ -28,13 +28,12 @@ impl DeliveryReporter for DeliveryRecorder {
         {
             tracing::warn!(error = %store_error, "could not turn pushes off for a dead token");
         }
-        if job.kind != PushKind::Challenge {
-            return;
-        }
+        // Clears and notices have no delivery of their own to record.
+        let PushKind::Challenge { challenge_id } = &job.kind else { return };
         let delivery =
             Delivery { device_id: job.device_id.clone(), platform: job.platform, state, attempts, error: error.to_owned() };
-        if let Err(store_error) = self.store.record_delivery(&job.challenge_id, delivery).await {
-            tracing::warn!(error = %store_error, challenge_id = %job.challenge_id, "could not record a delivery");
+        if let Err(store_error) = self.store.record_delivery(challenge_id, delivery).await {
+            tracing::warn!(error = %store_error, %challenge_id, "could not record a delivery");
         }
     }
 }

@@ -72,6 +72,8 @@ impl Broker {
         enrollment.state(self.clock.now())
     }
 
+    /// The app's side: spends the code and adds the device, then tells the user's
+    /// other devices that take pushes (a notice push) that a device was added.
     #[tracing::instrument(skip_all)]
     pub async fn complete_enrollment(&self, request: DeviceEnrollment) -> Result<CompletedEnrollment, DomainError> {
         let now = self.clock.now();
@@ -104,6 +106,7 @@ impl Broker {
         match self.store.complete_enrollment(&digest, device.clone(), &self.settings.enrollment_limits, now).await? {
             CompleteOutcome::Completed(enrollment) => {
                 tracing::info!(enrollment_id = %enrollment.id, device_id = %device.id, token = %redact_token(&device.push_token), "device enrolled");
+                self.announce_new_device(&device, EnrollmentKind::Push).await;
                 Ok(CompletedEnrollment {
                     issuer: self.issuer(&enrollment.tenant),
                     account_name: enrollment.account_name,

@@ -6,8 +6,9 @@
 //! the steps and records what happened (logs, metrics, deliveries).
 //!
 //! - [`challenges`]: the IdP's side of a sign-in (create, get, watch, cancel).
-//! - [`enrollment`]: begin and complete an enrollment.
-//! - [`totp`]: confirm a TOTP enrollment, verify codes.
+//! - [`enrollment`]: begin and complete an enrollment (the user's other devices get
+//!   a notice push of the new one).
+//! - [`totp`]: confirm a TOTP enrollment (announced the same way), verify codes.
 //! - [`devices`]: the app's calls after enrollment (answers, pending list, token
 //!   updates) and the IdP's device management.
 //! - [`delivery`]: [`DeliveryRecorder`], the dispatcher's reports written to the store.
@@ -18,14 +19,14 @@ use std::time::Duration;
 
 use crate::domain::challenge::{Challenge, Delivery, DeliveryState, Platform, SignInContext};
 use crate::domain::device::{Device, DevicePublicKey};
-use crate::domain::enrollment::Enrollment;
+use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::error::DomainError;
 use crate::domain::ids::{DeviceId, EnrollmentCode, TenantId, UserId};
 use crate::domain::ports::{AdmissionPolicy, EnrollmentLimits, Store, StrikePolicy, TotpPolicy};
 use crate::domain::secrets::SecretBox;
 use crate::domain::time::Clock;
 use crate::push::dispatcher::Dispatcher;
-use crate::push::{PushJob, PushKind};
+use crate::push::{NOTICE_LIFETIME, PushJob, PushKind};
 
 mod challenges;
 mod delivery;
@@ -174,20 +175,57 @@ impl Broker {
     /// and the app's pull fallback still finds the challenge.
     async fn push(&self, job: PushJob) {
         if let Err(full) = self.dispatcher.enqueue(job.clone()) {
-            tracing::warn!(challenge_id = %job.challenge_id, "{full}");
-            if job.kind == PushKind::Challenge {
+            tracing::warn!(kind = job.kind.label(), challenge_id = job.challenge_id().map(tracing::field::display), "{full}");
+            if let PushKind::Challenge { challenge_id } = &job.kind {
                 let delivery = Delivery {
-                    device_id: job.device_id,
+                    device_id: job.device_id.clone(),
                     platform: job.platform,
                     state: DeliveryState::Failed,
                     attempts: 0,
                     error: "push queue full".into(),
                 };
-                if let Err(error) = self.store.record_delivery(&job.challenge_id, delivery).await {
+                if let Err(error) = self.store.record_delivery(challenge_id, delivery).await {
                     tracing::warn!(%error, "could not record a failed delivery");
                 }
             }
         }
+    }
+
+    /// Tells the user's other devices that take pushes that `added` was enrolled
+    /// (a push app, or a TOTP credential: either signs in), so that a method an
+    /// attacker added with a phished enrollment code or setup page does not go
+    /// unnoticed. The enrollment stands whatever happens here: it is committed
+    /// already, and failing the call would only make the app retry a spent code. So
+    /// a failure is logged, not returned.
+    ///
+    /// Called after the store committed `added`: of two devices enrolling at once,
+    /// each lists the other and each is announced to the other.
+    async fn announce_new_device(&self, added: &Device, method: EnrollmentKind) {
+        let devices = match self.store.list_devices(&added.tenant, &added.user_id).await {
+            Ok(devices) => devices,
+            Err(error) => {
+                tracing::warn!(%error, device_id = %added.id, "could not list devices to tell them of the new one");
+                return;
+            }
+        };
+        let mut notices = 0;
+        for device in devices {
+            if device.id == added.id || !device.takes_pushes() {
+                continue;
+            }
+            let Some(platform) = device.platform else { continue };
+            self.push(PushJob {
+                kind: PushKind::NewDevice { new_device_id: added.id.clone(), method, enrolled_at: added.enrolled_at },
+                tenant: added.tenant.clone(),
+                device_id: device.id,
+                platform,
+                push_token: device.push_token,
+                expires_at: added.enrolled_at.plus(NOTICE_LIFETIME),
+            })
+            .await;
+            notices += 1;
+        }
+        tracing::info!(device_id = %added.id, notices, "new device announced to the user's other devices");
     }
 
     /// Tells the user's other phones that the challenge is over, so they take the
@@ -207,9 +245,8 @@ impl Broker {
             }
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
-                kind: PushKind::Clear { state: challenge.state },
+                kind: PushKind::Clear { challenge_id: challenge.id.clone(), state: challenge.state },
                 tenant: challenge.tenant.clone(),
-                challenge_id: challenge.id.clone(),
                 device_id: device.id.clone(),
                 platform,
                 push_token: device.push_token.clone(),

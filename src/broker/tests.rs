@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use super::*;
 use crate::domain::challenge::{ChallengeState, Platform};
+use crate::domain::enrollment::EnrollmentKind;
 use crate::domain::error::{DomainError, ErrorKind};
 use crate::domain::ids::UserId;
 use crate::domain::ports::{BlockReason, UserBlock};
 use crate::domain::time::ManualClock;
+use crate::push::DeliveryReporter as _;
 use crate::push::dispatcher::{DispatcherCounters, DispatcherSettings};
 use crate::push::recording::RecordingPushSender;
 use crate::store::conformance::{sample_device, sample_enrollment};
@@ -227,7 +229,7 @@ async fn a_tenant_past_its_share_of_the_push_queue_is_refused_while_another_tena
     // Globex's challenge is created and its push queued behind acme's.
     let challenge = f.create_in(&f.other, &piet, 0).await.expect("globex still creates");
     f.fcm.release();
-    tokio::time::timeout(Duration::from_secs(10), f.fcm.wait_for(|job| job.challenge_id == challenge.id))
+    tokio::time::timeout(Duration::from_secs(10), f.fcm.wait_for(|job| job.challenge_id() == Some(&challenge.id)))
         .await
         .expect("globex's push is sent");
 }
@@ -276,8 +278,8 @@ async fn a_challenge_is_pushed_to_each_device_and_its_delivery_recorded() {
     for device in [&first, &second] {
         let job = jobs.iter().find(|job| job.device_id == device.id).expect("a push to each device");
         assert_eq!(
-            (job.kind.clone(), &job.challenge_id, job.expires_at),
-            (PushKind::Challenge, &challenge.id, challenge.expires_at)
+            (job.kind.clone(), job.expires_at),
+            (PushKind::Challenge { challenge_id: challenge.id.clone() }, challenge.expires_at)
         );
     }
 
@@ -289,6 +291,28 @@ async fn a_challenge_is_pushed_to_each_device_and_its_delivery_recorded() {
         .expect("deliveries recorded")
         .clone();
     assert!(sent.deliveries.iter().all(|d| d.attempts == 1));
+}
+
+#[tokio::test]
+async fn a_dead_token_reported_on_a_notice_turns_pushes_off() {
+    let f = fixture().await;
+    let jan = user("jan");
+    let (told, added) = (f.enroll(&jan).await, f.enroll(&jan).await);
+    let notice = PushJob {
+        kind: PushKind::NewDevice { new_device_id: added.id.clone(), method: EnrollmentKind::Push, enrolled_at: f.clock.now() },
+        tenant: f.tenant.clone(),
+        device_id: told.id.clone(),
+        platform: Platform::Fcm,
+        push_token: told.push_token.clone(),
+        expires_at: f.clock.now().plus(crate::push::NOTICE_LIFETIME),
+    };
+    let recorder = DeliveryRecorder::new(Arc::clone(&f.store));
+    // A notice has no challenge: SENT has nothing to record, and changes nothing.
+    recorder.report(&notice, DeliveryState::Sent, 1, "").await;
+    assert!(f.store.get_device(&told.id).await.expect("read").expect("device").push_enabled);
+    recorder.report(&notice, DeliveryState::Unregistered, 1, "UNREGISTERED").await;
+    assert!(!f.store.get_device(&told.id).await.expect("read").expect("device").push_enabled);
+    assert!(f.store.get_device(&added.id).await.expect("read").expect("device").push_enabled, "only the device told");
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use crate::domain::totp;
 
 impl Broker {
     /// Activates a TOTP enrollment with the first code the user's app shows. That
-    /// code's step is spent: it cannot be used again at VerifyTotp.
+    /// code's step is spent: it cannot be used again at VerifyTotp. The credential
+    /// signs in as a phone does, so the user's devices that take pushes are told of
+    /// it as of a new phone.
     #[tracing::instrument(skip_all, fields(tenant = %tenant, enrollment_id = %id))]
     pub async fn confirm_totp_enrollment(
         &self,
@@ -52,9 +54,10 @@ impl Broker {
             enrolled_at: now,
             last_used_at: None,
         };
-        match self.store.confirm_totp_enrollment(tenant, id, credential, &self.settings.enrollment_limits, now).await? {
+        match self.store.confirm_totp_enrollment(tenant, id, credential.clone(), &self.settings.enrollment_limits, now).await? {
             CompleteOutcome::Completed(completed) => {
-                tracing::info!("totp enrollment confirmed");
+                tracing::info!(device_id = %credential.id, "totp enrollment confirmed");
+                self.announce_new_device(&credential, EnrollmentKind::Totp).await;
                 Ok(*completed)
             }
             CompleteOutcome::UnknownCode => Err(DomainError::NotFound("enrollment")),

@@ -10,6 +10,14 @@
 //! the challenge and collapses on its id; a clear is a background push
 //! (`content-available`, priority 5) carrying the challenge id and its final state.
 //! Neither carries the number: the job has none.
+//!
+//! A new-device notice is an alert too, so the user sees it even when the app is not
+//! running: priority 10, because it is most useful while an attacker is still at
+//! work and comes once per enrollment, so it costs no battery worth saving; the
+//! default interruption level (not time-sensitive, as a challenge is: a notice can
+//! wait for a Focus to end, and one that broke through every Focus would teach users
+//! to switch off the time-sensitive notifications that challenges need). It expires
+//! a day after the enrollment and collapses on the new device's id.
 
 use std::sync::Arc;
 
@@ -26,8 +34,10 @@ use p256::pkcs8::DecodePrivateKey as _;
 use serde::Serialize;
 
 use super::transport::{ConnectionPool, Response};
-use super::{PushJob, PushKind, PushSender, SendOutcome, provider_reason, redact_token};
+use super::{NOTICE_KIND, PushJob, PushKind, PushSender, SendOutcome, method_name, provider_reason, redact_token};
 use crate::domain::challenge::Platform;
+use crate::domain::enrollment::EnrollmentKind;
+use crate::domain::time::Millis;
 use crate::telemetry::metrics::names;
 
 /// Renew the provider token after this long: inside Apple's hour, past its 20-minute
@@ -39,6 +49,12 @@ const TOKEN_RENEW_AFTER: Duration = Duration::from_secs(45 * 60);
 const ALERT_TITLE: &str = "Sign-in request";
 const ALERT_BODY: &str = "Open to review it, then type the number shown on the sign-in page.";
 const CATEGORY: &str = "PUSHMATCH_CHALLENGE";
+
+/// What a new-device notice says. Fixed text, the same for every user: the payload's
+/// fields tell the app which account and what was added, for it to show in its own words.
+const NOTICE_TITLE: &str = "New sign-in method added";
+const NOTICE_BODY: &str = "A new sign-in method was added to your account. If this wasn't you, open the app now.";
+const NOTICE_CATEGORY: &str = "PUSHMATCH_NEW_DEVICE";
 
 pub struct ApnsSender {
     pool: ConnectionPool,
@@ -53,9 +69,25 @@ impl ApnsSender {
     }
 
     fn request(&self, job: &PushJob, authorization: HeaderValue) -> Result<Request<Full<Bytes>>, String> {
-        let (push_type, priority, body) = match &job.kind {
-            PushKind::Challenge => ("alert", "10", serde_json::to_vec(&ChallengePayload::new(job))),
-            PushKind::Clear { state } => ("background", "5", serde_json::to_vec(&ClearPayload::new(job, state.name()))),
+        let (push_type, priority, collapse_id, body) = match &job.kind {
+            PushKind::Challenge { challenge_id } => (
+                "alert",
+                "10",
+                challenge_id.as_str(),
+                serde_json::to_vec(&ChallengePayload::new(challenge_id.as_str(), job.expires_at)),
+            ),
+            PushKind::Clear { challenge_id, state } => (
+                "background",
+                "5",
+                challenge_id.as_str(),
+                serde_json::to_vec(&ClearPayload::new(challenge_id.as_str(), state.name())),
+            ),
+            PushKind::NewDevice { new_device_id, method, enrolled_at } => (
+                "alert",
+                "10",
+                new_device_id.as_str(),
+                serde_json::to_vec(&NoticePayload::new(job.device_id.as_str(), new_device_id.as_str(), *method, *enrolled_at)),
+            ),
         };
         let body = body.map_err(|e| e.to_string())?;
         let uri = self.pool.uri(&format!("/3/device/{}", job.push_token)).map_err(|e| e.to_string())?;
@@ -65,7 +97,7 @@ impl ApnsSender {
             .header("apns-push-type", push_type)
             .header("apns-priority", priority)
             .header("apns-expiration", job.expires_at.as_unix_seconds().max(0).to_string())
-            .header("apns-collapse-id", job.challenge_id.as_str())
+            .header("apns-collapse-id", collapse_id)
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())
     }
@@ -169,7 +201,7 @@ struct Alert {
 }
 
 impl<'a> ChallengePayload<'a> {
-    fn new(job: &'a PushJob) -> Self {
+    fn new(challenge_id: &'a str, expires_at: Millis) -> Self {
         Self {
             aps: ChallengeAps {
                 alert: Alert { title: ALERT_TITLE, body: ALERT_BODY },
@@ -177,8 +209,8 @@ impl<'a> ChallengePayload<'a> {
                 category: CATEGORY,
                 interruption_level: "time-sensitive",
             },
-            challenge_id: job.challenge_id.as_str(),
-            expires_at: job.expires_at.as_unix_seconds(),
+            challenge_id,
+            expires_at: expires_at.as_unix_seconds(),
         }
     }
 }
@@ -197,8 +229,46 @@ struct ClearAps {
 }
 
 impl<'a> ClearPayload<'a> {
-    fn new(job: &'a PushJob, state: &'static str) -> Self {
-        Self { aps: ClearAps { content_available: 1 }, challenge_id: job.challenge_id.as_str(), state }
+    fn new(challenge_id: &'a str, state: &'static str) -> Self {
+        Self { aps: ClearAps { content_available: 1 }, challenge_id, state }
+    }
+}
+
+/// A new-device notice: the fixed alert, and for the app, `kind` (a challenge has no
+/// such field), the device pushed to (`device_id`: an app holding several accounts
+/// learns which one, as the notice has no server record to look up), the new
+/// device's id, `method` ("push" or "totp") and when it enrolled (Unix s).
+#[derive(Serialize)]
+struct NoticePayload<'a> {
+    aps: NoticeAps,
+    kind: &'static str,
+    device_id: &'a str,
+    new_device_id: &'a str,
+    method: &'static str,
+    enrolled_at: i64,
+}
+
+#[derive(Serialize)]
+struct NoticeAps {
+    alert: Alert,
+    sound: &'static str,
+    category: &'static str,
+}
+
+impl<'a> NoticePayload<'a> {
+    fn new(device_id: &'a str, new_device_id: &'a str, method: EnrollmentKind, enrolled_at: Millis) -> Self {
+        Self {
+            aps: NoticeAps {
+                alert: Alert { title: NOTICE_TITLE, body: NOTICE_BODY },
+                sound: "default",
+                category: NOTICE_CATEGORY,
+            },
+            kind: NOTICE_KIND,
+            device_id,
+            new_device_id,
+            method: method_name(method),
+            enrolled_at: enrolled_at.as_unix_seconds(),
+        }
     }
 }
 
@@ -308,7 +378,7 @@ mod tests {
 
     use super::*;
     use crate::domain::challenge::ChallengeState;
-    use crate::domain::ids::{ChallengeId, DeviceId, TenantId};
+    use crate::domain::ids::{ChallengeId, DeviceId};
     use crate::domain::time::Millis;
 
     fn tokens() -> (ProviderTokens, VerifyingKey) {
@@ -408,29 +478,41 @@ mod tests {
 
     #[test]
     fn payloads_carry_the_id_and_expiry_never_a_number() {
-        let job = PushJob {
-            kind: PushKind::Challenge,
-            tenant: TenantId("t".into()),
-            challenge_id: ChallengeId::generate().expect("id"),
-            device_id: DeviceId::generate().expect("id"),
-            platform: Platform::Apns,
-            push_token: "aa".into(),
-            expires_at: Millis(1_700_000_060_000),
-        };
-        let body = serde_json::to_value(ChallengePayload::new(&job)).expect("json");
+        let challenge_id = ChallengeId::generate().expect("id");
+        let body = serde_json::to_value(ChallengePayload::new(challenge_id.as_str(), Millis(1_700_000_060_000))).expect("json");
         assert_eq!(
             body,
             serde_json::json!({
                 "aps": {"alert": {"title": ALERT_TITLE, "body": ALERT_BODY}, "sound": "default",
                         "category": "PUSHMATCH_CHALLENGE", "interruption-level": "time-sensitive"},
-                "challenge_id": job.challenge_id.as_str(),
+                "challenge_id": challenge_id.as_str(),
                 "expires_at": 1_700_000_060,
             })
         );
-        let clear = serde_json::to_value(ClearPayload::new(&job, ChallengeState::Approved.name())).expect("json");
+        let clear =
+            serde_json::to_value(ClearPayload::new(challenge_id.as_str(), ChallengeState::Approved.name())).expect("json");
         assert_eq!(
             clear,
-            serde_json::json!({"aps": {"content-available": 1}, "challenge_id": job.challenge_id.as_str(), "state": "APPROVED"})
+            serde_json::json!({"aps": {"content-available": 1}, "challenge_id": challenge_id.as_str(), "state": "APPROVED"})
+        );
+    }
+
+    #[test]
+    fn a_totp_notice_names_its_method_and_no_challenge() {
+        let (device_id, new_device_id) = (DeviceId::generate().expect("id"), DeviceId::generate().expect("id"));
+        let notice =
+            NoticePayload::new(device_id.as_str(), new_device_id.as_str(), EnrollmentKind::Totp, Millis(1_700_000_000_999));
+        assert_eq!(
+            serde_json::to_value(notice).expect("json"),
+            serde_json::json!({
+                "aps": {"alert": {"title": NOTICE_TITLE, "body": NOTICE_BODY}, "sound": "default",
+                        "category": "PUSHMATCH_NEW_DEVICE"},
+                "kind": "new_device",
+                "device_id": device_id.as_str(),
+                "new_device_id": new_device_id.as_str(),
+                "method": "totp",
+                "enrolled_at": 1_700_000_000,
+            })
         );
     }
 }

@@ -15,6 +15,13 @@
 //! on the challenge id; a clear is a data message (priority NORMAL: nothing is shown)
 //! with the challenge id and its final state, under the same collapse key, so a clear
 //! also replaces a challenge message still waiting for an offline phone.
+//!
+//! A new-device notice is a data message too (the app posts the notification, as it
+//! does for a challenge), told apart by its `kind` field; priority HIGH, because
+//! NORMAL waits for the phone's next maintenance window in Doze, possibly hours,
+//! while the notice matters most as the attacker is at work, and Android keeps HIGH
+//! for messages that show the user something, which this one does. `ttl` is the
+//! time left of its day; it collapses on the new device's id.
 
 use std::sync::Arc;
 
@@ -34,7 +41,7 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::transport::{ConnectionPool, Response, TransportError, post_once};
-use super::{PushJob, PushKind, PushSender, SendOutcome, provider_reason, redact_token};
+use super::{NOTICE_KIND, PushJob, PushKind, PushSender, SendOutcome, method_name, provider_reason, redact_token};
 use crate::domain::challenge::Platform;
 use crate::domain::time::Clock;
 use crate::telemetry::metrics::names;
@@ -272,16 +279,30 @@ impl FcmSender {
     fn request(&self, job: &PushJob, authorization: HeaderValue) -> Result<Request<Full<Bytes>>, String> {
         let ttl = format!("{}s", self.clock.now().until(job.expires_at).as_secs());
         let expires_at = job.expires_at.as_unix_seconds().to_string();
-        let (data, priority) = match &job.kind {
-            PushKind::Challenge => (Data::Challenge { challenge_id: job.challenge_id.as_str(), expires_at: &expires_at }, "HIGH"),
-            PushKind::Clear { state } => (Data::Clear { challenge_id: job.challenge_id.as_str(), state: state.name() }, "NORMAL"),
+        let enrolled_at;
+        let (data, priority, collapse_key) = match &job.kind {
+            PushKind::Challenge { challenge_id } => {
+                let challenge_id = challenge_id.as_str();
+                (Data::Challenge { challenge_id, expires_at: &expires_at }, "HIGH", challenge_id)
+            }
+            PushKind::Clear { challenge_id, state } => {
+                let challenge_id = challenge_id.as_str();
+                (Data::Clear { challenge_id, state: state.name() }, "NORMAL", challenge_id)
+            }
+            PushKind::NewDevice { new_device_id, method, enrolled_at: at } => {
+                enrolled_at = at.as_unix_seconds().to_string();
+                let data = Data::Notice {
+                    kind: NOTICE_KIND,
+                    device_id: job.device_id.as_str(),
+                    new_device_id: new_device_id.as_str(),
+                    method: method_name(*method),
+                    enrolled_at: &enrolled_at,
+                };
+                (data, "HIGH", new_device_id.as_str())
+            }
         };
         let body = SendRequest {
-            message: Message {
-                token: &job.push_token,
-                data,
-                android: Android { priority, ttl: &ttl, collapse_key: job.challenge_id.as_str() },
-            },
+            message: Message { token: &job.push_token, data, android: Android { priority, ttl: &ttl, collapse_key } },
         };
         let body = serde_json::to_vec(&body).map_err(|e| e.to_string())?;
         let uri = self.pool.uri(&self.send_path).map_err(|e| e.to_string())?;
@@ -411,8 +432,22 @@ struct Message<'a> {
 #[derive(Serialize)]
 #[serde(untagged)]
 enum Data<'a> {
-    Challenge { challenge_id: &'a str, expires_at: &'a str },
-    Clear { challenge_id: &'a str, state: &'static str },
+    Challenge {
+        challenge_id: &'a str,
+        expires_at: &'a str,
+    },
+    Clear {
+        challenge_id: &'a str,
+        state: &'static str,
+    },
+    /// The same fields as the APNs notice (apns.rs says what each is for).
+    Notice {
+        kind: &'static str,
+        device_id: &'a str,
+        new_device_id: &'a str,
+        method: &'static str,
+        enrolled_at: &'a str,
+    },
 }
 
 #[derive(Serialize)]

@@ -4,7 +4,8 @@
 //! delivery's state back through [`DeliveryReporter`].
 //! `push/` never touches the store: the broker implements the reporter.
 //!
-//! A push carries the challenge id and its expiry, never the number.
+//! A push carries the challenge id and its expiry, never the number; a notice of a
+//! new device carries that device's id, never its display name ([`PushKind`]).
 //!
 //! The providers: [`apns::ApnsSender`] and [`fcm::FcmSender`], both on the shared
 //! HTTP/2-over-TLS client in [`transport`]; [`senders_from_config`] builds the
@@ -17,6 +18,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::domain::challenge::{ChallengeState, DeliveryState, Platform};
+use crate::domain::enrollment::EnrollmentKind;
 use crate::domain::ids::{ChallengeId, DeviceId, TenantId};
 use crate::domain::time::{Clock, Millis};
 
@@ -32,29 +34,80 @@ use settings::{ApnsConfig, FcmConfig, PushConfig};
 #[cfg(any(test, feature = "test-util"))]
 pub mod recording;
 
-/// What a push is for.
+/// How long a notice stays worth delivering (APNs and FCM hold it that long for a
+/// phone that is off): a phone switched off overnight still hears of the new device
+/// in the morning, and one back after a week is not woken by stale news (the
+/// device itself stays in the account's device list, `ListDevices`).
+pub const NOTICE_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// What a push is for, and what it is about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PushKind {
     /// "Someone is signing in": the app shows the prompt.
-    Challenge,
+    Challenge { challenge_id: ChallengeId },
     /// The challenge resolved elsewhere: the app takes its prompt down.
-    Clear { state: ChallengeState },
+    Clear { challenge_id: ChallengeId, state: ChallengeState },
+    /// A notice, "a new sign-in method was added to your account", to the user's
+    /// other devices when a device enrolls or a TOTP credential is confirmed, so a
+    /// method an attacker added does not go unnoticed. No challenge is involved, so
+    /// nothing is recorded as a delivery.
+    ///
+    /// It carries what pushmatch decided (the new device's id, push or TOTP, when),
+    /// never the new device's display name: that is text the enrolling party chose,
+    /// so in a notice meant to alarm, a name like "IT security check, no action
+    /// needed" would read as ours and could talk the user out of acting; and, like a
+    /// challenge's sign-in context, it has no business passing through Apple's and
+    /// Google's servers.
+    NewDevice { new_device_id: DeviceId, method: EnrollmentKind, enrolled_at: Millis },
+}
+
+/// The notice's `kind` in its payload, and its `kind` label in the push metrics.
+pub(crate) const NOTICE_KIND: &str = "new_device";
+
+impl PushKind {
+    /// The `kind` label of the push metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Challenge { .. } => "challenge",
+            Self::Clear { .. } => "clear",
+            Self::NewDevice { .. } => NOTICE_KIND,
+        }
+    }
+}
+
+/// The notice's `method`: how the new sign-in method signs in.
+pub(crate) fn method_name(method: EnrollmentKind) -> &'static str {
+    match method {
+        EnrollmentKind::Push => "push",
+        EnrollmentKind::Totp => "totp",
+    }
 }
 
 /// One push to one device.
 #[derive(Clone, Debug)]
 pub struct PushJob {
     pub kind: PushKind,
-    /// Whose sign-in: the dispatcher counts each tenant's jobs in the queue against
-    /// its share (`push.queue_share_per_tenant`).
+    /// Whose user: the dispatcher counts each tenant's jobs in the queue against its
+    /// share (`push.queue_share_per_tenant`).
     pub tenant: TenantId,
-    pub challenge_id: ChallengeId,
+    /// The device pushed to.
     pub device_id: DeviceId,
     pub platform: Platform,
     pub push_token: String,
-    /// The challenge's expiry: the provider may drop the push after it, and the
-    /// dispatcher stops retrying before it.
+    /// When the push stops being worth delivering (the challenge's expiry; for a
+    /// notice, [`NOTICE_LIFETIME`] after the enrollment): the provider may drop the
+    /// push after it, and the dispatcher stops retrying before it.
     pub expires_at: Millis,
+}
+
+impl PushJob {
+    /// The challenge the push is about; `None` for a notice.
+    pub fn challenge_id(&self) -> Option<&ChallengeId> {
+        match &self.kind {
+            PushKind::Challenge { challenge_id } | PushKind::Clear { challenge_id, .. } => Some(challenge_id),
+            PushKind::NewDevice { .. } => None,
+        }
+    }
 }
 
 /// What one attempt to send came to.

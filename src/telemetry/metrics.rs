@@ -74,7 +74,7 @@ pub mod names {
     /// timeout), per attempt.
     pub const PUSH_LATENCY: &str = "pushmatch_push_latency_seconds";
     /// Counter {provider, kind, state}: pushes done, by final state (sent, failed,
-    /// unregistered) and kind (challenge, clear).
+    /// unregistered) and kind (challenge, clear, new_device).
     pub const PUSH_DELIVERIES: &str = "pushmatch_push_deliveries_total";
     /// Counter {provider}: provider tokens made (APNs JWTs, FCM access tokens).
     pub const PUSH_TOKEN_RENEWALS: &str = "pushmatch_push_token_renewals_total";
