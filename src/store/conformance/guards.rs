@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::domain::challenge::Decision;
 use crate::domain::device::ProofUse;
 use crate::store::{BlockReason, InsertOutcome, StrikePolicy, TotpAttempt, TotpPolicy};
 
@@ -203,4 +204,41 @@ pub async fn a_device_proof_is_spent_once<S: Store>(store: &S, clock: &ManualClo
     assert!(!store.spend_proof(proof, keep_until).await.expect("spend"), "a replay later is refused");
     bytes[0] ^= 1;
     assert!(store.spend_proof(ProofUse(bytes), keep_until).await.expect("spend"), "another proof is its own");
+}
+
+pub async fn no_approval_lands_after_a_block<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
+    let now = clock.now();
+    let first = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let second = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let mut watch = store.watch_challenge(&t, &second.id, now).await.expect("watch").expect("found");
+    let device = DeviceId::generate().expect("id");
+    // "Approve the other one, it's 42": the block is in, the approval must not land.
+    let fraud = UserBlock { reason: BlockReason::FraudReported, since: now, until: None };
+    store.block_user(&t, &u, fraud, now).await.expect("block");
+    let approval = Decision::Approve.resolve(Some(second.number), second.number, device.clone());
+    let outcome = store.resolve_challenge(&t, &second.id, approval, now).await.expect("resolve").expect("found");
+    assert!(!outcome.accepted, "an approval after the block is not accepted");
+    assert_eq!(outcome.challenge.state, ChallengeState::Cancelled);
+    let seen = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| c.state.is_final()))
+        .await
+        .expect("the watcher hears of it")
+        .expect("open")
+        .clone();
+    assert_eq!(seen.state, ChallengeState::Cancelled);
+    // A denial (or a fraud report) is still taken.
+    let deny = Decision::Deny.resolve(None, first.number, device.clone());
+    assert!(store.resolve_challenge(&t, &first.id, deny, now).await.expect("resolve").expect("found").accepted);
+
+    // A block that has ended stops nobody.
+    let v = user("v");
+    let short = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: Some(now.plus(Duration::from_secs(60))) };
+    store.block_user(&t, &v, short, now).await.expect("block");
+    clock.advance(Duration::from_secs(61));
+    let later = clock.now();
+    let challenge = create(store, sample_challenge(&t, &v, later, None), later).await;
+    let approval = Decision::Approve.resolve(Some(challenge.number), challenge.number, device);
+    let outcome = store.resolve_challenge(&t, &challenge.id, approval, later).await.expect("resolve").expect("found");
+    assert!(outcome.accepted);
+    assert_eq!(outcome.challenge.state, ChallengeState::Approved);
 }

@@ -238,7 +238,8 @@ macro_rules! conformance_suite {
             blocks_merge_and_the_stronger_longer_one_stands,
             devices_and_open_enrollments_are_capped,
             a_public_key_enrolls_once,
-            a_device_proof_is_spent_once
+            a_device_proof_is_spent_once,
+            no_approval_lands_after_a_block
         );
     };
     (@tests $factory:expr; $($case:ident),+) => {

@@ -338,13 +338,23 @@ impl Shared {
         resolution: Resolution,
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
+        // No approval lands after a block (a fraud report, wrong numbers): the
+        // challenge is cancelled instead and the approval not accepted. The blocks
+        // are read under their lock while the change is made (durable, then the
+        // table: the order create_challenge takes them in), so a block that commits
+        // meanwhile waits for this change, and no approval slips in after it.
+        let durable = self.durable();
         let mut table = self.challenges();
         let Some((entry, current)) = table.get(tenant, id, now)? else { return Ok(None) };
-        let (accepted, challenge) = entry.change(current, |challenge| challenge.apply(&resolution, now))?;
-        if accepted {
+        let user = (current.tenant.clone(), current.user_id.clone());
+        let refused =
+            resolution.state == ChallengeState::Approved && durable.blocks.get(&user).is_some_and(|block| block.in_force(now));
+        let resolution = if refused { Resolution::cancelled() } else { resolution };
+        let (changed, challenge) = entry.change(current, |challenge| challenge.apply(&resolution, now))?;
+        if changed {
             metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
         }
-        Ok(Some(ResolveOutcome { accepted, challenge }))
+        Ok(Some(ResolveOutcome { accepted: changed && !refused, challenge }))
     }
 
     pub(super) fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {

@@ -22,6 +22,15 @@ pub(super) struct ChallengeRecord {
     challenge: Challenge,
 }
 
+/// What a compare-and-set of a challenge came to.
+enum Written {
+    Version(u64),
+    /// Someone else changed the record first (or it is gone).
+    Stale,
+    /// It would have approved while the user is blocked.
+    Blocked,
+}
+
 /// What the background tasks need: reads, expiry compare-and-sets, the registry.
 #[derive(Clone)]
 pub(super) struct Reader {
@@ -45,6 +54,21 @@ impl Reader {
     /// Writes `challenge` if the record is still at `version`; returns the new
     /// version, or `None` when someone else changed it first.
     async fn compare_and_set(&self, tag: &str, version: u64, challenge: &Challenge) -> Result<Option<u64>, StoreError> {
+        match self.write(tag, version, challenge, None).await? {
+            Written::Version(version) => Ok(Some(version)),
+            Written::Stale | Written::Blocked => Ok(None),
+        }
+    }
+
+    /// The compare-and-set itself; with `approving_at`, it refuses (Blocked) to
+    /// approve while the user's block is in force at that time.
+    async fn write(
+        &self,
+        tag: &str,
+        version: u64,
+        challenge: &Challenge,
+        approving_at: Option<Millis>,
+    ) -> Result<Written, StoreError> {
         let keys = Keys(tag);
         let json = encode(challenge)?;
         let state = encode(&challenge.state)?;
@@ -52,17 +76,23 @@ impl Reader {
         invocation
             .key(keys.challenge(challenge.id.as_str()))
             .key(keys.pending())
+            .key(keys.block())
             .arg(version)
             .arg(&json)
             .arg(state.trim_matches('"'))
             .arg(shard_channel(&challenge.id))
-            .arg(challenge.id.as_str());
-        let new_version: u64 = self.connection.invoke(&invocation).await?;
-        if new_version == 0 {
-            return Ok(None);
+            .arg(challenge.id.as_str())
+            .arg(approving_at.map_or(0, |now| now.0))
+            .arg(if approving_at.is_some() { "1" } else { "0" });
+        let new_version: i64 = self.connection.invoke(&invocation).await?;
+        match u64::try_from(new_version) {
+            Ok(0) => Ok(Written::Stale),
+            Ok(version) => {
+                self.watchers.apply(version, challenge);
+                Ok(Written::Version(version))
+            }
+            Err(_) => Ok(Written::Blocked),
         }
-        self.watchers.apply(new_version, challenge);
-        Ok(Some(new_version))
     }
 
     /// Reads a challenge of `tenant`, expiring it first when its time is up; `None`
@@ -190,13 +220,19 @@ impl RedisStore {
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
         let reader = self.reader();
+        let (mut resolution, mut refused) = (resolution, false);
         loop {
             let Some(mut record) = reader.current(tenant, id, now).await? else { return Ok(None) };
             if !record.challenge.apply(&resolution, now) {
                 return Ok(Some(ResolveOutcome { accepted: false, challenge: record.challenge }));
             }
-            if reader.compare_and_set(&record.tag, record.version, &record.challenge).await?.is_some() {
-                return Ok(Some(ResolveOutcome { accepted: true, challenge: record.challenge }));
+            let approving = (resolution.state == ChallengeState::Approved).then_some(now);
+            match reader.write(&record.tag, record.version, &record.challenge, approving).await? {
+                Written::Version(_) => return Ok(Some(ResolveOutcome { accepted: !refused, challenge: record.challenge })),
+                Written::Stale => {}
+                // A block came first: the approval is refused and the challenge
+                // cancelled, as the block's own cancellation would have.
+                Written::Blocked => (resolution, refused) = (Resolution::cancelled(), true),
             }
         }
     }
