@@ -296,12 +296,27 @@ impl Config {
     /// Layers defaults, the file (if any) and the `PUSHMATCH_*` entries of `env`, then
     /// validates. With no file and no tenants, adds the development tenant.
     pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<LoadedConfig, ConfigError> {
+        let file = match file {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?,
+            )),
+            None => None,
+        };
+        Self::load_text(file.as_ref().map(|(origin, text)| (origin.as_str(), text.as_str())), env)
+    }
+
+    /// [`Config::load`] with the file already read: its name (for messages) and its
+    /// text. The `config` fuzz target calls it with arbitrary text and variables.
+    pub fn load_text(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<LoadedConfig, ConfigError> {
         let mut merged = toml::Value::try_from(Config::default())
             .map_err(|e| ConfigError::Parse { origin: "defaults".into(), message: e.to_string() })?;
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-            let table: toml::Table = toml::from_str(&text)
-                .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+        if let Some((origin, text)) = file {
+            let table: toml::Table =
+                toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.to_owned(), message: e.to_string() })?;
             merge(&mut merged, toml::Value::Table(table));
         }
         let mut env: Vec<(String, String)> =

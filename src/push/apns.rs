@@ -151,8 +151,9 @@ impl PushSender for ApnsSender {
     }
 }
 
-/// API.md's mapping of APNs answers.
-fn classify(response: &Response) -> SendOutcome {
+/// API.md's mapping of APNs answers (public for the `push_responses` fuzz target).
+#[doc(hidden)]
+pub fn classify(response: &Response) -> SendOutcome {
     let status = response.status;
     if status.is_success() {
         return SendOutcome::Sent;

@@ -157,7 +157,7 @@ pub struct AccessToken {
 
 /// Why no access token could be had.
 #[derive(Debug)]
-enum GrantError {
+pub enum GrantError {
     /// The endpoint is unreachable or overloaded: worth another try.
     Unavailable(&'static str),
     /// The endpoint refused the grant (a revoked key, a wrong account): retrying will not help.
@@ -222,31 +222,39 @@ impl AccessTokens {
                     tracing::warn!(%error, "fcm: the token endpoint did not answer");
                     GrantError::Unavailable("oauth token unavailable")
                 })?;
-        let status = response.status;
-        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), "fcm: the token endpoint is unavailable");
-            return Err(GrantError::Unavailable("oauth token unavailable"));
-        }
-        if !status.is_success() {
-            // Google's error body names the problem (invalid_grant, ...); it holds no secret.
-            let error = serde_json::from_slice::<GrantRefusal>(&response.body).map(|r| r.error).unwrap_or_default();
-            tracing::error!(status = status.as_u16(), %error, "fcm: the token endpoint refused the service account's grant");
-            return Err(GrantError::Refused);
-        }
-        let granted: Granted = serde_json::from_slice(&response.body).map_err(|_| {
-            tracing::warn!("fcm: the token endpoint's answer is not a token");
-            GrantError::Unavailable("oauth token unavailable")
-        })?;
-        // Not marked sensitive, as the APNs token (apns.rs says why): HPACK indexes it.
-        let authorization = HeaderValue::from_str(&format!("Bearer {}", granted.access_token))
-            .map_err(|_| GrantError::Unavailable("oauth token unavailable"))?;
-        let lifetime = Duration::from_secs(granted.expires_in.unwrap_or(3600));
+        let (authorization, lifetime) = read_grant(&response)?;
         // Renew shortly before it expires; a very short-lived token is used for half its life.
         let usable_for = lifetime.checked_sub(RENEW_MARGIN).unwrap_or(lifetime / 2);
         tracing::info!(expires_in_seconds = lifetime.as_secs(), "fcm: access token granted");
         metrics::counter!(names::PUSH_TOKEN_RENEWALS, "provider" => "fcm").increment(1);
         Ok(AccessToken { authorization, renew_at: started + usable_for })
     }
+}
+
+/// Reads the token endpoint's answer: the `Authorization` value and the token's
+/// lifetime, or why there is none. Pure, so the `push_responses` fuzz target feeds
+/// it arbitrary answers.
+#[doc(hidden)]
+pub fn read_grant(response: &Response) -> Result<(HeaderValue, Duration), GrantError> {
+    let status = response.status;
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), "fcm: the token endpoint is unavailable");
+        return Err(GrantError::Unavailable("oauth token unavailable"));
+    }
+    if !status.is_success() {
+        // Google's error body names the problem (invalid_grant, ...); it holds no secret.
+        let error = serde_json::from_slice::<GrantRefusal>(&response.body).map(|r| r.error).unwrap_or_default();
+        tracing::error!(status = status.as_u16(), %error, "fcm: the token endpoint refused the service account's grant");
+        return Err(GrantError::Refused);
+    }
+    let granted: Granted = serde_json::from_slice(&response.body).map_err(|_| {
+        tracing::warn!("fcm: the token endpoint's answer is not a token");
+        GrantError::Unavailable("oauth token unavailable")
+    })?;
+    // Not marked sensitive, as the APNs token (apns.rs says why): HPACK indexes it.
+    let authorization = HeaderValue::from_str(&format!("Bearer {}", granted.access_token))
+        .map_err(|_| GrantError::Unavailable("oauth token unavailable"))?;
+    Ok((authorization, Duration::from_secs(granted.expires_in.unwrap_or(3600))))
 }
 
 #[derive(Deserialize)]
@@ -362,8 +370,9 @@ impl PushSender for FcmSender {
 }
 
 /// API.md's mapping of FCM answers. The reason is FCM's `errorCode` (or the status
-/// name), never its free-text message.
-fn classify(response: &Response) -> SendOutcome {
+/// name), never its free-text message. Public for the `push_responses` fuzz target.
+#[doc(hidden)]
+pub fn classify(response: &Response) -> SendOutcome {
     let status = response.status;
     if status.is_success() {
         return SendOutcome::Sent;
