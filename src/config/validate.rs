@@ -68,14 +68,7 @@ impl Config {
             return Err(invalid("secrets.key_hex", "must be 64 hex digits (32 bytes)"));
         }
         if self.store.backend == StoreBackend::Redis {
-            let urls = self.redis_settings().urls;
-            if let Some(bad) = urls.iter().find(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
-                let shown = crate::store::redacted_url(bad);
-                return Err(invalid("store.redis_url", format!("{shown:?} is not a redis:// or rediss:// URL")));
-            }
-            if self.store.operation_timeout_ms == 0 {
-                return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
-            }
+            self.validate_redis()?;
             // Replicas must open each other's sealed TOTP secrets: one shared key.
             if self.secrets.key_hex.is_empty() && self.secrets.key_file.is_empty() {
                 return Err(invalid(
@@ -83,6 +76,48 @@ impl Config {
                     "with the redis store every replica needs the same secret key: set [secrets] key_hex or key_file",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// How to reach Redis: URLs, TLS, credentials, Sentinel, WAIT.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let store = &self.store;
+        let sentinel = !store.redis_sentinel_urls.is_empty();
+        let (key, urls) = match (sentinel, store.redis_cluster_urls.is_empty()) {
+            (true, false) => {
+                return Err(invalid("store.redis_sentinel_urls", "Sentinel or a Cluster (redis_cluster_urls), not both"));
+            }
+            (true, true) => ("store.redis_sentinel_urls", &store.redis_sentinel_urls),
+            (false, false) => ("store.redis_cluster_urls", &store.redis_cluster_urls),
+            (false, true) => ("store.redis_url", &vec![store.redis_url.clone()]),
+        };
+        for url in urls {
+            let shown = crate::store::redacted_url(url);
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(key, format!("{shown:?} is not a redis:// or rediss:// URL")));
+            }
+            if url.contains('#') {
+                return Err(invalid(key, format!("{shown:?}: no #fragment (#insecure would skip the certificate check)")));
+            }
+            if !store.redis_password_file.is_empty()
+                && !sentinel
+                && url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).is_some_and(|(user, _)| user.contains(':'))
+            {
+                return Err(invalid("store.redis_password_file", format!("{shown:?} carries a password too: keep one")));
+            }
+        }
+        if sentinel && store.redis_sentinel_master.is_empty() {
+            return Err(invalid("store.redis_sentinel_master", "is required with store.redis_sentinel_urls"));
+        }
+        if !store.redis_ca_cert_path.is_empty() && !urls.iter().any(|url| url.starts_with("rediss://")) {
+            return Err(invalid("store.redis_ca_cert_path", format!("is for TLS, but no URL of {key} is rediss://")));
+        }
+        if store.operation_timeout_ms == 0 {
+            return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
+        }
+        if store.redis_wait_replicas > 0 && !(1..store.operation_timeout_ms).contains(&store.redis_wait_timeout_ms) {
+            return Err(invalid("store.redis_wait_timeout_ms", "must be at least 1 and below store.operation_timeout_ms"));
         }
         Ok(())
     }
