@@ -213,3 +213,73 @@ fn check_share(key: &'static str, share: f64, of: &str) -> Result<(), ConfigErro
     }
     Err(invalid(key, format!("{share} is not a fraction of {of} above 0.0 and at most 1.0 (0.5: half)")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, StoreBackend};
+
+    fn redis(adjust: impl FnOnce(&mut Config)) -> Result<(), String> {
+        let mut config = Config::default();
+        config.store.backend = StoreBackend::Redis;
+        adjust(&mut config);
+        config.validate_redis().map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn redis_tls_credentials_sentinel_and_wait_are_checked_and_named() {
+        assert_eq!(redis(|_| {}), Ok(()));
+        let managed = |c: &mut Config| {
+            c.store.redis_url = "rediss://cache.example.com:6380".into();
+            c.store.redis_ca_cert_path = "/etc/pushmatch/redis-ca.pem".into();
+            c.store.redis_username = "pushmatch".into();
+            c.store.redis_password_file = "/run/secrets/redis-password".into();
+        };
+        assert_eq!(redis(managed), Ok(()));
+        for (adjust, starts) in [
+            (
+                Box::new(|c: &mut Config| c.store.redis_ca_cert_path = "/ca.pem".into()) as Box<dyn FnOnce(&mut Config)>,
+                "store.redis_ca_cert_path: is for TLS",
+            ),
+            (Box::new(|c: &mut Config| c.store.redis_url = "rediss://h:6380/#insecure".into()), "store.redis_url: "),
+            (
+                Box::new(|c: &mut Config| {
+                    c.store.redis_url = "rediss://app:s3cret@h:6380".into();
+                    c.store.redis_password_file = "/run/secrets/p".into();
+                }),
+                "store.redis_password_file: ",
+            ),
+            (
+                Box::new(|c: &mut Config| c.store.redis_sentinel_urls = vec!["redis://s1:26379".into()]),
+                "store.redis_sentinel_master: is required",
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    c.store.redis_sentinel_urls = vec!["redis://s1:26379".into()];
+                    c.store.redis_sentinel_master = "m".into();
+                    c.store.redis_cluster_urls = vec!["redis://a:6379".into(), "redis://b:6379".into()];
+                }),
+                "store.redis_sentinel_urls: ",
+            ),
+            (
+                Box::new(|c: &mut Config| c.store.redis_sentinel_urls = vec!["tcp://s1:26379".into()]),
+                "store.redis_sentinel_urls: ",
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    c.store.redis_wait_replicas = 1;
+                    c.store.redis_wait_timeout_ms = 2_000;
+                }),
+                "store.redis_wait_timeout_ms: ",
+            ),
+        ] {
+            let error = redis(adjust).expect_err(starts);
+            assert!(error.starts_with(starts) && !error.contains("s3cret"), "{error}");
+        }
+        let sentinel = |c: &mut Config| {
+            c.store.redis_sentinel_urls = vec!["redis://s1:26379".into(), "redis://s2:26379".into()];
+            c.store.redis_sentinel_master = "pushmatch".into();
+            c.store.redis_wait_replicas = 1;
+        };
+        assert_eq!(redis(sentinel), Ok(()));
+    }
+}

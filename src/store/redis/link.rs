@@ -98,6 +98,11 @@ pub(super) struct Opened {
     pub(super) subscriber: Subscriber,
 }
 
+/// Connections to the same node(s) when writes WAIT for replicas: a WAIT holds up
+/// the commands behind it on its connection until the replicas answer, so writes
+/// spread over a few connections wait side by side rather than in a row.
+const CONNECTIONS_WITH_WAIT: usize = 4;
+
 /// Connects as `settings` says; gives up after five call deadlines.
 pub(super) async fn open(settings: &RedisSettings) -> Result<Opened, StoreError> {
     let access = Access::load(settings).await?;
@@ -106,42 +111,55 @@ pub(super) async fn open(settings: &RedisSettings) -> Result<Opened, StoreError>
         replicas: i64::from(settings.wait_replicas),
         timeout_ms: u64::try_from(settings.wait_timeout.as_millis()).unwrap_or(u64::MAX).max(1),
     });
-    let (node, subscriber) = if let Some(sentinel) = &settings.sentinel {
+    let count = if wait.is_some() { CONNECTIONS_WITH_WAIT } else { 1 };
+    let mut nodes = Vec::with_capacity(count);
+    let subscriber = if let Some(sentinel) = &settings.sentinel {
         let client = sentinel_client(&access, &sentinel.urls, &sentinel.master).map_err(explained)?;
         let shared = Arc::new(tokio::sync::Mutex::new(client));
-        let node = SentinelNode::new(Arc::clone(&shared), timeout);
-        // Connect once now, so a wrong configuration fails the start.
-        bounded(timeout * 5, "timed out connecting through Sentinel", node.connection()).await?;
-        (Node::Sentinel(node), Subscriber::Sentinel(shared))
+        for _ in 0..count {
+            let node = SentinelNode::new(Arc::clone(&shared), timeout);
+            // Connect now, so a wrong configuration fails the start.
+            bounded(timeout * 5, "timed out connecting through Sentinel", node.connection()).await?;
+            nodes.push(Node::Sentinel(node));
+        }
+        Subscriber::Sentinel(shared)
     } else {
         let clients = settings.urls.iter().map(|url| access.client(url)).collect::<RedisResult<Vec<_>>>().map_err(explained)?;
-        let node = match settings.urls.as_slice() {
-            [_] => {
-                let client = clients.first().cloned().ok_or_else(|| unavailable("no Redis URL configured"))?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                let connecting = ConnectionManager::new_with_config(client, config);
-                Node::Single(bounded(timeout * 5, "timed out connecting", connecting).await?)
-            }
-            [] => return Err(unavailable("no Redis URL configured")),
-            seeds => {
-                let infos = seeds.iter().map(|url| access.info(url)).collect::<RedisResult<Vec<_>>>().map_err(explained)?;
-                let mut builder =
-                    redis::cluster::ClusterClientBuilder::new(infos).connection_timeout(timeout).response_timeout(timeout);
-                if let Some(certs) = &access.certs {
-                    builder = builder.certs(certs.clone());
-                }
-                let client = builder.build().map_err(explained)?;
-                let connecting = client.get_async_connection();
-                Node::Cluster(bounded(timeout * 5, "timed out connecting to the cluster", connecting).await?)
-            }
-        };
-        (node, Subscriber::Nodes { clients: Arc::new(clients), next: Arc::new(AtomicUsize::new(0)) })
+        for _ in 0..count {
+            nodes.push(connect_direct(&access, settings, &clients).await?);
+        }
+        Subscriber::Nodes { clients: Arc::new(clients), next: Arc::new(AtomicUsize::new(0)) }
     };
-    Ok(Opened { link: Link { node, wait }, subscriber })
+    Ok(Opened { link: Link { nodes: nodes.into(), next: Arc::new(AtomicUsize::new(0)), wait }, subscriber })
+}
+
+/// One connection that reconnects by itself: to the one node, or to the cluster
+/// that several URLs seed.
+async fn connect_direct(access: &Access, settings: &RedisSettings, clients: &[Client]) -> Result<Node, StoreError> {
+    let timeout = settings.operation_timeout;
+    match (settings.urls.as_slice(), clients) {
+        ([_], [client]) => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let connecting = ConnectionManager::new_with_config(client.clone(), config);
+            Ok(Node::Single(bounded(timeout * 5, "timed out connecting", connecting).await?))
+        }
+        ([], _) | ([_], _) => Err(unavailable("no Redis URL configured")),
+        (seeds, _) => {
+            let infos = seeds.iter().map(|url| access.info(url)).collect::<RedisResult<Vec<_>>>().map_err(explained)?;
+            let mut builder =
+                redis::cluster::ClusterClientBuilder::new(infos).connection_timeout(timeout).response_timeout(timeout);
+            if let Some(certs) = &access.certs {
+                builder = builder.certs(certs.clone());
+            }
+            let client = builder.build().map_err(explained)?;
+            let connecting = client.get_async_connection();
+            Ok(Node::Cluster(bounded(timeout * 5, "timed out connecting to the cluster", connecting).await?))
+        }
+    }
 }
 
 /// A client that asks the sentinels of `urls` for the master named `master`. The
@@ -295,35 +313,46 @@ fn is_read(cmd: &Cmd) -> bool {
 }
 
 /// The connection of every command: reconnects by itself; WAITs for replicas after
-/// writes when configured. Cheap to clone.
+/// writes when configured, over [`CONNECTIONS_WITH_WAIT`] connections taken in turn.
+/// Cheap to clone.
 #[derive(Clone)]
 pub(super) struct Link {
-    node: Node,
+    nodes: Arc<[Node]>,
+    next: Arc<AtomicUsize>,
     wait: Option<WaitFor>,
 }
 
 impl Link {
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.node, Node::Cluster(_))
+        self.cluster().is_some()
     }
 
     pub(super) fn cluster(&self) -> Option<&ClusterConnection> {
-        match &self.node {
-            Node::Cluster(connection) => Some(connection),
+        match self.nodes.first() {
+            Some(Node::Cluster(connection)) => Some(connection),
             _ => None,
         }
+    }
+
+    /// The next connection in turn.
+    fn pick(&self) -> Node {
+        let index = if self.nodes.len() > 1 { self.next.fetch_add(1, Ordering::Relaxed) % self.nodes.len() } else { 0 };
+        self.nodes[index].clone()
     }
 }
 
 impl ConnectionLike for Link {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        let Some(wait) = self.wait.filter(|_| !is_read(cmd)) else { return self.node.req_packed_command(cmd) };
+        let mut node = self.pick();
+        let Some(wait) = self.wait.filter(|_| !is_read(cmd)) else {
+            return Box::pin(async move { node.req_packed_command(cmd).await });
+        };
         Box::pin(async move {
             // One pipeline: the WAIT goes down the connection that carried the write
             // (on a cluster, to the node that owns its slot), right behind it.
             let mut pipeline = redis::pipe();
             pipeline.add_command(cmd.clone()).add_command(wait.command());
-            let mut answers = self.node.req_packed_commands(&pipeline, 0, 2).await?.into_iter();
+            let mut answers = node.req_packed_commands(&pipeline, 0, 2).await?.into_iter();
             let answer = answers.next().ok_or_else(|| RedisError::from((ErrorKind::UnexpectedReturnType, "no answer")))?;
             let answer = answer.extract_error()?;
             wait.check(answers.next())?;
@@ -332,26 +361,27 @@ impl ConnectionLike for Link {
     }
 
     fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
+        let mut node = self.pick();
         let Some(wait) = self.wait.filter(|_| pipeline.cmd_iter().any(|cmd| !is_read(cmd))) else {
-            return self.node.req_packed_commands(pipeline, offset, count);
+            return Box::pin(async move { node.req_packed_commands(pipeline, offset, count).await });
         };
         Box::pin(async move {
             if pipeline.is_transaction() {
                 // A WAIT inside MULTI would not wait: it follows the EXEC.
-                let answers = self.node.req_packed_commands(pipeline, offset, count).await?;
-                wait.check(Some(self.node.req_packed_command(&wait.command()).await?))?;
+                let answers = node.req_packed_commands(pipeline, offset, count).await?;
+                wait.check(Some(node.req_packed_command(&wait.command()).await?))?;
                 return Ok(answers);
             }
             let mut waiting = pipeline.clone();
             waiting.add_command(wait.command());
-            let mut answers = self.node.req_packed_commands(&waiting, offset, count + 1).await?;
+            let mut answers = node.req_packed_commands(&waiting, offset, count + 1).await?;
             wait.check(answers.pop())?;
             Ok(answers)
         })
     }
 
     fn get_db(&self) -> i64 {
-        self.node.get_db()
+        self.nodes.first().map_or(0, Node::get_db)
     }
 }
 

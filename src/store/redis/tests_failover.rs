@@ -399,7 +399,7 @@ async fn a_cluster_master_killed_mid_load_loses_no_acknowledged_answer_with_wait
 #[ignore = "a measurement: run with --ignored --nocapture"]
 async fn wait_for_a_replica_costs() {
     let (master, _replica) = master_and_replica().await;
-    for wait in [0, 1, 0, 1] {
+    for (wait, at_once) in [(0, 1), (1, 1), (0, 32), (1, 32), (0, 32), (1, 32)] {
         let mut settings = store_settings(vec![master.url()]);
         settings.wait_replicas = wait;
         settings.operation_timeout = Duration::from_secs(5);
@@ -408,8 +408,8 @@ async fn wait_for_a_replica_costs() {
         let store = Arc::new(RedisStore::connect(settings, Arc::new(clock.clone())).await.expect("store"));
         let histogram = Arc::new(Mutex::new(hdrhistogram::Histogram::<u64>::new(3).expect("histogram")));
         let began = Instant::now();
-        let run = Duration::from_secs(5);
-        let tasks: Vec<_> = (0..32)
+        let run = Duration::from_secs(4);
+        let tasks: Vec<_> = (0..at_once)
             .map(|_| {
                 let (store, clock, histogram) = (Arc::clone(&store), clock.clone(), Arc::clone(&histogram));
                 tokio::spawn(async move {
@@ -428,10 +428,39 @@ async fn wait_for_a_replica_costs() {
         let histogram = histogram.lock();
         let elapsed = began.elapsed().as_secs_f64();
         eprintln!(
-            "wait_replicas = {wait}: {:.0} sign-ins/s (create + two racing answers), p50 {} us, p99 {} us, 32 at once",
+            "wait_replicas = {wait}: {:.0} sign-ins/s (create + two racing answers), p50 {} us, p99 {} us, {at_once} at once",
             histogram.len() as f64 / elapsed,
             histogram.value_at_quantile(0.5),
             histogram.value_at_quantile(0.99)
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_no_replica_acknowledges_in_time_fails_closed() {
+    let (master, replica) = master_and_replica().await;
+    let mut settings = store_settings(vec![master.url()]);
+    settings.wait_replicas = 1;
+    settings.wait_timeout = Duration::from_millis(200);
+    let clock = ManualClock::starting_now();
+    let store = RedisStore::connect(settings, Arc::new(clock.clone())).await.expect("store");
+    assert!(matches!(racing_sign_in(&store, &clock).await, Outcome::Signed(_)));
+
+    // The replica holds its connection open and answers nothing.
+    replica.freeze(true).await;
+    let now = clock.now();
+    let tenant = TenantId(TENANT.to_owned());
+    let user = UserId::parse("frozen-replica").expect("user");
+    let error = store
+        .create_challenge(sample_challenge(&tenant, &user, now, None), &policy(), now)
+        .await
+        .expect_err("a write no replica holds is not acknowledged");
+    assert!(matches!(error, StoreError::Unavailable { .. }), "{error:?}");
+    assert!(error.to_string().contains("not acknowledged by enough replicas"), "{error}");
+    // Reads wait for nothing.
+    let unknown = ChallengeId::generate().expect("id");
+    assert_eq!(store.get_challenge(&tenant, &unknown, now).await.expect("a read"), None);
+
+    replica.freeze(false).await;
+    assert!(matches!(racing_sign_in(&store, &clock).await, Outcome::Signed(_)), "acknowledged again once the replica answers");
 }
