@@ -22,6 +22,9 @@ use crate::store::{CreateOutcome, StoreError};
 
 const PASSWORD: &str = "s3cret-acl-password";
 const WRONG_PASSWORD: &str = "wr0ng-acl-password";
+/// The ACL rules deploy/README.md gives the store's user.
+const APP_ACL: &str =
+    "~pm:* &pm:* +@read +@write +@scripting +@pubsub +@connection +@transaction -@dangerous +wait +cluster|slots +cluster|shards";
 
 /// A CA and a server certificate it issued, as PEM files in a folder of their own.
 pub(super) struct TlsFiles {
@@ -78,7 +81,8 @@ impl TlsFiles {
     }
 
     /// redis-server arguments: TLS only on `port`, no client certificates asked,
-    /// the `default` user off and the ACL user `app` on with [`PASSWORD`].
+    /// the `default` user off, the ACL user `app` on with [`PASSWORD`] and
+    /// [`APP_ACL`], and `admin` for `redis-cli --cluster create`.
     pub(super) fn server_args(&self, port: u16) -> Vec<String> {
         let path = |p: &Path| p.display().to_string();
         let mut args: Vec<String> =
@@ -86,7 +90,11 @@ impl TlsFiles {
         args.extend(["--tls-cert-file".into(), path(&self.cert), "--tls-key-file".into(), path(&self.key)]);
         args.extend(["--tls-ca-cert-file".into(), path(&self.ca)]);
         args.extend(["--user", "default", "off"].map(str::to_owned));
-        args.extend(["--user", "app", "on", &format!(">{PASSWORD}"), "~*", "&*", "+@all"].map(str::to_owned));
+        // The ACL of deploy/README.md: the store's keys and channels, no more.
+        args.extend(["--user", "app", "on", &format!(">{PASSWORD}")].map(str::to_owned));
+        args.extend(APP_ACL.split(' ').map(str::to_owned));
+        // Who sets the cluster up.
+        args.extend(["--user", "admin", "on", &format!(">{PASSWORD}"), "~*", "&*", "+@all"].map(str::to_owned));
         args
     }
 }
@@ -232,7 +240,7 @@ async fn a_tls_cluster_with_an_acl_user_signs_in() {
     let output = Command::new("redis-cli")
         .args(["--tls", "--cacert"])
         .arg(&tls.ca)
-        .args(["--user", "app", "--pass", PASSWORD, "--no-auth-warning", "--cluster", "create"])
+        .args(["--user", "admin", "--pass", PASSWORD, "--no-auth-warning", "--cluster", "create"])
         .args(&addresses)
         .args(["--cluster-replicas", "0", "--cluster-yes"])
         .output()
@@ -261,4 +269,21 @@ async fn a_tls_cluster_with_an_acl_user_signs_in() {
         sign_in(&store, &clock).await.expect("a sign-in on the TLS cluster");
     }
     assert!(store.connection.is_cluster());
+}
+
+/// Every conformance case over TLS, as the ACL user of deploy/README.md: the store
+/// needs no command or key outside it (enrollments, blocks, TOTP, pub/sub).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_conformance_cases_pass_over_tls_as_the_documented_acl_user() {
+    let tls = TlsFiles::new(&["localhost"], true);
+    let server = RedisServer::start_with_args(|port| tls.server_args(port)).await;
+    let mut settings = settings(vec![format!("rediss://localhost:{}", server.port())]);
+    settings.ca_cert_path = Some(tls.ca.clone());
+    settings.username = Some("app".into());
+    settings.password_file = Some(tls.password_file(PASSWORD));
+    crate::store::conformance::run_all(|clock| {
+        let settings = settings.clone();
+        async move { RedisStore::connect(settings, Arc::new(clock)).await.expect("store over TLS") }
+    })
+    .await;
 }
