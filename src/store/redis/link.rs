@@ -367,7 +367,9 @@ impl ConnectionLike for Link {
         };
         Box::pin(async move {
             if pipeline.is_transaction() {
-                // A WAIT inside MULTI would not wait: it follows the EXEC.
+                // A WAIT inside MULTI would not wait: it follows the EXEC, on the same
+                // connection unless that one was replaced in between (then WAIT finds
+                // nothing of this connection's to wait for and answers at once).
                 let answers = node.req_packed_commands(pipeline, offset, count).await?;
                 wait.check(Some(node.req_packed_command(&wait.command()).await?))?;
                 return Ok(answers);
