@@ -149,22 +149,17 @@ pub struct StoreConfig {
     pub redis_url: String,
     /// Seed nodes of a Redis Cluster; when given, `redis_url` is not used.
     pub redis_cluster_urls: Vec<String>,
-    /// Redis Sentinel: the sentinels' URLs; when given, the master comes from them
-    /// and neither `redis_url` nor `redis_cluster_urls` is used.
+    /// Redis Sentinel (then neither URL above is used) and its master's name.
     pub redis_sentinel_urls: Vec<String>,
-    /// The name of the master the sentinels watch (`sentinel monitor <name> ...`).
     pub redis_sentinel_master: String,
-    /// PEM CA certificate(s) that issued the Redis servers' certificates (rediss://);
-    /// "": the webpki (Mozilla) roots.
+    /// TLS (rediss://): the PEM CA(s) of the servers; "": the webpki roots.
     pub redis_ca_cert_path: String,
-    /// ACL user; "": the URL's (or `default`).
+    /// ACL user, and a file holding its password; "": the URL's.
     pub redis_username: String,
-    /// A file holding the Redis password (a mounted secret); "": the URL's, if any.
     pub redis_password_file: String,
-    /// Replicas that must hold each write before it is acknowledged (Redis `WAIT`);
-    /// 0: asynchronous replication, where a failover may lose the last writes.
+    /// Replicas that must hold each write (`WAIT`) before it is acknowledged, and
+    /// how long a write waits for them (then UNAVAILABLE); 0: none.
     pub redis_wait_replicas: u32,
-    /// How long a write waits for them; past it the call fails with UNAVAILABLE.
     pub redis_wait_timeout_ms: u32,
     /// The deadline of one Redis call; past it the request fails with UNAVAILABLE.
     pub operation_timeout_ms: u32,
