@@ -149,6 +149,18 @@ pub struct StoreConfig {
     pub redis_url: String,
     /// Seed nodes of a Redis Cluster; when given, `redis_url` is not used.
     pub redis_cluster_urls: Vec<String>,
+    /// Redis Sentinel (then neither URL above is used) and its master's name.
+    pub redis_sentinel_urls: Vec<String>,
+    pub redis_sentinel_master: String,
+    /// TLS (rediss://): the PEM CA(s) of the servers; "": the webpki roots.
+    pub redis_ca_cert_path: String,
+    /// ACL user, and a file holding its password; "": the URL's.
+    pub redis_username: String,
+    pub redis_password_file: String,
+    /// Replicas that must hold each write (`WAIT`) before it is acknowledged, and
+    /// how long a write waits for them (then UNAVAILABLE); 0: none.
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout_ms: u32,
     /// The deadline of one Redis call; past it the request fails with UNAVAILABLE.
     pub operation_timeout_ms: u32,
 }
@@ -160,6 +172,13 @@ impl Default for StoreConfig {
             path: "./pushmatch-data".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_cluster_urls: Vec::new(),
+            redis_sentinel_urls: Vec::new(),
+            redis_sentinel_master: String::new(),
+            redis_ca_cert_path: String::new(),
+            redis_username: String::new(),
+            redis_password_file: String::new(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 500,
             operation_timeout_ms: 2_000,
         }
     }
