@@ -3,7 +3,9 @@
 //! `POST {endpoint}/v1/projects/{project_id}/messages:send` on a [`ConnectionPool`],
 //! authorised by an OAuth2 access token that the service account's own `token_uri`
 //! grants for a signed RS256 assertion (the JWT bearer grant, RFC 7523). The token is
-//! cached until two minutes before it expires and renewed at once on a 401.
+//! cached until two minutes before it expires and renewed at once on a 401 (the
+//! sender then answers [`SendOutcome::TokenRefused`] and the dispatcher sends again:
+//! two attempts).
 //!
 //! The grant is written here (about a hundred lines) rather than taken from
 //! `gcp_auth`: gcp_auth does read `token_uri` from the file, but it caches tokens
@@ -333,39 +335,43 @@ impl PushSender for FcmSender {
     }
 
     async fn send(&self, job: &PushJob) -> SendOutcome {
-        let mut renewed = false;
-        loop {
-            let token = match self.tokens.current().await {
-                Ok(token) => token,
-                Err(GrantError::Unavailable(reason)) => return SendOutcome::Retry { reason: reason.into(), after: None },
-                Err(GrantError::Refused) => return SendOutcome::Failed { reason: "oauth token refused".into() },
-            };
-            let request = match self.request(job, token.authorization.clone()) {
-                Ok(request) => request,
-                Err(error) => {
-                    tracing::error!(%error, "cannot build an FCM request");
-                    return SendOutcome::Failed { reason: "invalid request".into() };
-                }
-            };
-            let response = match self.pool.send(request).await {
-                Ok(response) => response,
-                Err(error) => {
-                    tracing::debug!(%error, "fcm request failed");
-                    return SendOutcome::Retry { reason: error.reason().into(), after: None };
-                }
-            };
-            if response.status == StatusCode::UNAUTHORIZED && !renewed {
-                tracing::info!("fcm refused the access token: renewing it");
-                self.tokens.invalidate(&token);
-                renewed = true;
-                continue;
+        let token = match self.tokens.current().await {
+            Ok(token) => token,
+            Err(GrantError::Unavailable(reason)) => return SendOutcome::Retry { reason: reason.into(), after: None },
+            Err(GrantError::Refused) => return SendOutcome::Failed { reason: "oauth token refused".into() },
+        };
+        let request = match self.request(job, token.authorization.clone()) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(%error, "cannot build an FCM request");
+                return SendOutcome::Failed { reason: "invalid request".into() };
             }
-            let outcome = classify(&response);
-            if let SendOutcome::Failed { reason } = &outcome {
-                tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "fcm refused a push");
+        };
+        let response = match self.pool.send(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "fcm request failed");
+                return SendOutcome::Retry { reason: error.reason().into(), after: None };
             }
-            return outcome;
+        };
+        let outcome = classify(&response);
+        if response.status == StatusCode::UNAUTHORIZED {
+            // The dispatcher sends again at once (one more attempt), with a new token.
+            tracing::info!("fcm refused the access token: renewing it");
+            self.tokens.invalidate(&token);
+            let reason = match outcome {
+                SendOutcome::Sent => "HTTP 401".to_owned(),
+                SendOutcome::Unregistered { reason }
+                | SendOutcome::Retry { reason, .. }
+                | SendOutcome::Failed { reason }
+                | SendOutcome::TokenRefused { reason } => reason,
+            };
+            return SendOutcome::TokenRefused { reason };
         }
+        if let SendOutcome::Failed { reason } = &outcome {
+            tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "fcm refused a push");
+        }
+        outcome
     }
 }
 

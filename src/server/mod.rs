@@ -137,6 +137,7 @@ pub async fn run_with(
     let auth = TenantAuthLayer::new(Arc::new(config.tenant_keys()), tls.as_ref().is_some_and(|tls| tls.mutual()));
 
     let health = start_health(Arc::clone(&store), &draining).await;
+    register_series(&config, store.backend());
     let metrics_stop = CancellationToken::new();
     let metrics_task = metrics_listener.map(|listener| {
         let sources = ScrapeSources { handle: metrics_handle, store, dispatcher, draining: draining.clone() };
@@ -166,6 +167,18 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every series of the catalogue (`crate::telemetry::metrics::names`) at zero, with
+/// its known, bounded label values, before `/metrics` first answers: `rate()` and
+/// alerts see a series from the start, not from its first event.
+fn register_series(config: &Config, backend: &'static str) {
+    crate::telemetry::grpc::register_series();
+    let embedded = config.store.backend == StoreBackend::Embedded;
+    crate::telemetry::metrics::register_challenge_series(config.tenants.iter().map(|t| t.id.as_str()), embedded);
+    crate::push::dispatcher::register_series();
+    crate::store::metered::register_series(backend);
+    crate::tls::register_series();
 }
 
 /// The listener of `/metrics` and `/healthz`: the one passed in, else
