@@ -100,6 +100,6 @@ async fn a_full_disk_refuses_durable_writes_with_unavailable_and_recovers_when_s
     broker.kill9().await;
     let broker = BrokerProcess::start(dir.path(), &config(&data, "")).await;
     for (user, device) in &acknowledged {
-        assert_eq!(device_ids(&broker.channel, API_KEY, user).await.expect("list"), [device.clone()], "{user}");
+        assert_eq!(device_ids(&broker.channel, API_KEY, user).await.expect("list"), std::slice::from_ref(device), "{user}");
     }
 }

@@ -87,7 +87,7 @@ async fn kill_9_mid_burst_keeps_every_acknowledged_device_block_and_totp_step() 
     let idp = &broker.channel;
     for (user, device, _) in &acknowledged.devices {
         let listed = device_ids(idp, API_KEY, user).await.expect("list devices");
-        assert_eq!(listed, [device.clone()], "{user}'s device survived the crash");
+        assert_eq!(listed, std::slice::from_ref(device), "{user}'s device survived the crash");
     }
     for user in &acknowledged.blocked {
         let mut idp_challenges = challenges(idp, API_KEY);
