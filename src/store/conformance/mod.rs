@@ -239,7 +239,8 @@ macro_rules! conformance_suite {
             devices_and_open_enrollments_are_capped,
             a_public_key_enrolls_once,
             a_device_proof_is_spent_once,
-            no_approval_lands_after_a_block
+            no_approval_lands_after_a_block,
+            a_challenge_past_its_retention_is_gone_at_once
         );
     };
     (@tests $factory:expr; $($case:ident),+) => {
