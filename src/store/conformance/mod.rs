@@ -34,6 +34,9 @@
 //! factory must give the store) and a fresh [`Scope`].
 //!
 //! [`run_all`] runs every case in sequence in one test (the first failure hides the rest).
+//!
+//! `model` (tests only) checks the same stores against a model of the rules with
+//! random sequences of calls; each backend runs it as `model_matches_the_rules`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -46,6 +49,8 @@ use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode,
 
 mod cases;
 mod guards;
+#[cfg(test)]
+pub mod model;
 
 use crate::domain::time::{Clock, ManualClock, Millis};
 pub use cases::*;
