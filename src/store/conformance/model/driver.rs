@@ -4,18 +4,15 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod devices;
+
 use super::rules::{self, CreateExpected, Model};
-use super::{Answer, BlockKind, KeyChoice, Op, USERS};
+use super::{Answer, BlockKind, Op, USERS};
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution, SignInContext};
-use crate::domain::device::Device;
-use crate::domain::enrollment::{Enrollment, EnrollmentKind};
-use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId};
+use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
 use crate::domain::time::{Clock, ManualClock, Millis};
-use crate::store::conformance::{Fixture, Scope, sample_device};
-use crate::store::{
-    BlockReason, ChallengeWatch, CompleteOutcome, CreateOutcome, InsertOutcome, Refusal, Store, StoreError, TotpAttempt,
-    UserBlock,
-};
+use crate::store::conformance::{Fixture, Scope};
+use crate::store::{BlockReason, ChallengeWatch, CreateOutcome, Refusal, Store, StoreError, TotpAttempt, UserBlock};
 
 macro_rules! ensure {
     ($cond:expr, $($message:tt)+) => {
@@ -24,6 +21,7 @@ macro_rules! ensure {
         }
     };
 }
+use ensure;
 
 /// How often each kind of outcome was seen, over every case of the process: what
 /// the sequences reach (printed after a run, with `--nocapture`).
@@ -79,6 +77,10 @@ struct Driver<'a, X> {
     users: Vec<UserId>,
     model: Model,
     watches: Vec<(usize, ChallengeWatch)>,
+    /// This case's device proofs: random bytes, the first set by `SpendProof`.
+    proof_base: [u8; 32],
+    /// When each proof used so far may be forgotten.
+    proofs_kept: std::collections::HashMap<u8, Millis>,
 }
 
 pub(super) async fn run<X: Fixture + Send + Sync + 'static>(
@@ -96,6 +98,12 @@ pub(super) async fn run<X: Fixture + Send + Sync + 'static>(
         users,
         model: Model::new(USERS),
         watches: Vec::new(),
+        proof_base: {
+            let mut bytes = [0u8; 32];
+            crate::domain::ids::os_random(&mut bytes).expect("random bytes");
+            bytes
+        },
+        proofs_kept: std::collections::HashMap::new(),
     };
     for (step, op) in ops.iter().enumerate() {
         driver.model.tick(clock.now());
@@ -134,7 +142,8 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
     async fn step(&mut self, op: &Op) -> Result<(), String> {
         let now = self.now();
         match op.clone() {
-            Op::Create { user, request, ttl_secs } => self.create(user, request, ttl_secs).await,
+            Op::Create { user, request, ttl_secs, racers } => self.create(user, request, ttl_secs, racers).await,
+            Op::SpendProof { proof, racers } => self.spend_proof(proof, racers).await,
             Op::Get { challenge, other_tenant } => {
                 let Some(index) = Self::pick(&self.model.challenges, challenge) else { return Ok(()) };
                 let tenant = if other_tenant { &self.other } else { &self.tenant };
@@ -247,39 +256,89 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
         }
     }
 
-    async fn create(&mut self, user: usize, request: Option<u8>, ttl_secs: u32) -> Result<(), String> {
+    /// `racers` creates for one user at once, all with the same request_id (or none).
+    async fn create(&mut self, user: usize, request: Option<u8>, ttl_secs: u32, racers: usize) -> Result<(), String> {
         let now = self.now();
-        let challenge = Challenge {
-            id: ChallengeId::generate().expect("id"),
-            tenant: self.tenant.clone(),
-            user_id: self.users[user].clone(),
-            number: ChallengeNumber::generate().expect("number"),
-            state: ChallengeState::Pending,
-            deny_reason: None,
-            context: SignInContext::default(),
-            created_at: now,
-            expires_at: now.plus(Duration::from_secs(u64::from(ttl_secs))),
-            resolved_at: None,
-            resolved_by: None,
-            deliveries: vec![],
-            request_id: request.map(|r| format!("req-{r}")),
-        };
-        let got = ok(self.store().create_challenge(challenge.clone(), &rules::admission(), now).await)?;
-        let expected = self.model.create(user, &challenge, now);
-        seen(format!("create: {}", variant(&expected)));
-        match (&expected, &got) {
-            (CreateExpected::Created, CreateOutcome::Created(created)) => {
-                ensure!(*created == challenge, "created {created:?}, not the challenge sent");
-                Ok(())
-            }
-            (CreateExpected::Existing(index), CreateOutcome::Existing(existing)) => {
-                self.model.challenges[*index].differs(existing).map_or(Ok(()), Err)
-            }
-            (CreateExpected::Blocked(block), CreateOutcome::Refused(Refusal::Blocked(got))) if block == got => Ok(()),
-            (CreateExpected::TooManyPending, CreateOutcome::Refused(Refusal::TooManyPending { .. }))
-            | (CreateExpected::RateLimited, CreateOutcome::Refused(Refusal::RateLimited { .. })) => Ok(()),
-            _ => Err(format!("create: model {expected:?}, store {got:?}")),
+        let challenges: Vec<Challenge> = (0..racers)
+            .map(|_| Challenge {
+                id: ChallengeId::generate().expect("id"),
+                tenant: self.tenant.clone(),
+                user_id: self.users[user].clone(),
+                number: ChallengeNumber::generate().expect("number"),
+                state: ChallengeState::Pending,
+                deny_reason: None,
+                context: SignInContext::default(),
+                created_at: now,
+                expires_at: now.plus(Duration::from_secs(u64::from(ttl_secs))),
+                resolved_at: None,
+                resolved_by: None,
+                deliveries: vec![],
+                request_id: request.map(|r| format!("req-{r}")),
+            })
+            .collect();
+        let calls = challenges
+            .iter()
+            .map(|challenge| {
+                let (fixture, challenge) = (Arc::clone(&self.fixture), challenge.clone());
+                async move { fixture.store().create_challenge(challenge, &rules::admission(), now).await }
+            })
+            .collect();
+        let got = race(calls).await?;
+        // The racers differ only in their ids, so an order that puts the ones the
+        // store created first explains every answer, if any order does.
+        let mut order: Vec<usize> = (0..racers).collect();
+        order.sort_by_key(|i| !matches!(got[*i], CreateOutcome::Created(_)));
+        for i in order {
+            let (challenge, outcome) = (&challenges[i], &got[i]);
+            let expected = self.model.create(user, challenge, now);
+            seen(format!("create: {}", variant(&expected)));
+            let fine = match (&expected, outcome) {
+                (CreateExpected::Created, CreateOutcome::Created(created)) => created == challenge,
+                (CreateExpected::Existing(index), CreateOutcome::Existing(existing)) => {
+                    self.model.challenges[*index].differs(existing).map_or(true, |difference| {
+                        seen(format!("create: existing differs: {difference}"));
+                        false
+                    })
+                }
+                (CreateExpected::Blocked(block), CreateOutcome::Refused(Refusal::Blocked(got))) => block == got,
+                (CreateExpected::TooManyPending, CreateOutcome::Refused(Refusal::TooManyPending { .. }))
+                | (CreateExpected::RateLimited, CreateOutcome::Refused(Refusal::RateLimited { .. })) => true,
+                _ => false,
+            };
+            ensure!(fine, "create {i} of {racers}: model {expected:?}, store {outcome:?} (all: {got:?})");
         }
+        Ok(())
+    }
+
+    /// Device proofs (`proof` picks one of a few per case) spent by racing calls:
+    /// the first use passes, once; later ones fail while the proof is kept.
+    async fn spend_proof(&mut self, proof: u8, racers: usize) -> Result<(), String> {
+        let now = self.now();
+        let mut bytes = self.proof_base;
+        bytes[0] = proof;
+        let use_of = crate::domain::device::ProofUse(bytes);
+        let keep_until = now.plus(Duration::from_secs(240));
+        let calls = (0..racers)
+            .map(|_| {
+                let fixture = Arc::clone(&self.fixture);
+                async move { fixture.store().spend_proof(use_of, keep_until).await }
+            })
+            .collect();
+        let got = race(calls).await?;
+        let passed = got.iter().filter(|first| **first).count();
+        let kept = self.proofs_kept.get(&proof).copied();
+        match kept {
+            // Kept: every use fails.
+            Some(until) if now < until => ensure!(passed == 0, "a proof used before passed again ({passed} of {racers})"),
+            // Never used, or past its keep time (when a store may have forgotten it).
+            None => ensure!(passed == 1, "{passed} of {racers} racing first uses of a proof passed"),
+            Some(_) => ensure!(passed <= 1, "{passed} of {racers} racing uses of a proof passed"),
+        }
+        seen(format!("spend_proof: {racers} racing, {passed} passed"));
+        if passed == 1 {
+            self.proofs_kept.insert(proof, keep_until);
+        }
+        Ok(())
     }
 
     /// Answers raced on one challenge, maybe with a block of its user among them.
@@ -414,152 +473,6 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
         };
         ensure!(key(&got) == key(&expected), "racing TOTP reservations: model {expected:?}, store {got:?}");
         Ok(())
-    }
-
-    async fn spend_steps(&mut self, index: usize, steps: &[u8]) -> Result<(), String> {
-        let id = self.model.devices[index].device.id.clone();
-        let steps: Vec<u64> = steps.iter().map(|s| 1000 + u64::from(*s)).collect();
-        let calls = steps
-            .iter()
-            .map(|step| {
-                let (fixture, id, step) = (Arc::clone(&self.fixture), id.clone(), *step);
-                async move { fixture.store().spend_totp_step(&id, step).await }
-            })
-            .collect();
-        let got = race(calls).await?;
-        let model = &mut self.model.devices[index];
-        let spent: Vec<u64> = steps.iter().zip(&got).filter(|(_, spent)| **spent).map(|(step, _)| *step).collect();
-        if !model.present {
-            ensure!(spent.is_empty(), "steps {spent:?} spent on a removed device");
-            return Ok(());
-        }
-        // Some order of the racers explains it: each step past every one before, the
-        // highest always (once), none twice.
-        let last = model.device.totp_last_step;
-        let highest = steps.iter().copied().max().expect("one step at least");
-        let mut distinct = spent.clone();
-        distinct.sort_unstable();
-        distinct.dedup();
-        ensure!(distinct.len() == spent.len(), "a step was spent twice: {spent:?}");
-        ensure!(spent.iter().all(|s| last.is_none_or(|last| *s > last)), "spent {spent:?}, not past step {last:?}");
-        let forward = last.is_none_or(|last| highest > last);
-        seen(format!("spend_totp_step: {} racing, {} spent", steps.len(), spent.len()));
-        ensure!(spent.contains(&highest) == forward, "racing steps {steps:?} after {last:?}: spent {spent:?}");
-        if forward {
-            model.device.totp_last_step = Some(highest);
-        }
-        self.compare_device(index).await
-    }
-
-    async fn compare_device(&self, index: usize) -> Result<(), String> {
-        let model = &self.model.devices[index];
-        let got = ok(self.store().get_device(&model.device.id).await)?;
-        match (&got, model.present) {
-            (None, false) => Ok(()),
-            (Some(got), true)
-                if (got.totp_last_step, &got.push_token, got.push_enabled)
-                    == (model.device.totp_last_step, &model.device.push_token, model.device.push_enabled) =>
-            {
-                Ok(())
-            }
-            _ => Err(format!("device: model {:?} (present {}), store {got:?}", model.device, model.present)),
-        }
-    }
-
-    async fn begin_enrollment(&mut self, user: usize, totp: bool) -> Result<(), String> {
-        let now = self.now();
-        let enrollment = Enrollment {
-            id: EnrollmentId::generate().expect("id"),
-            tenant: self.tenant.clone(),
-            user_id: self.users[user].clone(),
-            account_name: "model@example.com".into(),
-            kind: if totp { EnrollmentKind::Totp } else { EnrollmentKind::Push },
-            code_digest: (!totp).then(|| EnrollmentCode::generate().expect("code").digest()),
-            totp_secret: None,
-            created_at: now,
-            expires_at: now.plus(Duration::from_secs(600)),
-            completed: false,
-            device_id: None,
-        };
-        let got = ok(self.store().insert_enrollment(enrollment.clone(), &rules::caps(), now).await)?;
-        let limit = rules::caps().max_open_enrollments;
-        let expected = if self.model.open_enrollments(user, now) >= limit as usize {
-            InsertOutcome::TooManyOpen { limit }
-        } else {
-            self.model.enrollments.push(rules::ModelEnrollment { enrollment, user });
-            InsertOutcome::Inserted
-        };
-        seen(format!("insert_enrollment: {}", variant(&expected)));
-        ensure!(got == expected, "insert_enrollment: model {expected:?}, store {got:?}");
-        Ok(())
-    }
-
-    async fn complete_enrollment(&mut self, index: usize, racers: usize, key: KeyChoice, other: bool) -> Result<(), String> {
-        let now = self.now();
-        let entry = self.model.enrollments[index].clone();
-        let totp = entry.enrollment.kind == EnrollmentKind::Totp;
-        let reused = match key {
-            KeyChoice::SameAs(device) if !totp => {
-                Self::pick(&self.model.devices, device).and_then(|d| self.model.devices[d].device.public_key.clone())
-            }
-            _ => None,
-        };
-        let devices: Vec<Device> = (0..racers)
-            .map(|_| {
-                let device = sample_device(&self.tenant, &entry.enrollment.user_id, now);
-                if totp {
-                    Device { platform: None, public_key: None, ..device }
-                } else {
-                    Device { public_key: reused.clone().or(device.public_key.clone()), ..device }
-                }
-            })
-            .collect();
-        let tenant = if other && totp { self.other.clone() } else { self.tenant.clone() };
-        let calls = devices
-            .iter()
-            .map(|device| {
-                let (fixture, tenant, enrollment, device) =
-                    (Arc::clone(&self.fixture), tenant.clone(), entry.enrollment.clone(), device.clone());
-                async move {
-                    let store = fixture.store();
-                    match &enrollment.code_digest {
-                        Some(code) => store.complete_enrollment(code, device, &rules::caps(), now).await,
-                        None => store.confirm_totp_enrollment(&tenant, &enrollment.id, device, &rules::caps(), now).await,
-                    }
-                }
-            })
-            .collect();
-        let got = race(calls).await?;
-        let winners: Vec<usize> = (0..got.len()).filter(|i| matches!(got[*i], CompleteOutcome::Completed(_))).collect();
-        got.iter().for_each(|outcome| seen(format!("complete: {}", variant(outcome))));
-        ensure!(winners.len() <= 1, "{} racing completions of one enrollment completed: {got:?}", winners.len());
-        // Every racer sees what the first in some order would: the winner's answer
-        // (the model's, given its device) and AlreadyUsed, or the same refusal.
-        let expected = self.model.complete(index, &devices[winners.first().copied().unwrap_or(0)], other && totp, now);
-        for (i, outcome) in got.iter().enumerate() {
-            let fine = if winners.is_empty() {
-                *outcome == expected
-                    // A key that the racers share is claimed by the first of them for
-                    // its whole attempt: on Redis a racer that meets the claim before the
-                    // code is spent reads KeyInUse instead of AlreadyUsed.
-                    || (reused.is_some() && racers > 1 && *outcome == CompleteOutcome::KeyInUse)
-            } else if winners[0] == i {
-                *outcome == expected
-            } else {
-                *outcome == CompleteOutcome::AlreadyUsed || (reused.is_some() && *outcome == CompleteOutcome::KeyInUse)
-            };
-            ensure!(fine, "completion {i} of {racers}: store {outcome:?}, model {expected:?} (all: {got:?})");
-        }
-        if let Some(&winner) = winners.first() {
-            self.model.completed(index, devices[winner].clone());
-        }
-        let stored = ok(self.store().get_enrollment(&self.tenant, &entry.enrollment.id).await)?;
-        let model = &self.model.enrollments[index].enrollment;
-        ensure!(stored.as_ref() == Some(model), "enrollment: model {model:?}, store {stored:?}");
-        if winners.is_empty() {
-            return Ok(());
-        }
-        self.compare_device(self.model.devices.len() - 1).await
     }
 
     /// Every challenge read once more (a final state never changes), and every

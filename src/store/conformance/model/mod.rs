@@ -85,10 +85,17 @@ pub enum KeyChoice {
 /// with none to pick is skipped.
 #[derive(Clone, Debug)]
 pub enum Op {
+    /// `racers` creates at once, with the same request_id (or none).
     Create {
         user: usize,
         request: Option<u8>,
         ttl_secs: u32,
+        racers: usize,
+    },
+    /// One of a few device proofs, used by `racers` calls at once.
+    SpendProof {
+        proof: u8,
+        racers: usize,
     },
     Get {
         challenge: usize,
@@ -195,8 +202,14 @@ pub fn op() -> impl Strategy<Value = Op> {
     let user = prop_oneof![2 => Just(0), 1 => 0..USERS];
     let index = prop_oneof![2 => Just(0usize), 1 => 0usize..8];
     prop_oneof![
-        8 => (user.clone(), prop::option::weighted(0.4, 0u8..2), prop::sample::select(vec![30u32, 60, 300]))
-            .prop_map(|(user, request, ttl_secs)| Op::Create { user, request, ttl_secs }),
+        8 => (
+            user.clone(),
+            prop::option::weighted(0.4, 0u8..2),
+            prop::sample::select(vec![30u32, 60, 300]),
+            prop_oneof![3 => Just(1usize), 1 => 2usize..4],
+        )
+            .prop_map(|(user, request, ttl_secs, racers)| Op::Create { user, request, ttl_secs, racers }),
+        1 => (0u8..3, 1usize..4).prop_map(|(proof, racers)| Op::SpendProof { proof, racers }),
         3 => (index.clone(), prop::bool::weighted(0.1)).prop_map(|(challenge, other_tenant)| Op::Get { challenge, other_tenant }),
         8 => (index.clone(), prop::collection::vec(answer(), 1..5), prop::option::weighted(0.2, block_kind()))
             .prop_map(|(challenge, answers, block)| Op::Answer { challenge, answers, block }),
