@@ -295,10 +295,10 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
             let fine = match (&expected, outcome) {
                 (CreateExpected::Created, CreateOutcome::Created(created)) => created == challenge,
                 (CreateExpected::Existing(index), CreateOutcome::Existing(existing)) => {
-                    self.model.challenges[*index].differs(existing).map_or(true, |difference| {
-                        seen(format!("create: existing differs: {difference}"));
-                        false
-                    })
+                    if let Some(difference) = self.model.challenges[*index].differs(existing) {
+                        return Err(format!("create {i} of {racers} returned the existing challenge: {difference}"));
+                    }
+                    true
                 }
                 (CreateExpected::Blocked(block), CreateOutcome::Refused(Refusal::Blocked(got))) => block == got,
                 (CreateExpected::TooManyPending, CreateOutcome::Refused(Refusal::TooManyPending { .. }))
