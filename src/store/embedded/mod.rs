@@ -378,4 +378,17 @@ mod conformance {
     }
 
     crate::store::conformance::conformance_suite!(store);
+
+    /// Random sequences against the rules' model (`conformance::model`), each on a
+    /// store of its own in memory-backed storage where there is some (/dev/shm): the
+    /// model checks the rules, and hundreds of stores' fsyncs would only slow it.
+    #[test]
+    fn model_matches_the_rules() {
+        crate::store::conformance::model::check("embedded", 128, |clock: ManualClock| async move {
+            let shm = std::path::Path::new("/dev/shm");
+            let dir = if shm.is_dir() { tempfile::tempdir_in(shm) } else { tempfile::tempdir() }.expect("tempdir");
+            let store = super::EmbeddedStore::open(dir.path(), Arc::new(clock)).await.expect("store opens");
+            (store, dir)
+        });
+    }
 }

@@ -360,6 +360,12 @@ mod tests {
         }
 
         crate::store::conformance::conformance_suite!(store);
+
+        /// Random sequences against the rules' model (`conformance::model`).
+        #[test]
+        fn model_matches_the_rules() {
+            crate::store::conformance::model::check("redis", 512, store);
+        }
     }
 
     /// The conformance cases on one three-master Redis Cluster that they share.
@@ -371,5 +377,11 @@ mod tests {
         }
 
         crate::store::conformance::conformance_suite!(store);
+
+        /// Random sequences against the rules' model (`conformance::model`).
+        #[test]
+        fn model_matches_the_rules() {
+            crate::store::conformance::model::check("redis cluster", 256, store);
+        }
     }
 }
