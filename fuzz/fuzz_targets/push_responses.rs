@@ -28,6 +28,11 @@ fn check(outcome: SendOutcome, status: StatusCode) {
     match outcome {
         SendOutcome::Sent => assert!(status.is_success()),
         SendOutcome::Unregistered { reason } | SendOutcome::Failed { reason } => plain_reason(&reason, status),
+        // The senders answer this before classify, on a refused provider token (403/401).
+        SendOutcome::TokenRefused { reason } => {
+            plain_reason(&reason, status);
+            assert!(status == StatusCode::FORBIDDEN || status == StatusCode::UNAUTHORIZED);
+        }
         SendOutcome::Retry { reason, after } => {
             plain_reason(&reason, status);
             assert!(status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error());
