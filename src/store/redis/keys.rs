@@ -1,10 +1,19 @@
 //! The Redis key schema: every key and channel name the store uses is made here.
 //!
-//! One user's keys share a hash slot through the tag `{tu}`: the first 16 hex
-//! digits of SHA-256("tenant\0user") ([`user_tag`]), so user ids with braces or odd
-//! bytes cannot break the tag, and a script may touch several keys of one user on a
-//! Redis Cluster. Keys that find a user's slot from an id are global indexes; they
-//! hold the owner's `tu`.
+//! One user's keys share a hash slot through the tag `{tu}`: the first 32 hex
+//! digits (128 bits) of SHA-256("tenant\0user") ([`user_tag`]), so user ids with
+//! braces or odd bytes cannot break the tag, and a script may touch several keys of
+//! one user on a Redis Cluster. Keys that find a user's slot from an id are global
+//! indexes; they hold the owner's `tu`.
+//!
+//! 128 bits, so that no two users share keys by chance or by a chosen user id (a
+//! birthday search over 64-bit tags takes about 2^32 user ids; over 128 bits,
+//! 2^64). Reads that list a user's records (devices, pending challenges) compare the
+//! tenant and user id of each record as well, so even a tag shared by two users
+//! would not show one user's records to the other. Until version 0.x the tag was 64
+//! bits (16 hex digits, the first half of today's): keys written then are not read
+//! under the new tags. `deploy/README.md` ("Upgrading the Redis keys") says how to
+//! move them.
 //!
 //! | key | type | content | TTL |
 //! | --- | --- | --- | --- |
@@ -22,7 +31,7 @@
 //! | `pm:{tu}:devs` | set | the user's device ids (at most `max_devices`, added only by `enroll.lua`) | none: durable |
 //! | `pm:{tu}:en:<enrollment id>` | string | JSON `Enrollment` | expiry + 7 days (from its creation) |
 //! | `pm:{tu}:ens` | zset | ids of the user's open enrollments, scored by expiry; completed and expired ones are pruned by `insert_enrollment.lua` and `enroll.lua` | the latest expiry + 1 min |
-//! | `pm:cidx:<challenge id>` | string | the owner's `tu` | as the challenge's record |
+//! | `pm:cidx:<challenge id>` | string | the owner's `tu` (set by `create.lua` with the record on one Redis; before it, on a cluster) | as the challenge's record |
 //! | `pm:didx:<device id>` | string | the owner's `tu` | none: durable |
 //! | `pm:enidx:<enrollment id>` | string | the owner's `tu` | as the enrollment |
 //! | `pm:code:<code digest>` | string | `<tu> <enrollment id>` | as the enrollment |
@@ -41,8 +50,11 @@
 //! names a second device. See `records.rs` (`spend_enrollment`) for why the two
 //! steps are safe.
 //!
-//! Pub/sub: every change to a challenge is published on one of [`SHARDS`] channels
-//! `pm:ev:<n>` ([`shard_channel`], by challenge id) as `<challenge id> <version> <json>`.
+//! Pub/sub: every change to a challenge is announced on one of [`SHARDS`] channels
+//! `pm:ev:<n>` ([`shard_channel`], by challenge id) as `<challenge id> <version>`:
+//! never the challenge itself (its number). A replica that watches the challenge
+//! reads the record when the version is newer than what it has seen; a forged
+//! message costs it one read and changes nothing.
 
 use std::time::Duration;
 
@@ -67,7 +79,7 @@ pub(super) fn ttl_ms(now: Millis, until: Millis) -> i64 {
 /// The slot tag of a user's keys.
 pub(super) fn user_tag(tenant: &TenantId, user: &UserId) -> String {
     let digest = Sha256::digest(format!("{}\0{}", tenant.0, user.as_str()).as_bytes());
-    hex::encode(&digest[..8])
+    hex::encode(&digest[..16])
 }
 
 /// The channel that carries a challenge's changes.
@@ -198,6 +210,8 @@ mod tests {
         for key in user_keys {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }
+        assert_eq!(tag.len(), 32, "128 bits, in hex");
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(tag, user_tag(&TenantId("t".into()), &UserId::parse("piet").expect("user")));
     }
 }

@@ -3,8 +3,11 @@
 //! watched challenges at their deadline.
 //!
 //! A watch registers its interest first and reads second, and updates apply only
-//! when their version is newer: no change slips through the gap. After a pub/sub
-//! reconnect every watched challenge is read again. Each replica expires the
+//! when their version is newer: no change slips through the gap. What crosses
+//! pub/sub is a challenge id and a version, which anyone who can PUBLISH could
+//! forge: a message only makes this replica read the record (when the version is
+//! newer than what its watchers saw), and the watchers get what Redis holds. After
+//! a pub/sub reconnect every watched challenge is read again. Each replica expires the
 //! challenges it watches at their deadline (a compare-and-set, so one replica wins
 //! and publishes), which is how expiry reaches watchers everywhere.
 
@@ -96,6 +99,13 @@ impl WatchRegistry {
         }
     }
 
+    /// Whether challenge `id` is watched here and `version` is newer than what its
+    /// watchers saw (or they saw nothing yet): a change announced at `version` is
+    /// worth reading then.
+    pub(super) fn behind(&self, id: &ChallengeId, version: u64) -> bool {
+        self.lock().get(id).is_some_and(|entry| entry.latest.as_ref().is_none_or(|(seen, _)| *seen < version))
+    }
+
     /// Drops entries nobody watches any more; returns the earliest pending expiry.
     fn sweep(&self) -> Option<Millis> {
         let mut entries = self.lock();
@@ -146,12 +156,18 @@ pub(super) async fn follow_changes(client: redis::Client, reader: Reader, clock:
                     };
                     let Some(message) = message else { break };
                     let Ok(payload) = message.get_payload::<String>() else { continue };
-                    let mut parts = payload.splitn(3, ' ');
-                    let (Some(_id), Some(version), Some(json)) = (parts.next(), parts.next(), parts.next()) else { continue };
-                    let (Ok(version), Ok(challenge)) = (version.parse::<u64>(), serde_json::from_str::<Challenge>(json)) else {
+                    // '<id> <version>': a hint where to look, never what to report.
+                    let Some((id, version)) = payload.split_once(' ') else { continue };
+                    let (Ok(id), Ok(version)) = (ChallengeId::parse(id), version.parse::<u64>()) else { continue };
+                    if !reader.watchers.behind(&id, version) {
                         continue;
-                    };
-                    reader.watchers.apply(version, &challenge);
+                    }
+                    let (reader, now) = (reader.clone(), clock.now());
+                    tokio::spawn(async move {
+                        if let Err(error) = reader.refresh(&id, now).await {
+                            tracing::debug!(%error, "could not read a changed challenge");
+                        }
+                    });
                 }
                 tracing::warn!("redis pub/sub connection lost; reconnecting");
             }
