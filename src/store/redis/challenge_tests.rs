@@ -158,22 +158,33 @@ async fn a_slow_clock_cannot_answer_after_expiry_on_a_cluster() {
     a_slow_clock_cannot_answer_after_expiry(RedisCluster::shared().await.to_vec()).await;
 }
 
-/// A deliveries report from a replica whose clock is behind, past the real
-/// expiry: the challenge is expired (by Redis's clock), not kept PENDING.
+/// Deliveries live in fields of their own (`delivery.lua`), laid over the
+/// challenge on every read: one recorded after the answer, or between a read and
+/// the answer's compare-and-set, is kept, and the answer still lands.
 #[tokio::test]
-async fn a_late_delivery_report_expires_the_challenge() {
-    let behind = ManualClock::new(SystemClock.now().minus(Duration::from_secs(60)));
-    let store = store_on(vec![RedisServer::shared().await.to_owned()], behind.clone()).await;
+async fn deliveries_and_answers_both_land_whatever_their_order() {
+    let clock = ManualClock::starting_now();
+    let store = store_on(vec![RedisServer::shared().await.to_owned()], clock.clone()).await;
     let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
-    let mut late = sample_challenge(&tenant, &user, behind.now(), None);
-    late.expires_at = behind.now().plus(Duration::from_secs(30));
-    let late = created(&store, late, behind.now()).await;
-    let delivery = sample_delivery();
-    store.record_delivery(&late.id, delivery.clone()).await.expect("record");
-    let read = store.get_challenge(&tenant, &late.id, behind.now()).await.expect("get").expect("found");
-    assert_eq!(read.state, ChallengeState::Expired);
-    assert_eq!(read.resolved_at, Some(late.expires_at));
-    assert_eq!(read.deliveries, vec![delivery], "the report itself is kept");
+    let challenge = created(&store, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let (first, second) = (sample_delivery(), sample_delivery());
+    store.record_delivery(&challenge.id, first.clone()).await.expect("record");
+    let answer = Decision::Approve.resolve(Some(challenge.number), challenge.number, DeviceId::generate().expect("id"));
+    let racing = futures::future::join(
+        store.resolve_challenge(&tenant, &challenge.id, answer, clock.now()),
+        store.record_delivery(&challenge.id, second.clone()),
+    );
+    let (outcome, recorded) = racing.await;
+    recorded.expect("record");
+    assert!(outcome.expect("resolve").expect("found").accepted);
+    let mut updated = first.clone();
+    updated.attempts = 2;
+    store.record_delivery(&challenge.id, updated.clone()).await.expect("record");
+    let read = store.get_challenge(&tenant, &challenge.id, clock.now()).await.expect("get").expect("found");
+    assert_eq!(read.state, ChallengeState::Approved);
+    let mut expected = vec![updated, second];
+    expected.sort_by(|a, b| a.device_id.as_str().cmp(b.device_id.as_str()));
+    assert_eq!(read.deliveries, expected);
 }
 
 /// The pending list shows the user's own challenges only, even if a record of

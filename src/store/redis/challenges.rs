@@ -9,12 +9,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use redis::Script;
 
 use super::RedisStore;
 use super::connection::{Connection, corrupt, decode, encode};
-use super::keys::{Keys, TTL_MARGIN, challenge_index, shard_channel, ttl_ms, user_tag};
+use super::keys::{Keys, TTL_MARGIN, TagCache, challenge_index, shard_channel, ttl_ms, user_tag};
 use super::watch::WatchRegistry;
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::ids::{ChallengeId, TenantId, UserId};
@@ -40,31 +39,6 @@ enum Written {
     Expired(Millis),
 }
 
-/// Which user's slot holds a challenge, by id, as far as this replica has seen: an
-/// id's owner never changes, so a hit saves the read of `pm:cidx:<id>`. Two
-/// generations of at most [`TagCache::GENERATION`] entries each bound its memory.
-#[derive(Default)]
-pub(super) struct TagCache {
-    generations: Mutex<(HashMap<ChallengeId, Arc<str>>, HashMap<ChallengeId, Arc<str>>)>,
-}
-
-impl TagCache {
-    const GENERATION: usize = 50_000;
-
-    fn get(&self, id: &ChallengeId) -> Option<Arc<str>> {
-        let generations = self.generations.lock();
-        generations.0.get(id).or_else(|| generations.1.get(id)).cloned()
-    }
-
-    fn put(&self, id: &ChallengeId, tag: &str) {
-        let mut generations = self.generations.lock();
-        if generations.0.len() >= Self::GENERATION {
-            generations.1 = std::mem::take(&mut generations.0);
-        }
-        generations.0.insert(id.clone(), Arc::from(tag));
-    }
-}
-
 /// What the background tasks need: reads, expiry compare-and-sets, the registry.
 #[derive(Clone)]
 pub(super) struct Reader {
@@ -72,13 +46,13 @@ pub(super) struct Reader {
     /// The compare-and-set that every challenge change goes through.
     pub(super) challenge_cas: Arc<Script>,
     pub(super) watchers: Arc<WatchRegistry>,
-    pub(super) tags: Arc<TagCache>,
+    pub(super) tags: Arc<TagCache<ChallengeId>>,
 }
 
 impl Reader {
     /// The tag of the user whose slot holds challenge `id`: from the cache, else
     /// from the index.
-    async fn locate(&self, id: &ChallengeId) -> Result<Option<Arc<str>>, StoreError> {
+    pub(super) async fn locate(&self, id: &ChallengeId) -> Result<Option<Arc<str>>, StoreError> {
         if let Some(tag) = self.tags.get(id) {
             return Ok(Some(tag));
         }
@@ -89,17 +63,28 @@ impl Reader {
         }))
     }
 
+    /// Reads the record: the challenge in `json` with the deliveries in their own
+    /// fields (`d:<device id>`, see `delivery.lua`) laid over it.
     async fn load(&self, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
         let Some(tag) = self.locate(id).await? else { return Ok(None) };
         let key = Keys(&tag).challenge(id.as_str());
-        let fields: (Option<String>, Option<u64>, Option<i64>) =
-            self.connection.query(redis::cmd("HMGET").arg(&key).arg("json").arg("v").arg("purge_at")).await?;
-        let (Some(json), Some(version), Some(purge_at)) = fields else { return Ok(None) };
-        let challenge: Challenge = decode(&json)?;
+        let mut fields: HashMap<String, String> = self.connection.query(redis::cmd("HGETALL").arg(&key)).await?;
+        let (Some(json), Some(version), Some(purge_at)) = (fields.remove("json"), fields.remove("v"), fields.remove("purge_at"))
+        else {
+            return Ok(None);
+        };
+        let mut challenge: Challenge = decode(&json)?;
         if challenge.id != *id {
             return Err(corrupt("a challenge record under another challenge's id"));
         }
-        Ok(Some(ChallengeRecord { tag: tag.to_string(), version, purge_at: Millis(purge_at), challenge }))
+        let mut deliveries: Vec<(String, String)> = fields.into_iter().filter(|(name, _)| name.starts_with("d:")).collect();
+        deliveries.sort();
+        for (_, delivery) in deliveries {
+            challenge.record_delivery(decode(&delivery)?);
+        }
+        let version = version.parse().map_err(corrupt)?;
+        let purge_at = Millis(purge_at.parse().map_err(corrupt)?);
+        Ok(Some(ChallengeRecord { tag: tag.to_string(), version, purge_at, challenge }))
     }
 
     /// Writes `challenge` if the record is still at `version`; returns the new
@@ -352,17 +337,24 @@ impl RedisStore {
         }
     }
 
+    /// One call (`delivery.lua`): the delivery goes in a field of its own, so it
+    /// needs no read first and races with no other change. Watchers hear of it as
+    /// of any change.
     pub(super) async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
-        let reader = self.reader();
-        loop {
-            let Some(mut record) = reader.load(id).await? else { return Ok(()) };
-            if !record.challenge.record_delivery(delivery.clone()) {
-                return Ok(());
-            }
-            if reader.compare_and_set(&record.tag, record.version, &record.challenge, Millis(0)).await?.is_some() {
-                return Ok(());
-            }
-        }
+        let Some(tag) = self.reader().locate(id).await? else { return Ok(()) };
+        let _: i64 = self
+            .connection
+            .invoke(
+                self.scripts
+                    .delivery
+                    .key(Keys(&tag).challenge(id.as_str()))
+                    .arg(format!("d:{}", delivery.device_id))
+                    .arg(encode(&delivery)?)
+                    .arg(shard_channel(id))
+                    .arg(id.as_str()),
+            )
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn pending_challenges(

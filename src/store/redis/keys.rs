@@ -17,7 +17,7 @@
 //!
 //! | key | type | content | TTL |
 //! | --- | --- | --- | --- |
-//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at` | purge time (expiry + retention) + 1 min |
+//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at`; `d:<device id>` (a delivery's latest state, JSON, laid over the deliveries in `json` on a read) | purge time (expiry + retention) + 1 min |
 //! | `pm:{tu}:pending` | zset | ids of PENDING challenges, scored by creation | as the newest challenge's record |
 //! | `pm:{tu}:created` | zset | ids created in the rate window, scored by creation | the rate window |
 //! | `pm:{tu}:req:<request_id>` | string | challenge id for an idempotency key | until the challenge expires |
@@ -56,8 +56,12 @@
 //! reads the record when the version is newer than what it has seen; a forged
 //! message costs it one read and changes nothing.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::domain::device::{KeyFingerprint, ProofUse};
@@ -80,6 +84,38 @@ pub(super) fn ttl_ms(now: Millis, until: Millis) -> i64 {
 pub(super) fn user_tag(tenant: &TenantId, user: &UserId) -> String {
     let digest = Sha256::digest(format!("{}\0{}", tenant.0, user.as_str()).as_bytes());
     hex::encode(&digest[..16])
+}
+
+/// Which user's slot holds a record, by the record's id (a challenge's, a
+/// device's), as far as this replica has seen: a record's owner never changes, so
+/// a hit saves the read of its global index (`pm:cidx:`, `pm:didx:`). A stale entry
+/// (the record gone) only finds no record, as the index would have. Two generations
+/// of at most [`TagCache::GENERATION`] entries each bound its memory.
+pub(super) struct TagCache<K> {
+    generations: Mutex<(HashMap<K, Arc<str>>, HashMap<K, Arc<str>>)>,
+}
+
+impl<K> Default for TagCache<K> {
+    fn default() -> Self {
+        Self { generations: Mutex::new((HashMap::new(), HashMap::new())) }
+    }
+}
+
+impl<K: Clone + Eq + Hash> TagCache<K> {
+    const GENERATION: usize = 20_000;
+
+    pub(super) fn get(&self, id: &K) -> Option<Arc<str>> {
+        let generations = self.generations.lock();
+        generations.0.get(id).or_else(|| generations.1.get(id)).cloned()
+    }
+
+    pub(super) fn put(&self, id: &K, tag: &str) {
+        let mut generations = self.generations.lock();
+        if generations.0.len() >= Self::GENERATION {
+            generations.1 = std::mem::take(&mut generations.0);
+        }
+        generations.0.insert(id.clone(), Arc::from(tag));
+    }
 }
 
 /// The channel that carries a challenge's changes.

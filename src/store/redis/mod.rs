@@ -63,9 +63,10 @@ mod records;
 mod scripts;
 mod watch;
 
-use challenges::{Reader, TagCache};
+use challenges::Reader;
 use connection::{Connection, unavailable};
 pub use keys::SHARDS;
+use keys::TagCache;
 use scripts::Scripts;
 use watch::WatchRegistry;
 
@@ -86,7 +87,9 @@ pub struct RedisStore {
     scripts: Scripts,
     watchers: Arc<WatchRegistry>,
     /// Which user's slot holds a challenge, for the challenges this replica has seen.
-    tags: Arc<TagCache>,
+    tags: Arc<TagCache<ChallengeId>>,
+    /// Which user's slot holds a device, for the devices this replica has seen.
+    device_tags: TagCache<DeviceId>,
     /// The store's clock, for the calls that get no `now` (`spend_proof`).
     clock: Arc<dyn Clock>,
     /// Stops the pub/sub and deadline tasks when the store is dropped.
@@ -109,6 +112,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             watchers: Arc::new(WatchRegistry::default()),
             tags: Arc::new(TagCache::default()),
+            device_tags: TagCache::default(),
             clock: Arc::clone(&clock),
             closing: CancellationToken::new(),
         };
