@@ -15,8 +15,8 @@ use super::tests::store_on;
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution};
 use crate::domain::ids::{DeviceId, UserId};
 use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
+use crate::store::CreateOutcome;
 use crate::store::conformance::{Scope, policy, sample_challenge, sample_delivery};
-use crate::store::{CreateOutcome, Store};
 
 async fn created(store: &RedisStore, challenge: Challenge, now: Millis) -> Challenge {
     match store.create_challenge(challenge, &policy(), now).await.expect("create") {
