@@ -10,10 +10,10 @@
 //! birthday search over 64-bit tags takes about 2^32 user ids; over 128 bits,
 //! 2^64). Reads that list a user's records (devices, pending challenges) compare the
 //! tenant and user id of each record as well, so even a tag shared by two users
-//! would not show one user's records to the other. Until version 0.x the tag was 64
-//! bits (16 hex digits, the first half of today's): keys written then are not read
-//! under the new tags. `deploy/README.md` ("Upgrading the Redis keys") says how to
-//! move them.
+//! would not show one user's records to the other. The tag used to be 64 bits (16
+//! hex digits, the first half of today's): keys written then are not read under the
+//! new tags. `deploy/README.md` ("Upgrading a Redis store written before 128-bit
+//! user tags") says how to move them.
 //!
 //! | key | type | content | TTL |
 //! | --- | --- | --- | --- |

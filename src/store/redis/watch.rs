@@ -156,8 +156,10 @@ pub(super) async fn follow_changes(client: redis::Client, reader: Reader, clock:
                     };
                     let Some(message) = message else { break };
                     let Ok(payload) = message.get_payload::<String>() else { continue };
-                    // '<id> <version>': a hint where to look, never what to report.
-                    let Some((id, version)) = payload.split_once(' ') else { continue };
+                    // '<id> <version>': a hint where to look, never what to report. What
+                    // else a message carries (an older replica's JSON) is not read.
+                    let mut parts = payload.splitn(3, ' ');
+                    let (Some(id), Some(version)) = (parts.next(), parts.next()) else { continue };
                     let (Ok(id), Ok(version)) = (ChallengeId::parse(id), version.parse::<u64>()) else { continue };
                     if !reader.watchers.behind(&id, version) {
                         continue;
