@@ -31,6 +31,16 @@ struct Watched {
     /// The newest version seen and the challenge at it.
     latest: Option<(u64, Challenge)>,
     sender: Option<watch::Sender<Challenge>>,
+    /// A read after an announcement is under way ([`WatchRegistry::start_read`]).
+    reading: bool,
+    /// Announced again meanwhile: read once more when it ends.
+    read_again: bool,
+}
+
+impl Watched {
+    fn new() -> Self {
+        Self { latest: None, sender: None, reading: false, read_again: false }
+    }
 }
 
 #[derive(Default)]
@@ -48,7 +58,7 @@ impl WatchRegistry {
     /// Notes interest in a challenge before it is read, so a change published
     /// meanwhile is kept (and wins over the read by its version).
     pub(super) fn expect(&self, id: &ChallengeId) {
-        self.lock().entry(id.clone()).or_insert(Watched { latest: None, sender: None });
+        self.lock().entry(id.clone()).or_insert(Watched::new());
     }
 
     /// Forgets the interest of [`WatchRegistry::expect`] when the read found nothing,
@@ -64,7 +74,7 @@ impl WatchRegistry {
     pub(super) fn subscribe(&self, id: &ChallengeId, version: u64, challenge: &Challenge) -> ChallengeWatch {
         let receiver = {
             let mut entries = self.lock();
-            let entry = entries.entry(id.clone()).or_insert(Watched { latest: None, sender: None });
+            let entry = entries.entry(id.clone()).or_insert(Watched::new());
             if entry.latest.as_ref().is_none_or(|(seen, _)| *seen < version) {
                 entry.latest = Some((version, challenge.clone()));
             }
@@ -99,11 +109,31 @@ impl WatchRegistry {
         }
     }
 
-    /// Whether challenge `id` is watched here and `version` is newer than what its
-    /// watchers saw (or they saw nothing yet): a change announced at `version` is
-    /// worth reading then.
-    pub(super) fn behind(&self, id: &ChallengeId, version: u64) -> bool {
-        self.lock().get(id).is_some_and(|entry| entry.latest.as_ref().is_none_or(|(seen, _)| *seen < version))
+    /// Whether to read challenge `id` now, announced at `version`: it is watched here,
+    /// `version` is newer than what its watchers saw (or they saw nothing yet), and no
+    /// read of it is under way. With one under way, it is noted to read once more
+    /// when that one ends ([`WatchRegistry::end_read`]), so a flood of announcements,
+    /// forged ones too, costs one read at a time per watched challenge.
+    pub(super) fn start_read(&self, id: &ChallengeId, version: u64) -> bool {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else { return false };
+        if entry.latest.as_ref().is_some_and(|(seen, _)| *seen >= version) {
+            return false;
+        }
+        if entry.reading {
+            entry.read_again = true;
+            return false;
+        }
+        entry.reading = true;
+        true
+    }
+
+    /// Ends a read of [`WatchRegistry::start_read`]; true when it is to be read again.
+    pub(super) fn end_read(&self, id: &ChallengeId) -> bool {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else { return false };
+        entry.reading = std::mem::take(&mut entry.read_again);
+        entry.reading
     }
 
     /// Drops entries nobody watches any more; returns the earliest pending expiry.
@@ -161,13 +191,18 @@ pub(super) async fn follow_changes(client: redis::Client, reader: Reader, clock:
                     let mut parts = payload.splitn(3, ' ');
                     let (Some(id), Some(version)) = (parts.next(), parts.next()) else { continue };
                     let (Ok(id), Ok(version)) = (ChallengeId::parse(id), version.parse::<u64>()) else { continue };
-                    if !reader.watchers.behind(&id, version) {
+                    if !reader.watchers.start_read(&id, version) {
                         continue;
                     }
-                    let (reader, now) = (reader.clone(), clock.now());
+                    let (reader, clock) = (reader.clone(), Arc::clone(&clock));
                     tokio::spawn(async move {
-                        if let Err(error) = reader.refresh(&id, now).await {
-                            tracing::debug!(%error, "could not read a changed challenge");
+                        loop {
+                            if let Err(error) = reader.refresh(&id, clock.now()).await {
+                                tracing::debug!(%error, "could not read a changed challenge");
+                            }
+                            if !reader.watchers.end_read(&id) {
+                                break;
+                            }
                         }
                     });
                 }
@@ -208,5 +243,36 @@ pub(super) async fn expire_watched(reader: Reader, clock: Arc<dyn Clock>, closin
             () = sleep => {}
             () = changed => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::WatchRegistry;
+    use crate::domain::ids::{TenantId, UserId};
+    use crate::domain::time::Millis;
+    use crate::store::conformance::sample_challenge;
+
+    /// Announcements start a read only for a watched challenge, only past the
+    /// version its watchers saw, and one at a time: a flood while a read is under
+    /// way comes to one more read, not one per message.
+    #[test]
+    fn announcements_start_one_read_at_a_time() {
+        let registry = WatchRegistry::default();
+        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
+        let id = challenge.id.clone();
+        assert!(!registry.start_read(&id, 5), "not watched here");
+        let _watch = registry.subscribe(&id, 2, &challenge);
+        assert!(!registry.start_read(&id, 2), "seen already");
+        assert!(registry.start_read(&id, 3));
+        for version in 4..1_000 {
+            assert!(!registry.start_read(&id, version), "a read is under way");
+        }
+        assert!(registry.end_read(&id), "announced meanwhile: once more");
+        assert!(!registry.end_read(&id), "and then done");
+        assert!(registry.start_read(&id, 1_000));
+        assert!(!registry.end_read(&id));
     }
 }
