@@ -92,8 +92,11 @@ pub(super) fn user_tag(tenant: &TenantId, user: &UserId) -> String {
 /// (the record gone) only finds no record, as the index would have. Two generations
 /// of at most [`TagCache::GENERATION`] entries each bound its memory.
 pub(super) struct TagCache<K> {
-    generations: Mutex<(HashMap<K, Arc<str>>, HashMap<K, Arc<str>>)>,
+    /// The current generation and the one before it.
+    generations: Mutex<(Tags<K>, Tags<K>)>,
 }
+
+type Tags<K> = HashMap<K, Arc<str>>;
 
 impl<K> Default for TagCache<K> {
     fn default() -> Self {
