@@ -55,6 +55,17 @@ pub enum TlsError {
     Config(String),
 }
 
+/// Registers the TLS series at zero (at start, so that alerts see them before the
+/// first failure): handshake failures by reason, reloads by outcome.
+pub fn register_series() {
+    for reason in ["error", "timeout"] {
+        metrics::counter!(names::TLS_HANDSHAKE_FAILURES, "reason" => reason).increment(0);
+    }
+    for outcome in ["reloaded", "failed"] {
+        metrics::counter!(names::TLS_RELOADS, "outcome" => outcome).increment(0);
+    }
+}
+
 /// Where the certificate, key and client CA come from.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {

@@ -136,7 +136,8 @@ async fn counters_move_through_a_sign_in() {
     {
         assert!(has_series(&after, gauge), "{gauge} is exported");
     }
-    assert_eq!(sample(&after, "pushmatch_push_queue_capacity", &[]), 10_000.0);
+    assert_eq!(sample(&after, "pushmatch_push_queue_capacity", &[("provider", "apns")]), 10_000.0, "{after}");
+    assert_eq!(sample(&after, "pushmatch_push_queue_capacity", &[("provider", "fcm")]), 10_000.0);
     assert!(after.contains("# TYPE grpc_server_handled_total counter"), "described with its type");
 }
 

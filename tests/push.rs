@@ -257,8 +257,10 @@ async fn an_expired_provider_token_gets_a_new_jwt() {
 
     let challenge = create(&server, "jan", 0).await.expect("create");
     let done = deliveries_done(&server, &challenge.challenge_id).await;
-    assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+    // Two requests went to APNs: two attempts.
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].attempts), (pb::DeliveryState::Sent, 2));
     let requests = providers.apns.wait_for_requests(2).await;
+    assert_eq!(requests.len(), 2);
     let jwt = |r: &Recorded| r.header("authorization").strip_prefix("bearer ").expect("bearer").to_owned();
     let (first, renewed) = (jwt(&requests[0]), jwt(&requests[1]));
     assert_ne!(first, renewed, "a new JWT after ExpiredProviderToken");
@@ -281,11 +283,76 @@ async fn an_fcm_401_gets_a_new_access_token() {
 
     let challenge = create(&server, "jan", 0).await.expect("create");
     let done = deliveries_done(&server, &challenge.challenge_id).await;
-    assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].attempts), (pb::DeliveryState::Sent, 2));
     let requests = providers.fcm.wait_for_requests(2).await;
+    assert_eq!(requests.len(), 2);
     assert_eq!(requests[0].header("authorization"), "Bearer mock-access-token-1");
     assert_eq!(requests[1].header("authorization"), "Bearer mock-access-token-2");
     assert_eq!(providers.oauth.requests().len(), 2);
+}
+
+#[tokio::test]
+async fn a_token_refused_twice_fails_after_two_attempts() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let _phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    providers.apns.answer_with(Reply::apns_error(403, "ExpiredProviderToken"));
+
+    let challenge = create(&server, "jan", 0).await.expect("create");
+    let done = deliveries_done(&server, &challenge.challenge_id).await;
+    let delivery = &done.deliveries[0];
+    assert_eq!(
+        (delivery.state(), delivery.attempts, delivery.error.as_str()),
+        (pb::DeliveryState::Failed, 2, "ExpiredProviderToken")
+    );
+    assert_eq!(providers.apns.requests().len(), 2, "renewed once, not without end");
+}
+
+/// APNs hangs with more pushes than it may have in flight, and more than the
+/// dispatcher's shared send places: an Android sign-in is pushed meanwhile.
+#[tokio::test]
+async fn a_hung_apns_filled_past_its_limit_does_not_delay_fcm() {
+    let providers = Providers::start().await;
+    let server = providers
+        .server(|config| {
+            config.push.max_in_flight = 2;
+            let apns = config.push.apns.as_mut().expect("apns");
+            apns.max_in_flight = 1;
+            // Longer than the test waits: APNs stays stuck until released.
+            apns.request_timeout_ms = 60_000;
+            config.push.fcm.as_mut().expect("fcm").max_in_flight = 1;
+            config.limits.max_pending_per_user = 100;
+            config.limits.max_challenges_per_window = 100;
+        })
+        .await;
+    let _iphone = phone_with_token(&server, "ann", pb::Platform::Apns, APNS_TOKEN).await;
+    let _android = phone_with_token(&server, "bob", pb::Platform::Fcm, FCM_TOKEN).await;
+    providers.apns.answer_with(Reply::ok().held());
+
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        stuck.push(create(&server, "ann", 0).await.expect("create").challenge_id);
+    }
+    providers.apns.wait_for_requests(1).await;
+
+    let android = create(&server, "bob", 0).await.expect("create");
+    let done = deliveries_done(&server, &android.challenge_id).await;
+    assert_eq!((done.deliveries[0].state(), done.deliveries[0].attempts), (pb::DeliveryState::Sent, 1));
+    // Delivered while APNs is still stuck on its first push, the others waiting.
+    assert_eq!(providers.apns.requests().len(), 1);
+    let ann = server
+        .challenges(KEY_A)
+        .get_challenge(pb::GetChallengeRequest { challenge_id: stuck[0].clone() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(ann.deliveries[0].state(), pb::DeliveryState::Queued, "APNs has not answered");
+
+    providers.apns.release();
+    for challenge_id in &stuck {
+        let done = deliveries_done(&server, challenge_id).await;
+        assert_eq!(done.deliveries[0].state(), pb::DeliveryState::Sent);
+    }
 }
 
 #[tokio::test]

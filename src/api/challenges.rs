@@ -17,8 +17,9 @@ use crate::pb::challenge_service_server::ChallengeService;
 
 pub struct ChallengeApi {
     broker: Arc<Broker>,
-    /// Fires when the server drains: open watch streams end with UNAVAILABLE so the
-    /// IdP re-attaches to another replica.
+    /// Fires when the server drains, after the calls in flight have returned: each
+    /// open watch stream reads its challenge once more and sends its final state,
+    /// or ends with UNAVAILABLE so the IdP re-attaches to another replica.
     shutdown: CancellationToken,
 }
 
@@ -52,7 +53,8 @@ impl ChallengeService for ChallengeApi {
         let tenant = tenant_of(&request)?;
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
         let watch = self.broker.watch_challenge(&tenant, &id).await?;
-        Ok(Response::new(watch_stream(watch, self.shutdown.clone())))
+        let last_word = LastWord { broker: Arc::clone(&self.broker), tenant, id };
+        Ok(Response::new(watch_stream(watch, self.shutdown.clone(), last_word)))
     }
 
     async fn cancel_challenge(&self, request: Request<pb::CancelChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
@@ -80,12 +82,33 @@ enum WatchState {
     Done,
 }
 
+/// What a watch stream needs to read its challenge once more when the server drains.
+#[derive(Clone)]
+struct LastWord {
+    broker: Arc<Broker>,
+    tenant: crate::domain::ids::TenantId,
+    id: ChallengeId,
+}
+
+impl LastWord {
+    /// The final state when the challenge has one now (an answer that was in flight
+    /// when the drain began has landed by then), else UNAVAILABLE: watch again.
+    async fn say(&self) -> Result<pb::Challenge, Status> {
+        match self.broker.get_challenge(&self.tenant, &self.id).await {
+            Ok(challenge) if challenge.state.is_final() => Ok(challenge_to_pb(&challenge)),
+            _ => Err(Status::unavailable("the server is shutting down; watch the challenge again")),
+        }
+    }
+}
+
 /// The current state at once, then every change; ends after the first final state.
 /// A slow reader may skip intermediate delivery updates (each message is the latest
-/// state), never the final one.
-fn watch_stream(watch: ChallengeWatch, shutdown: CancellationToken) -> ChallengeStream {
+/// state), never the final one. When the server drains, the stream's last message
+/// is the final state if the challenge has one by then, else UNAVAILABLE.
+fn watch_stream(watch: ChallengeWatch, shutdown: CancellationToken, last_word: LastWord) -> ChallengeStream {
     Box::pin(futures::stream::unfold(WatchState::First(watch), move |state| {
         let shutdown = shutdown.clone();
+        let last_word = last_word.clone();
         async move {
             let mut watch = match state {
                 WatchState::Done => return None,
@@ -97,6 +120,8 @@ fn watch_stream(watch: ChallengeWatch, shutdown: CancellationToken) -> Challenge
                 WatchState::Following(watch) => watch,
             };
             tokio::select! {
+                // A change that is there already goes out before the drain's last word.
+                biased;
                 changed = watch.changed() => {
                     // The challenge left the store (purged): its final state was sent already.
                     changed.ok()?;
@@ -104,9 +129,7 @@ fn watch_stream(watch: ChallengeWatch, shutdown: CancellationToken) -> Challenge
                     let next = if current.state.is_final() { WatchState::Done } else { WatchState::Following(watch) };
                     Some((Ok(challenge_to_pb(&current)), next))
                 }
-                () = shutdown.cancelled() => {
-                    Some((Err(Status::unavailable("the server is shutting down; watch the challenge again")), WatchState::Done))
-                }
+                () = shutdown.cancelled() => Some((last_word.say().await, WatchState::Done)),
             }
         }
     }))

@@ -56,7 +56,7 @@ impl Broker {
             ));
         }
         let targets: Vec<&Device> = devices.iter().filter(|d| d.takes_pushes()).collect();
-        if let Err(full) = self.dispatcher.room_for(tenant, targets.len()) {
+        if let Err(full) = self.dispatcher.room_for(tenant, targets.iter().filter_map(|d| d.platform)) {
             return Err(shed(tenant, full.setting(), format!("{full}; retry shortly")));
         }
 

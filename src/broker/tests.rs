@@ -361,7 +361,7 @@ async fn totp_calls_for_random_users_leave_the_redis_store_as_it_was() {
     // A server of its own: the count is every key in the database.
     let server = crate::store::redis::testing::RedisServer::start().await;
     let clock = ManualClock::starting_now();
-    let settings = crate::store::redis::RedisSettings { urls: vec![server.url()], operation_timeout: Duration::from_secs(2) };
+    let settings = crate::store::redis::RedisSettings::new(vec![server.url()], Duration::from_secs(2));
     let store = crate::store::redis::RedisStore::connect(settings, Arc::new(clock.clone())).await.expect("connect");
     let dir = tempfile::tempdir().expect("temp dir");
     let f = fixture_on(Arc::new(store), clock, dir, DispatcherSettings::default());

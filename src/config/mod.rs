@@ -149,6 +149,18 @@ pub struct StoreConfig {
     pub redis_url: String,
     /// Seed nodes of a Redis Cluster; when given, `redis_url` is not used.
     pub redis_cluster_urls: Vec<String>,
+    /// Redis Sentinel (then neither URL above is used) and its master's name.
+    pub redis_sentinel_urls: Vec<String>,
+    pub redis_sentinel_master: String,
+    /// TLS (rediss://): the PEM CA(s) of the servers; "": the webpki roots.
+    pub redis_ca_cert_path: String,
+    /// ACL user, and a file holding its password; "": the URL's.
+    pub redis_username: String,
+    pub redis_password_file: String,
+    /// Replicas that must hold each write (`WAIT`) before it is acknowledged, and
+    /// how long a write waits for them (then UNAVAILABLE); 0: none.
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout_ms: u32,
     /// The deadline of one Redis call; past it the request fails with UNAVAILABLE.
     pub operation_timeout_ms: u32,
 }
@@ -160,6 +172,13 @@ impl Default for StoreConfig {
             path: "./pushmatch-data".into(),
             redis_url: "redis://127.0.0.1:6379".into(),
             redis_cluster_urls: Vec::new(),
+            redis_sentinel_urls: Vec::new(),
+            redis_sentinel_master: String::new(),
+            redis_ca_cert_path: String::new(),
+            redis_username: String::new(),
+            redis_password_file: String::new(),
+            redis_wait_replicas: 0,
+            redis_wait_timeout_ms: 500,
             operation_timeout_ms: 2_000,
         }
     }
@@ -296,12 +315,27 @@ impl Config {
     /// Layers defaults, the file (if any) and the `PUSHMATCH_*` entries of `env`, then
     /// validates. With no file and no tenants, adds the development tenant.
     pub fn load(file: Option<&Path>, env: impl IntoIterator<Item = (String, String)>) -> Result<LoadedConfig, ConfigError> {
+        let file = match file {
+            Some(path) => Some((
+                path.display().to_string(),
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?,
+            )),
+            None => None,
+        };
+        Self::load_text(file.as_ref().map(|(origin, text)| (origin.as_str(), text.as_str())), env)
+    }
+
+    /// [`Config::load`] with the file already read: its name (for messages) and its
+    /// text. The `config` fuzz target calls it with arbitrary text and variables.
+    pub fn load_text(
+        file: Option<(&str, &str)>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<LoadedConfig, ConfigError> {
         let mut merged = toml::Value::try_from(Config::default())
             .map_err(|e| ConfigError::Parse { origin: "defaults".into(), message: e.to_string() })?;
-        if let Some(path) = file {
-            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-            let table: toml::Table = toml::from_str(&text)
-                .map_err(|e| ConfigError::Parse { origin: path.display().to_string(), message: e.to_string() })?;
+        if let Some((origin, text)) = file {
+            let table: toml::Table =
+                toml::from_str(text).map_err(|e| ConfigError::Parse { origin: origin.to_owned(), message: e.to_string() })?;
             merge(&mut merged, toml::Value::Table(table));
         }
         let mut env: Vec<(String, String)> =

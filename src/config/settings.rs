@@ -66,14 +66,23 @@ impl Config {
     }
 
     pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
-        let urls = if self.store.redis_cluster_urls.is_empty() {
-            vec![self.store.redis_url.clone()]
-        } else {
-            self.store.redis_cluster_urls.clone()
-        };
+        let store = &self.store;
+        let urls =
+            if store.redis_cluster_urls.is_empty() { vec![store.redis_url.clone()] } else { store.redis_cluster_urls.clone() };
+        let optional = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+        let sentinel = (!store.redis_sentinel_urls.is_empty()).then(|| crate::store::redis::SentinelSettings {
+            urls: store.redis_sentinel_urls.clone(),
+            master: store.redis_sentinel_master.clone(),
+        });
         crate::store::redis::RedisSettings {
             urls,
-            operation_timeout: Duration::from_millis(u64::from(self.store.operation_timeout_ms)),
+            sentinel,
+            ca_cert_path: optional(&store.redis_ca_cert_path).map(Into::into),
+            username: optional(&store.redis_username),
+            password_file: optional(&store.redis_password_file).map(Into::into),
+            operation_timeout: Duration::from_millis(u64::from(store.operation_timeout_ms)),
+            wait_replicas: store.redis_wait_replicas,
+            wait_timeout: Duration::from_millis(u64::from(store.redis_wait_timeout_ms)),
         }
     }
 

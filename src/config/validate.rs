@@ -68,14 +68,7 @@ impl Config {
             return Err(invalid("secrets.key_hex", "must be 64 hex digits (32 bytes)"));
         }
         if self.store.backend == StoreBackend::Redis {
-            let urls = self.redis_settings().urls;
-            if let Some(bad) = urls.iter().find(|url| !(url.starts_with("redis://") || url.starts_with("rediss://"))) {
-                let shown = crate::store::redacted_url(bad);
-                return Err(invalid("store.redis_url", format!("{shown:?} is not a redis:// or rediss:// URL")));
-            }
-            if self.store.operation_timeout_ms == 0 {
-                return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
-            }
+            self.validate_redis()?;
             // Replicas must open each other's sealed TOTP secrets: one shared key.
             if self.secrets.key_hex.is_empty() && self.secrets.key_file.is_empty() {
                 return Err(invalid(
@@ -83,6 +76,48 @@ impl Config {
                     "with the redis store every replica needs the same secret key: set [secrets] key_hex or key_file",
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// How to reach Redis: URLs, TLS, credentials, Sentinel, WAIT.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let store = &self.store;
+        let sentinel = !store.redis_sentinel_urls.is_empty();
+        let (key, urls) = match (sentinel, store.redis_cluster_urls.is_empty()) {
+            (true, false) => {
+                return Err(invalid("store.redis_sentinel_urls", "Sentinel or a Cluster (redis_cluster_urls), not both"));
+            }
+            (true, true) => ("store.redis_sentinel_urls", &store.redis_sentinel_urls),
+            (false, false) => ("store.redis_cluster_urls", &store.redis_cluster_urls),
+            (false, true) => ("store.redis_url", &vec![store.redis_url.clone()]),
+        };
+        for url in urls {
+            let shown = crate::store::redacted_url(url);
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(invalid(key, format!("{shown:?} is not a redis:// or rediss:// URL")));
+            }
+            if url.contains('#') {
+                return Err(invalid(key, format!("{shown:?}: no #fragment (#insecure would skip the certificate check)")));
+            }
+            if !store.redis_password_file.is_empty()
+                && !sentinel
+                && url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).is_some_and(|(user, _)| user.contains(':'))
+            {
+                return Err(invalid("store.redis_password_file", format!("{shown:?} carries a password too: keep one")));
+            }
+        }
+        if sentinel && store.redis_sentinel_master.is_empty() {
+            return Err(invalid("store.redis_sentinel_master", "is required with store.redis_sentinel_urls"));
+        }
+        if !store.redis_ca_cert_path.is_empty() && !urls.iter().any(|url| url.starts_with("rediss://")) {
+            return Err(invalid("store.redis_ca_cert_path", format!("is for TLS, but no URL of {key} is rediss://")));
+        }
+        if store.operation_timeout_ms == 0 {
+            return Err(invalid("store.operation_timeout_ms", "must be at least 1"));
+        }
+        if store.redis_wait_replicas > 0 && !(1..store.operation_timeout_ms).contains(&store.redis_wait_timeout_ms) {
+            return Err(invalid("store.redis_wait_timeout_ms", "must be at least 1 and below store.operation_timeout_ms"));
         }
         Ok(())
     }
@@ -177,4 +212,74 @@ fn check_share(key: &'static str, share: f64, of: &str) -> Result<(), ConfigErro
         return Ok(());
     }
     Err(invalid(key, format!("{share} is not a fraction of {of} above 0.0 and at most 1.0 (0.5: half)")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Config, StoreBackend};
+
+    fn redis(adjust: impl FnOnce(&mut Config)) -> Result<(), String> {
+        let mut config = Config::default();
+        config.store.backend = StoreBackend::Redis;
+        adjust(&mut config);
+        config.validate_redis().map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn redis_tls_credentials_sentinel_and_wait_are_checked_and_named() {
+        assert_eq!(redis(|_| {}), Ok(()));
+        let managed = |c: &mut Config| {
+            c.store.redis_url = "rediss://cache.example.com:6380".into();
+            c.store.redis_ca_cert_path = "/etc/pushmatch/redis-ca.pem".into();
+            c.store.redis_username = "pushmatch".into();
+            c.store.redis_password_file = "/run/secrets/redis-password".into();
+        };
+        assert_eq!(redis(managed), Ok(()));
+        for (adjust, starts) in [
+            (
+                Box::new(|c: &mut Config| c.store.redis_ca_cert_path = "/ca.pem".into()) as Box<dyn FnOnce(&mut Config)>,
+                "store.redis_ca_cert_path: is for TLS",
+            ),
+            (Box::new(|c: &mut Config| c.store.redis_url = "rediss://h:6380/#insecure".into()), "store.redis_url: "),
+            (
+                Box::new(|c: &mut Config| {
+                    c.store.redis_url = "rediss://app:s3cret@h:6380".into();
+                    c.store.redis_password_file = "/run/secrets/p".into();
+                }),
+                "store.redis_password_file: ",
+            ),
+            (
+                Box::new(|c: &mut Config| c.store.redis_sentinel_urls = vec!["redis://s1:26379".into()]),
+                "store.redis_sentinel_master: is required",
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    c.store.redis_sentinel_urls = vec!["redis://s1:26379".into()];
+                    c.store.redis_sentinel_master = "m".into();
+                    c.store.redis_cluster_urls = vec!["redis://a:6379".into(), "redis://b:6379".into()];
+                }),
+                "store.redis_sentinel_urls: ",
+            ),
+            (
+                Box::new(|c: &mut Config| c.store.redis_sentinel_urls = vec!["tcp://s1:26379".into()]),
+                "store.redis_sentinel_urls: ",
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    c.store.redis_wait_replicas = 1;
+                    c.store.redis_wait_timeout_ms = 2_000;
+                }),
+                "store.redis_wait_timeout_ms: ",
+            ),
+        ] {
+            let error = redis(adjust).expect_err(starts);
+            assert!(error.starts_with(starts) && !error.contains("s3cret"), "{error}");
+        }
+        let sentinel = |c: &mut Config| {
+            c.store.redis_sentinel_urls = vec!["redis://s1:26379".into(), "redis://s2:26379".into()];
+            c.store.redis_sentinel_master = "pushmatch".into();
+            c.store.redis_wait_replicas = 1;
+        };
+        assert_eq!(redis(sentinel), Ok(()));
+    }
 }

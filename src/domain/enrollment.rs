@@ -147,6 +147,20 @@ mod tests {
         assert_eq!(content, uri);
     }
 
+    /// The largest URI BeginEnrollment can make: an account name of 256 bytes that
+    /// all need %-encoding (three characters a byte), beside a long server URL and
+    /// issuer. (Too slow for the `enrollment_uris` fuzz target, so checked here.)
+    #[test]
+    fn the_longest_uri_the_api_allows_renders() {
+        let code = EnrollmentCode::generate().expect("code");
+        let account = "\u{20ac}".repeat(85) + "&";
+        assert_eq!(account.len(), 256);
+        let uri = push_enrollment_uri(&format!("https://{}.example", "m".repeat(100)), &code, &"ü".repeat(50), &account);
+        assert!(uri.len() > 1_000, "{}", uri.len());
+        let png_bytes = qr_png(&uri).expect("renders");
+        assert!(png_bytes.starts_with(b"\x89PNG"));
+    }
+
     #[test]
     fn enrollment_state_follows_expiry_and_completion() {
         let mut enrollment = Enrollment {

@@ -4,7 +4,8 @@
 //! provider token (header `kid` = key id, claims `iss` = team id and `iat`). Apple
 //! refuses tokens older than an hour and throttles tokens renewed more often than
 //! every 20 minutes, so one token is shared by every push and renewed after 45
-//! minutes, or at once when APNs answers 403 `ExpiredProviderToken`.
+//! minutes, or at once when APNs answers 403 `ExpiredProviderToken` (the sender then
+//! answers [`SendOutcome::TokenRefused`] and the dispatcher sends again: two attempts).
 //!
 //! A challenge is an alert (`apns-push-type: alert`, priority 10) that expires with
 //! the challenge and collapses on its id; a clear is a background push
@@ -119,40 +120,41 @@ impl PushSender for ApnsSender {
         if job.push_token.is_empty() || !job.push_token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return SendOutcome::Unregistered { reason: "BadDeviceToken".into() };
         }
-        let mut renewed = false;
-        loop {
-            let token = self.tokens.current(unix_now());
-            let request = match self.request(job, token.authorization.clone()) {
-                Ok(request) => request,
-                Err(error) => {
-                    tracing::error!(%error, "cannot build an APNs request");
-                    return SendOutcome::Failed { reason: "invalid request".into() };
-                }
-            };
-            let response = match self.pool.send(request).await {
-                Ok(response) => response,
-                Err(error) => {
-                    tracing::debug!(%error, "apns request failed");
-                    return SendOutcome::Retry { reason: error.reason().into(), after: None };
-                }
-            };
-            let outcome = classify(&response);
-            if !renewed && matches!(&outcome, SendOutcome::Failed { reason } if reason == "ExpiredProviderToken") {
+        let token = self.tokens.current(unix_now());
+        let request = match self.request(job, token.authorization.clone()) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(%error, "cannot build an APNs request");
+                return SendOutcome::Failed { reason: "invalid request".into() };
+            }
+        };
+        let response = match self.pool.send(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "apns request failed");
+                return SendOutcome::Retry { reason: error.reason().into(), after: None };
+            }
+        };
+        match classify(&response) {
+            SendOutcome::Failed { reason } if reason == "ExpiredProviderToken" => {
+                // The dispatcher sends again at once (one more attempt), with a new token.
                 tracing::info!("apns provider token expired: renewing it");
                 self.tokens.expire(&token);
-                renewed = true;
-                continue;
+                SendOutcome::TokenRefused { reason }
             }
-            if let SendOutcome::Failed { reason } = &outcome {
-                tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "apns refused a push");
+            outcome => {
+                if let SendOutcome::Failed { reason } = &outcome {
+                    tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "apns refused a push");
+                }
+                outcome
             }
-            return outcome;
         }
     }
 }
 
-/// API.md's mapping of APNs answers.
-fn classify(response: &Response) -> SendOutcome {
+/// API.md's mapping of APNs answers (public for the `push_responses` fuzz target).
+#[doc(hidden)]
+pub fn classify(response: &Response) -> SendOutcome {
     let status = response.status;
     if status.is_success() {
         return SendOutcome::Sent;

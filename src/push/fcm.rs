@@ -3,7 +3,9 @@
 //! `POST {endpoint}/v1/projects/{project_id}/messages:send` on a [`ConnectionPool`],
 //! authorised by an OAuth2 access token that the service account's own `token_uri`
 //! grants for a signed RS256 assertion (the JWT bearer grant, RFC 7523). The token is
-//! cached until two minutes before it expires and renewed at once on a 401.
+//! cached until two minutes before it expires and renewed at once on a 401 (the
+//! sender then answers [`SendOutcome::TokenRefused`] and the dispatcher sends again:
+//! two attempts).
 //!
 //! The grant is written here (about a hundred lines) rather than taken from
 //! `gcp_auth`: gcp_auth does read `token_uri` from the file, but it caches tokens
@@ -157,7 +159,7 @@ pub struct AccessToken {
 
 /// Why no access token could be had.
 #[derive(Debug)]
-enum GrantError {
+pub enum GrantError {
     /// The endpoint is unreachable or overloaded: worth another try.
     Unavailable(&'static str),
     /// The endpoint refused the grant (a revoked key, a wrong account): retrying will not help.
@@ -222,31 +224,39 @@ impl AccessTokens {
                     tracing::warn!(%error, "fcm: the token endpoint did not answer");
                     GrantError::Unavailable("oauth token unavailable")
                 })?;
-        let status = response.status;
-        if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), "fcm: the token endpoint is unavailable");
-            return Err(GrantError::Unavailable("oauth token unavailable"));
-        }
-        if !status.is_success() {
-            // Google's error body names the problem (invalid_grant, ...); it holds no secret.
-            let error = serde_json::from_slice::<GrantRefusal>(&response.body).map(|r| r.error).unwrap_or_default();
-            tracing::error!(status = status.as_u16(), %error, "fcm: the token endpoint refused the service account's grant");
-            return Err(GrantError::Refused);
-        }
-        let granted: Granted = serde_json::from_slice(&response.body).map_err(|_| {
-            tracing::warn!("fcm: the token endpoint's answer is not a token");
-            GrantError::Unavailable("oauth token unavailable")
-        })?;
-        // Not marked sensitive, as the APNs token (apns.rs says why): HPACK indexes it.
-        let authorization = HeaderValue::from_str(&format!("Bearer {}", granted.access_token))
-            .map_err(|_| GrantError::Unavailable("oauth token unavailable"))?;
-        let lifetime = Duration::from_secs(granted.expires_in.unwrap_or(3600));
+        let (authorization, lifetime) = read_grant(&response)?;
         // Renew shortly before it expires; a very short-lived token is used for half its life.
         let usable_for = lifetime.checked_sub(RENEW_MARGIN).unwrap_or(lifetime / 2);
         tracing::info!(expires_in_seconds = lifetime.as_secs(), "fcm: access token granted");
         metrics::counter!(names::PUSH_TOKEN_RENEWALS, "provider" => "fcm").increment(1);
         Ok(AccessToken { authorization, renew_at: started + usable_for })
     }
+}
+
+/// Reads the token endpoint's answer: the `Authorization` value and the token's
+/// lifetime, or why there is none. Pure, so the `push_responses` fuzz target feeds
+/// it arbitrary answers.
+#[doc(hidden)]
+pub fn read_grant(response: &Response) -> Result<(HeaderValue, Duration), GrantError> {
+    let status = response.status;
+    if status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
+        tracing::warn!(status = status.as_u16(), "fcm: the token endpoint is unavailable");
+        return Err(GrantError::Unavailable("oauth token unavailable"));
+    }
+    if !status.is_success() {
+        // Google's error body names the problem (invalid_grant, ...); it holds no secret.
+        let error = serde_json::from_slice::<GrantRefusal>(&response.body).map(|r| r.error).unwrap_or_default();
+        tracing::error!(status = status.as_u16(), %error, "fcm: the token endpoint refused the service account's grant");
+        return Err(GrantError::Refused);
+    }
+    let granted: Granted = serde_json::from_slice(&response.body).map_err(|_| {
+        tracing::warn!("fcm: the token endpoint's answer is not a token");
+        GrantError::Unavailable("oauth token unavailable")
+    })?;
+    // Not marked sensitive, as the APNs token (apns.rs says why): HPACK indexes it.
+    let authorization = HeaderValue::from_str(&format!("Bearer {}", granted.access_token))
+        .map_err(|_| GrantError::Unavailable("oauth token unavailable"))?;
+    Ok((authorization, Duration::from_secs(granted.expires_in.unwrap_or(3600))))
 }
 
 #[derive(Deserialize)]
@@ -325,45 +335,50 @@ impl PushSender for FcmSender {
     }
 
     async fn send(&self, job: &PushJob) -> SendOutcome {
-        let mut renewed = false;
-        loop {
-            let token = match self.tokens.current().await {
-                Ok(token) => token,
-                Err(GrantError::Unavailable(reason)) => return SendOutcome::Retry { reason: reason.into(), after: None },
-                Err(GrantError::Refused) => return SendOutcome::Failed { reason: "oauth token refused".into() },
-            };
-            let request = match self.request(job, token.authorization.clone()) {
-                Ok(request) => request,
-                Err(error) => {
-                    tracing::error!(%error, "cannot build an FCM request");
-                    return SendOutcome::Failed { reason: "invalid request".into() };
-                }
-            };
-            let response = match self.pool.send(request).await {
-                Ok(response) => response,
-                Err(error) => {
-                    tracing::debug!(%error, "fcm request failed");
-                    return SendOutcome::Retry { reason: error.reason().into(), after: None };
-                }
-            };
-            if response.status == StatusCode::UNAUTHORIZED && !renewed {
-                tracing::info!("fcm refused the access token: renewing it");
-                self.tokens.invalidate(&token);
-                renewed = true;
-                continue;
+        let token = match self.tokens.current().await {
+            Ok(token) => token,
+            Err(GrantError::Unavailable(reason)) => return SendOutcome::Retry { reason: reason.into(), after: None },
+            Err(GrantError::Refused) => return SendOutcome::Failed { reason: "oauth token refused".into() },
+        };
+        let request = match self.request(job, token.authorization.clone()) {
+            Ok(request) => request,
+            Err(error) => {
+                tracing::error!(%error, "cannot build an FCM request");
+                return SendOutcome::Failed { reason: "invalid request".into() };
             }
-            let outcome = classify(&response);
-            if let SendOutcome::Failed { reason } = &outcome {
-                tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "fcm refused a push");
+        };
+        let response = match self.pool.send(request).await {
+            Ok(response) => response,
+            Err(error) => {
+                tracing::debug!(%error, "fcm request failed");
+                return SendOutcome::Retry { reason: error.reason().into(), after: None };
             }
-            return outcome;
+        };
+        let outcome = classify(&response);
+        if response.status == StatusCode::UNAUTHORIZED {
+            // The dispatcher sends again at once (one more attempt), with a new token.
+            tracing::info!("fcm refused the access token: renewing it");
+            self.tokens.invalidate(&token);
+            let reason = match outcome {
+                SendOutcome::Sent => "HTTP 401".to_owned(),
+                SendOutcome::Unregistered { reason }
+                | SendOutcome::Retry { reason, .. }
+                | SendOutcome::Failed { reason }
+                | SendOutcome::TokenRefused { reason } => reason,
+            };
+            return SendOutcome::TokenRefused { reason };
         }
+        if let SendOutcome::Failed { reason } = &outcome {
+            tracing::warn!(status = response.status.as_u16(), %reason, token = %redact_token(&job.push_token), "fcm refused a push");
+        }
+        outcome
     }
 }
 
 /// API.md's mapping of FCM answers. The reason is FCM's `errorCode` (or the status
-/// name), never its free-text message.
-fn classify(response: &Response) -> SendOutcome {
+/// name), never its free-text message. Public for the `push_responses` fuzz target.
+#[doc(hidden)]
+pub fn classify(response: &Response) -> SendOutcome {
     let status = response.status;
     if status.is_success() {
         return SendOutcome::Sent;

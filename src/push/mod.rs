@@ -65,6 +65,9 @@ pub enum PushKind {
 pub(crate) const NOTICE_KIND: &str = "new_device";
 
 impl PushKind {
+    /// Every `kind` label, for registering the push series at start.
+    pub const LABELS: &[&str] = &["challenge", "clear", NOTICE_KIND];
+
     /// The `kind` label of the push metrics.
     pub fn label(&self) -> &'static str {
         match self {
@@ -127,6 +130,29 @@ pub enum SendOutcome {
     Failed {
         reason: String,
     },
+    /// The provider refused our credentials (APNs 403 `ExpiredProviderToken`, an FCM
+    /// 401) and the sender dropped them, so the next request carries new ones: the
+    /// dispatcher sends again at once, once per push (a renewed token refused as
+    /// well fails the push with `reason`). Each request is an attempt.
+    TokenRefused {
+        reason: String,
+    },
+}
+
+impl SendOutcome {
+    /// Every `outcome` label of `pushmatch_push_sends_total`.
+    pub const LABELS: &[&str] = &["sent", "unregistered", "retry", "failed", "token_refused"];
+
+    /// The `outcome` label of `pushmatch_push_sends_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::Unregistered { .. } => "unregistered",
+            Self::Retry { .. } => "retry",
+            Self::Failed { .. } => "failed",
+            Self::TokenRefused { .. } => "token_refused",
+        }
+    }
 }
 
 /// One push provider.

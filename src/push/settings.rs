@@ -9,15 +9,20 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
-    /// Push jobs waiting to be sent; when full, CreateChallenge answers RESOURCE_EXHAUSTED.
+    /// Push jobs waiting to be sent, in each provider's queue; when the queue of a
+    /// provider the user's devices need is full, CreateChallenge answers
+    /// RESOURCE_EXHAUSTED (the other provider's queue is not affected).
     pub queue_capacity: u32,
-    /// The share of `queue_capacity` one tenant's pushes may fill, above 0.0 and at
+    /// The share of each provider's queue one tenant's pushes may fill, above 0.0 and at
     /// most 1.0 (rounded up, at least one push); past it that tenant's CreateChallenge
     /// answers RESOURCE_EXHAUSTED while the others' pushes still go in. With a single
     /// tenant it limits nothing.
     pub queue_share_per_tenant: f64,
-    /// Pushes in flight at once.
+    /// Sends in flight at once, all providers together; also each provider's pushes
+    /// out of its queue at most (sending, waiting to send, backing off to retry).
     pub max_in_flight: u32,
+    /// Requests to the provider per push, each an attempt (the one sent again at
+    /// once with a renewed provider token too).
     pub max_attempts: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub apns: Option<ApnsConfig>,
@@ -45,7 +50,8 @@ pub struct ApnsConfig {
     /// Long-lived HTTP/2 connections; pushes are multiplexed over them as streams.
     #[serde(default = "default_push_connections")]
     pub connections: u32,
-    /// Sends to this provider at once (at most `push.max_in_flight` in all).
+    /// Sends to this provider at once. A send takes its provider's place before one
+    /// of `push.max_in_flight`, so a stuck provider holds at most this many of those.
     #[serde(default = "default_provider_in_flight")]
     pub max_in_flight: u32,
     /// One attempt (connecting, sending, the answer); past it the push is retried.

@@ -1,7 +1,9 @@
 //! `run(listener, config, shutdown)`: builds the broker over its store and
 //! dispatcher, serves the three services plus health and reflection on `listener`,
-//! and drains when `shutdown` resolves: health turns NOT_SERVING, watch streams end
-//! with UNAVAILABLE, in-flight calls finish (up to the grace period).
+//! and drains when `shutdown` resolves (`drain.rs`): health turns NOT_SERVING, new
+//! calls are refused with UNAVAILABLE, calls in flight finish, then each watch
+//! stream sends the final state those calls reached, or ends with UNAVAILABLE (all
+//! within the grace period).
 //!
 //! Tests call [`run_with`] on a port-0 listener with their own clock and fake push
 //! senders.
@@ -40,8 +42,10 @@ use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::telemetry::grpc::GrpcTelemetryLayer;
 use crate::tls::ReloadingTls;
+use drain::Drain;
 use ops::ScrapeSources;
 
+pub mod drain;
 pub mod ops;
 
 /// The largest request the server decodes (API.md: 64 KiB); larger ones are refused
@@ -137,6 +141,7 @@ pub async fn run_with(
     let auth = TenantAuthLayer::new(Arc::new(config.tenant_keys()), tls.as_ref().is_some_and(|tls| tls.mutual()));
 
     let health = start_health(Arc::clone(&store), &draining).await;
+    register_series(&config, store.backend());
     let metrics_stop = CancellationToken::new();
     let metrics_task = metrics_listener.map(|listener| {
         let sources = ScrapeSources { handle: metrics_handle, store, dispatcher, draining: draining.clone() };
@@ -146,9 +151,10 @@ pub async fn run_with(
         tls.spawn_reloader(draining.child_token());
     }
 
-    let signal = drain_on(shutdown, health.clone(), draining.clone());
-    let serve = serve_grpc(listener, &config, tls, auth, health, broker, draining.clone(), signal)?;
     let grace = Duration::from_secs(u64::from(config.server.shutdown_grace_seconds));
+    let drain = Drain::default();
+    let signal = drain_on(shutdown, health.clone(), draining.clone(), drain.clone(), grace);
+    let serve = serve_grpc(listener, &config, tls, auth, health, broker, drain, signal)?;
     let grace_elapsed = async {
         draining.cancelled().await;
         tokio::time::sleep(grace).await;
@@ -166,6 +172,18 @@ pub async fn run_with(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Every series of the catalogue (`crate::telemetry::metrics::names`) at zero, with
+/// its known, bounded label values, before `/metrics` first answers: `rate()` and
+/// alerts see a series from the start, not from its first event.
+fn register_series(config: &Config, backend: &'static str) {
+    crate::telemetry::grpc::register_series();
+    let embedded = config.store.backend == StoreBackend::Embedded;
+    crate::telemetry::metrics::register_challenge_series(config.tenants.iter().map(|t| t.id.as_str()), embedded);
+    crate::push::dispatcher::register_series();
+    crate::store::metered::register_series(backend);
+    crate::tls::register_series();
 }
 
 /// The listener of `/metrics` and `/healthz`: the one passed in, else
@@ -202,13 +220,26 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Resolves when `shutdown` does, after turning health NOT_SERVING and telling
-/// open watch streams (through `draining`) to end.
-async fn drain_on(shutdown: impl Future<Output = ()>, health: HealthReporter, draining: CancellationToken) {
+/// Resolves when `shutdown` does, after turning health NOT_SERVING and refusing new
+/// calls; then, in the background, waits for the calls in flight and closes the
+/// watch streams (see `drain.rs`).
+async fn drain_on(
+    shutdown: impl Future<Output = ()>,
+    health: HealthReporter,
+    draining: CancellationToken,
+    drain: Drain,
+    grace: Duration,
+) {
     shutdown.await;
     tracing::info!("shutting down: draining calls");
+    drain.start();
     set_health(&health, ServingStatus::NotServing).await;
     draining.cancel();
+    tokio::spawn(async move {
+        if !drain.finish_calls(grace).await {
+            tracing::warn!(grace_seconds = grace.as_secs(), "calls still running after the grace period");
+        }
+    });
 }
 
 /// The tonic server with its limits and layers, serving the three services,
@@ -221,14 +252,14 @@ fn serve_grpc(
     auth: TenantAuthLayer,
     health: HealthReporter,
     broker: Arc<Broker>,
-    draining: CancellationToken,
+    drain: Drain,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServerError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let challenges = ChallengeServiceServer::new(ChallengeApi::new(Arc::clone(&broker), draining))
+    let challenges = ChallengeServiceServer::new(ChallengeApi::new(Arc::clone(&broker), drain.watches_closing()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let enrollments =
         EnrollmentServiceServer::new(EnrollmentApi::new(Arc::clone(&broker))).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -250,6 +281,7 @@ fn serve_grpc(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
         .layer(GrpcTelemetryLayer)
+        .layer(drain.layer())
         .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
         .add_service(reflection)

@@ -1,6 +1,6 @@
 //! The operators' HTTP port (`server.metrics_listen`): `GET /metrics` renders the
 //! process's Prometheus registry (`crate::telemetry::metrics`), sampling the push
-//! queue at each scrape; `GET /healthz` answers 200 while the server serves, 503
+//! queues at each scrape; `GET /healthz` answers 200 while the server serves, 503
 //! while it drains or while the store does not answer. Load balancers and the
 //! container's HEALTHCHECK use it; Kubernetes probes use gRPC health instead
 //! (deploy/k8s). [`check_health`] is the client the `pushmatch healthcheck`
@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ports::Store;
-use crate::push::dispatcher::Dispatcher;
+use crate::push::dispatcher::{Dispatcher, PLATFORMS};
 use crate::telemetry::metrics::names;
 
 /// What the endpoint samples at scrape time and asks for `/healthz`.
@@ -65,9 +65,12 @@ pub async fn serve(
 }
 
 async fn metrics_page(State(sources): State<ScrapeSources>) -> impl IntoResponse {
-    let depth = sources.dispatcher.queue_depth();
-    metrics::gauge!(names::PUSH_QUEUE_DEPTH).set(depth as f64);
-    metrics::gauge!(names::PUSH_QUEUE_CAPACITY).set(sources.dispatcher.queue_capacity() as f64);
+    for platform in PLATFORMS {
+        let depth = sources.dispatcher.queue_depth(platform);
+        metrics::gauge!(names::PUSH_QUEUE_DEPTH, "provider" => platform.name()).set(depth as f64);
+        metrics::gauge!(names::PUSH_QUEUE_CAPACITY, "provider" => platform.name())
+            .set(sources.dispatcher.queue_capacity() as f64);
+    }
     let body = sources.handle.as_ref().map(PrometheusHandle::render).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }

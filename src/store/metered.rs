@@ -53,6 +53,49 @@ impl MeteredStore {
     }
 }
 
+/// Every `operation` label: one per [`Store`] call.
+pub const OPERATIONS: &[&str] = &[
+    "health",
+    "create_challenge",
+    "get_challenge",
+    "watch_challenge",
+    "resolve_challenge",
+    "record_delivery",
+    "pending_challenges",
+    "insert_enrollment",
+    "get_enrollment",
+    "enrollment_by_code",
+    "complete_enrollment",
+    "get_device",
+    "list_devices",
+    "remove_device",
+    "set_push_token",
+    "disable_push",
+    "touch_device",
+    "block_user",
+    "record_wrong_number",
+    "unblock_user",
+    "confirm_totp_enrollment",
+    "spend_totp_step",
+    "reserve_totp_attempt",
+    "totp_attempt_succeeded",
+    "spend_proof",
+    "record_count",
+];
+
+/// Registers the store series of `backend` at zero (at start, so that `rate()` and
+/// alerts see them before the first failure): per operation, the latency histogram
+/// and the errors of each kind. Adding zero keeps what another server in the same
+/// process counted already.
+pub fn register_series(backend: &'static str) {
+    for operation in OPERATIONS {
+        let _registered = metrics::histogram!(names::STORE_OPERATION_SECONDS, "backend" => backend, "operation" => *operation);
+        for kind in ["unavailable", "corrupt"] {
+            metrics::counter!(names::STORE_ERRORS, "backend" => backend, "operation" => *operation, "kind" => kind).increment(0);
+        }
+    }
+}
+
 #[async_trait]
 impl Store for MeteredStore {
     fn backend(&self) -> &'static str {
@@ -207,5 +250,15 @@ impl Store for MeteredStore {
 
     async fn record_count(&self) -> Result<u64, StoreError> {
         self.timed("record_count", self.inner.record_count()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn operations_lists_every_timed_call() {
+        let source = include_str!("metered.rs");
+        let timed: Vec<&str> = source.split("self.timed(\"").skip(1).filter_map(|rest| rest.split('"').next()).collect();
+        assert_eq!(timed, super::OPERATIONS, "OPERATIONS lists each timed operation, in order");
     }
 }

@@ -2,7 +2,10 @@
 //! [`describe`]) and the process-wide recorder.
 //!
 //! Everything in the crate records through the `metrics` facade (`counter!`,
-//! `histogram!`, `gauge!`) by a name from [`names`]; [`install`] puts the Prometheus
+//! `histogram!`, `gauge!`) by a name from [`names`]; every series with its known,
+//! bounded label values is registered at zero when a server starts (the
+//! `register_*series` functions, here and where each is recorded), so `/metrics`
+//! shows it before its first event; [`install`] puts the Prometheus
 //! recorder behind it once per process, and every server started in that process
 //! renders the same registry at `GET /metrics` on `server.metrics_listen` (served
 //! by `crate::server::ops`). Several servers in one process (the tests) therefore
@@ -48,9 +51,9 @@ pub mod names {
     pub const CHALLENGES_LIVE: &str = "pushmatch_challenges_live";
     /// Gauge: open WatchChallenge streams on this replica.
     pub const WATCH_STREAMS_OPEN: &str = "pushmatch_watch_streams_open";
-    /// Gauge: push jobs waiting in the dispatcher's queue, sampled at each scrape.
+    /// Gauge {provider}: push jobs waiting in that provider's queue, sampled at each scrape.
     pub const PUSH_QUEUE_DEPTH: &str = "pushmatch_push_queue_depth";
-    /// Gauge: the queue's capacity (`push.queue_capacity`).
+    /// Gauge {provider}: the capacity of that provider's queue (`push.queue_capacity`).
     pub const PUSH_QUEUE_CAPACITY: &str = "pushmatch_push_queue_capacity";
     /// Histogram {backend, operation}: store calls, successful or not.
     pub const STORE_OPERATION_SECONDS: &str = "pushmatch_store_operation_seconds";
@@ -69,8 +72,9 @@ pub mod names {
 
     // The push path; every one has the label `provider` ("apns", "fcm").
 
-    /// Counter {provider, outcome}: attempts to send, by what they came to
-    /// (outcome: sent, unregistered, retry, failed).
+    /// Counter {provider, outcome}: attempts to send (every request to the
+    /// provider), by what they came to (outcome: sent, unregistered, retry, failed,
+    /// token_refused).
     pub const PUSH_SENDS: &str = "pushmatch_push_sends_total";
     /// Counter {provider}: attempts that were retried after a backoff.
     pub const PUSH_RETRIES: &str = "pushmatch_push_retries_total";
@@ -172,8 +176,8 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by outcome"),
     (names::CHALLENGES_LIVE, Kind::Gauge, "PENDING challenges in the store"),
     (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge streams on this replica"),
-    (names::PUSH_QUEUE_DEPTH, Kind::Gauge, "push jobs waiting in the dispatcher's queue"),
-    (names::PUSH_QUEUE_CAPACITY, Kind::Gauge, "capacity of the dispatcher's queue"),
+    (names::PUSH_QUEUE_DEPTH, Kind::Gauge, "push jobs waiting in each provider's queue"),
+    (names::PUSH_QUEUE_CAPACITY, Kind::Gauge, "capacity of each provider's push queue"),
     (names::STORE_OPERATION_SECONDS, Kind::Seconds, "store call latency"),
     (names::STORE_ERRORS, Kind::Counter, "store calls that failed"),
     (names::REDIS_CALLS, Kind::Counter, "calls made to Redis (scripts and commands)"),
@@ -187,18 +191,56 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::PUSH_TOKEN_RENEWALS, Kind::Counter, "provider tokens made (APNs JWTs, FCM access tokens)"),
 ];
 
+/// The `limit` label values of [`names::CHALLENGES_SHED`]: the settings whose
+/// limits shed a CreateChallenge.
+pub const SHED_LIMITS: &[&str] =
+    &["server.max_creates_in_flight", "server.creates_share_per_tenant", "push.queue_capacity", "push.queue_share_per_tenant"];
+
+/// Registers the challenge series at zero (at start, so that `rate()` and alerts
+/// see them before the first sign-in): per configured tenant, challenges created and
+/// shed by each limit; every final outcome; and, when `live_gauge` (the store keeps
+/// [`names::CHALLENGES_LIVE`]), the live gauge. Adding zero keeps what another
+/// server in the same process counted already. The gRPC, push, store and TLS series
+/// are registered where they are recorded (`register_series` in each).
+pub fn register_challenge_series<'a>(tenants: impl IntoIterator<Item = &'a str>, live_gauge: bool) {
+    for tenant in tenants {
+        metrics::counter!(names::CHALLENGES_CREATED, "tenant" => tenant.to_owned()).increment(0);
+        for limit in SHED_LIMITS {
+            metrics::counter!(names::CHALLENGES_SHED, "tenant" => tenant.to_owned(), "limit" => *limit).increment(0);
+        }
+    }
+    for (state, deny_reason) in [
+        (ChallengeState::Approved, None),
+        (ChallengeState::Denied, Some(DenyReason::UserDenied)),
+        (ChallengeState::Denied, Some(DenyReason::WrongNumber)),
+        (ChallengeState::Expired, None),
+        (ChallengeState::Cancelled, None),
+        (ChallengeState::FraudReported, None),
+    ] {
+        let (outcome, deny_reason) = resolved_labels(state, deny_reason);
+        metrics::counter!(names::CHALLENGES_RESOLVED, "outcome" => outcome, "deny_reason" => deny_reason).increment(0);
+    }
+    if live_gauge {
+        metrics::gauge!(names::CHALLENGES_LIVE).increment(0.0);
+    }
+}
+
+fn resolved_labels(state: ChallengeState, deny_reason: Option<DenyReason>) -> (String, &'static str) {
+    let deny_reason = match deny_reason {
+        Some(DenyReason::UserDenied) => "user_denied",
+        Some(DenyReason::WrongNumber) => "wrong_number",
+        None => "",
+    };
+    (state.name().to_ascii_lowercase(), deny_reason)
+}
+
 /// Counts a challenge that reached a final state (call it once per challenge: where
 /// the resolution was accepted, or where the expiry happened).
 pub fn challenge_resolved(state: ChallengeState, deny_reason: Option<DenyReason>) {
     if !state.is_final() {
         return;
     }
-    let deny_reason = match deny_reason {
-        Some(DenyReason::UserDenied) => "user_denied",
-        Some(DenyReason::WrongNumber) => "wrong_number",
-        None => "",
-    };
-    let outcome = state.name().to_ascii_lowercase();
+    let (outcome, deny_reason) = resolved_labels(state, deny_reason);
     metrics::counter!(names::CHALLENGES_RESOLVED, "outcome" => outcome, "deny_reason" => deny_reason).increment(1);
 }
 

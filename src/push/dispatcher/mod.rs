@@ -1,37 +1,55 @@
-//! The push dispatcher: a bounded queue in front of the providers.
+//! The push dispatcher: a bounded queue per provider in front of the providers.
 //!
-//! CreateChallenge enqueues one job per device and returns at once. When the queue
-//! is full, enqueueing fails and the caller answers RESOURCE_EXHAUSTED: overload is
-//! refused quickly instead of queueing without bound. Each tenant's jobs in the queue
-//! are counted, and past its share (`push.queue_share_per_tenant`) that tenant's
-//! jobs are refused while the others' still go in: one tenant's burst cannot fill
-//! the queue for everyone. Jobs run concurrently up to a
-//! limit, and each provider's sends up to that provider's own limit (a slow provider
-//! holds its own permits, not the other's sends); retryable failures back off
+//! CreateChallenge enqueues one job per device and returns at once. Each provider
+//! (APNs, FCM) has a queue, a worker and a send limit of its own, so a provider that
+//! hangs or answers 503 fills its own queue and its own sends, and the other
+//! provider's pushes go out as before ([`lane`]). When a provider's queue is full,
+//! enqueueing fails and the caller answers RESOURCE_EXHAUSTED: overload is refused
+//! quickly instead of queueing without bound. Each tenant's jobs in each queue are
+//! counted, and past its share (`push.queue_share_per_tenant`) that tenant's jobs
+//! are refused while the others' still go in: one tenant's burst cannot fill a
+//! queue for everyone.
+//!
+//! Concurrency: a provider has at most `push.max_in_flight` of its pushes out of
+//! its queue (sending, waiting to send, or backing off before a retry), at most its
+//! own `max_in_flight` sends at once, and all providers together at most
+//! `push.max_in_flight` sends at once. A send takes its provider's place first and a
+//! shared place second, and gives both back when the answer is in, before any
+//! retry's backoff: a push waiting on a stuck provider, or sleeping before its
+//! retry, holds nothing the other provider needs. Retryable failures back off
 //! exponentially with jitter, honour the provider's Retry-After, and never retry
-//! past the challenge's expiry. Every attempt is counted and timed per provider
-//! ([`crate::telemetry::metrics::names`], `PUSH_*`).
+//! past the challenge's expiry. Every request sent to a provider is an attempt, the
+//! one sent again at once with a renewed provider token too; each is counted and
+//! timed per provider ([`crate::telemetry::metrics::names`], `PUSH_*`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument as _;
 
 use super::shares::{ShareSlot, TenantShares};
-use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome, redact_token};
+use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome};
 use crate::domain::challenge::{DeliveryState, Platform};
 use crate::domain::ids::TenantId;
 use crate::domain::time::Clock;
 use crate::telemetry::TraceOrigin;
 use crate::telemetry::metrics::names;
 
+mod lane;
+
+use lane::{Lane, Shared};
+
+/// Every provider, each with its own lane.
+pub const PLATFORMS: [Platform; 2] = [Platform::Apns, Platform::Fcm];
+
 #[derive(Clone, Debug)]
 pub struct DispatcherSettings {
+    /// Jobs waiting in each provider's queue at most.
     pub queue_capacity: usize,
+    /// Sends at once, all providers together; and each provider's jobs out of its
+    /// queue (sending, waiting to send, backing off) at most.
     pub max_in_flight: usize,
     pub max_attempts: u32,
     pub initial_backoff: Duration,
@@ -39,8 +57,8 @@ pub struct DispatcherSettings {
     /// The tenants whose jobs are counted, each against `max_queued_per_tenant`. A
     /// job of a tenant not listed counts against the whole queue only.
     pub tenants: Vec<TenantId>,
-    /// Jobs of one tenant waiting in the queue at most; at `queue_capacity` or more
-    /// nothing is counted per tenant.
+    /// Jobs of one tenant waiting in each provider's queue at most; at
+    /// `queue_capacity` or more nothing is counted per tenant.
     pub max_queued_per_tenant: usize,
 }
 
@@ -88,16 +106,37 @@ pub struct DispatcherCounters {
 /// push's span continues that call's trace, and its place in its tenant's share.
 type QueuedJob = (PushJob, TraceOrigin, Option<ShareSlot>);
 
+/// One provider's queue, as the enqueueing side sees it.
+struct Queue {
+    jobs: mpsc::Sender<QueuedJob>,
+    shares: TenantShares,
+}
+
+/// Each provider's queue.
+struct Queues {
+    apns: Queue,
+    fcm: Queue,
+}
+
+impl Queues {
+    fn of(&self, platform: Platform) -> &Queue {
+        match platform {
+            Platform::Apns => &self.apns,
+            Platform::Fcm => &self.fcm,
+        }
+    }
+}
+
 /// The handle that enqueues jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Dispatcher {
-    queue: mpsc::Sender<QueuedJob>,
+    queues: Arc<Queues>,
     counters: Arc<DispatcherCounters>,
-    shares: Arc<TenantShares>,
 }
 
 impl Dispatcher {
-    /// Starts the dispatcher's task; it stops when `shutdown` fires.
+    /// Starts a worker per provider; they stop when `shutdown` fires. A platform
+    /// without a sender gets a worker too: its deliveries read FAILED / "not configured".
     pub fn start(
         senders: Vec<Arc<dyn PushSender>>,
         reporter: Arc<dyn DeliveryReporter>,
@@ -106,162 +145,89 @@ impl Dispatcher {
         counters: Arc<DispatcherCounters>,
         shutdown: CancellationToken,
     ) -> Self {
-        let (queue, jobs) = mpsc::channel(settings.queue_capacity.max(1));
-        let shares = Arc::new(TenantShares::new(&settings.tenants, settings.max_queued_per_tenant, settings.queue_capacity));
-        let provider_limits = senders
-            .iter()
-            .filter_map(|sender| Some((sender.platform(), Arc::new(Semaphore::new(sender.max_in_flight()?.max(1))))))
-            .collect();
-        let senders = senders.into_iter().map(|sender| (sender.platform(), sender)).collect();
-        let worker = Worker { senders, provider_limits, reporter, clock, settings: settings.clone() };
-        tokio::spawn(worker.run(jobs, shutdown));
-        Self { queue, counters, shares }
+        warn_if_one_provider_can_starve_the_other(&senders, settings.max_in_flight);
+        let shared = Arc::new(Shared {
+            sends: Semaphore::new(settings.max_in_flight.max(1)),
+            reporter,
+            clock,
+            settings: settings.clone(),
+        });
+        let queue = |platform: Platform| {
+            let (jobs, receiver) = mpsc::channel(settings.queue_capacity.max(1));
+            let sender = senders.iter().find(|sender| sender.platform() == platform).cloned();
+            let lane = Lane::new(platform, sender, Arc::clone(&shared));
+            tokio::spawn(lane.run(receiver, shutdown.clone()));
+            let shares = TenantShares::new(&settings.tenants, settings.max_queued_per_tenant, settings.queue_capacity);
+            Queue { jobs, shares }
+        };
+        let queues = Queues { apns: queue(Platform::Apns), fcm: queue(Platform::Fcm) };
+        Self { queues: Arc::new(queues), counters }
     }
 
-    /// Queues a job without waiting; fails at once when the queue is full or the
-    /// job's tenant has its share of it waiting already.
+    /// Queues a job on its provider's queue without waiting; fails at once when that
+    /// queue is full or the job's tenant has its share of it waiting already.
     pub fn enqueue(&self, job: PushJob) -> Result<(), QueueFull> {
-        let slot = self.shares.take(&job.tenant)?;
+        let queue = self.queues.of(job.platform);
+        let slot = queue.shares.take(&job.tenant)?;
         // A refused job comes back with its slot, which is dropped here: given back.
-        self.queue.try_send((job, TraceOrigin::current(), slot)).map_err(|_| QueueFull::Queue)?;
+        queue.jobs.try_send((job, TraceOrigin::current(), slot)).map_err(|_| QueueFull::Queue)?;
         self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Whether `count` more jobs of `tenant` fit now (CreateChallenge checks before
-    /// it creates); the tenant's share is checked first, so a tenant past it hears so.
-    pub fn room_for(&self, tenant: &TenantId, count: usize) -> Result<(), QueueFull> {
-        if !self.shares.has_room(tenant, count) {
+    /// Whether jobs of `tenant` to these `platforms` (one per push) fit now
+    /// (CreateChallenge checks before it creates); the tenant's shares are checked
+    /// first, so a tenant past one hears so.
+    pub fn room_for(&self, tenant: &TenantId, platforms: impl IntoIterator<Item = Platform>) -> Result<(), QueueFull> {
+        let (mut apns, mut fcm) = (0, 0);
+        for platform in platforms {
+            match platform {
+                Platform::Apns => apns += 1,
+                Platform::Fcm => fcm += 1,
+            }
+        }
+        let wanted = [(&self.queues.apns, apns), (&self.queues.fcm, fcm)];
+        let wanted = wanted.iter().filter(|(_, count)| *count > 0);
+        if wanted.clone().any(|(queue, count)| !queue.shares.has_room(tenant, *count)) {
             return Err(QueueFull::TenantShare);
         }
-        if self.queue.capacity() < count {
+        if wanted.clone().any(|(queue, count)| queue.jobs.capacity() < *count) {
             return Err(QueueFull::Queue);
         }
         Ok(())
     }
 
-    /// Jobs waiting in the queue now (the metrics endpoint samples it).
-    pub fn queue_depth(&self) -> usize {
-        self.queue.max_capacity().saturating_sub(self.queue.capacity())
+    /// Jobs waiting in `platform`'s queue now (the metrics endpoint samples it).
+    pub fn queue_depth(&self, platform: Platform) -> usize {
+        let jobs = &self.queues.of(platform).jobs;
+        jobs.max_capacity().saturating_sub(jobs.capacity())
     }
 
+    /// The capacity of each provider's queue.
     pub fn queue_capacity(&self) -> usize {
-        self.queue.max_capacity()
+        self.queues.apns.jobs.max_capacity()
     }
 }
 
-struct Worker {
-    senders: HashMap<Platform, Arc<dyn PushSender>>,
-    /// Sends in flight per provider, for the providers that set a limit.
-    provider_limits: HashMap<Platform, Arc<Semaphore>>,
-    reporter: Arc<dyn DeliveryReporter>,
-    clock: Arc<dyn Clock>,
-    settings: DispatcherSettings,
-}
-
-impl Worker {
-    async fn run(self, mut jobs: mpsc::Receiver<QueuedJob>, shutdown: CancellationToken) {
-        let this = Arc::new(self);
-        let in_flight = Arc::new(Semaphore::new(this.settings.max_in_flight.max(1)));
-        loop {
-            let job = tokio::select! {
-                job = jobs.recv() => job,
-                () = shutdown.cancelled() => None,
-            };
-            let Some((job, origin, share)) = job else { return };
-            // The job has left the queue: its tenant's share has room for another
-            // (as the queue has), whether or not a send slot is free yet.
-            drop(share);
-            let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { return };
-            let worker = Arc::clone(&this);
-            let span = tracing::info_span!(
-                "push",
-                kind = job.kind.label(),
-                challenge_id = job.challenge_id().map(tracing::field::display),
-                device_id = %job.device_id,
-                platform = job.platform.name()
-            );
-            origin.adopt(&span);
-            tokio::spawn(
-                async move {
-                    worker.deliver(job).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
-        }
-    }
-
-    async fn deliver(&self, job: PushJob) {
-        // Only a challenge has deliveries to record; any push can find a dead token.
-        let reports = matches!(job.kind, PushKind::Challenge { .. });
-        let Some(sender) = self.senders.get(&job.platform) else {
-            if reports {
-                self.reporter.report(&job, DeliveryState::Failed, 0, "not configured").await;
-            }
-            return;
-        };
-        let mut attempts = 0;
-        let mut backoff = self.settings.initial_backoff;
-        let (state, error) = loop {
-            attempts += 1;
-            let outcome = self.send_once(sender.as_ref(), &job).await;
-            match outcome {
-                SendOutcome::Sent => break (DeliveryState::Sent, String::new()),
-                SendOutcome::Unregistered { reason } => {
-                    tracing::info!(token = %redact_token(&job.push_token), %reason, "push token unregistered");
-                    break (DeliveryState::Unregistered, reason);
-                }
-                SendOutcome::Failed { reason } => break (DeliveryState::Failed, reason),
-                SendOutcome::Retry { reason, after } => {
-                    let wait = after.unwrap_or_else(|| jittered(backoff));
-                    backoff = (backoff * 2).min(self.settings.max_backoff);
-                    let out_of_time = self.clock.now().plus(wait) >= job.expires_at;
-                    if attempts >= self.settings.max_attempts || out_of_time {
-                        break (DeliveryState::Failed, reason);
-                    }
-                    let retry_at = self.clock.now().plus(wait);
-                    metrics::counter!(names::PUSH_RETRIES, "provider" => job.platform.name()).increment(1);
-                    tracing::debug!(attempts, %reason, wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), "push retry");
-                    if reports {
-                        self.reporter.report(&job, DeliveryState::Queued, attempts, &reason).await;
-                    }
-                    self.clock.sleep_until(retry_at).await;
-                }
-            }
-        };
-        record_delivery(job.platform, &job.kind, state);
-        if reports || state == DeliveryState::Unregistered {
-            self.reporter.report(&job, state, attempts, &error).await;
-        }
-    }
-
-    /// One attempt, within the provider's concurrency limit, counted and timed.
-    async fn send_once(&self, sender: &dyn PushSender, job: &PushJob) -> SendOutcome {
-        let _permit = match self.provider_limits.get(&job.platform) {
-            Some(limit) => match limit.acquire().await {
-                Ok(permit) => Some(permit),
-                // Never closed while the worker lives.
-                Err(_) => return SendOutcome::Failed { reason: "shutting down".into() },
-            },
-            None => None,
-        };
-        let started = std::time::Instant::now();
-        let outcome = sender.send(job).await;
-        record_attempt(job.platform, &outcome, started.elapsed());
-        outcome
+/// A send takes its provider's place before a shared one, so a stuck provider holds
+/// at most its own `max_in_flight` of the shared `push.max_in_flight`; when the
+/// providers' limits together exceed it, a stuck provider leaves the other fewer
+/// sends than its own limit. Said once at start.
+fn warn_if_one_provider_can_starve_the_other(senders: &[Arc<dyn PushSender>], max_in_flight: usize) {
+    let limits: Vec<usize> = senders.iter().map(|sender| sender.max_in_flight().unwrap_or(max_in_flight)).collect();
+    let together: usize = limits.iter().sum();
+    if limits.len() > 1 && together > max_in_flight {
+        tracing::warn!(
+            providers_together = together,
+            max_in_flight,
+            "push.max_in_flight is below the providers' max_in_flight together: a stuck provider can hold sends the other needs"
+        );
     }
 }
 
 /// Counts and times one attempt.
 fn record_attempt(platform: Platform, outcome: &SendOutcome, latency: Duration) {
-    let outcome = match outcome {
-        SendOutcome::Sent => "sent",
-        SendOutcome::Unregistered { .. } => "unregistered",
-        SendOutcome::Retry { .. } => "retry",
-        SendOutcome::Failed { .. } => "failed",
-    };
-    metrics::counter!(names::PUSH_SENDS, "provider" => platform.name(), "outcome" => outcome).increment(1);
+    metrics::counter!(names::PUSH_SENDS, "provider" => platform.name(), "outcome" => outcome.label()).increment(1);
     metrics::histogram!(names::PUSH_LATENCY, "provider" => platform.name()).record(latency.as_secs_f64());
 }
 
@@ -279,15 +245,28 @@ fn delivery_state_label(state: DeliveryState) -> &'static str {
     }
 }
 
-/// Full jitter: a uniform wait between half and all of `backoff`, so retries from
-/// many devices do not arrive at the provider in lockstep.
-fn jittered(backoff: Duration) -> Duration {
-    let mut byte = [0u8; 2];
-    let fraction = match getrandom::fill(&mut byte) {
-        Ok(()) => f64::from(u16::from_le_bytes(byte)) / f64::from(u16::MAX),
-        Err(_) => 1.0,
-    };
-    backoff.mul_f64(0.5 + fraction / 2.0)
+/// Registers every push series at zero (at start, so that `rate()` and alerts see
+/// them before the first push): per provider, each attempt outcome, each kind and
+/// final state, the retries, the latency histogram and the token renewals. Adding
+/// zero keeps what another server in the same process counted already.
+pub fn register_series() {
+    for platform in PLATFORMS {
+        let provider = platform.name();
+        for outcome in SendOutcome::LABELS {
+            metrics::counter!(names::PUSH_SENDS, "provider" => provider, "outcome" => *outcome).increment(0);
+        }
+        for kind in PushKind::LABELS {
+            for state in [DeliveryState::Sent, DeliveryState::Failed, DeliveryState::Unregistered] {
+                metrics::counter!(names::PUSH_DELIVERIES, "provider" => provider, "kind" => *kind, "state" => delivery_state_label(state))
+                    .increment(0);
+            }
+        }
+        metrics::counter!(names::PUSH_RETRIES, "provider" => provider).increment(0);
+        metrics::counter!(names::PUSH_TOKEN_RENEWALS, "provider" => provider).increment(0);
+        let _registered = metrics::histogram!(names::PUSH_LATENCY, "provider" => provider);
+        metrics::gauge!(names::PUSH_QUEUE_DEPTH, "provider" => provider).increment(0.0);
+        metrics::gauge!(names::PUSH_QUEUE_CAPACITY, "provider" => provider).increment(0.0);
+    }
 }
 
 #[cfg(test)]

@@ -202,6 +202,158 @@ async fn each_provider_sends_at_most_its_own_limit_and_a_stuck_one_does_not_hold
     assert_eq!(fcm.most.load(Ordering::SeqCst), 3);
 }
 
+/// Each final report's platform and state, for tests with both providers.
+#[derive(Default)]
+struct ByPlatform {
+    done: tokio::sync::watch::Sender<Vec<(Platform, DeliveryState)>>,
+    queued: tokio::sync::watch::Sender<Vec<Platform>>,
+}
+
+impl ByPlatform {
+    fn done(&self, platform: Platform) -> usize {
+        self.done.borrow().iter().filter(|(p, _)| *p == platform).count()
+    }
+
+    /// Waits, with a deadline, until `platform` has `count` final reports, all SENT.
+    async fn wait_sent(&self, platform: Platform, count: usize) {
+        let mut done = self.done.subscribe();
+        let seen = tokio::time::timeout(
+            Duration::from_secs(5),
+            done.wait_for(|done| done.iter().filter(|(p, _)| *p == platform).count() >= count),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{count} {} pushes delivered in time", platform.name()))
+        .expect("reporter alive")
+        .clone();
+        assert!(seen.iter().filter(|(p, _)| *p == platform).all(|(_, state)| *state == DeliveryState::Sent), "{seen:?}");
+    }
+}
+
+#[async_trait]
+impl DeliveryReporter for ByPlatform {
+    async fn report(&self, job: &PushJob, state: DeliveryState, _attempts: u32, _error: &str) {
+        if state == DeliveryState::Queued {
+            self.queued.send_modify(|queued| queued.push(job.platform));
+        } else {
+            self.done.send_modify(|done| done.push((job.platform, state)));
+        }
+    }
+}
+
+/// Answers every send with the same outcome at once.
+struct Answering {
+    platform: Platform,
+    limit: usize,
+    outcome: SendOutcome,
+}
+
+#[async_trait]
+impl PushSender for Answering {
+    fn platform(&self) -> Platform {
+        self.platform
+    }
+    fn max_in_flight(&self) -> Option<usize> {
+        Some(self.limit)
+    }
+    async fn send(&self, _job: &PushJob) -> SendOutcome {
+        self.outcome.clone()
+    }
+}
+
+fn start_both(
+    apns: Arc<dyn PushSender>,
+    fcm: Arc<dyn PushSender>,
+    max_in_flight: usize,
+    clock: &ManualClock,
+) -> (Dispatcher, Arc<ByPlatform>) {
+    let reports = Arc::new(ByPlatform::default());
+    let settings = DispatcherSettings { queue_capacity: 64, max_in_flight, ..DispatcherSettings::default() };
+    let dispatcher = Dispatcher::start(
+        vec![apns, fcm],
+        reports.clone(),
+        Arc::new(clock.clone()),
+        settings,
+        Arc::default(),
+        CancellationToken::new(),
+    );
+    (dispatcher, reports)
+}
+
+#[tokio::test]
+async fn a_hung_provider_filled_past_its_limit_does_not_hold_the_other_providers_pushes() {
+    let clock = ManualClock::new(Millis(0));
+    // Four sends at once in all; APNs may have two of them, and it hangs.
+    let apns = Gate::new(Platform::Apns, 2);
+    let fcm: Arc<dyn PushSender> = Arc::new(Answering { platform: Platform::Fcm, limit: 2, outcome: SendOutcome::Sent });
+    let (dispatcher, reports) = start_both(apns.clone(), fcm, 4, &clock);
+    // Ten APNs pushes: past APNs's limit and past the four shared places. Two hang
+    // at APNs; the others wait for APNs (or in its queue), holding no shared place.
+    for _ in 0..10 {
+        dispatcher.enqueue(job(Platform::Apns, &clock)).expect("room");
+    }
+    let mut in_flight = apns.in_flight.subscribe();
+    tokio::time::timeout(Duration::from_secs(5), in_flight.wait_for(|n| *n == 2))
+        .await
+        .expect("APNs at its limit")
+        .expect("alive");
+
+    for _ in 0..6 {
+        dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+    }
+    reports.wait_sent(Platform::Fcm, 6).await;
+    // Delivered while APNs is still stuck: nothing of it has come back.
+    assert_eq!(*apns.in_flight.borrow(), 2);
+    assert_eq!(reports.done(Platform::Apns), 0);
+    assert!(dispatcher.queue_depth(Platform::Apns) > 0, "APNs's pushes wait in its own queue");
+
+    apns.open.send_replace(true);
+    reports.wait_sent(Platform::Apns, 10).await;
+    assert_eq!(apns.most.load(Ordering::SeqCst), 2, "APNs never had more than its limit");
+}
+
+#[tokio::test]
+async fn a_provider_answering_503_backs_off_without_holding_the_other_providers_places() {
+    // The manual clock never moves: every APNs retry waits forever.
+    let clock = ManualClock::new(Millis(0));
+    let unavailable = SendOutcome::Retry { reason: "ServiceUnavailable".into(), after: Some(Duration::from_secs(30)) };
+    let apns: Arc<dyn PushSender> = Arc::new(Answering { platform: Platform::Apns, limit: 2, outcome: unavailable });
+    let fcm: Arc<dyn PushSender> = Arc::new(Answering { platform: Platform::Fcm, limit: 2, outcome: SendOutcome::Sent });
+    // Two places in all, and two APNs pushes backing off (then more in its queue).
+    let (dispatcher, reports) = start_both(apns, fcm, 2, &clock);
+    for _ in 0..6 {
+        dispatcher.enqueue(job(Platform::Apns, &clock)).expect("room");
+    }
+    let mut queued = reports.queued.subscribe();
+    tokio::time::timeout(Duration::from_secs(5), queued.wait_for(|queued| queued.len() >= 2))
+        .await
+        .expect("two APNs pushes back off")
+        .expect("alive");
+
+    for _ in 0..4 {
+        dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+    }
+    reports.wait_sent(Platform::Fcm, 4).await;
+    assert_eq!(reports.done(Platform::Apns), 0, "APNs's pushes are still backing off");
+    assert_eq!(reports.queued.borrow().len(), 2, "no more than two APNs pushes out of its queue");
+}
+
+#[tokio::test]
+async fn a_refused_provider_token_is_sent_again_at_once_and_counts_two_attempts() {
+    let clock = ManualClock::new(Millis(0));
+    let reports = Arc::new(Reports::default());
+    let refused = || SendOutcome::TokenRefused { reason: "ExpiredProviderToken".into() };
+    let dispatcher = start(vec![refused()], &clock, &reports, 8);
+    dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+    assert_eq!(final_report(&reports).await, (DeliveryState::Sent, 2, String::new()));
+    assert_eq!(reports.seen.borrow().len(), 1, "no backoff, so no QUEUED report: {:?}", reports.seen.borrow());
+
+    // Refused again with the new token: failed, not renewed without end.
+    let reports = Arc::new(Reports::default());
+    let dispatcher = start(vec![refused(), refused(), refused()], &clock, &reports, 8);
+    dispatcher.enqueue(job(Platform::Fcm, &clock)).expect("room");
+    assert_eq!(final_report(&reports).await, (DeliveryState::Failed, 2, "ExpiredProviderToken".into()));
+}
+
 fn tenant(id: &str) -> TenantId {
     TenantId(id.into())
 }
@@ -239,9 +391,9 @@ async fn a_tenant_past_its_share_of_the_queue_is_refused_while_another_still_enq
         assert!(accepted <= 4, "a's burst was never refused");
     };
     assert_eq!(refused, QueueFull::TenantShare);
-    assert_eq!(dispatcher.room_for(&tenant("a"), 1), Err(QueueFull::TenantShare));
+    assert_eq!(dispatcher.room_for(&tenant("a"), [Platform::Fcm]), Err(QueueFull::TenantShare));
     // a's share is half the queue: b's jobs still fit.
-    dispatcher.room_for(&tenant("b"), 2).expect("room for b");
+    dispatcher.room_for(&tenant("b"), [Platform::Fcm; 2]).expect("room for b");
     dispatcher.enqueue(job_of("b", Platform::Fcm, &clock)).expect("b enqueues past a's burst");
     dispatcher.enqueue(job_of("b", Platform::Fcm, &clock)).expect("b enqueues its share");
 
@@ -252,7 +404,7 @@ async fn a_tenant_past_its_share_of_the_queue_is_refused_while_another_still_enq
         .await
         .expect("all sent")
         .expect("alive");
-    dispatcher.room_for(&tenant("a"), 2).expect("a's share is free again");
+    dispatcher.room_for(&tenant("a"), [Platform::Fcm; 2]).expect("a's share is free again");
     dispatcher.enqueue(job_of("a", Platform::Fcm, &clock)).expect("a enqueues again");
 }
 
@@ -268,9 +420,9 @@ async fn a_job_the_queue_refuses_gives_its_place_in_the_tenants_share_back() {
     };
     let shutdown = CancellationToken::new();
     let dispatcher = Dispatcher::start(vec![], reports, Arc::new(clock.clone()), settings, Arc::default(), shutdown.clone());
-    // A stopped worker closes the queue: every job is refused by the queue itself.
+    // A stopped worker closes its queue: every job is refused by the queue itself.
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), dispatcher.queue.closed()).await.expect("the worker stops");
+    tokio::time::timeout(Duration::from_secs(5), dispatcher.queues.fcm.jobs.closed()).await.expect("the worker stops");
     for _ in 0..3 {
         assert_eq!(
             dispatcher.enqueue(job_of("a", Platform::Fcm, &clock)),
@@ -278,7 +430,7 @@ async fn a_job_the_queue_refuses_gives_its_place_in_the_tenants_share_back() {
             "not a's share: it was given back"
         );
     }
-    dispatcher.room_for(&tenant("a"), 1).expect("a's share is empty");
+    dispatcher.room_for(&tenant("a"), [Platform::Fcm]).expect("a's share is empty");
 }
 
 fn notice(clock: &ManualClock) -> PushJob {

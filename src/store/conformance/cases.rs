@@ -278,3 +278,23 @@ pub async fn blocks_and_wrong_numbers<S: Store>(store: &S, clock: &ManualClock, 
     clock.advance(Duration::from_secs(900));
     assert_eq!(block_in_force(store, &t, &other, clock.now()).await, None, "the block ends by itself");
 }
+
+/// Past its retention a challenge is gone for every call at once, whether or not a
+/// background task has purged it yet: the calls pass a `now` the clock has not
+/// reached, so no task has run.
+pub async fn a_challenge_past_its_retention_is_gone_at_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let (t, u) = (scope.tenant("a"), user("u"));
+    let now = clock.now();
+    let challenge = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let deny = Decision::Deny.resolve(None, challenge.number, DeviceId::generate().expect("id"));
+    assert!(store.resolve_challenge(&t, &challenge.id, deny, now).await.expect("resolve").expect("found").accepted);
+    // policy(): kept 300 s past its expiry at 60 s.
+    let last = now.plus(Duration::from_secs(359));
+    let read = store.get_challenge(&t, &challenge.id, last).await.expect("get").expect("still kept");
+    assert_eq!(read.state, ChallengeState::Denied);
+    let gone = now.plus(Duration::from_secs(360));
+    assert_eq!(store.get_challenge(&t, &challenge.id, gone).await.expect("get"), None);
+    assert!(store.watch_challenge(&t, &challenge.id, gone).await.expect("watch").is_none());
+    let late = store.resolve_challenge(&t, &challenge.id, Resolution::cancelled(), gone).await.expect("resolve");
+    assert!(late.is_none(), "{late:?}");
+}

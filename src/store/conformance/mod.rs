@@ -34,6 +34,9 @@
 //! factory must give the store) and a fresh [`Scope`].
 //!
 //! [`run_all`] runs every case in sequence in one test (the first failure hides the rest).
+//!
+//! `model` (tests only) checks the same stores against a model of the rules with
+//! random sequences of calls; each backend runs it as `model_matches_the_rules`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -46,6 +49,8 @@ use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode,
 
 mod cases;
 mod guards;
+#[cfg(test)]
+pub mod model;
 
 use crate::domain::time::{Clock, ManualClock, Millis};
 pub use cases::*;
@@ -239,7 +244,8 @@ macro_rules! conformance_suite {
             devices_and_open_enrollments_are_capped,
             a_public_key_enrolls_once,
             a_device_proof_is_spent_once,
-            no_approval_lands_after_a_block
+            no_approval_lands_after_a_block,
+            a_challenge_past_its_retention_is_gone_at_once
         );
     };
     (@tests $factory:expr; $($case:ident),+) => {

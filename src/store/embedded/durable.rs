@@ -153,11 +153,48 @@ pub(super) enum DurableWrite {
 }
 
 impl Shared {
+    /// The open database, opening the file again if a failed write closed it.
+    /// Callers hold `write_gate`, so no other commit holds the old one.
+    async fn database(&self) -> Result<Arc<Database>, StoreError> {
+        if let Some(db) = self.db.lock().as_ref() {
+            return Ok(Arc::clone(db));
+        }
+        let path = self.path.clone();
+        let db = Arc::new(tokio::task::spawn_blocking(move || super::open_database(&path)).await.map_err(io_error)??);
+        tracing::info!("the embedded store's file is open again after a failed write");
+        *self.db.lock() = Some(Arc::clone(&db));
+        Ok(db)
+    }
+
     /// Commits `writes` in one transaction on the blocking pool, then mirrors them.
-    /// Callers hold `write_gate`.
+    /// Callers hold `write_gate`. A write that fails for I/O (a full disk, say) is
+    /// UNAVAILABLE and closes the file: redb refuses every later write on it, so
+    /// the next commit opens it again (redb's recovery brings it back to the last
+    /// commit), and writes succeed again once the disk has room, without a restart.
     pub(super) async fn commit(&self, writes: Vec<DurableWrite>, durability: Durability) -> Result<(), StoreError> {
-        let db = Arc::clone(&self.db);
-        let writes = tokio::task::spawn_blocking(move || -> Result<Vec<DurableWrite>, StoreError> {
+        let db = self.database().await?;
+        let result = Self::write(db, writes, durability).await;
+        if let Err(StoreError::Unavailable { detail, .. }) = &result {
+            tracing::warn!(error = %detail, "a durable write failed; the store's file will be opened again");
+            // The last handle: dropping it closes the file (the blocking task has
+            // returned, and callers hold `write_gate`).
+            self.db.lock().take();
+        }
+        let writes = result?;
+        let mut mirror = self.durable_mut();
+        for write in writes {
+            mirror.apply(write);
+        }
+        Ok(())
+    }
+
+    /// One redb transaction with `writes`, on the blocking pool.
+    async fn write(
+        db: Arc<Database>,
+        writes: Vec<DurableWrite>,
+        durability: Durability,
+    ) -> Result<Vec<DurableWrite>, StoreError> {
+        tokio::task::spawn_blocking(move || -> Result<Vec<DurableWrite>, StoreError> {
             let mut txn = db.begin_write().map_err(io_error)?;
             txn.set_durability(durability);
             {
@@ -209,13 +246,7 @@ impl Shared {
             Ok(writes)
         })
         .await
-        .map_err(io_error)??;
-
-        let mut mirror = self.durable_mut();
-        for write in writes {
-            mirror.apply(write);
-        }
-        Ok(())
+        .map_err(io_error)?
     }
 }
 

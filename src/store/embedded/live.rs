@@ -183,7 +183,8 @@ impl ChallengeTable {
         self.entries.len() + self.users.len()
     }
 
-    /// The entry of `id`, refreshed, with its challenge, if it belongs to `tenant`.
+    /// The entry of `id`, refreshed, with its challenge, if it belongs to `tenant` and
+    /// its retention has not passed.
     fn get(
         &mut self,
         tenant: &TenantId,
@@ -192,6 +193,11 @@ impl ChallengeTable {
     ) -> Result<Option<(&mut ChallengeEntry, Challenge)>, StoreError> {
         let Some(entry) = self.entries.get_mut(&id.bits()) else { return Ok(None) };
         entry.refresh(now)?;
+        // Past its retention it is gone, whether or not the deadline task has purged
+        // it yet (as in Redis): no read, answer or watch finds it.
+        if now >= entry.purge_at {
+            return Ok(None);
+        }
         let challenge = entry.challenge()?;
         if challenge.tenant != *tenant {
             return Ok(None);

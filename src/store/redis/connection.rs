@@ -2,17 +2,15 @@
 //! [`StoreError`]: a call past its deadline or a Redis error is UNAVAILABLE
 //! ([`unavailable`]), a record this version cannot read is corrupt ([`corrupt`]).
 
-use std::future::Future;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
-use redis::{Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, ScriptInvocation, Value};
+use redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::BACKEND;
+use super::link::{self, Link, Subscriber, bounded};
+use super::{BACKEND, RedisSettings};
 use crate::store::StoreError;
 
 pub(super) fn unavailable(error: impl std::fmt::Display) -> StoreError {
@@ -31,8 +29,9 @@ pub(super) fn decode<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(corrupt)
 }
 
-/// A connection that reconnects by itself (to one node, or to a cluster), with the
-/// deadline of one call: past it the call fails with UNAVAILABLE. Cheap to clone.
+/// A connection that reconnects by itself (to one node, to a cluster, or to the
+/// master that Sentinel names; see `link`), with the deadline of one call: past it
+/// the call fails with UNAVAILABLE. Cheap to clone.
 #[derive(Clone)]
 pub(super) struct Connection {
     link: Link,
@@ -40,31 +39,11 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    /// Connects to the one node of `urls`, or to the cluster they seed when there are
-    /// several; gives up after five call deadlines.
-    pub(super) async fn open(urls: &[String], timeout: Duration) -> Result<Self, StoreError> {
-        let link = match urls {
-            [url] => {
-                let client = redis::Client::open(url.as_str()).map_err(unavailable)?;
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_millis(500));
-                let connecting = ConnectionManager::new_with_config(client, config);
-                Link::Single(bounded(timeout * 5, "timed out connecting", connecting).await?)
-            }
-            seeds => {
-                let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .build()
-                    .map_err(unavailable)?;
-                let connecting = client.get_async_connection();
-                Link::Cluster(bounded(timeout * 5, "timed out connecting to the cluster", connecting).await?)
-            }
-        };
-        Ok(Self { link, timeout })
+    /// Connects as `settings` say (TLS, credentials, Sentinel, WAIT for replicas);
+    /// gives up after five call deadlines. Also answers where pub/sub connects.
+    pub(super) async fn open(settings: &RedisSettings) -> Result<(Self, Subscriber), StoreError> {
+        let opened = link::open(settings).await?;
+        Ok((Self { link: opened.link, timeout: settings.operation_timeout }, opened.subscriber))
     }
 
     /// The deadline of one call.
@@ -73,7 +52,7 @@ impl Connection {
     }
 
     pub(super) fn is_cluster(&self) -> bool {
-        matches!(self.link, Link::Cluster(_))
+        self.link.is_cluster()
     }
 
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
@@ -91,9 +70,9 @@ impl Connection {
     /// The integer answers of `cmd` (DBSIZE) from every primary, summed: the one
     /// node, or each master of the cluster (replicas would count keys twice).
     pub(super) async fn sum_over_primaries(&self, cmd: &Cmd) -> Result<u64, StoreError> {
-        match &self.link {
-            Link::Single(_) => self.query(cmd).await,
-            Link::Cluster(connection) => {
+        match self.link.cluster() {
+            None => self.query(cmd).await,
+            Some(connection) => {
                 let mut connection = connection.clone();
                 let routing = RoutingInfo::MultiNode((
                     MultipleNodeRoutingInfo::AllMasters,
@@ -116,39 +95,4 @@ impl Connection {
 /// Counts calls made to Redis (`pushmatch_store_redis_calls_total`).
 fn counted(calls: usize) {
     metrics::counter!(crate::telemetry::metrics::names::REDIS_CALLS).increment(calls as u64);
-}
-
-/// `call` within `timeout`: a late call fails with UNAVAILABLE (`late`), and so
-/// does a Redis error.
-async fn bounded<T>(timeout: Duration, late: &str, call: impl Future<Output = RedisResult<T>>) -> Result<T, StoreError> {
-    tokio::time::timeout(timeout, call).await.map_err(|_| unavailable(late))?.map_err(unavailable)
-}
-
-#[derive(Clone)]
-enum Link {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl ConnectionLike for Link {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Single(connection) => connection.req_packed_command(cmd),
-            Self::Cluster(connection) => connection.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(&'a mut self, pipeline: &'a Pipeline, offset: usize, count: usize) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Single(connection) => connection.get_db(),
-            Self::Cluster(connection) => connection.get_db(),
-        }
-    }
 }

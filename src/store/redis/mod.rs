@@ -33,12 +33,14 @@
 //! | `keys` | the key schema: every key, its type, content and TTL; the channels |
 //! | `scripts` | the Lua scripts (`scripts/*.lua`, each documents its KEYS and ARGV) |
 //! | `connection` | the connection: call deadline and the mapping to [`StoreError`] |
+//! | `link` | reaching Redis: one node, a cluster or Sentinel; TLS, ACL credentials, WAIT for replicas |
 //! | `challenges` | challenge reads and compare-and-sets, the challenge half of [`Store`] |
 //! | `records` | enrollments and devices, their caps and the public-key claims: the durable half |
 //! | `limits` | blocks, wrong numbers, VerifyTotp attempts and locks, used device proofs; the key count |
 //! | `watch` | the watch registry, the pub/sub follower and the deadline task |
 //! | [`testing`] | real `redis-server` processes for tests |
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -59,6 +61,7 @@ mod challenges;
 mod connection;
 mod keys;
 mod limits;
+mod link;
 mod records;
 mod scripts;
 mod watch;
@@ -75,10 +78,50 @@ const BACKEND: &str = "redis";
 /// How to reach Redis.
 #[derive(Clone, Debug)]
 pub struct RedisSettings {
-    /// One URL: a single Redis. Several: the seed nodes of a Redis Cluster.
+    /// One URL: a single Redis. Several: the seed nodes of a Redis Cluster. Not used
+    /// with `sentinel`. `rediss://` connects over TLS.
     pub urls: Vec<String>,
+    /// Ask these sentinels for the master instead.
+    pub sentinel: Option<SentinelSettings>,
+    /// PEM CA certificate(s) that issued the Redis servers' certificates; `None`: the
+    /// webpki (Mozilla) roots. The server name is checked either way.
+    pub ca_cert_path: Option<PathBuf>,
+    /// ACL user; wins over a user in the URL.
+    pub username: Option<String>,
+    /// A file holding the password (one line); wins over a password in the URL.
+    pub password_file: Option<PathBuf>,
     /// The deadline of one Redis call; past it the request fails with UNAVAILABLE.
     pub operation_timeout: Duration,
+    /// Replicas that must hold each write (`WAIT`) before the store acknowledges it;
+    /// 0: none (asynchronous replication: a failover may lose the last writes).
+    pub wait_replicas: u32,
+    /// How long a write waits for them; past it the call fails with UNAVAILABLE.
+    pub wait_timeout: Duration,
+}
+
+impl RedisSettings {
+    /// Plain settings: `urls`, no TLS CA, no credentials but the URLs', no WAIT.
+    pub fn new(urls: Vec<String>, operation_timeout: Duration) -> Self {
+        Self {
+            urls,
+            sentinel: None,
+            ca_cert_path: None,
+            username: None,
+            password_file: None,
+            operation_timeout,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Redis Sentinel: where the sentinels are and the name of the master they watch.
+#[derive(Clone, Debug)]
+pub struct SentinelSettings {
+    /// `redis://host:26379` (or `rediss://`, which the data nodes then use too); a
+    /// user and password in them are the sentinels' own.
+    pub urls: Vec<String>,
+    pub master: String,
 }
 
 /// See the module documentation.
@@ -106,9 +149,9 @@ impl RedisStore {
     /// Connects (failing fast with UNAVAILABLE when Redis is not there) and starts the
     /// pub/sub and deadline tasks on the current runtime.
     pub async fn connect(settings: RedisSettings, clock: Arc<dyn Clock>) -> Result<Self, StoreError> {
-        let first = settings.urls.first().cloned().ok_or_else(|| unavailable("no Redis URL configured"))?;
+        let (connection, subscriber) = Connection::open(&settings).await?;
         let store = Self {
-            connection: Connection::open(&settings.urls, settings.operation_timeout).await?,
+            connection,
             scripts: Scripts::new(),
             watchers: Arc::new(WatchRegistry::default()),
             tags: Arc::new(TagCache::default()),
@@ -117,8 +160,7 @@ impl RedisStore {
             closing: CancellationToken::new(),
         };
         store.health_check().await?;
-        let pubsub_client = redis::Client::open(first.as_str()).map_err(unavailable)?;
-        tokio::spawn(watch::follow_changes(pubsub_client, store.reader(), Arc::clone(&clock), store.closing.clone()));
+        tokio::spawn(watch::follow_changes(subscriber, store.reader(), Arc::clone(&clock), store.closing.clone()));
         tokio::spawn(watch::expire_watched(store.reader(), clock, store.closing.clone()));
         Ok(store)
     }
@@ -314,6 +356,10 @@ pub mod testing;
 
 #[cfg(test)]
 mod challenge_tests;
+#[cfg(test)]
+mod tests_failover;
+#[cfg(test)]
+mod tests_tls;
 
 #[cfg(test)]
 mod tests {
@@ -326,9 +372,7 @@ mod tests {
 
     /// A store on `urls` (one: a single node; several: a cluster's seeds), on `clock`.
     pub(super) async fn store_on(urls: Vec<String>, clock: ManualClock) -> RedisStore {
-        RedisStore::connect(RedisSettings { urls, operation_timeout: Duration::from_secs(2) }, Arc::new(clock))
-            .await
-            .expect("store connects")
+        RedisStore::connect(RedisSettings::new(urls, Duration::from_secs(2)), Arc::new(clock)).await.expect("store connects")
     }
 
     /// The conformance cases on one redis-server that they share.
@@ -340,6 +384,12 @@ mod tests {
         }
 
         crate::store::conformance::conformance_suite!(store);
+
+        /// Random sequences against the rules' model (`conformance::model`).
+        #[test]
+        fn model_matches_the_rules() {
+            crate::store::conformance::model::check("redis", 512, store);
+        }
     }
 
     /// The conformance cases on one three-master Redis Cluster that they share.
@@ -351,5 +401,11 @@ mod tests {
         }
 
         crate::store::conformance::conformance_suite!(store);
+
+        /// Random sequences against the rules' model (`conformance::model`).
+        #[test]
+        fn model_matches_the_rules() {
+            crate::store::conformance::model::check("redis cluster", 256, store);
+        }
     }
 }

@@ -46,7 +46,11 @@ fn missing_binary(name: &str, error: std::io::Error) -> ! {
 /// One redis-server; killed when dropped.
 pub struct RedisServer {
     port: u16,
+    /// Arguments before the common ones: a sentinel's configuration file and `--sentinel`.
+    leading: Vec<String>,
     extra: Vec<String>,
+    /// The line of its output that says it is ready.
+    ready: &'static str,
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// For a shared server: the standard input of the shell that kills it when the
@@ -81,11 +85,56 @@ impl RedisServer {
         .await
     }
 
+    /// With arguments of the test's own, made from the server's port, after the common
+    /// ones (which they override: `--port 0 --tls-port <port>` serves TLS only).
+    pub async fn start_with_args(extra: impl FnOnce(u16) -> Vec<String>) -> Self {
+        let port = free_port();
+        Self::start_on(port, extra(port), false).await
+    }
+
     async fn start_with(extra: Vec<String>, shared: bool) -> Self {
+        Self::start_on(free_port(), extra, shared).await
+    }
+
+    async fn start_on(port: u16, extra: Vec<String>, shared: bool) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = Self { port: free_port(), extra, dir, child: None, lifeline: None, shared };
+        let mut server = Self {
+            port,
+            leading: Vec::new(),
+            extra,
+            ready: "Ready to accept connections",
+            dir,
+            child: None,
+            lifeline: None,
+            shared,
+        };
         server.spawn().await;
         server
+    }
+
+    /// A Redis Sentinel (`redis-server <file> --sentinel`) with `extra` arguments,
+    /// which must include a `--sentinel monitor` line: it is ready when it monitors.
+    pub async fn start_sentinel(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(&config, "").expect("sentinel config file");
+        let mut server = Self {
+            port: free_port(),
+            leading: vec![config.display().to_string(), "--sentinel".to_owned()],
+            extra: extra.iter().map(|arg| (*arg).to_owned()).collect(),
+            ready: "+monitor master",
+            dir,
+            child: None,
+            lifeline: None,
+            shared: false,
+        };
+        server.spawn().await;
+        server
+    }
+
+    /// The process id, for signals of the test's own.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     pub fn port(&self) -> u16 {
@@ -110,6 +159,7 @@ impl RedisServer {
             Command::new("redis-server")
         };
         command
+            .args(&self.leading)
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--dir", &self.dir.path().display().to_string(), "--logfile", ""])
             .args(if self.extra.iter().any(|a| a == "--appendonly") { &[][..] } else { &["--appendonly", "no"][..] })
@@ -125,7 +175,7 @@ impl RedisServer {
         let mut lines = BufReader::new(stdout).lines();
         tokio::time::timeout(READY_DEADLINE, async {
             while let Some(line) = lines.next_line().await.expect("redis-server output") {
-                if line.contains("Ready to accept connections") {
+                if line.contains(self.ready) {
                     return;
                 }
             }

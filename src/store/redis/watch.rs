@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::challenges::Reader;
 use super::keys;
+use super::link::Subscriber;
 use crate::domain::challenge::{Challenge, ChallengeState};
 use crate::domain::ids::{ChallengeId, TenantId};
 use crate::domain::time::{Clock, Millis};
@@ -156,11 +157,11 @@ impl WatchRegistry {
 /// Follows the change channels and applies what arrives to local watchers.
 /// Reconnects by itself; after each (re)subscription, reads every watched
 /// challenge again so nothing published while disconnected is missed.
-pub(super) async fn follow_changes(client: redis::Client, reader: Reader, clock: Arc<dyn Clock>, closing: CancellationToken) {
+pub(super) async fn follow_changes(subscriber: Subscriber, reader: Reader, clock: Arc<dyn Clock>, closing: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
     loop {
         let subscribed = async {
-            let mut pubsub = client.get_async_pubsub().await?;
+            let mut pubsub = subscriber.pubsub().await?;
             for channel in keys::all_channels() {
                 pubsub.subscribe(channel).await?;
             }
