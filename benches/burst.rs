@@ -10,6 +10,14 @@
 //! start (so a stalled broker cannot hide its queueing: coordinated omission is
 //! corrected). The last line of output is one JSON object.
 //!
+//! With `--store redis` that object also says what Redis cost, over the measured
+//! window and per sign-in completed: `redis_calls_per_signin`, the calls the
+//! replicas made (their `pushmatch_store_redis_calls_total`: a script or a command
+//! is one); `redis_commands_per_signin`, the commands Redis executed (`INFO
+//! commandstats`, so the commands inside scripts count too); and
+//! `redis_cpu_us_per_signin`, the `redis-server` process's CPU (utime + stime from
+//! `/proc/<pid>/stat`).
+//!
 //! Flags, each with its default: `cargo bench --bench burst -- --help` (the `Args`
 //! struct below).
 
@@ -331,6 +339,8 @@ async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc
 struct Broker {
     child: tokio::process::Child,
     addr: String,
+    /// Where its `/metrics` listens.
+    metrics_addr: String,
 }
 
 /// A kB field of /proc/<pid>/status ("VmRSS", "VmHWM"); 0 when unreadable.
@@ -343,16 +353,65 @@ fn proc_status_kb(pid: u32, field: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
+/// A process's CPU time so far (utime + stime from /proc/<pid>/stat) in seconds; 0
+/// when unreadable.
+fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
 impl Broker {
     /// Peak resident set (VmHWM) in MB and CPU seconds so far, from /proc.
     fn usage(&self) -> (f64, f64) {
         let Some(pid) = self.child.id() else { return (0.0, 0.0) };
-        let peak_kb = proc_status_kb(pid, "VmHWM");
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
-        let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
-            + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-        (peak_kb / 1024.0, ticks / 100.0)
+        (proc_status_kb(pid, "VmHWM") / 1024.0, proc_cpu_seconds(pid))
+    }
+
+    /// The replica's `pushmatch_store_redis_calls_total` (0 when it has none yet).
+    async fn redis_calls(&self) -> f64 {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let mut socket = tokio::net::TcpStream::connect(&self.metrics_addr).await.expect("metrics listener");
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.metrics_addr);
+        socket.write_all(request.as_bytes()).await.expect("metrics request");
+        let mut response = String::new();
+        socket.read_to_string(&mut response).await.expect("metrics response");
+        response
+            .lines()
+            .find_map(|line| line.strip_prefix("pushmatch_store_redis_calls_total "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// What the bench reads of the `redis-server` around the measured window: commands
+/// executed (`INFO commandstats`, those run inside scripts included; the bench's own
+/// INFO left out) and its process's CPU seconds.
+struct RedisUsage {
+    commands: f64,
+    cpu_seconds: f64,
+}
+
+impl RedisUsage {
+    async fn read(url: &str) -> Self {
+        let client = redis::Client::open(url).expect("redis url");
+        let mut connection = client.get_multiplexed_async_connection().await.expect("redis");
+        let server: String = redis::cmd("INFO").arg("server").query_async(&mut connection).await.expect("INFO server");
+        let pid: u32 = server
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .and_then(|pid| pid.trim().parse().ok())
+            .expect("redis-server's process_id");
+        let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut connection).await.expect("INFO commandstats");
+        let commands = stats
+            .lines()
+            .filter(|line| !line.starts_with("cmdstat_info:"))
+            .filter_map(|line| line.split_once("calls=")?.1.split(',').next()?.parse::<f64>().ok())
+            .sum();
+        Self { commands, cpu_seconds: proc_cpu_seconds(pid) }
     }
 }
 
@@ -399,8 +458,8 @@ async fn start_broker(
     providers: &Providers,
     env: &[(String, String)],
 ) -> Broker {
-    let port = free_port();
-    let config = broker_config(port, &dir.join(format!("data-{index}")), store, redis_url, providers);
+    let (port, metrics_port) = (free_port(), free_port());
+    let config = broker_config(port, metrics_port, &dir.join(format!("data-{index}")), store, redis_url, providers);
     let path = dir.join(format!("broker-{index}.toml"));
     std::fs::write(&path, config).unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
@@ -415,18 +474,18 @@ async fn start_broker(
         .expect("start the pushmatch binary");
     let addr = format!("http://127.0.0.1:{port}");
     wait_until_serving(&addr).await;
-    Broker { child, addr }
+    Broker { child, addr, metrics_addr: format!("127.0.0.1:{metrics_port}") }
 }
 
 /// A broker's configuration file: listening on `port`, its store in `data` (or on
 /// Redis), its APNs and FCM senders pointed at the mock providers.
-fn broker_config(port: u16, data: &Path, store: &str, redis_url: &str, providers: &Providers) -> String {
+fn broker_config(port: u16, metrics_port: u16, data: &Path, store: &str, redis_url: &str, providers: &Providers) -> String {
     format!(
         r#"
 [server]
 listen = "127.0.0.1:{port}"
 public_url = "http://127.0.0.1:{port}"
-metrics_listen = ""
+metrics_listen = "127.0.0.1:{metrics_port}"
 max_concurrent_requests_per_connection = 4096
 
 [store]
@@ -853,6 +912,10 @@ async fn main() {
     );
     let cpu_before: f64 = brokers.iter().map(|b| b.usage().1).sum();
     let delivered_before = arrivals.delivered.load(Ordering::Relaxed);
+    let redis_before = match &redis {
+        Some(server) => Some((RedisUsage::read(&server.url()).await, redis_calls(&brokers).await)),
+        None => None,
+    };
 
     let world = Arc::new(World {
         idp,
@@ -871,6 +934,24 @@ async fn main() {
         run_herd(&world, herd, &mut json).await;
     } else {
         run_burst(&world, &args, delivered_before, &mut json).await;
+    }
+    if let (Some(server), Some((before, calls_before))) = (&redis, redis_before) {
+        let after = RedisUsage::read(&server.url()).await;
+        let calls = redis_calls(&brokers).await - calls_before;
+        // Per sign-in of the burst (or per challenge of --herd and --live).
+        let signins = match json.get("signins").and_then(serde_json::Value::as_u64) {
+            Some(0) | None => json.get("herd_served").or(json.get("live")).and_then(serde_json::Value::as_u64).unwrap_or(0),
+            Some(signins) => signins,
+        }
+        .max(1) as f64;
+        let round = |value: f64| (value * 10.0).round() / 10.0;
+        json.insert("redis_calls_per_signin".into(), round(calls / signins).into());
+        json.insert("redis_commands_per_signin".into(), round((after.commands - before.commands) / signins).into());
+        json.insert(
+            "redis_cpu_us_per_signin".into(),
+            round((after.cpu_seconds - before.cpu_seconds) * 1_000_000.0 / signins).into(),
+        );
+        json.insert("redis_cpu_seconds".into(), round(after.cpu_seconds - before.cpu_seconds).into());
     }
     let errors: BTreeMap<String, u64> = world.recorder.errors.lock().unwrap().clone();
     json.insert("errors".into(), serde_json::to_value(&errors).unwrap());
@@ -897,6 +978,15 @@ async fn main() {
         eprintln!("quick run failed: lost, double, unexpected errors or outcomes above");
         std::process::exit(1);
     }
+}
+
+/// `pushmatch_store_redis_calls_total` summed over the replicas.
+async fn redis_calls(brokers: &[Broker]) -> f64 {
+    let mut calls = 0.0;
+    for broker in brokers {
+        calls += broker.redis_calls().await;
+    }
+    calls
 }
 
 /// The burst: `--signins` sign-ins, open loop at `--rate` (or `--concurrency` at a

@@ -59,6 +59,10 @@ pub mod names {
     pub const STORE_OPERATION_SECONDS: &str = "pushmatch_store_operation_seconds";
     /// Counter {backend, operation, kind}: store calls that failed (kind: unavailable, corrupt).
     pub const STORE_ERRORS: &str = "pushmatch_store_errors_total";
+    /// Counter: calls this replica made to Redis (a script or a command; a pipeline
+    /// counts its commands; pub/sub not included). The burst bench divides it by
+    /// the sign-ins.
+    pub const REDIS_CALLS: &str = "pushmatch_store_redis_calls_total";
     /// Counter {reason}: TLS handshakes that failed (reason: timeout, error).
     pub const TLS_HANDSHAKE_FAILURES: &str = "pushmatch_tls_handshake_failures_total";
     /// Counter {outcome}: certificate reloads (outcome: reloaded, failed).
@@ -97,6 +101,7 @@ pub mod names {
         PUSH_QUEUE_CAPACITY,
         STORE_OPERATION_SECONDS,
         STORE_ERRORS,
+        REDIS_CALLS,
         TLS_HANDSHAKE_FAILURES,
         TLS_RELOADS,
         BUILD_INFO,
@@ -175,6 +180,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::PUSH_QUEUE_CAPACITY, Kind::Gauge, "capacity of each provider's push queue"),
     (names::STORE_OPERATION_SECONDS, Kind::Seconds, "store call latency"),
     (names::STORE_ERRORS, Kind::Counter, "store calls that failed"),
+    (names::REDIS_CALLS, Kind::Counter, "calls made to Redis (scripts and commands)"),
     (names::TLS_HANDSHAKE_FAILURES, Kind::Counter, "TLS handshakes on the gRPC port that failed"),
     (names::TLS_RELOADS, Kind::Counter, "TLS certificate reloads"),
     (names::BUILD_INFO, Kind::Gauge, "the running version"),

@@ -1,13 +1,19 @@
 //! Challenges: ephemeral records that change only by compare-and-set on their
-//! version, each change published for the watchers on every replica.
+//! version, each change announced (id and version, nothing else) for the watchers
+//! on every replica, who read the record itself before they report anything.
+//!
+//! Expiry is decided twice: by the store's clock when a record is read, and inside
+//! the compare-and-set by the later of that clock and Redis's (`TIME`), so a replica
+//! whose clock is behind cannot accept an answer after the challenge's expiry.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use redis::Script;
 
 use super::RedisStore;
 use super::connection::{Connection, corrupt, decode, encode};
-use super::keys::{Keys, TTL_MARGIN, challenge_index, shard_channel, ttl_ms, user_tag};
+use super::keys::{Keys, TTL_MARGIN, TagCache, challenge_index, shard_channel, ttl_ms, user_tag};
 use super::watch::WatchRegistry;
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::ids::{ChallengeId, TenantId, UserId};
@@ -29,6 +35,8 @@ enum Written {
     Stale,
     /// It would have approved while the user is blocked.
     Blocked,
+    /// The challenge is PENDING past its expiry by Redis's clock, which read this.
+    Expired(Millis),
 }
 
 /// What the background tasks need: reads, expiry compare-and-sets, the registry.
@@ -38,36 +46,94 @@ pub(super) struct Reader {
     /// The compare-and-set that every challenge change goes through.
     pub(super) challenge_cas: Arc<Script>,
     pub(super) watchers: Arc<WatchRegistry>,
+    pub(super) tags: Arc<TagCache<ChallengeId>>,
 }
 
 impl Reader {
-    async fn load(&self, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
+    /// The tag of the user whose slot holds challenge `id`: from the cache, else
+    /// from the index.
+    pub(super) async fn locate(&self, id: &ChallengeId) -> Result<Option<Arc<str>>, StoreError> {
+        if let Some(tag) = self.tags.get(id) {
+            return Ok(Some(tag));
+        }
         let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(challenge_index(id))).await?;
-        let Some(tag) = tag else { return Ok(None) };
+        Ok(tag.map(|tag| {
+            self.tags.put(id, &tag);
+            Arc::from(tag)
+        }))
+    }
+
+    /// Reads the record: the challenge in `json` with the deliveries in their own
+    /// fields (`d:<device id>`, see `delivery.lua`) laid over it.
+    async fn load(&self, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
+        let Some(tag) = self.locate(id).await? else { return Ok(None) };
         let key = Keys(&tag).challenge(id.as_str());
-        let fields: (Option<String>, Option<u64>, Option<i64>) =
-            self.connection.query(redis::cmd("HMGET").arg(&key).arg("json").arg("v").arg("purge_at")).await?;
-        let (Some(json), Some(version), Some(purge_at)) = fields else { return Ok(None) };
-        Ok(Some(ChallengeRecord { tag, version, purge_at: Millis(purge_at), challenge: decode(&json)? }))
+        let mut fields: HashMap<String, String> = self.connection.query(redis::cmd("HGETALL").arg(&key)).await?;
+        let (Some(json), Some(version), Some(purge_at)) = (fields.remove("json"), fields.remove("v"), fields.remove("purge_at"))
+        else {
+            return Ok(None);
+        };
+        let mut challenge: Challenge = decode(&json)?;
+        if challenge.id != *id {
+            return Err(corrupt("a challenge record under another challenge's id"));
+        }
+        let mut deliveries: Vec<(String, String)> = fields.into_iter().filter(|(name, _)| name.starts_with("d:")).collect();
+        deliveries.sort();
+        for (_, delivery) in deliveries {
+            challenge.record_delivery(decode(&delivery)?);
+        }
+        let version = version.parse().map_err(corrupt)?;
+        let purge_at = Millis(purge_at.parse().map_err(corrupt)?);
+        Ok(Some(ChallengeRecord { tag: tag.to_string(), version, purge_at, challenge }))
     }
 
     /// Writes `challenge` if the record is still at `version`; returns the new
-    /// version, or `None` when someone else changed it first.
-    async fn compare_and_set(&self, tag: &str, version: u64, challenge: &Challenge) -> Result<Option<u64>, StoreError> {
-        match self.write(tag, version, challenge, None).await? {
+    /// version, or `None` when someone else changed it first, or (Redis's clock
+    /// says so) it expired: the caller reads it again, and expires it then.
+    /// `now` is the store's clock (`Millis(0)` for none: Redis's alone decides).
+    async fn compare_and_set(
+        &self,
+        tag: &str,
+        version: u64,
+        challenge: &Challenge,
+        now: Millis,
+    ) -> Result<Option<u64>, StoreError> {
+        match self.write(tag, version, challenge, now, false).await? {
             Written::Version(version) => Ok(Some(version)),
             Written::Stale | Written::Blocked => Ok(None),
+            Written::Expired(redis_now) => {
+                self.expire(tag, challenge.id.clone(), redis_now).await?;
+                Ok(None)
+            }
         }
     }
 
-    /// The compare-and-set itself; with `approving_at`, it refuses (Blocked) to
-    /// approve while the user's block is in force at that time.
+    /// Expires challenge `id` at `now` (Redis's clock, past the store's) if it is
+    /// still PENDING: what `current` does by the store's clock.
+    async fn expire(&self, tag: &str, id: ChallengeId, now: Millis) -> Result<(), StoreError> {
+        loop {
+            let Some(mut record) = self.load(&id).await? else { return Ok(()) };
+            if !record.challenge.expire_if_due(now) {
+                return Ok(());
+            }
+            if let Written::Version(_) = self.write(tag, record.version, &record.challenge, now, false).await? {
+                crate::telemetry::metrics::challenge_resolved(ChallengeState::Expired, None);
+                return Ok(());
+            }
+        }
+    }
+
+    /// The compare-and-set itself; `approving`, it refuses (Blocked) to approve
+    /// while the user's block is in force at `now` (the store's clock). Any change
+    /// but to EXPIRED is refused (Expired) for a PENDING challenge past its expiry
+    /// by the later of `now` and Redis's clock.
     async fn write(
         &self,
         tag: &str,
         version: u64,
         challenge: &Challenge,
-        approving_at: Option<Millis>,
+        now: Millis,
+        approving: bool,
     ) -> Result<Written, StoreError> {
         let keys = Keys(tag);
         let json = encode(challenge)?;
@@ -82,16 +148,19 @@ impl Reader {
             .arg(state.trim_matches('"'))
             .arg(shard_channel(&challenge.id))
             .arg(challenge.id.as_str())
-            .arg(approving_at.map_or(0, |now| now.0))
-            .arg(if approving_at.is_some() { "1" } else { "0" });
-        let new_version: i64 = self.connection.invoke(&invocation).await?;
-        match u64::try_from(new_version) {
-            Ok(0) => Ok(Written::Stale),
-            Ok(version) => {
+            .arg(now.0)
+            .arg(if approving { "1" } else { "0" });
+        let answer: Vec<i64> = self.connection.invoke(&invocation).await?;
+        match answer.as_slice() {
+            [0] => Ok(Written::Stale),
+            [-1] => Ok(Written::Blocked),
+            [-2, redis_now] => Ok(Written::Expired(Millis(*redis_now))),
+            [version] if *version > 0 => {
+                let version = version.unsigned_abs();
                 self.watchers.apply(version, challenge);
                 Ok(Written::Version(version))
             }
-            Err(_) => Ok(Written::Blocked),
+            other => Err(corrupt(format!("unexpected compare-and-set answer {other:?}"))),
         }
     }
 
@@ -103,16 +172,33 @@ impl Reader {
         id: &ChallengeId,
         now: Millis,
     ) -> Result<Option<ChallengeRecord>, StoreError> {
+        self.read(Some(tenant), id, now).await
+    }
+
+    /// Reads a challenge for its watchers on this replica, after a change was
+    /// announced: what the record says is what they see, whatever the message said.
+    pub(super) async fn refresh(&self, id: &ChallengeId, now: Millis) -> Result<(), StoreError> {
+        self.read(None, id, now).await.map(drop)
+    }
+
+    /// [`Reader::current`], for any tenant when `tenant` is `None`. Either way the
+    /// watchers of the challenge on this replica get what was read.
+    async fn read(
+        &self,
+        tenant: Option<&TenantId>,
+        id: &ChallengeId,
+        now: Millis,
+    ) -> Result<Option<ChallengeRecord>, StoreError> {
         loop {
             let Some(mut record) = self.load(id).await? else { return Ok(None) };
-            if record.challenge.tenant != *tenant || now >= record.purge_at {
+            if tenant.is_some_and(|tenant| record.challenge.tenant != *tenant) || now >= record.purge_at {
                 return Ok(None);
             }
             if !record.challenge.expire_if_due(now) {
                 self.watchers.apply(record.version, &record.challenge);
                 return Ok(Some(record));
             }
-            if let Some(version) = self.compare_and_set(&record.tag, record.version, &record.challenge).await? {
+            if let Some(version) = self.compare_and_set(&record.tag, record.version, &record.challenge, now).await? {
                 // Counted once across replicas: only the compare-and-set winner gets here.
                 crate::telemetry::metrics::challenge_resolved(ChallengeState::Expired, None);
                 record.version = version;
@@ -137,33 +223,42 @@ impl RedisStore {
         let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
         let request_key = keys.request(challenge.request_id.as_deref().unwrap_or(""));
         let index = challenge_index(&challenge.id);
-        let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
-        let outcome: Vec<String> = self
-            .connection
-            .invoke(
-                self.scripts
-                    .create
-                    .key(keys.challenge(challenge.id.as_str()))
-                    .key(keys.pending())
-                    .key(keys.created())
-                    .key(request_key)
-                    .key(keys.block())
-                    .arg(encode(&challenge)?)
-                    .arg(challenge.id.as_str())
-                    .arg(now.0)
-                    .arg(challenge.expires_at.0)
-                    .arg(key_ttl)
-                    .arg(policy.max_pending)
-                    .arg(policy.max_per_window)
-                    .arg(window.max(1))
-                    .arg(if challenge.request_id.is_some() { "1" } else { "0" })
-                    .arg(keys.challenge_prefix())
-                    .arg(purge_at.0),
-            )
-            .await?;
+        // On a cluster the index is another slot's key: set before the record (so a
+        // record never lacks it) and removed again on a refusal. On one Redis the
+        // script sets it with the record: one call.
+        let cluster = self.connection.is_cluster();
+        if cluster {
+            let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
+        }
+        let mut invocation = self.scripts.create.prepare_invoke();
+        invocation
+            .key(keys.challenge(challenge.id.as_str()))
+            .key(keys.pending())
+            .key(keys.created())
+            .key(request_key)
+            .key(keys.block())
+            .arg(encode(&challenge)?)
+            .arg(challenge.id.as_str())
+            .arg(now.0)
+            .arg(challenge.expires_at.0)
+            .arg(key_ttl)
+            .arg(policy.max_pending)
+            .arg(policy.max_per_window)
+            .arg(window.max(1))
+            .arg(if challenge.request_id.is_some() { "1" } else { "0" })
+            .arg(keys.challenge_prefix())
+            .arg(purge_at.0)
+            .arg(&tag);
+        if !cluster {
+            invocation.key(&index);
+        }
+        let outcome: Vec<String> = self.connection.invoke(&invocation).await?;
         let refused = |refusal| CreateOutcome::Refused(refusal);
         let result = match outcome.first().map(String::as_str) {
-            Some("created") => return Ok(CreateOutcome::Created(challenge)),
+            Some("created") => {
+                self.tags.put(&challenge.id, &tag);
+                return Ok(CreateOutcome::Created(challenge));
+            }
             Some("existing") => {
                 let existing = outcome.get(1).map(|id| ChallengeId::parse(id)).transpose().map_err(corrupt)?;
                 let reader = self.reader();
@@ -180,7 +275,9 @@ impl RedisStore {
             Some("rate_limited") => refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }),
             other => return Err(corrupt(format!("unexpected create answer {other:?}"))),
         };
-        let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
+        if cluster {
+            let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
+        }
         Ok(result)
     }
 
@@ -220,34 +317,44 @@ impl RedisStore {
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
         let reader = self.reader();
-        let (mut resolution, mut refused) = (resolution, false);
+        let (mut resolution, mut refused, mut now) = (resolution, false, now);
         loop {
             let Some(mut record) = reader.current(tenant, id, now).await? else { return Ok(None) };
             if !record.challenge.apply(&resolution, now) {
                 return Ok(Some(ResolveOutcome { accepted: false, challenge: record.challenge }));
             }
-            let approving = (resolution.state == ChallengeState::Approved).then_some(now);
-            match reader.write(&record.tag, record.version, &record.challenge, approving).await? {
+            let approving = resolution.state == ChallengeState::Approved;
+            match reader.write(&record.tag, record.version, &record.challenge, now, approving).await? {
                 Written::Version(_) => return Ok(Some(ResolveOutcome { accepted: !refused, challenge: record.challenge })),
                 Written::Stale => {}
                 // A block came first: the approval is refused and the challenge
                 // cancelled, as the block's own cancellation would have.
                 Written::Blocked => (resolution, refused) = (Resolution::cancelled(), true),
+                // Redis's clock is past the expiry (this replica's is behind): the
+                // answer is refused, and the read again by that clock expires it.
+                Written::Expired(redis_now) => now = now.max(redis_now),
             }
         }
     }
 
+    /// One call (`delivery.lua`): the delivery goes in a field of its own, so it
+    /// needs no read first and races with no other change. Watchers hear of it as
+    /// of any change.
     pub(super) async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
-        let reader = self.reader();
-        loop {
-            let Some(mut record) = reader.load(id).await? else { return Ok(()) };
-            if !record.challenge.record_delivery(delivery.clone()) {
-                return Ok(());
-            }
-            if reader.compare_and_set(&record.tag, record.version, &record.challenge).await?.is_some() {
-                return Ok(());
-            }
-        }
+        let Some(tag) = self.reader().locate(id).await? else { return Ok(()) };
+        let _: i64 = self
+            .connection
+            .invoke(
+                self.scripts
+                    .delivery
+                    .key(Keys(&tag).challenge(id.as_str()))
+                    .arg(format!("d:{}", delivery.device_id))
+                    .arg(encode(&delivery)?)
+                    .arg(shard_channel(id))
+                    .arg(id.as_str()),
+            )
+            .await?;
+        Ok(())
     }
 
     pub(super) async fn pending_challenges(
@@ -262,7 +369,12 @@ impl RedisStore {
         let mut pending = Vec::new();
         for id in ids {
             let Ok(id) = ChallengeId::parse(&id) else { continue };
+            // The user's pending set names challenges in the user's slot.
+            self.tags.put(&id, &tag);
+            // The tag is a hash of the tenant and user: the record itself must be
+            // the user's too, or it is not listed.
             if let Some(record) = reader.current(tenant, &id, now).await?
+                && record.challenge.user_id == *user
                 && record.challenge.state == ChallengeState::Pending
             {
                 pending.push(record.challenge);

@@ -56,11 +56,13 @@ impl Connection {
     }
 
     pub(super) async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        counted(1);
         let mut link = self.link.clone();
         bounded(self.timeout, "timed out", cmd.query_async(&mut link)).await
     }
 
     pub(super) async fn invoke<T: FromRedisValue>(&self, invocation: &ScriptInvocation<'_>) -> Result<T, StoreError> {
+        counted(1);
         let mut link = self.link.clone();
         bounded(self.timeout, "timed out", invocation.invoke_async(&mut link)).await
     }
@@ -84,7 +86,13 @@ impl Connection {
 
     /// Runs a pipeline (all its keys in one slot on a cluster).
     pub(super) async fn pipeline<T: FromRedisValue>(&self, pipeline: &Pipeline) -> Result<T, StoreError> {
+        counted(pipeline.cmd_iter().count());
         let mut link = self.link.clone();
         bounded(self.timeout, "timed out", pipeline.query_async(&mut link)).await
     }
+}
+
+/// Counts calls made to Redis (`pushmatch_store_redis_calls_total`).
+fn counted(calls: usize) {
+    metrics::counter!(crate::telemetry::metrics::names::REDIS_CALLS).increment(calls as u64);
 }

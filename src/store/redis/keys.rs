@@ -1,14 +1,23 @@
 //! The Redis key schema: every key and channel name the store uses is made here.
 //!
-//! One user's keys share a hash slot through the tag `{tu}`: the first 16 hex
-//! digits of SHA-256("tenant\0user") ([`user_tag`]), so user ids with braces or odd
-//! bytes cannot break the tag, and a script may touch several keys of one user on a
-//! Redis Cluster. Keys that find a user's slot from an id are global indexes; they
-//! hold the owner's `tu`.
+//! One user's keys share a hash slot through the tag `{tu}`: the first 32 hex
+//! digits (128 bits) of SHA-256("tenant\0user") ([`user_tag`]), so user ids with
+//! braces or odd bytes cannot break the tag, and a script may touch several keys of
+//! one user on a Redis Cluster. Keys that find a user's slot from an id are global
+//! indexes; they hold the owner's `tu`.
+//!
+//! 128 bits, so that no two users share keys by chance or by a chosen user id (a
+//! birthday search over 64-bit tags takes about 2^32 user ids; over 128 bits,
+//! 2^64). Reads that list a user's records (devices, pending challenges) compare the
+//! tenant and user id of each record as well, so even a tag shared by two users
+//! would not show one user's records to the other. The tag used to be 64 bits (16
+//! hex digits, the first half of today's): keys written then are not read under the
+//! new tags. `deploy/README.md` ("Upgrading a Redis store written before 128-bit
+//! user tags") says how to move them.
 //!
 //! | key | type | content | TTL |
 //! | --- | --- | --- | --- |
-//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at` | purge time (expiry + retention) + 1 min |
+//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at`; `d:<device id>` (a delivery's latest state, JSON, laid over the deliveries in `json` on a read) | purge time (expiry + retention) + 1 min |
 //! | `pm:{tu}:pending` | zset | ids of PENDING challenges, scored by creation | as the newest challenge's record |
 //! | `pm:{tu}:created` | zset | ids created in the rate window, scored by creation | the rate window |
 //! | `pm:{tu}:req:<request_id>` | string | challenge id for an idempotency key | until the challenge expires |
@@ -22,7 +31,7 @@
 //! | `pm:{tu}:devs` | set | the user's device ids (at most `max_devices`, added only by `enroll.lua`) | none: durable |
 //! | `pm:{tu}:en:<enrollment id>` | string | JSON `Enrollment` | expiry + 7 days (from its creation) |
 //! | `pm:{tu}:ens` | zset | ids of the user's open enrollments, scored by expiry; completed and expired ones are pruned by `insert_enrollment.lua` and `enroll.lua` | the latest expiry + 1 min |
-//! | `pm:cidx:<challenge id>` | string | the owner's `tu` | as the challenge's record |
+//! | `pm:cidx:<challenge id>` | string | the owner's `tu` (set by `create.lua` with the record on one Redis; before it, on a cluster) | as the challenge's record |
 //! | `pm:didx:<device id>` | string | the owner's `tu` | none: durable |
 //! | `pm:enidx:<enrollment id>` | string | the owner's `tu` | as the enrollment |
 //! | `pm:code:<code digest>` | string | `<tu> <enrollment id>` | as the enrollment |
@@ -41,11 +50,18 @@
 //! names a second device. See `records.rs` (`spend_enrollment`) for why the two
 //! steps are safe.
 //!
-//! Pub/sub: every change to a challenge is published on one of [`SHARDS`] channels
-//! `pm:ev:<n>` ([`shard_channel`], by challenge id) as `<challenge id> <version> <json>`.
+//! Pub/sub: every change to a challenge is announced on one of [`SHARDS`] channels
+//! `pm:ev:<n>` ([`shard_channel`], by challenge id) as `<challenge id> <version>`:
+//! never the challenge itself (its number). A replica that watches the challenge
+//! reads the record when the version is newer than what it has seen; a forged
+//! message costs it one read and changes nothing.
 
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
 
 use crate::domain::device::{KeyFingerprint, ProofUse};
@@ -67,7 +83,42 @@ pub(super) fn ttl_ms(now: Millis, until: Millis) -> i64 {
 /// The slot tag of a user's keys.
 pub(super) fn user_tag(tenant: &TenantId, user: &UserId) -> String {
     let digest = Sha256::digest(format!("{}\0{}", tenant.0, user.as_str()).as_bytes());
-    hex::encode(&digest[..8])
+    hex::encode(&digest[..16])
+}
+
+/// Which user's slot holds a record, by the record's id (a challenge's, a
+/// device's), as far as this replica has seen: a record's owner never changes, so
+/// a hit saves the read of its global index (`pm:cidx:`, `pm:didx:`). A stale entry
+/// (the record gone) only finds no record, as the index would have. Two generations
+/// of at most [`TagCache::GENERATION`] entries each bound its memory.
+pub(super) struct TagCache<K> {
+    /// The current generation and the one before it.
+    generations: Mutex<(Tags<K>, Tags<K>)>,
+}
+
+type Tags<K> = HashMap<K, Arc<str>>;
+
+impl<K> Default for TagCache<K> {
+    fn default() -> Self {
+        Self { generations: Mutex::new((HashMap::new(), HashMap::new())) }
+    }
+}
+
+impl<K: Clone + Eq + Hash> TagCache<K> {
+    const GENERATION: usize = 20_000;
+
+    pub(super) fn get(&self, id: &K) -> Option<Arc<str>> {
+        let generations = self.generations.lock();
+        generations.0.get(id).or_else(|| generations.1.get(id)).cloned()
+    }
+
+    pub(super) fn put(&self, id: &K, tag: &str) {
+        let mut generations = self.generations.lock();
+        if generations.0.len() >= Self::GENERATION {
+            generations.1 = std::mem::take(&mut generations.0);
+        }
+        generations.0.insert(id.clone(), Arc::from(tag));
+    }
 }
 
 /// The channel that carries a challenge's changes.
@@ -198,6 +249,8 @@ mod tests {
         for key in user_keys {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }
+        assert_eq!(tag.len(), 32, "128 bits, in hex");
+        assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(tag, user_tag(&TenantId("t".into()), &UserId::parse("piet").expect("user")));
     }
 }

@@ -5,14 +5,28 @@
 //! the key before the user's script; `records.rs` shows why that is safe.
 //!
 //! Time is the store's clock (the `now` every call passes; `spend_proof`, which
-//! gets none, reads the clock the store was given), never Redis's: expiry, windows
-//! and lockouts are decided in the scripts and in Rust against `now`; Redis TTLs
-//! only collect garbage, with a margin.
+//! gets none, reads the clock the store was given): windows and lockouts are decided
+//! in the scripts and in Rust against `now`; Redis TTLs only collect garbage, with a
+//! margin. One rule also asks Redis's clock: a challenge's expiry. Its
+//! compare-and-set (`challenge_cas.lua`) refuses any answer once the later of `now`
+//! and Redis's `TIME` has reached `expires_at`, so a replica whose clock is behind
+//! cannot accept an answer late; one whose clock is ahead expires early, which is
+//! the safe side. Blocks, the wrong-number and TOTP windows and the create limits
+//! stay on the store's clock, on purpose: there a clock behind is the strict side
+//! (a block or lock lasts longer, a window counts more), a clock ahead ends a timed
+//! block or lock early by its skew, at most, and the blocks that matter most (a
+//! fraud report, `max_consecutive` TOTP failures) have no end time at all. Taking
+//! the earlier of the two clocks there would make a timed block outlast its end
+//! for every replica whose clock is right, and tie the store's behaviour to a clock
+//! its tests cannot move. Keep the replicas' clocks synchronised (NTP) all the same.
 //!
-//! Every change to a challenge is published, with its version, on one of
-//! [`SHARDS`] channels (by challenge id), so each replica holds one pub/sub
-//! connection subscribed to a fixed handful of channels, not one SUBSCRIBE per
-//! challenge; `watch` turns that into wake-ups and expiry across replicas.
+//! Every change to a challenge is announced, as its id and version and nothing
+//! else, on one of [`SHARDS`] channels (by challenge id), so each replica holds one
+//! pub/sub connection subscribed to a fixed handful of channels, not one SUBSCRIBE
+//! per challenge; `watch` turns that into reads of the record (Redis's keys are the
+//! truth, a message only says where to look) and so into wake-ups and expiry across
+//! replicas. Whoever can reach the channels learns no number and can make no watcher
+//! report anything the record does not say.
 //!
 //! | module | holds |
 //! | --- | --- |
@@ -55,6 +69,7 @@ mod watch;
 use challenges::Reader;
 use connection::{Connection, unavailable};
 pub use keys::SHARDS;
+use keys::TagCache;
 use scripts::Scripts;
 use watch::WatchRegistry;
 
@@ -114,6 +129,10 @@ pub struct RedisStore {
     connection: Connection,
     scripts: Scripts,
     watchers: Arc<WatchRegistry>,
+    /// Which user's slot holds a challenge, for the challenges this replica has seen.
+    tags: Arc<TagCache<ChallengeId>>,
+    /// Which user's slot holds a device, for the devices this replica has seen.
+    device_tags: TagCache<DeviceId>,
     /// The store's clock, for the calls that get no `now` (`spend_proof`).
     clock: Arc<dyn Clock>,
     /// Stops the pub/sub and deadline tasks when the store is dropped.
@@ -135,6 +154,8 @@ impl RedisStore {
             connection,
             scripts: Scripts::new(),
             watchers: Arc::new(WatchRegistry::default()),
+            tags: Arc::new(TagCache::default()),
+            device_tags: TagCache::default(),
             clock: Arc::clone(&clock),
             closing: CancellationToken::new(),
         };
@@ -150,6 +171,7 @@ impl RedisStore {
             connection: self.connection.clone(),
             challenge_cas: Arc::clone(&self.scripts.challenge_cas),
             watchers: Arc::clone(&self.watchers),
+            tags: Arc::clone(&self.tags),
         }
     }
 
@@ -332,6 +354,8 @@ impl Store for RedisStore {
 #[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
+#[cfg(test)]
+mod challenge_tests;
 #[cfg(test)]
 mod tests_failover;
 #[cfg(test)]

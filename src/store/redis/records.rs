@@ -14,9 +14,17 @@ use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError}
 /// Reads and compare-and-sets behind the trait methods below.
 impl RedisStore {
     /// The device's key, its stored text and the device.
+    /// The device's index is read once per replica: its owner never changes.
     async fn load_device(&self, id: &DeviceId) -> Result<Option<(String, String, Device)>, StoreError> {
-        let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(device_index(id))).await?;
-        let Some(tag) = tag else { return Ok(None) };
+        let tag = match self.device_tags.get(id) {
+            Some(tag) => tag.to_string(),
+            None => {
+                let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(device_index(id))).await?;
+                let Some(tag) = tag else { return Ok(None) };
+                self.device_tags.put(id, &tag);
+                tag
+            }
+        };
         let key = Keys(&tag).device(id.as_str());
         let text: Option<String> = self.connection.query(redis::cmd("GET").arg(&key)).await?;
         match text {
@@ -242,24 +250,16 @@ impl RedisStore {
     pub(super) async fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
         let tag = user_tag(tenant, user);
         let keys = Keys(&tag);
-        let mut ids: Vec<String> = self.connection.query(redis::cmd("SMEMBERS").arg(keys.devices())).await?;
-        ids.sort();
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut get = redis::cmd("MGET");
-        for id in &ids {
-            get.arg(keys.device(id));
-        }
-        let records: Vec<Option<String>> = self.connection.query(&get).await?;
+        let records: Vec<String> =
+            self.connection.invoke(self.scripts.devices.key(keys.devices()).arg(keys.device_prefix())).await?;
         let mut devices: Vec<Device> = Vec::new();
-        for record in records.into_iter().flatten() {
+        for record in records {
             let device: Device = decode(&record)?;
             if device.tenant == *tenant && device.user_id == *user {
                 devices.push(device);
             }
         }
-        devices.sort_by_key(|d| d.enrolled_at);
+        devices.sort_by(|a, b| a.enrolled_at.cmp(&b.enrolled_at).then_with(|| a.id.as_str().cmp(b.id.as_str())));
         Ok(devices)
     }
 

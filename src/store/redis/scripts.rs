@@ -11,6 +11,10 @@ pub(super) struct Scripts {
     /// The compare-and-set that every challenge change goes through, shared with
     /// the background tasks (`challenge_cas.lua`).
     pub(super) challenge_cas: Arc<Script>,
+    /// Records a delivery in its own field of the challenge (`delivery.lua`).
+    pub(super) delivery: Script,
+    /// A user's device records (`devices.lua`).
+    pub(super) devices: Script,
     /// Compare-and-set of a device record or a user's block (`value_cas.lua`).
     pub(super) value_cas: Script,
     /// Compare-and-delete of a claim: a public key's (`release.lua`).
@@ -32,6 +36,8 @@ impl Scripts {
         Self {
             create: Script::new(include_str!("scripts/create.lua")),
             challenge_cas: Arc::new(Script::new(include_str!("scripts/challenge_cas.lua"))),
+            delivery: Script::new(include_str!("scripts/delivery.lua")),
+            devices: Script::new(include_str!("scripts/devices.lua")),
             value_cas: Script::new(include_str!("scripts/value_cas.lua")),
             release: Script::new(include_str!("scripts/release.lua")),
             insert_enrollment: Script::new(include_str!("scripts/insert_enrollment.lua")),

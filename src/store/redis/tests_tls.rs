@@ -23,8 +23,7 @@ use crate::store::{CreateOutcome, StoreError};
 const PASSWORD: &str = "s3cret-acl-password";
 const WRONG_PASSWORD: &str = "wr0ng-acl-password";
 /// The ACL rules deploy/README.md gives the store's user.
-const APP_ACL: &str =
-    "~pm:* &pm:* +@read +@write +@scripting +@pubsub +@connection +@transaction -@dangerous +wait +cluster|slots +cluster|shards";
+const APP_ACL: &str = "~pm:* &pm:* +@read +@write +@scripting +@pubsub +@connection +@transaction -@dangerous +wait +time +cluster|slots +cluster|shards";
 
 /// A CA and a server certificate it issued, as PEM files in a folder of their own.
 pub(super) struct TlsFiles {

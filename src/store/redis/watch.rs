@@ -3,8 +3,11 @@
 //! watched challenges at their deadline.
 //!
 //! A watch registers its interest first and reads second, and updates apply only
-//! when their version is newer: no change slips through the gap. After a pub/sub
-//! reconnect every watched challenge is read again. Each replica expires the
+//! when their version is newer: no change slips through the gap. What crosses
+//! pub/sub is a challenge id and a version, which anyone who can PUBLISH could
+//! forge: a message only makes this replica read the record (when the version is
+//! newer than what its watchers saw), and the watchers get what Redis holds. After
+//! a pub/sub reconnect every watched challenge is read again. Each replica expires the
 //! challenges it watches at their deadline (a compare-and-set, so one replica wins
 //! and publishes), which is how expiry reaches watchers everywhere.
 
@@ -29,6 +32,16 @@ struct Watched {
     /// The newest version seen and the challenge at it.
     latest: Option<(u64, Challenge)>,
     sender: Option<watch::Sender<Challenge>>,
+    /// A read after an announcement is under way ([`WatchRegistry::start_read`]).
+    reading: bool,
+    /// Announced again meanwhile: read once more when it ends.
+    read_again: bool,
+}
+
+impl Watched {
+    fn new() -> Self {
+        Self { latest: None, sender: None, reading: false, read_again: false }
+    }
 }
 
 #[derive(Default)]
@@ -46,7 +59,7 @@ impl WatchRegistry {
     /// Notes interest in a challenge before it is read, so a change published
     /// meanwhile is kept (and wins over the read by its version).
     pub(super) fn expect(&self, id: &ChallengeId) {
-        self.lock().entry(id.clone()).or_insert(Watched { latest: None, sender: None });
+        self.lock().entry(id.clone()).or_insert(Watched::new());
     }
 
     /// Forgets the interest of [`WatchRegistry::expect`] when the read found nothing,
@@ -62,7 +75,7 @@ impl WatchRegistry {
     pub(super) fn subscribe(&self, id: &ChallengeId, version: u64, challenge: &Challenge) -> ChallengeWatch {
         let receiver = {
             let mut entries = self.lock();
-            let entry = entries.entry(id.clone()).or_insert(Watched { latest: None, sender: None });
+            let entry = entries.entry(id.clone()).or_insert(Watched::new());
             if entry.latest.as_ref().is_none_or(|(seen, _)| *seen < version) {
                 entry.latest = Some((version, challenge.clone()));
             }
@@ -95,6 +108,33 @@ impl WatchRegistry {
         if let Some(sender) = &entry.sender {
             sender.send_replace(challenge.clone());
         }
+    }
+
+    /// Whether to read challenge `id` now, announced at `version`: it is watched here,
+    /// `version` is newer than what its watchers saw (or they saw nothing yet), and no
+    /// read of it is under way. With one under way, it is noted to read once more
+    /// when that one ends ([`WatchRegistry::end_read`]), so a flood of announcements,
+    /// forged ones too, costs one read at a time per watched challenge.
+    pub(super) fn start_read(&self, id: &ChallengeId, version: u64) -> bool {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else { return false };
+        if entry.latest.as_ref().is_some_and(|(seen, _)| *seen >= version) {
+            return false;
+        }
+        if entry.reading {
+            entry.read_again = true;
+            return false;
+        }
+        entry.reading = true;
+        true
+    }
+
+    /// Ends a read of [`WatchRegistry::start_read`]; true when it is to be read again.
+    pub(super) fn end_read(&self, id: &ChallengeId) -> bool {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else { return false };
+        entry.reading = std::mem::take(&mut entry.read_again);
+        entry.reading
     }
 
     /// Drops entries nobody watches any more; returns the earliest pending expiry.
@@ -147,12 +187,25 @@ pub(super) async fn follow_changes(subscriber: Subscriber, reader: Reader, clock
                     };
                     let Some(message) = message else { break };
                     let Ok(payload) = message.get_payload::<String>() else { continue };
+                    // '<id> <version>': a hint where to look, never what to report. What
+                    // else a message carries (an older replica's JSON) is not read.
                     let mut parts = payload.splitn(3, ' ');
-                    let (Some(_id), Some(version), Some(json)) = (parts.next(), parts.next(), parts.next()) else { continue };
-                    let (Ok(version), Ok(challenge)) = (version.parse::<u64>(), serde_json::from_str::<Challenge>(json)) else {
+                    let (Some(id), Some(version)) = (parts.next(), parts.next()) else { continue };
+                    let (Ok(id), Ok(version)) = (ChallengeId::parse(id), version.parse::<u64>()) else { continue };
+                    if !reader.watchers.start_read(&id, version) {
                         continue;
-                    };
-                    reader.watchers.apply(version, &challenge);
+                    }
+                    let (reader, clock) = (reader.clone(), Arc::clone(&clock));
+                    tokio::spawn(async move {
+                        loop {
+                            if let Err(error) = reader.refresh(&id, clock.now()).await {
+                                tracing::debug!(%error, "could not read a changed challenge");
+                            }
+                            if !reader.watchers.end_read(&id) {
+                                break;
+                            }
+                        }
+                    });
                 }
                 tracing::warn!("redis pub/sub connection lost; reconnecting");
             }
@@ -191,5 +244,36 @@ pub(super) async fn expire_watched(reader: Reader, clock: Arc<dyn Clock>, closin
             () = sleep => {}
             () = changed => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use super::WatchRegistry;
+    use crate::domain::ids::{TenantId, UserId};
+    use crate::domain::time::Millis;
+    use crate::store::conformance::sample_challenge;
+
+    /// Announcements start a read only for a watched challenge, only past the
+    /// version its watchers saw, and one at a time: a flood while a read is under
+    /// way comes to one more read, not one per message.
+    #[test]
+    fn announcements_start_one_read_at_a_time() {
+        let registry = WatchRegistry::default();
+        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
+        let id = challenge.id.clone();
+        assert!(!registry.start_read(&id, 5), "not watched here");
+        let _watch = registry.subscribe(&id, 2, &challenge);
+        assert!(!registry.start_read(&id, 2), "seen already");
+        assert!(registry.start_read(&id, 3));
+        for version in 4..1_000 {
+            assert!(!registry.start_read(&id, version), "a read is under way");
+        }
+        assert!(registry.end_read(&id), "announced meanwhile: once more");
+        assert!(!registry.end_read(&id), "and then done");
+        assert!(registry.start_read(&id, 1_000));
+        assert!(!registry.end_read(&id));
     }
 }

@@ -1,5 +1,5 @@
--- Compare-and-set of a challenge by version; publishes the new state. Every
--- change to a challenge goes through here.
+-- Compare-and-set of a challenge by version; announces the change. Every change
+-- to a challenge goes through here.
 --
 -- KEYS[1]  the challenge's hash                  pm:{tu}:ch:<id>
 -- KEYS[2]  the user's PENDING ids (zset)         pm:{tu}:pending
@@ -11,20 +11,33 @@
 -- ARGV[5]  the challenge id
 -- ARGV[6]  now (ms, the store's clock)
 -- ARGV[7]  '1' when this change approves the challenge, else '0'
--- Publishes '<id> <new version> <JSON>' on ARGV[4].
--- Returns the new version, 0 when the record is gone or at another version, or -1
+-- Publishes '<id> <new version>' on ARGV[4]: never the challenge (its number), and
+-- the watchers read the record before they believe anything (see watch.rs).
+-- Returns {new version}; {0} when the record is gone or at another version; {-1}
 -- when it would approve while the user is blocked (a fraud report or wrong numbers
--- came first: no approval may land after a block, however close the race).
-local v = redis.call('HGET', KEYS[1], 'v')
+-- came first: no approval may land after a block, however close the race); or
+-- {-2, <Redis time, ms>} when the challenge is PENDING and its expiry has come by
+-- the later of the store's clock and Redis's own (TIME): a replica whose clock is
+-- behind cannot answer, or keep alive, a challenge past its expiry. Only the
+-- change to EXPIRED itself passes then.
+local h = redis.call('HMGET', KEYS[1], 'v', 'state', 'expires_at')
+local v = h[1]
 if not v or v ~= ARGV[1] then
-  return 0
+  return {0}
+end
+if h[2] == 'Pending' and ARGV[3] ~= 'Expired' then
+  local t = redis.call('TIME')
+  local redis_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if math.max(tonumber(ARGV[6]), redis_now) >= tonumber(h[3]) then
+    return {-2, redis_now}
+  end
 end
 if ARGV[7] == '1' then
   local block = redis.call('GET', KEYS[3])
   if block then
     local b = cjson.decode(block)
     if b['until'] == cjson.null or tonumber(ARGV[6]) < tonumber(b['until']) then
-      return -1
+      return {-1}
     end
   end
 end
@@ -33,5 +46,5 @@ redis.call('HSET', KEYS[1], 'json', ARGV[2], 'v', nv, 'state', ARGV[3])
 if ARGV[3] ~= 'Pending' then
   redis.call('ZREM', KEYS[2], ARGV[5])
 end
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. nv .. ' ' .. ARGV[2])
-return nv
+redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. nv)
+return {nv}

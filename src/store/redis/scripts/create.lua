@@ -18,6 +18,9 @@
 -- ARGV[9]  '1' when the challenge has a request_id (KEYS[4] applies), else '0'
 -- ARGV[10] the prefix of the user's challenge keys, pm:{tu}:ch:
 -- ARGV[11] purge_at (ms): readable until then
+-- KEYS[6]  optional, on a single Redis only: the challenge's index pm:cidx:<id>,
+--          set to ARGV[12] (the user's tag) with the record, so creating is one
+--          call (on a cluster it is another slot: the caller sets it first)
 -- Returns {'created'}, {'existing', <id>}, {'blocked', <UserBlock JSON>},
 -- {'too_many_pending'} or {'rate_limited'}.
 local now = tonumber(ARGV[3])
@@ -62,5 +65,8 @@ redis.call('ZADD', KEYS[3], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[3], ARGV[8])
 if ARGV[9] == '1' then
   redis.call('SET', KEYS[4], ARGV[2], 'PX', math.max(1, tonumber(ARGV[4]) - now))
+end
+if KEYS[6] then
+  redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[5])
 end
 return {'created'}

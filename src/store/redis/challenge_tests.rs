@@ -1,0 +1,236 @@
+//! What the conformance suite cannot see about challenges on Redis: what crosses
+//! pub/sub (and that forging it changes nothing), Redis's clock deciding expiry
+//! for a replica whose clock is behind, and records the pending list must not show.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
+use std::time::Duration;
+
+use futures::StreamExt as _;
+
+use super::RedisStore;
+use super::keys::{Keys, shard_channel, user_tag};
+use super::testing::{RedisCluster, RedisServer};
+use super::tests::store_on;
+use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution};
+use crate::domain::ids::{DeviceId, UserId};
+use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
+use crate::store::CreateOutcome;
+use crate::store::conformance::{Scope, policy, sample_challenge, sample_delivery};
+
+async fn created(store: &RedisStore, challenge: Challenge, now: Millis) -> Challenge {
+    match store.create_challenge(challenge, &policy(), now).await.expect("create") {
+        CreateOutcome::Created(challenge) => challenge,
+        other => panic!("expected Created, got {other:?}"),
+    }
+}
+
+/// A raw connection to `url`, as anyone who can reach the Redis has.
+async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url).expect("url").get_multiplexed_async_connection().await.expect("connect")
+}
+
+/// Someone with PUBLISH rights announces the challenge APPROVED (with a higher
+/// version, the whole JSON, as the old format carried it), and sends garbage: the
+/// watcher stays PENDING, and a real change after the forgeries still reaches it
+/// (a forged version applied would have hidden it).
+#[tokio::test]
+async fn a_forged_announcement_leaves_the_watcher_pending() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let store = store_on(vec![url.to_owned()], clock.clone()).await;
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let challenge = created(&store, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let mut watch = store.watch_challenge(&tenant, &challenge.id, clock.now()).await.expect("watch").expect("found");
+    assert_eq!(watch.borrow_and_update().state, ChallengeState::Pending);
+
+    let mut forged = challenge.clone();
+    let approval = Decision::Approve.resolve(Some(challenge.number), challenge.number, DeviceId::generate().expect("id"));
+    assert!(forged.apply(&approval, clock.now()));
+    let json = serde_json::to_string(&forged).expect("json");
+    let channel = shard_channel(&challenge.id);
+    let mut attacker = raw(url).await;
+    for payload in [
+        format!("{} 999 {json}", challenge.id),
+        format!("{} 1000", challenge.id),
+        format!("{} not-a-version", challenge.id),
+        json.clone(),
+        "garbage".to_owned(),
+        String::new(),
+    ] {
+        let _: i64 = redis::cmd("PUBLISH").arg(&channel).arg(payload).query_async(&mut attacker).await.expect("publish");
+    }
+
+    // A real change, announced after the forgeries on the same channel.
+    let delivery = sample_delivery();
+    store.record_delivery(&challenge.id, delivery.clone()).await.expect("record");
+    let seen = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| !c.deliveries.is_empty()))
+        .await
+        .expect("the real change reaches the watcher")
+        .expect("open")
+        .clone();
+    assert_eq!(seen.state, ChallengeState::Pending, "the forged approval was not believed");
+    assert_eq!(seen.deliveries, vec![delivery]);
+    let read = store.get_challenge(&tenant, &challenge.id, clock.now()).await.expect("get").expect("found");
+    assert_eq!(read.state, ChallengeState::Pending);
+}
+
+/// A whole challenge's life, listened to on every channel: each message is
+/// `<id> <version>`, the versions count up, and nothing else crosses (no number,
+/// no JSON).
+#[tokio::test]
+async fn announcements_carry_an_id_and_a_version_only() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let store = store_on(vec![url.to_owned()], clock.clone()).await;
+    let mut listener = redis::Client::open(url).expect("url").get_async_pubsub().await.expect("pubsub");
+    listener.psubscribe("*").await.expect("psubscribe");
+    let mut messages = listener.into_on_message();
+
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let challenge = created(&store, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    store.record_delivery(&challenge.id, sample_delivery()).await.expect("record");
+    let approval = Decision::Approve.resolve(Some(challenge.number), challenge.number, DeviceId::generate().expect("id"));
+    let outcome = store.resolve_challenge(&tenant, &challenge.id, approval, clock.now()).await.expect("resolve").expect("found");
+    assert!(outcome.accepted);
+
+    let mut versions = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while versions.len() < 2 {
+            let message = messages.next().await.expect("subscribed");
+            let payload: String = message.get_payload().expect("text");
+            let Some((id, version)) = payload.split_once(' ') else { panic!("not '<id> <version>': {payload:?}") };
+            if id != challenge.id.as_str() {
+                continue; // another test's challenge on the shared server
+            }
+            assert!(version.bytes().all(|b| b.is_ascii_digit()), "not '<id> <version>': {payload:?}");
+            assert_eq!(message.get_channel_name(), shard_channel(&challenge.id));
+            versions.push(version.parse::<u64>().expect("version"));
+        }
+    })
+    .await
+    .expect("both changes announced");
+    assert_eq!(versions, vec![2, 3], "the delivery, then the approval");
+}
+
+/// A replica whose clock is a minute behind Redis's: its challenge's expiry has
+/// passed by Redis's clock (TIME) though not by its own, and an answer is refused
+/// as EXPIRED, on one Redis and on a cluster. A challenge not yet expired by
+/// either clock is answered as ever.
+async fn a_slow_clock_cannot_answer_after_expiry(urls: Vec<String>) {
+    let behind = ManualClock::new(SystemClock.now().minus(Duration::from_secs(60)));
+    let store = store_on(urls, behind.clone()).await;
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let now = behind.now();
+    // 30 s by the slow clock: really 30 s ago.
+    let mut late = sample_challenge(&tenant, &user, now, None);
+    late.expires_at = now.plus(Duration::from_secs(30));
+    let late = created(&store, late, now).await;
+    behind.advance(Duration::from_secs(1));
+    let answer = Decision::Approve.resolve(Some(late.number), late.number, DeviceId::generate().expect("id"));
+    let outcome = store.resolve_challenge(&tenant, &late.id, answer, behind.now()).await.expect("resolve").expect("found");
+    assert!(!outcome.accepted, "an answer after the real expiry is refused");
+    assert_eq!(outcome.challenge.state, ChallengeState::Expired);
+    assert_eq!(outcome.challenge.resolved_by, None);
+    let read = store.get_challenge(&tenant, &late.id, behind.now()).await.expect("get").expect("found");
+    assert_eq!(read.state, ChallengeState::Expired, "and the record says so");
+    // A cancel is no way around it either.
+    let cancel = store.resolve_challenge(&tenant, &late.id, Resolution::cancelled(), behind.now()).await.expect("cancel");
+    assert!(!cancel.expect("found").accepted);
+
+    // Two minutes by the slow clock: a minute ahead of Redis's. Answered.
+    let mut fresh = sample_challenge(&tenant, &user, behind.now(), None);
+    fresh.expires_at = behind.now().plus(Duration::from_secs(120));
+    let fresh = created(&store, fresh, behind.now()).await;
+    let answer = Decision::Approve.resolve(Some(fresh.number), fresh.number, DeviceId::generate().expect("id"));
+    let outcome = store.resolve_challenge(&tenant, &fresh.id, answer, behind.now()).await.expect("resolve").expect("found");
+    assert!(outcome.accepted);
+    assert_eq!(outcome.challenge.state, ChallengeState::Approved);
+}
+
+#[tokio::test]
+async fn a_slow_clock_cannot_answer_after_expiry_on_a_single_node() {
+    a_slow_clock_cannot_answer_after_expiry(vec![RedisServer::shared().await.to_owned()]).await;
+}
+
+#[tokio::test]
+async fn a_slow_clock_cannot_answer_after_expiry_on_a_cluster() {
+    a_slow_clock_cannot_answer_after_expiry(RedisCluster::shared().await.to_vec()).await;
+}
+
+/// Deliveries live in fields of their own (`delivery.lua`), laid over the
+/// challenge on every read: one recorded after the answer, or between a read and
+/// the answer's compare-and-set, is kept, and the answer still lands.
+#[tokio::test]
+async fn deliveries_and_answers_both_land_whatever_their_order() {
+    let clock = ManualClock::starting_now();
+    let store = store_on(vec![RedisServer::shared().await.to_owned()], clock.clone()).await;
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let challenge = created(&store, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let (first, second) = (sample_delivery(), sample_delivery());
+    store.record_delivery(&challenge.id, first.clone()).await.expect("record");
+    let answer = Decision::Approve.resolve(Some(challenge.number), challenge.number, DeviceId::generate().expect("id"));
+    let racing = futures::future::join(
+        store.resolve_challenge(&tenant, &challenge.id, answer, clock.now()),
+        store.record_delivery(&challenge.id, second.clone()),
+    );
+    let (outcome, recorded) = racing.await;
+    recorded.expect("record");
+    assert!(outcome.expect("resolve").expect("found").accepted);
+    let mut updated = first.clone();
+    updated.attempts = 2;
+    store.record_delivery(&challenge.id, updated.clone()).await.expect("record");
+    let read = store.get_challenge(&tenant, &challenge.id, clock.now()).await.expect("get").expect("found");
+    assert_eq!(read.state, ChallengeState::Approved);
+    let mut expected = vec![updated, second];
+    expected.sort_by(|a, b| a.device_id.as_str().cmp(b.device_id.as_str()));
+    assert_eq!(read.deliveries, expected);
+}
+
+/// The pending list shows the user's own challenges only, even if a record of
+/// another user's were under the user's tag (as a tag shared by two users would
+/// put it): it compares the user id, not only the tag.
+#[tokio::test]
+async fn the_pending_list_compares_the_user_id() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let store = store_on(vec![url.to_owned()], clock.clone()).await;
+    let tenant = Scope::unique().tenant("a");
+    let (user, other) = (UserId::parse("u").expect("user"), UserId::parse("v").expect("user"));
+    let own = created(&store, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let theirs = created(&store, sample_challenge(&tenant, &other, clock.now(), None), clock.now()).await;
+    // Planted under `user`'s tag: `other`'s challenge record and its id in the pending set.
+    let tag = user_tag(&tenant, &user);
+    let keys = Keys(&tag);
+    let mut connection = raw(url).await;
+    let json = serde_json::to_string(&theirs).expect("json");
+    let purge_at = theirs.expires_at.plus(Duration::from_secs(300)).0;
+    let _: () = redis::cmd("HSET")
+        .arg(keys.challenge(theirs.id.as_str()))
+        .arg("json")
+        .arg(&json)
+        .arg("v")
+        .arg(1)
+        .arg("state")
+        .arg("Pending")
+        .arg("expires_at")
+        .arg(theirs.expires_at.0)
+        .arg("purge_at")
+        .arg(purge_at)
+        .query_async(&mut connection)
+        .await
+        .expect("hset");
+    let _: () = redis::cmd("ZADD")
+        .arg(keys.pending())
+        .arg(clock.now().0 + 1)
+        .arg(theirs.id.as_str())
+        .query_async(&mut connection)
+        .await
+        .expect("zadd");
+    // A fresh store, whose view of where challenges live comes from Redis alone.
+    let fresh = store_on(vec![url.to_owned()], clock.clone()).await;
+    let pending: Vec<_> = fresh.pending_challenges(&tenant, &user, clock.now()).await.expect("list").into_iter().collect();
+    assert_eq!(pending.iter().map(|c| &c.id).collect::<Vec<_>>(), vec![&own.id]);
+    let theirs_listed = fresh.pending_challenges(&tenant, &other, clock.now()).await.expect("list");
+    assert_eq!(theirs_listed.iter().map(|c| &c.id).collect::<Vec<_>>(), vec![&theirs.id]);
+}
