@@ -2,6 +2,12 @@
 //! real device key. The demo, the end-to-end tests and the burst bench use it the
 //! way the iOS and Android apps use the service.
 
+pub mod cli;
+mod qr;
+mod state;
+
+pub use qr::decode_qr_png;
+
 use p256::ecdsa::signature::Signer as _;
 use p256::elliptic_curve::rand_core::OsRng;
 use p256::pkcs8::EncodePublicKey as _;
