@@ -11,6 +11,9 @@
 //! After a deliberate change: `UPDATE_VECTORS=1 cargo test --test device_proof_vectors`
 //! rewrites the file, then this test checks it as usual.
 
+// Tests: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 use std::time::Duration;
 
 use p256::ecdsa::signature::Signer as _;

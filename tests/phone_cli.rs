@@ -3,6 +3,9 @@
 //! approve (the IdP's watcher reads APPROVED), deny, fraud, code (VerifyTotp takes
 //! it), remove; and its errors: non-zero exit with the gRPC status message.
 
+// Tests: a failed expectation is a failed test.
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
+
 mod support;
 
 use std::path::Path;
@@ -182,4 +185,77 @@ async fn a_developer_enrolls_answers_and_removes_a_command_line_phone() {
     for text in [printed, listed, answered, run.stdout, run.stderr] {
         assert!(!text.contains(&secret) && !text.contains(&totp_secret), "a secret was printed: {text}");
     }
+}
+
+/// Over TLS: the phone trusts the server through --ca, remembers it in its state,
+/// and refuses a server its roots do not vouch for.
+#[tokio::test]
+async fn the_command_line_phone_talks_tls_with_its_own_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("key")).expect("CA");
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    leaf_params.subject_alt_names.push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+    let leaf_key = KeyPair::generate().expect("key");
+    let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("sign");
+    let (cert_path, key_path, ca_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"), dir.path().join("ca.pem"));
+    std::fs::write(&cert_path, leaf.pem()).expect("write");
+    std::fs::write(&key_path, leaf_key.serialize_pem()).expect("write");
+    std::fs::write(&ca_path, ca.pem()).expect("write");
+    let server = TestServer::start_with(|config| {
+        config.server.public_url = "https://{addr}".into();
+        config.server.tls_cert_path = Some(cert_path.clone());
+        config.server.tls_key_path = Some(key_path.clone());
+    })
+    .await;
+    let ca_arg = ca_path.to_str().expect("utf-8 path");
+    // The IdP's clients over TLS (the harness's own channel is plain text).
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", server.addr))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect()
+        .await
+        .expect("TLS connects");
+    let interceptor = || pushmatch::demo::ApiKeyInterceptor::new(KEY_A).expect("key");
+    let mut enrollments =
+        pb::enrollment_service_client::EnrollmentServiceClient::with_interceptor(channel.clone(), interceptor());
+    let mut challenges = pb::challenge_service_client::ChallengeServiceClient::with_interceptor(channel, interceptor());
+
+    // Without the CA: the public roots do not vouch for this server.
+    let stranger = dir.path().join("stranger.json");
+    let enrollment = enrollments
+        .begin_enrollment(pb::BeginEnrollmentRequest {
+            user_id: "jan".into(),
+            account_name: "jan@gors.nl".into(),
+            kind: pb::EnrollmentKind::Push.into(),
+        })
+        .await
+        .expect("begin enrollment")
+        .into_inner();
+    let stderr = fails(&stranger, &["enroll", &enrollment.uri]).await;
+    assert!(stderr.contains("cannot reach https://127.0.0.1"), "{stderr}");
+    assert!(!stranger.exists());
+
+    // With it: enroll, then pending and approve with the CA remembered.
+    let state = dir.path().join("phone.json");
+    ok(&state, &["enroll", &enrollment.uri, "--ca", ca_arg, "--key-encoding", "spki", "--der"]).await;
+    let challenge = challenges
+        .create_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() })
+        .await
+        .expect("create challenge")
+        .into_inner();
+    let mut watch = challenges
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .await
+        .expect("watch")
+        .into_inner();
+    assert!(ok(&state, &["pending"]).await.contains(&challenge.challenge_id));
+    ok(&state, &["approve", &challenge.number]).await;
+    assert_eq!(final_state(&challenge.challenge_id, &mut watch).await.state(), pb::ChallengeState::Approved);
 }
