@@ -141,6 +141,14 @@ async fn a_developer_enrolls_answers_and_removes_a_command_line_phone() {
     assert!(verified.valid, "the CLI's code is the server's");
     assert_eq!(verified.device_id, device_id);
 
+    // A wrong number: the challenge is denied, and the command says so and fails.
+    let challenge = server.create_challenge("jan").await;
+    let mut watch = server.watch(&challenge.challenge_id).await;
+    let wrong = if challenge.number == "10" { "11" } else { "10" };
+    let stderr = fails(&state, &["approve", wrong]).await;
+    assert!(stderr.contains("not approved: DENIED (WRONG_NUMBER)"), "{stderr}");
+    assert_eq!(final_state(&challenge.challenge_id, &mut watch).await.deny_reason(), pb::DenyReason::WrongNumber);
+
     // Enroll a second phone from the QR PNG, with Ed25519 and --server; it reports fraud.
     let piet_state = dir.path().join("piet.json");
     let enrollment = server.begin_enrollment("piet").await;
