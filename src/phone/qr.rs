@@ -37,3 +37,55 @@ pub fn decode_qr_png(png_bytes: &[u8]) -> anyhow::Result<String> {
     let (_, content) = grid.decode().map_err(|e| anyhow::anyhow!("the QR code does not decode: {e}"))?;
     Ok(content)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::decode_qr_png;
+
+    /// The server's PNG (8-bit greyscale) re-encoded as a screenshot would be:
+    /// RGBA, coloured, half of it transparent.
+    fn as_rgba_screenshot(grey_png: &[u8]) -> Vec<u8> {
+        let mut reader = png::Decoder::new(std::io::Cursor::new(grey_png)).read_info().expect("png");
+        let mut grey = vec![0; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut grey).expect("frame");
+        assert_eq!(info.color_type, png::ColorType::Grayscale);
+        let rgba: Vec<u8> = grey
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &g)| {
+                // Light pixels of the left half transparent black (they must read as
+                // the white paper behind, not as black); dark ones a dark blue.
+                let transparent = g > 128 && (i % info.width as usize) < info.width as usize / 2;
+                match (g > 128, transparent) {
+                    (true, true) => [0, 0, 0, 0],
+                    (true, false) => [255, 250, 240, 255],
+                    (false, _) => [10, 20, 60, 255],
+                }
+            })
+            .collect();
+        let mut out = Vec::new();
+        let mut encoder = png::Encoder::new(&mut out, info.width, info.height);
+        encoder.set_color(png::ColorType::Rgba);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder.write_header().expect("header").write_image_data(&rgba).expect("data");
+        out
+    }
+
+    #[test]
+    fn the_servers_png_and_a_colour_screenshot_of_it_decode() {
+        let uri = "pushmatch://enroll?v=1&server=http%3A%2F%2F127.0.0.1%3A50051&code=00ff&issuer=Gors&account=jan";
+        let grey = crate::domain::enrollment::qr_png(uri).expect("png");
+        assert_eq!(decode_qr_png(&grey).expect("decodes"), uri);
+        assert_eq!(decode_qr_png(&as_rgba_screenshot(&grey)).expect("decodes"), uri);
+    }
+
+    #[test]
+    fn a_picture_without_a_code_or_not_a_png_is_a_clear_error() {
+        let mut blank = Vec::new();
+        let mut encoder = png::Encoder::new(&mut blank, 64, 64);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.write_header().expect("header").write_image_data(&[255; 64 * 64]).expect("data");
+        assert_eq!(decode_qr_png(&blank).expect_err("no code").to_string(), "no QR code found in the image");
+        assert_eq!(decode_qr_png(b"GIF89a").expect_err("not png").to_string(), "not a PNG image");
+    }
+}
