@@ -40,8 +40,6 @@ const FCM_TOKEN: &str = "fcm-registration-token:APA91bHun4MxP5egoKMwt2KZFBaFUH-1
 
 #[derive(Serialize, Deserialize, Debug, PartialEq)]
 struct Vectors {
-    #[serde(rename = "_comment")]
-    comment: String,
     vectors: Vec<Vector>,
 }
 
@@ -186,12 +184,7 @@ fn generate() -> Vectors {
         "RespondToChallenge",
         &[CHALLENGE, "DECISION_APPROVE", "42"],
     ));
-    Vectors {
-        comment: "DeviceProof test vectors; see docs/device-proofs.md. Generated and checked by tests/device_proof_vectors.rs \
-                  (UPDATE_VECTORS=1 rewrites this file)."
-            .to_owned(),
-        vectors,
-    }
+    Vectors { vectors }
 }
 
 /// The generator's P-256 signer is RFC 6979's: with the RFC's own key it signs

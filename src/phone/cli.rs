@@ -220,7 +220,8 @@ async fn enroll(
     let (key_algorithm, private_key_hex, public_key_encoding, der_signatures) = PhoneState::from_key(&key);
     let state = PhoneState {
         server,
-        ca: args.ca.clone(),
+        // Absolute, so that later commands find it from any folder.
+        ca: args.ca.as_ref().map(|path| std::fs::canonicalize(path).unwrap_or_else(|_| path.clone())),
         device_id: response.device_id.clone(),
         key_algorithm,
         private_key_hex,
