@@ -18,7 +18,7 @@
 //! - [`tls`]: certificate loading, reload and the TLS accept loop for the gRPC port.
 //! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), the catalogue of metric names and the recorder, per-call gRPC metrics.
 //! - [`domain`]: the leaf: challenges, enrollment, device proofs, TOTP, limits, ids, time, the error with its transport-neutral kind, and the ports it needs (`Store`). Names no other module.
-//! - [`phone`]: a simulated authenticator app (a real `DeviceService` client); the demo, tests and benches use it.
+//! - [`phone`]: a simulated authenticator app (a real `DeviceService` client); the demo, tests and benches use it, and [`phone::cli`] is `pushmatch phone`.
 //! - [`demo`]: `pushmatch demo`, the whole flow in one process.
 //! - [`pb`]: the Rust types generated from `proto/pushmatch/v1/pushmatch.proto`.
 

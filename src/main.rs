@@ -32,6 +32,9 @@ enum Command {
         #[arg(long)]
         generate: bool,
     },
+    /// An authenticator app on the command line, for developers without a phone:
+    /// enroll, pending, approve NUMBER, deny, fraud, code, remove.
+    Phone(pushmatch::phone::cli::PhoneArgs),
     /// Exits 0 when the server's `/healthz` answers 200 (for container health checks).
     Healthcheck {
         /// The TOML configuration file, for `server.metrics_listen`.
@@ -53,6 +56,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::HashKey { generate } => hash_key(generate),
+        Command::Phone(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+            runtime.block_on(pushmatch::phone::cli::run(args))
+        }
         Command::Healthcheck { config, addr } => healthcheck(config, addr),
     }
 }

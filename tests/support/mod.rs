@@ -91,6 +91,9 @@ impl TestServer {
         config.validate().expect("test config is valid");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
+        // A test that needs the enrollment URI to name this very server sets
+        // `public_url = "http://{addr}"`.
+        config.server.public_url = config.server.public_url.replace("{addr}", &addr.to_string());
         let apns = RecordingPushSender::new(Platform::Apns);
         let fcm = RecordingPushSender::new(Platform::Fcm);
         let push_counters = Arc::new(DispatcherCounters::default());

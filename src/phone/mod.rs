@@ -2,6 +2,12 @@
 //! real device key. The demo, the end-to-end tests and the burst bench use it the
 //! way the iOS and Android apps use the service.
 
+pub mod cli;
+mod qr;
+mod state;
+
+pub use qr::decode_qr_png;
+
 use p256::ecdsa::signature::Signer as _;
 use p256::elliptic_curve::rand_core::OsRng;
 use p256::pkcs8::EncodePublicKey as _;
@@ -84,6 +90,17 @@ pub fn enrollment_code_from_uri(uri: &str) -> Option<String> {
         .map(|code| percent_encoding::percent_decode_str(code).decode_utf8_lossy().into_owned())
 }
 
+/// The proof of one call, as docs/device-proofs.md describes it: `key` signs
+/// "pushmatch/v1", the RPC name, the device id, the timestamp in decimal and the
+/// call's fields, joined by "\n".
+pub fn sign_proof(key: &PhoneKey, device_id: &str, rpc: &str, fields: &[&str], timestamp_ms: i64) -> pb::DeviceProof {
+    let timestamp = timestamp_ms.to_string();
+    let mut parts = vec!["pushmatch/v1", rpc, device_id, timestamp.as_str()];
+    parts.extend_from_slice(fields);
+    let signature = key.sign(parts.join("\n").as_bytes());
+    pb::DeviceProof { device_id: device_id.to_owned(), timestamp_ms, signature }
+}
+
 pub struct SimulatedPhone {
     client: DeviceServiceClient<Channel>,
     key: PhoneKey,
@@ -104,6 +121,19 @@ impl SimulatedPhone {
             device_id: String::new(),
             last_timestamp_ms: std::sync::atomic::AtomicI64::new(0),
         }
+    }
+
+    /// A phone that enrolled earlier (the `pushmatch phone` CLI's saved state).
+    pub fn enrolled(
+        channel: Channel,
+        key: PhoneKey,
+        platform: pb::Platform,
+        push_token: impl Into<String>,
+        device_id: &str,
+    ) -> Self {
+        let mut phone = Self::new(channel, key, platform, push_token);
+        phone.device_id = device_id.to_owned();
+        phone
     }
 
     pub fn device_id(&self) -> &str {
@@ -154,11 +184,7 @@ impl SimulatedPhone {
     }
 
     pub fn proof_at(&self, rpc: &str, fields: &[&str], timestamp_ms: i64) -> pb::DeviceProof {
-        let timestamp = timestamp_ms.to_string();
-        let mut parts = vec!["pushmatch/v1", rpc, self.device_id.as_str(), timestamp.as_str()];
-        parts.extend_from_slice(fields);
-        let signature = self.key.sign(parts.join("\n").as_bytes());
-        pb::DeviceProof { device_id: self.device_id.clone(), timestamp_ms, signature }
+        sign_proof(&self.key, &self.device_id, rpc, fields, timestamp_ms)
     }
 
     pub async fn pending(&mut self) -> Result<Vec<pb::PendingChallenge>, Status> {
