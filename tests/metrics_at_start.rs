@@ -51,7 +51,9 @@ async fn every_series_is_there_at_zero_before_the_first_call() {
     let samples = samples(&text);
 
     // Every name of the catalogue has at least one series.
-    for name in names::ALL {
+    // (The Redis store's own series appear when the Redis store is configured; this
+    // server runs on the embedded store.)
+    for name in names::ALL.iter().filter(|name| **name != names::REDIS_CALLS) {
         let histogram = format!("{name}_count");
         assert!(
             samples.iter().any(|(n, _, _)| n == name || *n == histogram),
