@@ -94,7 +94,10 @@ async fn setup_sign_in_and_devices_in_headless_chromium() {
     let browser = match Browser::find() {
         Ok(browser) => browser,
         Err(missing) if std::env::var("PUSHMATCH_BROWSER_TEST").as_deref() != Ok("required") => {
-            println!("SKIPPED the browser test: {missing} (apt-get install chromium chromium-driver; .ci/run does)");
+            // Straight to stderr, past the test harness's capture: the skip shows in every run.
+            use std::io::Write as _;
+            let line = format!("SKIPPED the browser test: {missing} (apt-get install chromium chromium-driver; .ci/run does)\n");
+            let _ = std::io::stderr().write_all(line.as_bytes());
             return;
         }
         Err(missing) => panic!("PUSHMATCH_BROWSER_TEST=required but {missing}"),
@@ -177,6 +180,15 @@ async fn setup_sign_in_and_devices_in_headless_chromium() {
     server.clock.advance(Duration::from_secs(61));
     assert_eq!(outcome(&en, "EXPIRED").await, "Notification expired: no answer in time");
     screenshot(&en, "12-expired").await;
+
+    // Without JavaScript: no live update, the page reloads itself until the outcome.
+    let plain = driver.session_without_javascript("en").await;
+    let number = sign_in(&plain, &base, "jan").await;
+    // The refresh link inside <noscript> is an element only when scripts are off.
+    wait_for(&plain, "a#refresh").await;
+    answer(&mut phone, pb::Decision::Approve, &number).await;
+    assert_eq!(outcome(&plain, "APPROVED").await, "Notification approved");
+    plain.close().await.expect("close");
 
     // Reported as fraud, then the blocked user's next sign-in.
     let mut piet = server.enrolled_phone("piet", PhoneKey::ed25519(), pb::Platform::Fcm).await;

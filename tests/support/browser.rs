@@ -73,11 +73,24 @@ pub struct Driver {
 impl Driver {
     /// A new headless browser whose requests say `Accept-Language: <language>`.
     pub async fn session(&self, language: &str) -> Client {
+        self.open(language, true).await
+    }
+
+    /// The same with JavaScript turned off: the pages' no-script fallback.
+    pub async fn session_without_javascript(&self, language: &str) -> Client {
+        self.open(language, false).await
+    }
+
+    async fn open(&self, language: &str, javascript: bool) -> Client {
+        let mut prefs = serde_json::json!({ "intl.accept_languages": language });
+        if !javascript {
+            prefs["profile.managed_default_content_settings.javascript"] = 2.into();
+        }
         let options = serde_json::json!({
             "binary": self.chromium,
             "args": ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                      "--window-size=820,760", format!("--lang={language}")],
-            "prefs": { "intl.accept_languages": language },
+            "prefs": prefs,
         });
         let mut capabilities = serde_json::Map::new();
         capabilities.insert("browserName".into(), "chrome".into());

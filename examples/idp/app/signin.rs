@@ -96,7 +96,7 @@ pub async fn challenge(State(idp): State<Idp>, lang: Lang, Path(id): Path<String
                 p data-text { (lang.outcome(state, challenge.deny_reason())) }
             }
             @if pending {
-                noscript { p { a href={ "/challenge/" (id) } { (lang.pick("Refresh", "Vernieuwen")) } } }
+                noscript { p { a #refresh href={ "/challenge/" (id) } { (lang.pick("Refresh", "Vernieuwen")) } } }
                 form method="post" action={ "/challenge/" (id) "/code" } data-while-pending {
                     button #use-code .secondary type="submit" { (lang.pick("Use a verification code instead", "Gebruik in plaats daarvan een verificatiecode")) }
                 }
