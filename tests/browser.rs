@@ -54,6 +54,12 @@ async fn scan_qr(client: &Client) -> String {
     grids[0].decode().expect("the QR decodes").1
 }
 
+/// The page's HTML holds what the person must see (the QR, the number), never the API key.
+async fn assert_no_api_key(client: &Client) {
+    let html = client.source().await.expect("page source");
+    assert!(!html.contains(KEY_A), "the API key is not in the page");
+}
+
 async fn click(client: &Client, css: &str) {
     wait_for(client, css).await.click().await.unwrap_or_else(|e| panic!("click {css}: {e}"));
 }
@@ -120,6 +126,7 @@ async fn setup_sign_in_and_devices_in_headless_chromium() {
     let shown = wait_for(&nl, "#enrollment-uri").await.prop("textContent").await.expect("text").expect("uri text");
     assert_eq!(shown, uri, "\"can't scan?\" shows what the QR encodes");
     assert_eq!(outcome(&nl, "PENDING").await, "Wachten op je telefoon…");
+    assert_no_api_key(&nl).await;
     screenshot(&nl, "03-qr-code").await;
 
     // The phone scans it; the page sees COMPLETED live and offers "try it".
@@ -130,6 +137,7 @@ async fn setup_sign_in_and_devices_in_headless_chromium() {
     screenshot(&nl, "04-enrolled").await;
     click(&nl, "#try-it-button").await;
     let number = number_on_page(&nl).await;
+    assert_no_api_key(&nl).await;
     screenshot(&nl, "05-try-it-number").await;
     assert!(answer(&mut phone, pb::Decision::Approve, &number).await.accepted);
     assert_eq!(outcome(&nl, "APPROVED").await, "Melding goedgekeurd");
