@@ -462,7 +462,13 @@ async fn start_broker(
     let config = broker_config(port, metrics_port, &dir.join(format!("data-{index}")), store, redis_url, providers);
     let path = dir.join(format!("broker-{index}.toml"));
     std::fs::write(&path, config).unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"));
+    // Only the file and `env` configure it, not the caller's PUSHMATCH_* variables
+    // (`serve` refuses a PUSHMATCH_ variable that is not a setting).
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")) {
+        command.env_remove(key);
+    }
+    let child = command
         .args(["serve", "--config"])
         .arg(&path)
         .env_remove("RUST_LOG")

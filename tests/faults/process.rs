@@ -66,7 +66,13 @@ impl BrokerProcess {
     pub async fn start(dir: &Path, config: &str) -> Self {
         let path: PathBuf = dir.join("pushmatch.toml");
         std::fs::write(&path, config).expect("write the config file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_pushmatch"));
+        // Only the file configures it: none of the caller's PUSHMATCH_* variables (CI
+        // sets PUSHMATCH_BROWSER_TEST, which `serve` refuses as an unknown setting).
+        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")) {
+            command.env_remove(key);
+        }
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&path)
             .env_remove("RUST_LOG")
