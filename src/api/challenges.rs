@@ -4,11 +4,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::Stream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::auth::tenant_of;
 use super::convert::challenge_to_pb;
+use super::drain::{Drain, OpenStream};
 use crate::broker::{Broker, ChallengeRequest};
 use crate::domain::ids::{ChallengeId, UserId};
 use crate::domain::ports::ChallengeWatch;
@@ -17,15 +17,16 @@ use crate::pb::challenge_service_server::ChallengeService;
 
 pub struct ChallengeApi {
     broker: Arc<Broker>,
-    /// Fires when the server drains, after the calls in flight have returned: each
-    /// open watch stream reads its challenge once more and sends its final state,
-    /// or ends with UNAVAILABLE so the IdP re-attaches to another replica.
-    shutdown: CancellationToken,
+    /// When the server drains, after the calls in flight have returned, each open
+    /// watch stream reads its challenge once more and sends its final state, or ends
+    /// with UNAVAILABLE so the IdP re-attaches to another replica; the drain waits
+    /// for every stream to end before the connections close.
+    drain: Drain,
 }
 
 impl ChallengeApi {
-    pub fn new(broker: Arc<Broker>, shutdown: CancellationToken) -> Self {
-        Self { broker, shutdown }
+    pub fn new(broker: Arc<Broker>, drain: Drain) -> Self {
+        Self { broker, drain }
     }
 }
 
@@ -54,7 +55,8 @@ impl ChallengeService for ChallengeApi {
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
         let watch = self.broker.watch_challenge(&tenant, &id).await?;
         let last_word = LastWord { broker: Arc::clone(&self.broker), tenant, id };
-        Ok(Response::new(watch_stream(watch, self.shutdown.clone(), last_word)))
+        let open = self.drain.open_stream().await;
+        Ok(Response::new(watch_stream(watch, &self.drain, open, last_word)))
     }
 
     async fn cancel_challenge(&self, request: Request<pb::CancelChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
@@ -104,9 +106,12 @@ impl LastWord {
 /// The current state at once, then every change; ends after the first final state.
 /// A slow reader may skip intermediate delivery updates (each message is the latest
 /// state), never the final one. When the server drains, the stream's last message
-/// is the final state if the challenge has one by then, else UNAVAILABLE.
-fn watch_stream(watch: ChallengeWatch, shutdown: CancellationToken, last_word: LastWord) -> ChallengeStream {
+/// is the final state if the challenge has one by then, else UNAVAILABLE; `open`
+/// lives as long as the stream, so the drain knows when it has ended.
+fn watch_stream(watch: ChallengeWatch, drain: &Drain, open: OpenStream, last_word: LastWord) -> ChallengeStream {
+    let shutdown = drain.watches_closing();
     Box::pin(futures::stream::unfold(WatchState::First(watch), move |state| {
+        let _open = &open;
         let shutdown = shutdown.clone();
         let last_word = last_word.clone();
         async move {

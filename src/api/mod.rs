@@ -8,5 +8,6 @@ pub mod auth;
 pub mod challenges;
 pub mod convert;
 pub mod devices;
+pub mod drain;
 pub mod enrollments;
 pub mod status;

@@ -1,6 +1,6 @@
 //! `run(listener, config, shutdown)`: builds the broker over its store and
 //! dispatcher, serves the three services plus health and reflection on `listener`,
-//! and drains when `shutdown` resolves (`drain.rs`): health turns NOT_SERVING, new
+//! and drains when `shutdown` resolves (`src/api/drain.rs`): health turns NOT_SERVING, new
 //! calls are refused with UNAVAILABLE, calls in flight finish, then each watch
 //! stream sends the final state those calls reached, or ends with UNAVAILABLE (all
 //! within the grace period).
@@ -25,6 +25,7 @@ use tonic_health::server::{HealthReporter, HealthService};
 use crate::api::auth::TenantAuthLayer;
 use crate::api::challenges::ChallengeApi;
 use crate::api::devices::DeviceApi;
+use crate::api::drain::{self, Drain};
 use crate::api::enrollments::EnrollmentApi;
 use crate::broker::{Broker, DeliveryRecorder};
 use crate::config::{Config, StoreBackend};
@@ -42,10 +43,8 @@ use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::telemetry::grpc::GrpcTelemetryLayer;
 use crate::tls::ReloadingTls;
-use drain::Drain;
 use ops::ScrapeSources;
 
-pub mod drain;
 pub mod ops;
 
 /// The largest request the server decodes (API.md: 64 KiB); larger ones are refused
@@ -154,7 +153,7 @@ pub async fn run_with(
     let grace = Duration::from_secs(u64::from(config.server.shutdown_grace_seconds));
     let drain = Drain::default();
     let signal = drain_on(shutdown, health.clone(), draining.clone(), drain.clone(), grace);
-    let serve = serve_grpc(listener, &config, tls, auth, health, broker, drain, signal)?;
+    let serve = serve_grpc(listener, &config, tls, auth, health, broker, drain, draining.clone(), signal)?;
     let grace_elapsed = async {
         draining.cancelled().await;
         tokio::time::sleep(grace).await;
@@ -224,9 +223,10 @@ async fn set_health(reporter: &HealthReporter, status: ServingStatus) {
     }
 }
 
-/// Resolves when `shutdown` does, after turning health NOT_SERVING and refusing new
-/// calls; then, in the background, waits for the calls in flight and closes the
-/// watch streams (see `drain.rs`).
+/// Resolves after `shutdown` has, health has turned NOT_SERVING, new calls have been
+/// refused, the calls in flight have returned and the watch streams have sent their
+/// last word (see `src/api/drain.rs`), or the grace period is over: only then does the
+/// HTTP/2 server send GOAWAY and close its connections.
 async fn drain_on(
     shutdown: impl Future<Output = ()>,
     health: HealthReporter,
@@ -239,11 +239,9 @@ async fn drain_on(
     drain.start();
     set_health(&health, ServingStatus::NotServing).await;
     draining.cancel();
-    tokio::spawn(async move {
-        if !drain.finish_calls(grace).await {
-            tracing::warn!(grace_seconds = grace.as_secs(), "calls still running after the grace period");
-        }
-    });
+    if !drain.finish(grace).await {
+        tracing::warn!(grace_seconds = grace.as_secs(), "calls still running after the grace period");
+    }
 }
 
 /// The tonic server with its limits and layers, serving the three services,
@@ -257,13 +255,14 @@ fn serve_grpc(
     health: HealthReporter,
     broker: Arc<Broker>,
     drain: Drain,
+    stop_accepting: CancellationToken,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServerError> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let challenges = ChallengeServiceServer::new(ChallengeApi::new(Arc::clone(&broker), drain.watches_closing()))
+    let challenges = ChallengeServiceServer::new(ChallengeApi::new(Arc::clone(&broker), drain.clone()))
         .max_decoding_message_size(MAX_MESSAGE_BYTES);
     let enrollments =
         EnrollmentServiceServer::new(EnrollmentApi::new(Arc::clone(&broker))).max_decoding_message_size(MAX_MESSAGE_BYTES);
@@ -294,7 +293,10 @@ fn serve_grpc(
         .add_service(devices);
     Ok(async move {
         match tls {
-            Some(tls) => router.serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), signal).await,
+            Some(tls) => {
+                let incoming = drain::accept_until(crate::tls::incoming(listener, tls), stop_accepting);
+                router.serve_with_incoming_shutdown(incoming, signal).await
+            }
             None => {
                 // tonic's own `tcp_nodelay` applies only to listeners it binds itself: set it
                 // on each accepted socket, or Nagle's algorithm and delayed ACKs hold small
@@ -306,7 +308,7 @@ fn serve_grpc(
                         }
                     })
                 });
-                router.serve_with_incoming_shutdown(incoming, signal).await
+                router.serve_with_incoming_shutdown(drain::accept_until(incoming, stop_accepting), signal).await
             }
         }
     })
