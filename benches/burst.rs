@@ -18,6 +18,17 @@
 //! `redis_cpu_us_per_signin`, the `redis-server` process's CPU (utime + stime from
 //! `/proc/<pid>/stat`).
 //!
+//! Every run also says what a sign-in cost, over the measured window and per
+//! sign-in completed: `broker_cpu_us_per_signin` (the broker processes' CPU,
+//! utime + stime from `/proc`), `loadgen_cpu_us_per_signin` (this process's: the
+//! IdPs, phones and mock providers), and `messages_per_signin`, the gRPC messages
+//! the broker received and sent (`grpc_messages_per_signin`: each unary call is
+//! two, a watch is its request plus each update) plus the requests its push
+//! senders made to the providers (`pushes_per_signin`). CPU per sign-in is far
+//! steadier than sign-ins per second on a shared machine. `--pin` puts the broker
+//! on CPU 0 and everything else on CPU 1 (`taskset`), so one core's ceiling can
+//! be read.
+//!
 //! Flags, each with its default: `cargo bench --bench burst -- --help` (the `Args`
 //! struct below).
 
@@ -116,6 +127,9 @@ struct Args {
     /// 2,000 users and 6,000 sign-ins (under a minute); fails unless lost, double, errors and wrong outcomes are 0. CI runs it.
     #[arg(long)]
     quick: bool,
+    /// The broker on CPU 0 and this process (IdPs, phones, mock providers, Redis) on CPU 1, with taskset; needs 2 CPUs.
+    #[arg(long)]
+    pin: bool,
     /// Write a per-second CSV (second, sign-ins, worst create ms) to FILE for benches/chart.py.
     #[arg(long, value_name = "FILE")]
     timeline: Option<PathBuf>,
@@ -462,7 +476,14 @@ async fn start_broker(
     let config = broker_config(port, metrics_port, &dir.join(format!("data-{index}")), store, redis_url, providers);
     let path = dir.join(format!("broker-{index}.toml"));
     std::fs::write(&path, config).unwrap();
-    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"));
+    let mut command = if pinned() {
+        // taskset execs the broker: the child's pid is the broker's.
+        let mut taskset = tokio::process::Command::new("taskset");
+        taskset.args(["--cpu-list", "0", env!("CARGO_BIN_EXE_pushmatch")]);
+        taskset
+    } else {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
+    };
     // Only the file and `env` configure it, not the caller's PUSHMATCH_* variables
     // (`serve` refuses a PUSHMATCH_ variable that is not a setting).
     for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")) {
@@ -480,7 +501,40 @@ async fn start_broker(
         .expect("start the pushmatch binary");
     let addr = format!("http://127.0.0.1:{port}");
     wait_until_serving(&addr).await;
+    if pinned() {
+        assert_eq!(cpus_allowed(child.id().unwrap_or(0)), "0", "the broker runs on CPU 0 only");
+    }
     Broker { child, addr, metrics_addr: format!("127.0.0.1:{metrics_port}") }
+}
+
+static PINNED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+fn pinned() -> bool {
+    PINNED.get().copied().unwrap_or(false)
+}
+
+/// `--pin`: this process's threads (and those it starts later, Redis included) on
+/// CPU 1; the brokers go on CPU 0 as they start (`start_broker`).
+fn pin_self() {
+    let cpus = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    if cpus < 2 {
+        eprintln!("--pin needs 2 CPUs; this machine offers {cpus}");
+        std::process::exit(2);
+    }
+    let status = std::process::Command::new("taskset")
+        .args(["--all-tasks", "--pid", "--cpu-list", "1", &std::process::id().to_string()])
+        .stdout(Stdio::null())
+        .status()
+        .expect("run taskset (util-linux)");
+    assert!(status.success(), "taskset could not pin the bench to CPU 1: {status}");
+    assert_eq!(cpus_allowed(std::process::id()), "1", "the bench runs on CPU 1 only");
+    PINNED.set(true).unwrap();
+}
+
+/// Where a process may run (`Cpus_allowed_list` of /proc/<pid>/status).
+fn cpus_allowed(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")).unwrap_or_default().trim().to_owned()
 }
 
 /// A broker's configuration file: listening on `port`, its store in `data` (or on
@@ -663,6 +717,8 @@ struct Recorder {
     respond: Mutex<Histogram<u64>>,
     notify: Mutex<Histogram<u64>>,
     errors: Mutex<BTreeMap<String, u64>>,
+    /// gRPC messages of the sign-ins, both ways (see the module's doc).
+    grpc_messages: AtomicU64,
     completed: AtomicU64,
     expired: AtomicU64,
     pull_fallbacks: AtomicU64,
@@ -682,6 +738,7 @@ impl Recorder {
             respond: histogram(),
             notify: histogram(),
             errors: Mutex::new(BTreeMap::new()),
+            grpc_messages: AtomicU64::new(0),
             completed: AtomicU64::new(0),
             expired: AtomicU64::new(0),
             pull_fallbacks: AtomicU64::new(0),
@@ -695,6 +752,10 @@ impl Recorder {
     fn record(histogram: &Mutex<Histogram<u64>>, elapsed: Duration) {
         let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
         histogram.lock().unwrap().saturating_record(micros);
+    }
+
+    fn messages(&self, count: u64) {
+        self.grpc_messages.fetch_add(count, Ordering::Relaxed);
     }
 
     fn error(&self, what: &str, status: &tonic::Status) {
@@ -741,9 +802,13 @@ fn intent_of(i: usize) -> (Intent, bool) {
 
 /// The IdP's watcher: the first final state of the challenge and when it was seen;
 /// None when the stream ended or WATCH_WAIT passed without one.
-async fn watch_until_final(watch: &mut tonic::Streaming<pb::Challenge>) -> Option<(Instant, pb::ChallengeState, pb::DenyReason)> {
+async fn watch_until_final(
+    watch: &mut tonic::Streaming<pb::Challenge>,
+    recorder: &Recorder,
+) -> Option<(Instant, pb::ChallengeState, pb::DenyReason)> {
     tokio::time::timeout(WATCH_WAIT, async {
         while let Ok(Some(update)) = watch.message().await {
+            recorder.messages(1);
             if update.state() != pb::ChallengeState::Pending {
                 return Some((Instant::now(), update.state(), update.deny_reason()));
             }
@@ -779,7 +844,9 @@ async fn answering_phone(
     device.impersonate(&phone.device_id);
     if arrival.is_none() {
         world.recorder.pull_fallbacks.fetch_add(1, Ordering::Relaxed);
-        match device.pending().await {
+        let pending = device.pending().await;
+        world.recorder.messages(2);
+        match pending {
             Ok(pending) if pending.iter().any(|p| p.challenge_id == challenge_id) => {}
             Ok(_) => {
                 world.recorder.wrong_outcome.fetch_add(1, Ordering::Relaxed);
@@ -824,6 +891,7 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         Ok(response) => response.into_inner(),
         Err(status) => return world.recorder.error("create", &status),
     };
+    world.recorder.messages(2);
     let create_latency = scheduled.elapsed();
     Recorder::record(&world.recorder.create, create_latency);
     let mut watch =
@@ -831,7 +899,11 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
             Ok(response) => response.into_inner(),
             Err(status) => return world.recorder.error("watch", &status),
         };
-    let watcher = tokio::spawn(async move { watch_until_final(&mut watch).await });
+    world.recorder.messages(1);
+    let watcher = tokio::spawn({
+        let world = Arc::clone(&world);
+        async move { watch_until_final(&mut watch, &world.recorder).await }
+    });
 
     let arrival = if intent == Intent::NeverAnswer { None } else { world.arrivals.wait(&challenge.challenge_id).await };
     if intent == Intent::NeverAnswer {
@@ -852,12 +924,13 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         Ok(answer) => answer,
         Err(status) => return world.recorder.error("respond", &status),
     };
+    world.recorder.messages(2);
     Recorder::record(&world.recorder.respond, respond_start.elapsed());
-    if twice
-        && let Ok(again) = device.respond(&challenge.challenge_id, decision, &number).await
-        && again.accepted
-    {
-        world.recorder.double.fetch_add(1, Ordering::Relaxed);
+    if twice && let Ok(again) = device.respond(&challenge.challenge_id, decision, &number).await {
+        world.recorder.messages(2);
+        if again.accepted {
+            world.recorder.double.fetch_add(1, Ordering::Relaxed);
+        }
     }
     match watcher.await.ok().flatten() {
         Some((at, state, _)) if answer.accepted => {
@@ -882,6 +955,9 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
 #[tokio::main]
 async fn main() {
     let args = parse_args();
+    if args.pin {
+        pin_self();
+    }
     let dir = tempfile::tempdir().unwrap();
     let arrivals = Arc::new(Arrivals::default());
     let (providers, _token_endpoint) = start_providers(dir.path(), ProviderBehaviour::new(&args), &arrivals).await;
@@ -917,7 +993,9 @@ async fn main() {
         enroll_start.elapsed().as_secs_f64()
     );
     let cpu_before: f64 = brokers.iter().map(|b| b.usage().1).sum();
+    let loadgen_cpu_before = proc_cpu_seconds(std::process::id());
     let delivered_before = arrivals.delivered.load(Ordering::Relaxed);
+    let pushes_before = delivered_before + arrivals.refused.load(Ordering::Relaxed);
     let redis_before = match &redis {
         Some(server) => Some((RedisUsage::read(&server.url()).await, redis_calls(&brokers).await)),
         None => None,
@@ -962,11 +1040,18 @@ async fn main() {
     let errors: BTreeMap<String, u64> = world.recorder.errors.lock().unwrap().clone();
     json.insert("errors".into(), serde_json::to_value(&errors).unwrap());
     let usage: Vec<(f64, f64)> = brokers.iter().map(Broker::usage).collect();
+    let broker_cpu = usage.iter().map(|u| u.1).sum::<f64>() - cpu_before;
     json.insert("peak_rss_mb".into(), usage.iter().map(|u| u.0).fold(0.0, f64::max).round().into());
-    json.insert(
-        "cpu_seconds".into(),
-        ((usage.iter().map(|u| u.1).sum::<f64>() - cpu_before) * 10.0).round().div_euclid(10.0).into(),
-    );
+    json.insert("cpu_seconds".into(), ((broker_cpu * 10.0).round() / 10.0).into());
+    let cost = SignInCost {
+        signins: json.get("signins").and_then(serde_json::Value::as_u64).unwrap_or(0),
+        broker_cpu_seconds: broker_cpu,
+        loadgen_cpu_seconds: proc_cpu_seconds(std::process::id()) - loadgen_cpu_before,
+        grpc_messages: world.recorder.grpc_messages.load(Ordering::Relaxed),
+        pushes: arrivals.delivered.load(Ordering::Relaxed) + arrivals.refused.load(Ordering::Relaxed) - pushes_before,
+    };
+    cost.write(&mut json);
+    json.insert("pinned".into(), args.pin.into());
     json.insert("store".into(), args.store.clone().into());
     json.insert("replicas".into(), brokers.len().into());
     json.insert("users".into(), args.users.into());
@@ -983,6 +1068,31 @@ async fn main() {
     if failed {
         eprintln!("quick run failed: lost, double, unexpected errors or outcomes above");
         std::process::exit(1);
+    }
+}
+
+/// What the sign-ins of the measured window cost, as the JSON's `*_per_signin`
+/// fields (see the module's doc); none when no sign-in completed (--herd, --live).
+struct SignInCost {
+    signins: u64,
+    broker_cpu_seconds: f64,
+    loadgen_cpu_seconds: f64,
+    grpc_messages: u64,
+    pushes: u64,
+}
+
+impl SignInCost {
+    fn write(&self, json: &mut serde_json::Map<String, serde_json::Value>) {
+        if self.signins == 0 {
+            return;
+        }
+        let per = |value: f64| ((value / self.signins as f64) * 10.0).round() / 10.0;
+        let micros = |seconds: f64| (seconds * 1_000_000.0 / self.signins as f64).round() as u64;
+        json.insert("broker_cpu_us_per_signin".into(), micros(self.broker_cpu_seconds).into());
+        json.insert("loadgen_cpu_us_per_signin".into(), micros(self.loadgen_cpu_seconds).into());
+        json.insert("grpc_messages_per_signin".into(), per(self.grpc_messages as f64).into());
+        json.insert("pushes_per_signin".into(), per(self.pushes as f64).into());
+        json.insert("messages_per_signin".into(), per((self.grpc_messages + self.pushes) as f64).into());
     }
 }
 
