@@ -127,6 +127,9 @@ struct Args {
     /// 2,000 users and 6,000 sign-ins (under a minute); fails unless lost, double, errors and wrong outcomes are 0. CI runs it.
     #[arg(long)]
     quick: bool,
+    /// Tokio worker threads of each broker (TOKIO_WORKER_THREADS; 0 = tokio's default, one per CPU).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    broker_threads: usize,
     /// The broker on CPU 0 and this process (IdPs, phones, mock providers, Redis) on CPU 1, with taskset; needs 2 CPUs.
     #[arg(long)]
     pin: bool,
@@ -965,7 +968,7 @@ async fn main() {
     let redis = if args.store == "redis" { Some(RedisServer::start().await) } else { None };
     let redis_url = redis.as_ref().map(RedisServer::url).unwrap_or_default();
     // --live: each user may hold its share of the live challenges, and they live 300 s.
-    let live_env: Vec<(String, String)> = match args.live {
+    let mut broker_env: Vec<(String, String)> = match args.live {
         Some(live) => {
             let per_user = (live / args.users.max(1) + 2).to_string();
             vec![
@@ -976,9 +979,12 @@ async fn main() {
         }
         None => Vec::new(),
     };
-    let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers, &live_env).await];
+    if args.broker_threads > 0 {
+        broker_env.push(("TOKIO_WORKER_THREADS".into(), args.broker_threads.to_string()));
+    }
+    let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers, &broker_env).await];
     if args.store == "redis" {
-        brokers.push(start_broker(dir.path(), 1, &args.store, &redis_url, &providers, &live_env).await);
+        brokers.push(start_broker(dir.path(), 1, &args.store, &redis_url, &providers, &broker_env).await);
     }
     // The IdP talks to the first replica; phones to the last (the other one with Redis).
     let idp = channels(&brokers[0].addr, 32).await;
