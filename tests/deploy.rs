@@ -72,6 +72,15 @@ topic = "t""#;
         display_name: "T".into(),
         api_key_sha256: vec!["0".repeat(64)],
         api_key_sha256_file: Some("keys.sha256".into()),
+        limits: pushmatch::config::TenantLimitsConfig {
+            default_ttl_seconds: Some(1),
+            max_ttl_seconds: Some(1),
+            max_pending_per_user: Some(1),
+            max_challenges_per_window: Some(1),
+            challenge_window_seconds: Some(1),
+            max_devices_per_user: Some(1),
+            max_open_enrollments_per_user: Some(1),
+        },
     });
     let mut keys = BTreeSet::new();
     key_paths(&toml::Value::try_from(&full).expect("serializes"), "", &mut keys);

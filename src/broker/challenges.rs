@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::{Broker, ChallengeRequest, PushJob, PushKind};
+use super::{Broker, ChallengeRequest, PushJob, PushKind, TenantLimits};
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, DeliveryState, Resolution};
 use crate::domain::device::Device;
 use crate::domain::error::DomainError;
@@ -20,7 +20,8 @@ impl Broker {
     /// per-user limits and the idempotency key in the same atomic step as the insert.
     #[tracing::instrument(skip_all, fields(tenant = %tenant))]
     pub async fn create_challenge(&self, tenant: &TenantId, request: ChallengeRequest) -> Result<Challenge, DomainError> {
-        let ttl = self.challenge_ttl(request.ttl_seconds)?;
+        let limits = self.settings.limits_of(tenant);
+        let ttl = challenge_ttl(&limits, request.ttl_seconds)?;
         // The tenant's own permit first: a tenant past its share is refused without
         // touching the global permits, which stay for the other tenants. A tenant not
         // configured (none reaches here through the API) has the global cap only.
@@ -63,7 +64,7 @@ impl Broker {
         let now = self.clock.now();
         let challenge = new_challenge(tenant, request, &targets, now, ttl)?;
         let context = challenge.context.clone();
-        let created = match self.store.create_challenge(challenge, &self.settings.admission, now).await? {
+        let created = match self.store.create_challenge(challenge, &limits.admission, now).await? {
             CreateOutcome::Created(created) => created,
             // The same request_id is a retry of the same sign-in only if it carries the
             // same context: otherwise a caller (or an attacker replaying an id) would be
@@ -95,21 +96,6 @@ impl Broker {
         tracing::info!(challenge_id = %created.id, pushes = created.deliveries.len(), "challenge created");
         metrics::counter!(names::CHALLENGES_CREATED, "tenant" => tenant.0.clone()).increment(1);
         Ok(created)
-    }
-
-    /// The challenge's lifetime: the configured default for 0, at most the maximum.
-    fn challenge_ttl(&self, ttl_seconds: u32) -> Result<Duration, DomainError> {
-        let ttl = match ttl_seconds {
-            0 => self.settings.default_ttl,
-            seconds => Duration::from_secs(u64::from(seconds)),
-        };
-        if ttl > self.settings.max_ttl {
-            return Err(DomainError::invalid(
-                "ttl_seconds",
-                format!("is above the maximum of {} seconds", self.settings.max_ttl.as_secs()),
-            ));
-        }
-        Ok(ttl)
     }
 
     pub async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId) -> Result<Challenge, DomainError> {
@@ -201,4 +187,16 @@ fn refusal_error(refusal: Refusal) -> DomainError {
             window.as_secs()
         )),
     }
+}
+
+/// The challenge's lifetime: the tenant's default for 0, at most its maximum.
+fn challenge_ttl(limits: &TenantLimits, ttl_seconds: u32) -> Result<Duration, DomainError> {
+    let ttl = match ttl_seconds {
+        0 => limits.default_ttl,
+        seconds => Duration::from_secs(u64::from(seconds)),
+    };
+    if ttl > limits.max_ttl {
+        return Err(DomainError::invalid("ttl_seconds", format!("is above the maximum of {} seconds", limits.max_ttl.as_secs())));
+    }
+    Ok(ttl)
 }

@@ -52,7 +52,7 @@ impl Broker {
             device_id: None,
         };
         let qr_png = enrollment::qr_png(&uri)?;
-        match self.store.insert_enrollment(enrollment.clone(), &self.settings.enrollment_limits, now).await? {
+        match self.store.insert_enrollment(enrollment.clone(), &self.settings.limits_of(tenant).enrollment_limits, now).await? {
             InsertOutcome::Inserted => {}
             InsertOutcome::TooManyOpen { limit } => {
                 return Err(DomainError::ResourceExhausted(format!(
@@ -103,7 +103,11 @@ impl Broker {
         };
         // The store spends the code and adds the device in one step, re-checking the
         // enrollment's state: of two racing completions exactly one adds a device.
-        match self.store.complete_enrollment(&digest, device.clone(), &self.settings.enrollment_limits, now).await? {
+        match self
+            .store
+            .complete_enrollment(&digest, device.clone(), &self.settings.limits_of(&device.tenant).enrollment_limits, now)
+            .await?
+        {
             CompleteOutcome::Completed(enrollment) => {
                 tracing::info!(enrollment_id = %enrollment.id, device_id = %device.id, token = %redact_token(&device.push_token), "device enrolled");
                 self.announce_new_device(&device, EnrollmentKind::Push).await;

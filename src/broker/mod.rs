@@ -62,6 +62,35 @@ pub struct BrokerSettings {
     /// past it that tenant is refused at once while the others still get permits.
     /// At `max_creates_in_flight` or more, no tenant is limited beyond the global cap.
     pub max_creates_in_flight_per_tenant: usize,
+    /// Tenants with limits of their own (`[tenants.limits]`); the others use the
+    /// global ones above.
+    pub per_tenant: HashMap<TenantId, TenantLimits>,
+}
+
+/// The limits that may differ between tenants.
+#[derive(Clone, Debug)]
+pub struct TenantLimits {
+    pub default_ttl: Duration,
+    pub max_ttl: Duration,
+    pub admission: AdmissionPolicy,
+    pub enrollment_limits: EnrollmentLimits,
+}
+
+impl BrokerSettings {
+    /// The global limits, as a tenant without its own has them.
+    pub fn global_limits(&self) -> TenantLimits {
+        TenantLimits {
+            default_ttl: self.default_ttl,
+            max_ttl: self.max_ttl,
+            admission: self.admission.clone(),
+            enrollment_limits: self.enrollment_limits.clone(),
+        }
+    }
+
+    /// `tenant`'s limits: its own where it has them, else the global ones.
+    pub fn limits_of(&self, tenant: &TenantId) -> TenantLimits {
+        self.per_tenant.get(tenant).cloned().unwrap_or_else(|| self.global_limits())
+    }
 }
 
 /// A tenant as the domain sees it.

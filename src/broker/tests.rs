@@ -4,6 +4,7 @@
 //! The broker's rules without gRPC: a real embedded store in a temporary folder, a
 //! manual clock and a recording push sender.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -50,6 +51,7 @@ fn settings() -> BrokerSettings {
         public_url: "https://mfa.example.com".into(),
         max_creates_in_flight: 4,
         max_creates_in_flight_per_tenant: 2,
+        per_tenant: HashMap::new(),
     }
 }
 
@@ -58,14 +60,24 @@ async fn fixture() -> Fixture {
 }
 
 async fn fixture_with(dispatcher: DispatcherSettings) -> Fixture {
+    fixture_with_settings(dispatcher, settings()).await
+}
+
+async fn fixture_with_settings(dispatcher: DispatcherSettings, settings: BrokerSettings) -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let clock = ManualClock::starting_now();
     let store: Arc<dyn Store> = Arc::new(EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("store"));
-    fixture_on(store, clock, dir, dispatcher)
+    fixture_on(store, clock, dir, dispatcher, settings)
 }
 
 /// The broker over `store` (on `clock`), with a recording FCM sender.
-fn fixture_on(store: Arc<dyn Store>, clock: ManualClock, dir: tempfile::TempDir, dispatcher: DispatcherSettings) -> Fixture {
+fn fixture_on(
+    store: Arc<dyn Store>,
+    clock: ManualClock,
+    dir: tempfile::TempDir,
+    dispatcher: DispatcherSettings,
+    settings: BrokerSettings,
+) -> Fixture {
     let fcm = RecordingPushSender::new(Platform::Fcm);
     let dispatcher = Dispatcher::start(
         vec![Arc::new(fcm.clone())],
@@ -80,7 +92,7 @@ fn fixture_on(store: Arc<dyn Store>, clock: ManualClock, dir: tempfile::TempDir,
         Arc::clone(&store),
         dispatcher,
         Arc::new(clock.clone()),
-        settings(),
+        settings,
         vec![
             Tenant { id: tenant.clone(), display_name: "Acme".into() },
             Tenant { id: other.clone(), display_name: "Globex".into() },
@@ -243,6 +255,49 @@ async fn a_user_without_a_device_is_refused_naming_the_user() {
 }
 
 #[tokio::test]
+async fn a_tenant_with_limits_of_its_own_gets_them_and_the_other_tenant_the_global_ones() {
+    let mut settings = settings();
+    let globex = TenantId("globex".into());
+    let mut own = settings.global_limits();
+    own.default_ttl = Duration::from_secs(30);
+    own.max_ttl = Duration::from_secs(120);
+    own.admission.max_pending = 1;
+    own.enrollment_limits.max_open_enrollments = 1;
+    settings.per_tenant.insert(globex.clone(), own);
+    let f = fixture_with_settings(DispatcherSettings::default(), settings).await;
+    assert_eq!(f.other, globex);
+    let jan = user("jan");
+    f.enroll_in(&f.tenant, &jan).await;
+    f.enroll_in(&f.other, &jan).await;
+
+    // TTLs: the tenant's default and maximum; the other tenant keeps the global ones.
+    assert_eq!(expires_in(&f.create_in(&f.other, &jan, 0).await.expect("own default")), Duration::from_secs(30));
+    assert_eq!(expires_in(&f.create_in(&f.tenant, &jan, 0).await.expect("global default")), Duration::from_secs(60));
+    let error = f.create_in(&f.other, &jan, 121).await.expect_err("above the tenant's maximum");
+    assert_eq!(error.kind(), ErrorKind::InvalidArgument);
+    assert!(error.to_string().starts_with("ttl_seconds: ") && error.to_string().contains("120"), "{error}");
+    f.create_in(&f.tenant, &jan, 300).await.expect("the global maximum for the other tenant");
+
+    // Pending challenges: one for the tenant (it holds one now), two for the other.
+    let error = f.create_in(&f.other, &jan, 0).await.expect_err("a second pending challenge");
+    assert_eq!(error.kind(), ErrorKind::ResourceExhausted);
+    assert!(error.to_string().contains("1 pending challenge"), "{error}");
+    let error = f.create_in(&f.tenant, &jan, 0).await.expect_err("a third pending challenge");
+    assert!(error.to_string().contains("2 pending challenges"), "{error}");
+
+    // Open enrollments: one for the tenant.
+    let piet = user("piet");
+    f.broker.begin_enrollment(&f.other, piet.clone(), "piet".into(), EnrollmentKind::Push).await.expect("first");
+    // (A begun enrollment holds its code: it has no Debug to print, so no expect_err.)
+    let Err(error) = f.broker.begin_enrollment(&f.other, piet.clone(), "piet".into(), EnrollmentKind::Push).await else {
+        panic!("a second open enrollment was begun past the tenant's limit of one");
+    };
+    assert_eq!(error.kind(), ErrorKind::ResourceExhausted);
+    f.broker.begin_enrollment(&f.tenant, piet.clone(), "piet".into(), EnrollmentKind::Push).await.expect("first");
+    f.broker.begin_enrollment(&f.tenant, piet, "piet".into(), EnrollmentKind::Push).await.expect("second: global limit");
+}
+
+#[tokio::test]
 async fn per_user_limits_and_blocks_are_refused_with_their_reason() {
     let f = fixture().await;
     let (jan, piet) = (user("jan"), user("piet"));
@@ -364,6 +419,6 @@ async fn totp_calls_for_random_users_leave_the_redis_store_as_it_was() {
     let settings = crate::store::redis::RedisSettings::new(vec![server.url()], Duration::from_secs(2));
     let store = crate::store::redis::RedisStore::connect(settings, Arc::new(clock.clone())).await.expect("connect");
     let dir = tempfile::tempdir().expect("temp dir");
-    let f = fixture_on(Arc::new(store), clock, dir, DispatcherSettings::default());
+    let f = fixture_on(Arc::new(store), clock, dir, DispatcherSettings::default(), self::settings());
     totp_for_strangers_stores_nothing(&f).await;
 }

@@ -54,7 +54,11 @@ impl Broker {
             enrolled_at: now,
             last_used_at: None,
         };
-        match self.store.confirm_totp_enrollment(tenant, id, credential.clone(), &self.settings.enrollment_limits, now).await? {
+        match self
+            .store
+            .confirm_totp_enrollment(tenant, id, credential.clone(), &self.settings.limits_of(tenant).enrollment_limits, now)
+            .await?
+        {
             CompleteOutcome::Completed(completed) => {
                 tracing::info!(device_id = %credential.id, "totp enrollment confirmed");
                 self.announce_new_device(&credential, EnrollmentKind::Totp).await;

@@ -287,6 +287,37 @@ pub struct TenantConfig {
     /// when the configuration loads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key_sha256_file: Option<PathBuf>,
+    /// This tenant's own limits (`[tenants.limits]`); each left out is the global one.
+    #[serde(default, skip_serializing_if = "TenantLimitsConfig::is_empty")]
+    pub limits: TenantLimitsConfig,
+}
+
+/// The limits one tenant may set for itself, each overriding the global key of
+/// the same name (`challenge.*_ttl_seconds`, `limits.*`). A tenant's TTLs may only be
+/// shorter than the global maximum: stores keep challenges by the global one.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimitsConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_ttl_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ttl_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_pending_per_user: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_challenges_per_window: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub challenge_window_seconds: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_devices_per_user: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_open_enrollments_per_user: Option<u32>,
+}
+
+impl TenantLimitsConfig {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -354,6 +385,7 @@ impl Config {
                 display_name: "pushmatch (development)".into(),
                 api_key_sha256: vec![crate::domain::api_key::api_key_digest_hex(DEVELOPMENT_API_KEY)],
                 api_key_sha256_file: None,
+                limits: TenantLimitsConfig::default(),
             });
         }
         for tenant in &mut config.tenants {
@@ -445,6 +477,7 @@ fn set_path(root: &mut toml::Value, path: &[String], raw: &str) -> Result<(), St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::TenantId;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
@@ -505,6 +538,39 @@ api_key_sha256 = ["6b86b273ff34fce19d6b804eff5a3f5747ada4eaa22f1d49c01e52ddb7875
         let missing = "[[tenants]]\nid = \"t\"\ndisplay_name = \"T\"\napi_key_sha256_file = \"/nonexistent/keys\"\n";
         let error = Config::load(Some(file(missing).path()), env(&[])).expect_err("missing file").to_string();
         assert!(error.starts_with("tenants.api_key_sha256_file: ") && error.contains("/nonexistent/keys"), "{error}");
+    }
+
+    #[test]
+    fn a_tenants_own_limits_override_the_global_ones_for_it_alone() {
+        let text = format!(
+            "{TENANT}[tenants.limits]\nmax_ttl_seconds = 120\ndefault_ttl_seconds = 30\nmax_pending_per_user = 1\n\
+             max_devices_per_user = 2\n[[tenants]]\nid = \"other\"\ndisplay_name = \"Other\"\n\
+             api_key_sha256 = [\"{}\"]\n",
+            "a".repeat(64)
+        );
+        let loaded = Config::load(Some(file(&text).path()), env(&[])).expect("loads");
+        let settings = loaded.config.broker_settings();
+        let own = settings.limits_of(&TenantId("gors".into()));
+        assert_eq!((own.default_ttl.as_secs(), own.max_ttl.as_secs()), (30, 120));
+        assert_eq!((own.admission.max_pending, own.enrollment_limits.max_devices), (1, 2));
+        // What the tenant left out, and the other tenant, stay global.
+        assert_eq!(own.admission.max_per_window, loaded.config.limits.max_challenges_per_window);
+        let other = settings.limits_of(&TenantId("other".into()));
+        assert_eq!(other.max_ttl.as_secs(), u64::from(loaded.config.challenge.max_ttl_seconds));
+        assert_eq!(other.admission.max_pending, loaded.config.limits.max_pending_per_user);
+
+        for (limits, key) in [
+            ("max_ttl_seconds = 301", "tenants.limits.max_ttl_seconds: "),
+            ("max_ttl_seconds = 20\ndefault_ttl_seconds = 30", "tenants.limits.default_ttl_seconds: "),
+            ("max_pending_per_user = 0", "tenants.limits.max_pending_per_user: "),
+        ] {
+            let text = format!("{TENANT}[tenants.limits]\n{limits}\n");
+            let error = Config::load(Some(file(&text).path()), env(&[])).expect_err(limits).to_string();
+            assert!(error.starts_with(key) && error.contains("\"gors\""), "{limits}: {error}");
+        }
+        let unknown = format!("{TENANT}[tenants.limits]\nmax_pending = 1\n");
+        let error = Config::load(Some(file(&unknown).path()), env(&[])).expect_err("unknown key").to_string();
+        assert!(error.contains("max_pending"), "{error}");
     }
 
     #[test]

@@ -1,10 +1,11 @@
 //! Translation: each module's settings from the configuration, so that no module
 //! but `config/` (and the wiring in `server/`) reads a `Config`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use super::Config;
-use crate::broker::{BrokerSettings, Tenant};
+use super::{Config, TenantConfig};
+use crate::broker::{BrokerSettings, Tenant, TenantLimits};
 use crate::domain::api_key::TenantKeys;
 use crate::domain::ids::TenantId;
 use crate::domain::ports::{AdmissionPolicy, EnrollmentLimits, StrikePolicy, TotpPolicy};
@@ -49,7 +50,9 @@ impl Config {
             max_creates_in_flight: self.server.max_creates_in_flight as usize,
             max_creates_in_flight_per_tenant: self
                 .tenant_part(self.server.max_creates_in_flight, self.server.creates_share_per_tenant),
+            per_tenant: HashMap::new(),
         }
+        .with_tenant_limits(&self.tenants)
     }
 
     /// One tenant's part of a resource of `total` that all tenants share: `share` of
@@ -117,5 +120,40 @@ impl Config {
 
     pub fn domain_tenants(&self) -> Vec<Tenant> {
         self.tenants.iter().map(|t| Tenant { id: TenantId(t.id.clone()), display_name: t.display_name.clone() }).collect()
+    }
+}
+
+impl BrokerSettings {
+    /// Each tenant with a `[tenants.limits]` of its own gets its limits: the global
+    /// ones with the tenant's keys put over them.
+    fn with_tenant_limits(mut self, tenants: &[TenantConfig]) -> Self {
+        let seconds = |s: u32| Duration::from_secs(u64::from(s));
+        for tenant in tenants.iter().filter(|t| !t.limits.is_empty()) {
+            let own = &tenant.limits;
+            let mut limits: TenantLimits = self.global_limits();
+            if let Some(ttl) = own.default_ttl_seconds {
+                limits.default_ttl = seconds(ttl);
+            }
+            if let Some(ttl) = own.max_ttl_seconds {
+                limits.max_ttl = seconds(ttl);
+            }
+            if let Some(pending) = own.max_pending_per_user {
+                limits.admission.max_pending = pending;
+            }
+            if let Some(per_window) = own.max_challenges_per_window {
+                limits.admission.max_per_window = per_window;
+            }
+            if let Some(window) = own.challenge_window_seconds {
+                limits.admission.window = seconds(window);
+            }
+            if let Some(devices) = own.max_devices_per_user {
+                limits.enrollment_limits.max_devices = devices;
+            }
+            if let Some(open) = own.max_open_enrollments_per_user {
+                limits.enrollment_limits.max_open_enrollments = open;
+            }
+            self.per_tenant.insert(TenantId(tenant.id.clone()), limits);
+        }
+        self
     }
 }

@@ -167,6 +167,35 @@ impl Config {
         check_share("push.queue_share_per_tenant", self.push.queue_share_per_tenant, "push.queue_capacity")
     }
 
+    /// A tenant's own limits: within the same bounds as the global ones, and its
+    /// TTLs no longer than the global maximum.
+    fn validate_tenant_limits(&self, tenant: &crate::config::TenantConfig) -> Result<(), ConfigError> {
+        let limits = &tenant.limits;
+        let named = |key: &'static str, message: &str| invalid(key, format!("tenant {:?}: {message}", tenant.id));
+        for (key, value) in [
+            ("tenants.limits.default_ttl_seconds", limits.default_ttl_seconds),
+            ("tenants.limits.max_ttl_seconds", limits.max_ttl_seconds),
+            ("tenants.limits.max_pending_per_user", limits.max_pending_per_user),
+            ("tenants.limits.max_challenges_per_window", limits.max_challenges_per_window),
+            ("tenants.limits.challenge_window_seconds", limits.challenge_window_seconds),
+            ("tenants.limits.max_devices_per_user", limits.max_devices_per_user),
+            ("tenants.limits.max_open_enrollments_per_user", limits.max_open_enrollments_per_user),
+        ] {
+            if value == Some(0) {
+                return Err(named(key, "must be at least 1"));
+            }
+        }
+        let max_ttl = limits.max_ttl_seconds.unwrap_or(self.challenge.max_ttl_seconds);
+        if max_ttl > self.challenge.max_ttl_seconds {
+            return Err(named("tenants.limits.max_ttl_seconds", "must be at most challenge.max_ttl_seconds"));
+        }
+        let default_ttl = limits.default_ttl_seconds.unwrap_or(self.challenge.default_ttl_seconds);
+        if default_ttl > max_ttl {
+            return Err(named("tenants.limits.default_ttl_seconds", "must be at most the tenant's max_ttl_seconds"));
+        }
+        Ok(())
+    }
+
     fn validate_tenants(&self) -> Result<(), ConfigError> {
         if self.tenants.is_empty() {
             return Err(invalid("tenants", "no [[tenants]]: nobody could call the identity-provider services"));
@@ -174,6 +203,7 @@ impl Config {
         let mut ids = HashSet::new();
         let mut keys = HashSet::new();
         for tenant in &self.tenants {
+            self.validate_tenant_limits(tenant)?;
             let valid_id = !tenant.id.is_empty()
                 && tenant.id.len() <= 64
                 && tenant.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
