@@ -51,7 +51,7 @@ pub struct Drain {
     admitted: Arc<RwLock<()>>,
     watches: CancellationToken,
     streams: Arc<RwLock<()>>,
-    /// When the last call (but health) arrived, in milliseconds since `epoch`.
+    /// When the last call (but health) was refused, in milliseconds since `epoch`.
     last_call_ms: Arc<AtomicU64>,
     epoch: Instant,
 }
@@ -101,7 +101,9 @@ impl Drain {
         calls_done && streams_done
     }
 
-    /// Notes that a call arrived now (admitted or refused).
+    /// Notes that a call arrived now and was refused (only calls during the drain
+    /// count for the quiet; the ones before it are waited for as admitted calls,
+    /// and the clock is not read on every call while serving).
     fn saw_call(&self) {
         let since = Instant::now().saturating_duration_since(self.epoch);
         self.last_call_ms.fetch_max(u64::try_from(since.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -196,14 +198,15 @@ where
             return Box::pin(inner.call(request));
         }
         let drain = self.drain.clone();
-        drain.saw_call();
         Box::pin(async move {
             if drain.is_draining() {
+                drain.saw_call();
                 return Ok(refusal().into_http());
             }
             // Waits only while the drain holds the write half; then it refuses.
             let admitted = Arc::clone(&drain.admitted).read_owned().await;
             if drain.is_draining() {
+                drain.saw_call();
                 return Ok(refusal().into_http());
             }
             let response = inner.call(request).await;
