@@ -15,6 +15,7 @@
 //! - [`broker`]: the use cases: puts the domain's rules to work over the store port and the push dispatcher.
 //! - [`store`]: implementations of the domain's `Store` port: embedded (memory plus a redb file), Redis (replicas), and a metrics decorator.
 //! - [`push`]: the `PushSender` trait, the dispatcher that queues, sends and retries pushes, and the APNs and FCM senders on a shared HTTP/2 client.
+//! - [`reload`]: when file-backed settings are read again (SIGHUP, a polling interval, an in-process request); the TLS certificates and the tenants use it.
 //! - [`tls`]: certificate loading, reload and the TLS accept loop for the gRPC port.
 //! - [`telemetry`]: logs, spans (OTLP with the `otlp` feature), the catalogue of metric names and the recorder, per-call gRPC metrics.
 //! - [`domain`]: the leaf: challenges, enrollment, device proofs, TOTP, limits, ids, time, the error with its transport-neutral kind, and the ports it needs (`Store`). Names no other module.
@@ -29,6 +30,7 @@ pub mod demo;
 pub mod domain;
 pub mod phone;
 pub mod push;
+pub mod reload;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -78,7 +78,8 @@ fn healthcheck(file: Option<PathBuf>, addr: Option<String>) -> anyhow::Result<()
 }
 
 fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
-    let loaded = Config::load(file.as_deref(), std::env::vars())?;
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let loaded = Config::load(file.as_deref(), env.clone())?;
     // The runtime comes first: the OTLP exporter's channel (feature `otlp`) lives on it.
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
     let _traces = {
@@ -105,7 +106,10 @@ fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
     runtime.block_on(async {
         let addr = loaded.config.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
-        pushmatch::server::run(listener, loaded.config, shutdown_signal()).await?;
+        let mut dependencies = pushmatch::server::Dependencies::from_config(&loaded.config).await?;
+        // The tenants in the file are reloaded on SIGHUP and when it changes.
+        dependencies.config_source = file.map(|file| pushmatch::server::ConfigSource { file, env });
+        pushmatch::server::run_with(listener, loaded.config, dependencies, shutdown_signal()).await?;
         Ok(())
     })
 }

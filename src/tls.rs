@@ -129,38 +129,9 @@ impl ReloadingTls {
     pub fn spawn_reloader(self: &Arc<Self>, stop: CancellationToken) {
         let this = Arc::clone(self);
         tokio::spawn(async move {
-            #[cfg(unix)]
-            let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-                Ok(signal) => Some(signal),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot listen for SIGHUP; certificates reload on file change only");
-                    None
-                }
-            };
-            let interval = this.files.reload_interval;
-            loop {
-                #[cfg(unix)]
-                let hangup_received = async {
-                    match hangup.as_mut() {
-                        Some(signal) => {
-                            signal.recv().await;
-                        }
-                        None => std::future::pending::<()>().await,
-                    }
-                };
-                #[cfg(not(unix))]
-                let hangup_received = std::future::pending::<()>();
-                let tick = async {
-                    if interval.is_zero() {
-                        std::future::pending::<()>().await;
-                    }
-                    tokio::time::sleep(interval).await;
-                };
-                let forced = tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = hangup_received => true,
-                    () = tick => false,
-                };
+            let mut triggers = crate::reload::Triggers::new("TLS certificates", this.files.reload_interval, None);
+            while let Some(trigger) = triggers.next(&stop).await {
+                let forced = !matches!(trigger, crate::reload::Trigger::Tick);
                 if (forced || this.changed_on_disk().await)
                     && let Err(error) = this.reload().await
                 {

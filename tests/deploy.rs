@@ -80,6 +80,8 @@ topic = "t""#;
             challenge_window_seconds: Some(1),
             max_devices_per_user: Some(1),
             max_open_enrollments_per_user: Some(1),
+            creates_share: Some(0.5),
+            push_queue_share: Some(0.5),
         },
     });
     let mut keys = BTreeSet::new();

@@ -20,6 +20,7 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use arc_swap::ArcSwap;
 use futures::future::Either;
 use http::{Request, Response};
 use tonic::Status;
@@ -64,12 +65,14 @@ fn bearer_key(headers: &http::HeaderMap) -> Result<&str, Status> {
 /// Checks every call to the IdP's services; see the module docs.
 #[derive(Clone)]
 pub struct TenantAuthLayer {
-    keys: Arc<TenantKeys>,
+    keys: Arc<ArcSwap<TenantKeys>>,
     mutual_tls: bool,
 }
 
 impl TenantAuthLayer {
-    pub fn new(keys: Arc<TenantKeys>, mutual_tls: bool) -> Self {
+    /// `keys` may be replaced while serving (a configuration reload): each call
+    /// checks against the keys in force when it arrives.
+    pub fn new(keys: Arc<ArcSwap<TenantKeys>>, mutual_tls: bool) -> Self {
         Self { keys, mutual_tls }
     }
 
@@ -86,7 +89,7 @@ impl TenantAuthLayer {
             None
         };
         let key = bearer_key(request.headers())?;
-        let tenant = self.keys.tenant_of(key).ok_or_else(|| Status::unauthenticated("authorization: unknown API key"))?;
+        let tenant = self.keys.load().tenant_of(key).ok_or_else(|| Status::unauthenticated("authorization: unknown API key"))?;
         if let Some(client) = client
             && !client.allows(&tenant)
         {
@@ -146,7 +149,7 @@ mod tests {
     fn layer() -> TenantAuthLayer {
         let (a, b) = ([api_key_digest_hex("key-a")], [api_key_digest_hex("key-b")]);
         let keys = TenantKeys::new([(TenantId("a".into()), &a[..]), (TenantId("b".into()), &b[..])]);
-        TenantAuthLayer::new(Arc::new(keys), false)
+        TenantAuthLayer::new(Arc::new(ArcSwap::from_pointee(keys)), false)
     }
 
     fn call(authorization: Option<&str>) -> Request<()> {

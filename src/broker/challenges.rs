@@ -20,12 +20,13 @@ impl Broker {
     /// per-user limits and the idempotency key in the same atomic step as the insert.
     #[tracing::instrument(skip_all, fields(tenant = %tenant))]
     pub async fn create_challenge(&self, tenant: &TenantId, request: ChallengeRequest) -> Result<Challenge, DomainError> {
-        let limits = self.settings.limits_of(tenant);
+        let limits = self.limits_of(tenant);
         let ttl = challenge_ttl(&limits, request.ttl_seconds)?;
         // The tenant's own permit first: a tenant past its share is refused without
         // touching the global permits, which stay for the other tenants. A tenant not
         // configured (none reaches here through the API) has the global cap only.
-        let _tenant_creating = match self.tenant_creating.get(tenant).map(tokio::sync::Semaphore::try_acquire) {
+        let own_permits = self.tenancy.load().get(tenant).and_then(|entry| entry.creating.clone());
+        let _tenant_creating = match own_permits.map(tokio::sync::Semaphore::try_acquire_owned) {
             Some(Err(_)) => {
                 return Err(shed(
                     tenant,
@@ -33,7 +34,7 @@ impl Broker {
                     format!(
                         "tenant {tenant} is creating {} challenges already, its share of server.max_creates_in_flight \
                          (server.creates_share_per_tenant); retry with backoff",
-                        self.settings.max_creates_in_flight_per_tenant
+                        limits.max_creates_in_flight
                     ),
                 ));
             }

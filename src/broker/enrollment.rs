@@ -52,7 +52,7 @@ impl Broker {
             device_id: None,
         };
         let qr_png = enrollment::qr_png(&uri)?;
-        match self.store.insert_enrollment(enrollment.clone(), &self.settings.limits_of(tenant).enrollment_limits, now).await? {
+        match self.store.insert_enrollment(enrollment.clone(), &self.limits_of(tenant).enrollment_limits, now).await? {
             InsertOutcome::Inserted => {}
             InsertOutcome::TooManyOpen { limit } => {
                 return Err(DomainError::ResourceExhausted(format!(
@@ -105,7 +105,7 @@ impl Broker {
         // enrollment's state: of two racing completions exactly one adds a device.
         match self
             .store
-            .complete_enrollment(&digest, device.clone(), &self.settings.limits_of(&device.tenant).enrollment_limits, now)
+            .complete_enrollment(&digest, device.clone(), &self.limits_of(&device.tenant).enrollment_limits, now)
             .await?
         {
             CompleteOutcome::Completed(enrollment) => {

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
+
 use crate::domain::challenge::{Challenge, Delivery, DeliveryState, Platform, SignInContext};
 use crate::domain::device::{Device, DevicePublicKey};
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
@@ -32,11 +34,13 @@ mod challenges;
 mod delivery;
 mod devices;
 mod enrollment;
+mod tenancy;
 #[cfg(test)]
 mod tests;
 mod totp;
 
 pub use delivery::DeliveryRecorder;
+use tenancy::Tenancy;
 
 /// The knobs of the rules, from the configuration.
 #[derive(Clone, Debug)]
@@ -74,6 +78,9 @@ pub struct TenantLimits {
     pub max_ttl: Duration,
     pub admission: AdmissionPolicy,
     pub enrollment_limits: EnrollmentLimits,
+    /// CreateChallenge calls of the tenant at once (its part of
+    /// `max_creates_in_flight`); past it the tenant is refused at once.
+    pub max_creates_in_flight: usize,
 }
 
 impl BrokerSettings {
@@ -84,6 +91,7 @@ impl BrokerSettings {
             max_ttl: self.max_ttl,
             admission: self.admission.clone(),
             enrollment_limits: self.enrollment_limits.clone(),
+            max_creates_in_flight: self.max_creates_in_flight_per_tenant,
         }
     }
 
@@ -161,18 +169,17 @@ pub struct Broker {
     dispatcher: Dispatcher,
     clock: Arc<dyn Clock>,
     settings: BrokerSettings,
-    tenants: HashMap<TenantId, Tenant>,
+    /// The configured tenants with their limits and permits; replaced whole on a
+    /// reload ([`Broker::set_tenants`]). Reading it takes no lock.
+    tenancy: ArcSwap<Tenancy>,
     secrets: SecretBox,
     /// One permit per CreateChallenge in flight: in a burst past what the store and
     /// the push queue take, a caller hears RESOURCE_EXHAUSTED at once and backs off,
     /// instead of waiting in a queue that only grows (BENCHMARKS.md, the herd).
+    /// Each tenant also has permits of its own ([`Tenancy`]), taken before a global
+    /// one: a tenant's herd (its IdP in a retry storm, or a stolen key) holds at most
+    /// its share of these, and the other tenants' sign-ins still find permits.
     creating: tokio::sync::Semaphore,
-    /// Each tenant's own permits, taken before a global one: a tenant's herd (its IdP
-    /// in a retry storm, or a stolen key) holds at most its share of `creating`, and
-    /// the other tenants' sign-ins still find permits. Built up front from the
-    /// configured tenants and never changed, so the hot path takes no lock; empty
-    /// when a share would be the whole cap.
-    tenant_creating: HashMap<TenantId, tokio::sync::Semaphore>,
 }
 
 impl Broker {
@@ -185,18 +192,30 @@ impl Broker {
         secrets: SecretBox,
     ) -> Self {
         let creating = tokio::sync::Semaphore::new(settings.max_creates_in_flight);
-        let per_tenant = settings.max_creates_in_flight_per_tenant;
-        let tenant_creating = if per_tenant < settings.max_creates_in_flight {
-            tenants.iter().map(|t| (t.id.clone(), tokio::sync::Semaphore::new(per_tenant))).collect()
-        } else {
-            HashMap::new()
-        };
-        let tenants = tenants.into_iter().map(|t| (t.id.clone(), t)).collect();
-        Self { store, dispatcher, clock, settings, tenants, secrets, creating, tenant_creating }
+        let tenancy = ArcSwap::from_pointee(Tenancy::build(&settings, tenants, None));
+        Self { store, dispatcher, clock, settings, tenancy, secrets, creating }
+    }
+
+    /// Serves `tenants` from now on, each with its limits from `tenant_settings`
+    /// (its `per_tenant` limits and the tenants' part of the create cap; the global
+    /// limits stay those the broker started with). Calls already running finish
+    /// with the tenants they started with; a tenant that is gone is no longer
+    /// found, and one that stays keeps its permits in use.
+    pub fn set_tenants(&self, tenant_settings: &BrokerSettings, tenants: Vec<Tenant>) {
+        let previous = self.tenancy.load();
+        let next = Tenancy::build(tenant_settings, tenants, Some(&previous));
+        tracing::info!(tenants = next.len(), "tenants updated");
+        self.tenancy.store(Arc::new(next));
+    }
+
+    /// `tenant`'s limits: its own where it has them, else the global ones (also for
+    /// a tenant not configured, which the API never lets through).
+    fn limits_of(&self, tenant: &TenantId) -> TenantLimits {
+        self.tenancy.load().get(tenant).map_or_else(|| self.settings.global_limits(), |entry| entry.limits.clone())
     }
 
     fn issuer(&self, tenant: &TenantId) -> String {
-        self.tenants.get(tenant).map_or_else(|| tenant.0.clone(), |t| t.display_name.clone())
+        self.tenancy.load().get(tenant).map_or_else(|| tenant.0.clone(), |t| t.display_name.clone())
     }
 
     /// Hands a job to the dispatcher. Room was checked before the challenge was

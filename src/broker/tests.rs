@@ -32,7 +32,7 @@ struct Fixture {
     _dir: tempfile::TempDir,
 }
 
-fn settings() -> BrokerSettings {
+pub(super) fn settings() -> BrokerSettings {
     BrokerSettings {
         default_ttl: Duration::from_secs(60),
         max_ttl: Duration::from_secs(300),
@@ -182,7 +182,14 @@ async fn a_tenant_past_its_share_of_creates_is_shed_while_another_tenant_still_c
     // Acme's herd holds its whole share in flight: its 2 permits of its own, and the
     // 2 of the 4 global permits those calls took.
     let herd = (
-        f.broker.tenant_creating[&f.tenant].try_acquire_many(2).expect("acme's share"),
+        f.broker
+            .tenancy
+            .load()
+            .get(&f.tenant)
+            .and_then(|e| e.creating.clone())
+            .expect("acme's part")
+            .try_acquire_many_owned(2)
+            .expect("acme's share"),
         f.broker.creating.try_acquire_many(2).expect("global permits"),
     );
     let error = f.create_in(&f.tenant, &jan, 0).await.expect_err("acme is past its share");
@@ -207,8 +214,7 @@ async fn a_tenant_past_its_share_of_the_push_queue_is_refused_while_another_tena
     let f = fixture_with(DispatcherSettings {
         queue_capacity: 4,
         max_in_flight: 1,
-        tenants: vec![TenantId("acme".into()), TenantId("globex".into())],
-        max_queued_per_tenant: 2,
+        tenants: vec![(TenantId("acme".into()), 2), (TenantId("globex".into()), 2)],
         ..DispatcherSettings::default()
     })
     .await;

@@ -56,7 +56,7 @@ impl Broker {
         };
         match self
             .store
-            .confirm_totp_enrollment(tenant, id, credential.clone(), &self.settings.limits_of(tenant).enrollment_limits, now)
+            .confirm_totp_enrollment(tenant, id, credential.clone(), &self.limits_of(tenant).enrollment_limits, now)
             .await?
         {
             CompleteOutcome::Completed(completed) => {

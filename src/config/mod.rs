@@ -91,6 +91,9 @@ pub struct ServerConfig {
     pub tls_client_ca_path: Option<PathBuf>,
     /// How often the TLS files are checked for changes; 0: on SIGHUP only.
     pub tls_reload_interval_seconds: u32,
+    /// How often the configuration file (and the tenants' key files) is checked for
+    /// changes; a change reloads the tenants. 0: on SIGHUP only.
+    pub config_reload_interval_seconds: u32,
     /// Connections older than this are asked to go away (HTTP/2 GOAWAY) so that
     /// clients reconnect and spread over new replicas; 0: never.
     pub max_connection_age_seconds: u32,
@@ -122,6 +125,7 @@ impl Default for ServerConfig {
             tls_key_path: None,
             tls_client_ca_path: None,
             tls_reload_interval_seconds: 30,
+            config_reload_interval_seconds: 30,
             max_connection_age_seconds: 0,
             max_connection_age_grace_seconds: 0,
             max_concurrent_requests_per_connection: 256,
@@ -295,7 +299,10 @@ pub struct TenantConfig {
 /// The limits one tenant may set for itself, each overriding the global key of
 /// the same name (`challenge.*_ttl_seconds`, `limits.*`). A tenant's TTLs may only be
 /// shorter than the global maximum: stores keep challenges by the global one.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// `creates_share` and `push_queue_share` are the tenant's part of
+/// `server.max_creates_in_flight` and of each push queue, in place of
+/// `server.creates_share_per_tenant` and `push.queue_share_per_tenant`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantLimitsConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -312,6 +319,10 @@ pub struct TenantLimitsConfig {
     pub max_devices_per_user: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_open_enrollments_per_user: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub creates_share: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub push_queue_share: Option<f64>,
 }
 
 impl TenantLimitsConfig {

@@ -52,7 +52,7 @@ impl Config {
                 .tenant_part(self.server.max_creates_in_flight, self.server.creates_share_per_tenant),
             per_tenant: HashMap::new(),
         }
-        .with_tenant_limits(&self.tenants)
+        .with_tenant_limits(&self.tenants, self.server.max_creates_in_flight)
     }
 
     /// One tenant's part of a resource of `total` that all tenants share: `share` of
@@ -60,12 +60,10 @@ impl Config {
     /// tenant is configured: a share protects tenants from each other, and a lone
     /// tenant would only lose capacity to it.
     fn tenant_part(&self, total: u32, share: f64) -> usize {
-        let total = total as usize;
         if self.tenants.len() <= 1 {
-            return total;
+            return total as usize;
         }
-        // Validation keeps `share` in (0, 1], so the product is in (0, total].
-        ((total as f64 * share).ceil() as usize).clamp(1, total)
+        part_of(total, share)
     }
 
     pub fn redis_settings(&self) -> crate::store::redis::RedisSettings {
@@ -112,10 +110,17 @@ impl Config {
             queue_capacity: self.push.queue_capacity as usize,
             max_in_flight: self.push.max_in_flight as usize,
             max_attempts: self.push.max_attempts,
-            tenants: self.tenants.iter().map(|t| TenantId(t.id.clone())).collect(),
-            max_queued_per_tenant: self.tenant_part(self.push.queue_capacity, self.push.queue_share_per_tenant),
+            tenants: self.tenant_queue_shares(),
             ..DispatcherSettings::default()
         }
+    }
+
+    /// Each tenant with the most of its pushes that may wait in a provider's queue:
+    /// its own `push_queue_share`, else its part by `push.queue_share_per_tenant`.
+    pub fn tenant_queue_shares(&self) -> Vec<(TenantId, usize)> {
+        let default = self.tenant_part(self.push.queue_capacity, self.push.queue_share_per_tenant);
+        let own = |t: &TenantConfig| t.limits.push_queue_share.map(|share| part_of(self.push.queue_capacity, share));
+        self.tenants.iter().map(|t| (TenantId(t.id.clone()), own(t).unwrap_or(default))).collect()
     }
 
     pub fn domain_tenants(&self) -> Vec<Tenant> {
@@ -123,10 +128,17 @@ impl Config {
     }
 }
 
+/// `share` of `total`, rounded up so that it is at least one. Validation keeps
+/// `share` in (0, 1], so the product is in (0, total].
+fn part_of(total: u32, share: f64) -> usize {
+    let total = total as usize;
+    ((total as f64 * share).ceil() as usize).clamp(1, total)
+}
+
 impl BrokerSettings {
     /// Each tenant with a `[tenants.limits]` of its own gets its limits: the global
     /// ones with the tenant's keys put over them.
-    fn with_tenant_limits(mut self, tenants: &[TenantConfig]) -> Self {
+    fn with_tenant_limits(mut self, tenants: &[TenantConfig], max_creates_in_flight: u32) -> Self {
         let seconds = |s: u32| Duration::from_secs(u64::from(s));
         for tenant in tenants.iter().filter(|t| !t.limits.is_empty()) {
             let own = &tenant.limits;
@@ -151,6 +163,9 @@ impl BrokerSettings {
             }
             if let Some(open) = own.max_open_enrollments_per_user {
                 limits.enrollment_limits.max_open_enrollments = open;
+            }
+            if let Some(share) = own.creates_share {
+                limits.max_creates_in_flight = part_of(max_creates_in_flight, share);
             }
             self.per_tenant.insert(TenantId(tenant.id.clone()), limits);
         }

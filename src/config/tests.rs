@@ -66,7 +66,7 @@ fn tenant_key_digests_come_from_a_mounted_secret_file() {
 fn a_tenants_own_limits_override_the_global_ones_for_it_alone() {
     let text = format!(
         "{TENANT}[tenants.limits]\nmax_ttl_seconds = 120\ndefault_ttl_seconds = 30\nmax_pending_per_user = 1\n\
-         max_devices_per_user = 2\n[[tenants]]\nid = \"other\"\ndisplay_name = \"Other\"\n\
+         max_devices_per_user = 2\ncreates_share = 0.1\npush_queue_share = 0.01\n[[tenants]]\nid = \"other\"\ndisplay_name = \"Other\"\n\
          api_key_sha256 = [\"{}\"]\n",
         "a".repeat(64)
     );
@@ -80,11 +80,18 @@ fn a_tenants_own_limits_override_the_global_ones_for_it_alone() {
     let other = settings.limits_of(&TenantId("other".into()));
     assert_eq!(other.max_ttl.as_secs(), u64::from(loaded.config.challenge.max_ttl_seconds));
     assert_eq!(other.admission.max_pending, loaded.config.limits.max_pending_per_user);
+    // Shares: the tenant's own part of the create cap (256) and of each push queue
+    // (10,000), rounded up; the other tenant's by the global shares (half).
+    assert_eq!((own.max_creates_in_flight, other.max_creates_in_flight), (26, 128));
+    let queues = loaded.config.tenant_queue_shares();
+    assert_eq!(queues, vec![(TenantId("gors".into()), 100), (TenantId("other".into()), 5_000)]);
 
     for (limits, key) in [
         ("max_ttl_seconds = 301", "tenants.limits.max_ttl_seconds: "),
         ("max_ttl_seconds = 20\ndefault_ttl_seconds = 30", "tenants.limits.default_ttl_seconds: "),
         ("max_pending_per_user = 0", "tenants.limits.max_pending_per_user: "),
+        ("creates_share = 0.0", "tenants.limits.creates_share: "),
+        ("push_queue_share = 1.01", "tenants.limits.push_queue_share: "),
     ] {
         let text = format!("{TENANT}[tenants.limits]\n{limits}\n");
         let error = Config::load(Some(file(&text).path()), env(&[])).expect_err(limits).to_string();
@@ -153,7 +160,8 @@ fn each_tenants_share_is_a_rounded_up_part_of_the_whole_and_a_lone_tenant_has_al
     let parts = |file: &tempfile::NamedTempFile, pairs: &[(&str, &str)]| {
         let config = Config::load(Some(file.path()), env(pairs)).expect("loads").config;
         let dispatcher = config.dispatcher_settings();
-        (config.broker_settings().max_creates_in_flight_per_tenant, dispatcher.max_queued_per_tenant, dispatcher.tenants.len())
+        let queued = dispatcher.tenants.iter().map(|(_, limit)| *limit).max().unwrap_or(0);
+        (config.broker_settings().max_creates_in_flight_per_tenant, queued, dispatcher.tenants.len())
     };
     assert_eq!(parts(&two, &[]), (128, 5_000, 2), "half of 256 and of 10000 by default");
     let small = [

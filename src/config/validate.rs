@@ -185,6 +185,15 @@ impl Config {
                 return Err(named(key, "must be at least 1"));
             }
         }
+        for (key, share, of) in [
+            ("tenants.limits.creates_share", limits.creates_share, "server.max_creates_in_flight"),
+            ("tenants.limits.push_queue_share", limits.push_queue_share, "push.queue_capacity"),
+        ] {
+            if let Some(share) = share {
+                check_share(key, share, of)
+                    .map_err(|_| named(key, &format!("{share} is not a fraction of {of} above 0.0 and at most 1.0")))?;
+            }
+        }
         let max_ttl = limits.max_ttl_seconds.unwrap_or(self.challenge.max_ttl_seconds);
         if max_ttl > self.challenge.max_ttl_seconds {
             return Err(named("tenants.limits.max_ttl_seconds", "must be at most challenge.max_ttl_seconds"));

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -38,14 +39,17 @@ use crate::pb::device_service_server::DeviceServiceServer;
 use crate::pb::enrollment_service_server::EnrollmentServiceServer;
 use crate::push::PushSender;
 use crate::push::dispatcher::{Dispatcher, DispatcherCounters};
+use crate::reload::ReloadRequests;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
 use crate::store::redis::RedisStore;
 use crate::telemetry::grpc::GrpcTelemetryLayer;
 use crate::tls::ReloadingTls;
 use ops::ScrapeSources;
+pub use reload::ConfigSource;
 
 pub mod ops;
+pub mod reload;
 
 /// The largest request the server decodes (API.md: 64 KiB); larger ones are refused
 /// with OUT_OF_RANGE and the connection carries on.
@@ -78,12 +82,24 @@ pub struct Dependencies {
     /// Where `/metrics` and `/healthz` listen; `None`: bind `server.metrics_listen`
     /// (tests pass a port-0 listener to learn the port).
     pub metrics_listener: Option<TcpListener>,
+    /// The file the configuration was loaded from: its tenants are reloaded on
+    /// SIGHUP and when it changes ([`reload`]). `None`: never reloaded.
+    pub config_source: Option<ConfigSource>,
+    /// Reloads asked for in-process (tests), answered with the outcome.
+    pub reload_requests: Option<ReloadRequests>,
 }
 
 impl Default for Dependencies {
     /// The system clock and no push providers (deliveries read FAILED / "not configured").
     fn default() -> Self {
-        Self { clock: Arc::new(SystemClock), push_senders: Vec::new(), push_counters: Arc::default(), metrics_listener: None }
+        Self {
+            clock: Arc::new(SystemClock),
+            push_senders: Vec::new(),
+            push_counters: Arc::default(),
+            metrics_listener: None,
+            config_source: None,
+            reload_requests: None,
+        }
     }
 }
 
@@ -114,7 +130,7 @@ pub async fn run_with(
     dependencies: Dependencies,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Dependencies { clock, push_senders, push_counters, metrics_listener } = dependencies;
+    let Dependencies { clock, push_senders, push_counters, metrics_listener, config_source, reload_requests } = dependencies;
     let draining = CancellationToken::new();
     // Everything records through the `metrics` facade; install its recorder first.
     let metrics_handle = crate::telemetry::metrics::install();
@@ -137,7 +153,12 @@ pub async fn run_with(
     let secrets = SecretBox::new(&load_secret_key(&config).await?);
     let broker =
         Arc::new(Broker::new(metered, dispatcher.clone(), clock, config.broker_settings(), config.domain_tenants(), secrets));
-    let auth = TenantAuthLayer::new(Arc::new(config.tenant_keys()), tls.as_ref().is_some_and(|tls| tls.mutual()));
+    let keys = Arc::new(ArcSwap::from_pointee(config.tenant_keys()));
+    let auth = TenantAuthLayer::new(Arc::clone(&keys), tls.as_ref().is_some_and(|tls| tls.mutual()));
+    if let Some(source) = config_source {
+        let targets = reload::Reloadable { broker: Arc::clone(&broker), dispatcher: dispatcher.clone(), keys };
+        reload::spawn(source, config.clone(), targets, reload_requests, draining.child_token());
+    }
 
     let health = start_health(Arc::clone(&store), &draining).await;
     register_series(&config, store.backend());
@@ -178,15 +199,24 @@ pub async fn run_with(
 /// alerts see a series from the start, not from its first event.
 fn register_series(config: &Config, backend: &'static str) {
     crate::telemetry::grpc::register_series();
-    let embedded = config.store.backend == StoreBackend::Embedded;
-    crate::telemetry::metrics::register_challenge_series(config.tenants.iter().map(|t| t.id.as_str()), embedded);
+    register_tenant_series(config);
     crate::push::dispatcher::register_series();
+    for outcome in ["reloaded", "failed"] {
+        metrics::counter!(crate::telemetry::metrics::names::CONFIG_RELOADS, "outcome" => outcome).increment(0);
+    }
     crate::store::metered::register_series(backend);
     crate::tls::register_series();
-    if !embedded {
+    if config.store.backend != StoreBackend::Embedded {
         // Only the Redis store makes Redis calls.
         metrics::counter!(crate::telemetry::metrics::names::REDIS_CALLS).increment(0);
     }
+}
+
+/// The series with a `tenant` label, at zero for each configured tenant (at start,
+/// and for a tenant a reload adds).
+fn register_tenant_series(config: &Config) {
+    let embedded = config.store.backend == StoreBackend::Embedded;
+    crate::telemetry::metrics::register_challenge_series(config.tenants.iter().map(|t| t.id.as_str()), embedded);
 }
 
 /// The listener of `/metrics` and `/healthz`: the one passed in, else

@@ -67,6 +67,8 @@ pub mod names {
     pub const TLS_HANDSHAKE_FAILURES: &str = "pushmatch_tls_handshake_failures_total";
     /// Counter {outcome}: certificate reloads (outcome: reloaded, failed).
     pub const TLS_RELOADS: &str = "pushmatch_tls_reloads_total";
+    /// Counter {outcome}: configuration reloads (outcome: reloaded, failed).
+    pub const CONFIG_RELOADS: &str = "pushmatch_config_reloads_total";
     /// Gauge {version}: always 1; the running version as a label.
     pub const BUILD_INFO: &str = "pushmatch_build_info";
 
@@ -104,6 +106,7 @@ pub mod names {
         REDIS_CALLS,
         TLS_HANDSHAKE_FAILURES,
         TLS_RELOADS,
+        CONFIG_RELOADS,
         BUILD_INFO,
         PUSH_SENDS,
         PUSH_RETRIES,
@@ -183,6 +186,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::REDIS_CALLS, Kind::Counter, "calls made to Redis (scripts and commands)"),
     (names::TLS_HANDSHAKE_FAILURES, Kind::Counter, "TLS handshakes on the gRPC port that failed"),
     (names::TLS_RELOADS, Kind::Counter, "TLS certificate reloads"),
+    (names::CONFIG_RELOADS, Kind::Counter, "configuration reloads (the tenants), by outcome"),
     (names::BUILD_INFO, Kind::Gauge, "the running version"),
     (names::PUSH_SENDS, Kind::Counter, "attempts to send a push, by outcome"),
     (names::PUSH_RETRIES, Kind::Counter, "push attempts retried after a backoff"),

@@ -70,6 +70,7 @@ pub struct TestServer {
     pub fcm: RecordingPushSender,
     pub push_counters: Arc<DispatcherCounters>,
     pub store_dir: Arc<tempfile::TempDir>,
+    reload: Option<pushmatch::reload::ReloadHandle>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), ServerError>>>,
 }
@@ -89,6 +90,31 @@ impl TestServer {
         let mut config = test_config(store_dir.path());
         adjust(&mut config);
         config.validate().expect("test config is valid");
+        Self::launch(config, store_dir, clock, None).await
+    }
+
+    /// Starts with the configuration in `file` (loaded as `serve --config` does), and
+    /// reloads it when the test asks ([`TestServer::reload`]).
+    pub async fn start_from_file(file: &std::path::Path) -> Self {
+        let config = Config::load(Some(file), Vec::new()).expect("the test's configuration file loads").config;
+        let dir = Arc::new(tempfile::tempdir().expect("temp dir"));
+        let source = pushmatch::server::ConfigSource { file: file.to_owned(), env: Vec::new() };
+        Self::launch(config, dir, ManualClock::starting_now(), Some(source)).await
+    }
+
+    /// Reloads the configuration file now (a server started with
+    /// [`TestServer::start_from_file`]); the error says why it was refused.
+    pub async fn reload(&self) -> Result<(), String> {
+        let handle = self.reload.as_ref().expect("started from a file");
+        tokio::time::timeout(DEADLINE, handle.reload()).await.expect("the reload answers in time")
+    }
+
+    async fn launch(
+        mut config: Config,
+        store_dir: Arc<tempfile::TempDir>,
+        clock: ManualClock,
+        source: Option<pushmatch::server::ConfigSource>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         // A test that needs the enrollment URI to name this very server sets
@@ -108,19 +134,44 @@ impl TestServer {
         } else {
             (Arc::new(clock.clone()), vec![Arc::new(apns.clone()) as Arc<dyn PushSender>, Arc::new(fcm.clone())])
         };
+        let (reload, reload_requests) = match &source {
+            Some(_) => {
+                let (handle, requests) = pushmatch::reload::channel();
+                (Some(handle), Some(requests))
+            }
+            None => (None, None),
+        };
         let metrics_listener = match config.server.metrics_listen.as_str() {
             "" => None,
             addr => Some(TcpListener::bind(addr).await.expect("bind metrics")),
         };
         let metrics_addr = metrics_listener.as_ref().map(|listener| listener.local_addr().expect("metrics addr"));
-        let dependencies =
-            Dependencies { clock: server_clock, push_senders, push_counters: Arc::clone(&push_counters), metrics_listener };
+        let dependencies = Dependencies {
+            clock: server_clock,
+            push_senders,
+            push_counters: Arc::clone(&push_counters),
+            metrics_listener,
+            config_source: source,
+            reload_requests,
+        };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(pushmatch::server::run_with(listener, config, dependencies, async {
             let _ = stopped.await;
         }));
         let channel = Endpoint::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
-        Self { addr, metrics_addr, channel, clock, apns, fcm, push_counters, store_dir, stop: Some(stop), task: Some(task) }
+        Self {
+            addr,
+            metrics_addr,
+            channel,
+            clock,
+            apns,
+            fcm,
+            push_counters,
+            store_dir,
+            reload,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn challenges(&self, api_key: &str) -> IdpChallenges {

@@ -54,12 +54,10 @@ pub struct DispatcherSettings {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
-    /// The tenants whose jobs are counted, each against `max_queued_per_tenant`. A
-    /// job of a tenant not listed counts against the whole queue only.
-    pub tenants: Vec<TenantId>,
-    /// Jobs of one tenant waiting in each provider's queue at most; at
-    /// `queue_capacity` or more nothing is counted per tenant.
-    pub max_queued_per_tenant: usize,
+    /// The tenants whose jobs are counted, each with the most of its jobs that may
+    /// wait in each provider's queue (at `queue_capacity` or more the tenant is not
+    /// counted). A job of a tenant not listed counts against the whole queue only.
+    pub tenants: Vec<(TenantId, usize)>,
 }
 
 impl Default for DispatcherSettings {
@@ -71,7 +69,6 @@ impl Default for DispatcherSettings {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(5),
             tenants: Vec::new(),
-            max_queued_per_tenant: usize::MAX,
         }
     }
 }
@@ -157,7 +154,7 @@ impl Dispatcher {
             let sender = senders.iter().find(|sender| sender.platform() == platform).cloned();
             let lane = Lane::new(platform, sender, Arc::clone(&shared));
             tokio::spawn(lane.run(receiver, shutdown.clone()));
-            let shares = TenantShares::new(&settings.tenants, settings.max_queued_per_tenant, settings.queue_capacity);
+            let shares = TenantShares::new(&settings.tenants, settings.queue_capacity);
             Queue { jobs, shares }
         };
         let queues = Queues { apns: queue(Platform::Apns), fcm: queue(Platform::Fcm) };
@@ -173,6 +170,14 @@ impl Dispatcher {
         queue.jobs.try_send((job, TraceOrigin::current(), slot)).map_err(|_| QueueFull::Queue)?;
         self.counters.enqueued.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Counts the jobs of `tenants` (each with its limit) from now on, in every
+    /// provider's queue; jobs queued before keep their places.
+    pub fn set_tenants(&self, tenants: &[(TenantId, usize)]) {
+        for queue in [&self.queues.apns, &self.queues.fcm] {
+            queue.shares.set(tenants, queue.jobs.max_capacity());
+        }
     }
 
     /// Whether jobs of `tenant` to these `platforms` (one per push) fit now

@@ -367,8 +367,7 @@ async fn a_tenant_past_its_share_of_the_queue_is_refused_while_another_still_enq
     let settings = DispatcherSettings {
         queue_capacity: 4,
         max_in_flight: 1,
-        tenants: vec![tenant("a"), tenant("b")],
-        max_queued_per_tenant: 2,
+        tenants: vec![(tenant("a"), 2), (tenant("b"), 2)],
         ..DispatcherSettings::default()
     };
     let dispatcher = Dispatcher::start(
@@ -414,8 +413,7 @@ async fn a_job_the_queue_refuses_gives_its_place_in_the_tenants_share_back() {
     let reports = Arc::new(Reports::default());
     let settings = DispatcherSettings {
         queue_capacity: 4,
-        tenants: vec![tenant("a"), tenant("b")],
-        max_queued_per_tenant: 1,
+        tenants: vec![(tenant("a"), 1), (tenant("b"), 1)],
         ..DispatcherSettings::default()
     };
     let shutdown = CancellationToken::new();
