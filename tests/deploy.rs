@@ -43,8 +43,9 @@ fn str_at<'a>(value: &'a Value, path: &[&str]) -> &'a str {
 fn key_paths(value: &toml::Value, prefix: &str, into: &mut BTreeSet<String>) {
     let table = match value {
         toml::Value::Table(table) => table,
+        // An array of tables ([[tenants]]): the keys of any of them.
         toml::Value::Array(items) if items.first().is_some_and(toml::Value::is_table) => {
-            return key_paths(&items[0], prefix, into);
+            return items.iter().for_each(|item| key_paths(item, prefix, into));
         }
         _ => return,
     };
@@ -83,6 +84,7 @@ topic = "t""#;
             creates_share: Some(0.5),
             push_queue_share: Some(0.5),
         },
+        push: pushmatch::config::TenantPushConfig { apns: full.push.apns.clone(), fcm: full.push.fcm.clone() },
     });
     let mut keys = BTreeSet::new();
     key_paths(&toml::Value::try_from(&full).expect("serializes"), "", &mut keys);

@@ -126,8 +126,9 @@ async fn counters_move_through_a_sign_in() {
     );
 
     assert!(moved("pushmatch_challenges_created_total", &[("tenant", "a")]) >= 2.0);
-    assert!(moved("pushmatch_challenges_resolved_total", &[("outcome", "approved"), ("deny_reason", "")]) >= 1.0);
-    assert!(moved("pushmatch_challenges_resolved_total", &[("outcome", "expired")]) >= 1.0);
+    let approved = [("tenant", "a"), ("outcome", "approved"), ("deny_reason", "")];
+    assert!(moved("pushmatch_challenges_resolved_total", &approved) >= 1.0);
+    assert!(moved("pushmatch_challenges_resolved_total", &[("tenant", "a"), ("outcome", "expired")]) >= 1.0);
     let store_create = [("backend", "embedded"), ("operation", "create_challenge")];
     assert!(moved("pushmatch_store_operation_seconds_count", &store_create) >= 2.0);
     assert!(moved("pushmatch_store_operation_seconds_count", &[("operation", "resolve_challenge")]) >= 1.0);

@@ -82,10 +82,10 @@ async fn every_series_is_there_at_zero_before_the_first_call() {
         assert_eq!(value(&samples, names::CHALLENGES_SHED, &shed), 0.0);
     }
     for labels in [
-        r#"outcome="approved",deny_reason="""#,
-        r#"outcome="denied",deny_reason="wrong_number""#,
-        r#"outcome="expired",deny_reason="""#,
-        r#"outcome="fraud_reported",deny_reason="""#,
+        r#"tenant="a",outcome="approved",deny_reason="""#,
+        r#"tenant="b",outcome="denied",deny_reason="wrong_number""#,
+        r#"tenant="a",outcome="expired",deny_reason="""#,
+        r#"tenant="b",outcome="fraud_reported",deny_reason="""#,
     ] {
         assert_eq!(value(&samples, names::CHALLENGES_RESOLVED, labels), 0.0);
     }
@@ -97,8 +97,10 @@ async fn every_series_is_there_at_zero_before_the_first_call() {
             let labels = format!(r#"provider="{provider}",outcome="{outcome}""#);
             assert_eq!(value(&samples, names::PUSH_SENDS, &labels), 0.0);
         }
-        let delivered = format!(r#"provider="{provider}",kind="challenge",state="sent""#);
-        assert_eq!(value(&samples, names::PUSH_DELIVERIES, &delivered), 0.0);
+        for tenant in ["a", "b"] {
+            let delivered = format!(r#"tenant="{tenant}",provider="{provider}",kind="challenge",state="sent""#);
+            assert_eq!(value(&samples, names::PUSH_DELIVERIES, &delivered), 0.0);
+        }
         let provider = format!(r#"provider="{provider}""#);
         assert_eq!(value(&samples, names::PUSH_RETRIES, &provider), 0.0);
         assert_eq!(value(&samples, names::PUSH_TOKEN_RENEWALS, &provider), 0.0);

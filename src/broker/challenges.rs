@@ -116,7 +116,7 @@ impl Broker {
             .ok_or(DomainError::NotFound("challenge"))?;
         if outcome.accepted {
             tracing::info!("challenge cancelled");
-            challenge_resolved(outcome.challenge.state, outcome.challenge.deny_reason);
+            challenge_resolved(tenant, outcome.challenge.state, outcome.challenge.deny_reason);
             self.clear_other_devices(&outcome.challenge, None).await;
         }
         Ok(outcome.challenge)

@@ -116,7 +116,7 @@ impl Broker {
             return Ok(AnswerOutcome { accepted: false, challenge: outcome.challenge });
         }
         tracing::info!(state = ?resolution.state, deny_reason = ?resolution.deny_reason, "challenge resolved");
-        challenge_resolved(resolution.state, resolution.deny_reason);
+        challenge_resolved(&device.tenant, resolution.state, resolution.deny_reason);
         match (resolution.state, resolution.deny_reason) {
             (ChallengeState::FraudReported, _) => {
                 self.block(&device.tenant, &device.user_id, fraud_block(now), now).await?;
@@ -161,7 +161,7 @@ impl Broker {
             let cancelled = self.store.resolve_challenge(tenant, &pending.id, Resolution::cancelled(), now).await?;
             if let Some(outcome) = cancelled.filter(|outcome| outcome.accepted) {
                 tracing::info!(challenge_id = %outcome.challenge.id, "pending challenge cancelled: the user is blocked");
-                challenge_resolved(outcome.challenge.state, outcome.challenge.deny_reason);
+                challenge_resolved(tenant, outcome.challenge.state, outcome.challenge.deny_reason);
                 self.clear_other_devices(&outcome.challenge, None).await;
             }
         }

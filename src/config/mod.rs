@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::push::settings::{ApnsConfig, FcmConfig, PushConfig};
+pub use crate::push::settings::{ApnsConfig, FcmConfig, PushConfig, TenantPushConfig};
 pub use crate::telemetry::{LogConfig, LogFormat, TracingConfig};
 
 mod settings;
@@ -294,6 +294,10 @@ pub struct TenantConfig {
     /// This tenant's own limits (`[tenants.limits]`); each left out is the global one.
     #[serde(default, skip_serializing_if = "TenantLimitsConfig::is_empty")]
     pub limits: TenantLimitsConfig,
+    /// This tenant's own push credentials (`[tenants.push.apns]`, `[tenants.push.fcm]`);
+    /// a provider left out uses the global `[push.*]` section.
+    #[serde(default, skip_serializing_if = "TenantPushConfig::is_empty")]
+    pub push: TenantPushConfig,
 }
 
 /// The limits one tenant may set for itself, each overriding the global key of
@@ -397,6 +401,7 @@ impl Config {
                 api_key_sha256: vec![crate::domain::api_key::api_key_digest_hex(DEVELOPMENT_API_KEY)],
                 api_key_sha256_file: None,
                 limits: TenantLimitsConfig::default(),
+                push: TenantPushConfig::default(),
             });
         }
         for tenant in &mut config.tenants {

@@ -123,6 +123,11 @@ impl Config {
         self.tenants.iter().map(|t| (TenantId(t.id.clone()), own(t).unwrap_or(default))).collect()
     }
 
+    /// Each tenant's own push sections (`[tenants.push.*]`), for the tenants that have any.
+    pub fn tenant_push(&self) -> Vec<(TenantId, crate::push::settings::TenantPushConfig)> {
+        self.tenants.iter().filter(|t| !t.push.is_empty()).map(|t| (TenantId(t.id.clone()), t.push.clone())).collect()
+    }
+
     pub fn domain_tenants(&self) -> Vec<Tenant> {
         self.tenants.iter().map(|t| Tenant { id: TenantId(t.id.clone()), display_name: t.display_name.clone() }).collect()
     }

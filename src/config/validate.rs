@@ -213,6 +213,7 @@ impl Config {
         let mut keys = HashSet::new();
         for tenant in &self.tenants {
             self.validate_tenant_limits(tenant)?;
+            validate_tenant_push(tenant)?;
             let valid_id = !tenant.id.is_empty()
                 && tenant.id.len() <= 64
                 && tenant.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -246,6 +247,24 @@ impl Config {
 
 /// A tenant's share of a resource: a fraction above 0.0 (a tenant must be able to
 /// sign anyone in) and at most 1.0 (all of it: no share). NaN fails both.
+/// A tenant's own provider sections: the same bounds as the global ones.
+fn validate_tenant_push(tenant: &crate::config::TenantConfig) -> Result<(), ConfigError> {
+    let push = &tenant.push;
+    for (key, value) in [
+        ("tenants.push.apns.connections", push.apns.as_ref().map_or(1, |p| p.connections)),
+        ("tenants.push.apns.max_in_flight", push.apns.as_ref().map_or(1, |p| p.max_in_flight)),
+        ("tenants.push.apns.request_timeout_ms", push.apns.as_ref().map_or(1, |p| p.request_timeout_ms)),
+        ("tenants.push.fcm.connections", push.fcm.as_ref().map_or(1, |p| p.connections)),
+        ("tenants.push.fcm.max_in_flight", push.fcm.as_ref().map_or(1, |p| p.max_in_flight)),
+        ("tenants.push.fcm.request_timeout_ms", push.fcm.as_ref().map_or(1, |p| p.request_timeout_ms)),
+    ] {
+        if value == 0 {
+            return Err(invalid(key, format!("tenant {:?}: must be at least 1", tenant.id)));
+        }
+    }
+    Ok(())
+}
+
 fn check_share(key: &'static str, share: f64, of: &str) -> Result<(), ConfigError> {
     if share > 0.0 && share <= 1.0 {
         return Ok(());

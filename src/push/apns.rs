@@ -58,15 +58,28 @@ const NOTICE_BODY: &str = "A new sign-in method was added to your account. If th
 const NOTICE_CATEGORY: &str = "PUSHMATCH_NEW_DEVICE";
 
 pub struct ApnsSender {
-    pool: ConnectionPool,
+    client: Arc<ApnsClient>,
     topic: HeaderValue,
-    tokens: ProviderTokens,
     max_in_flight: usize,
+}
+
+/// What every app (topic) pushed with one key shares: the connections and the
+/// provider token.
+struct ApnsClient {
+    pool: ConnectionPool,
+    tokens: ProviderTokens,
 }
 
 impl ApnsSender {
     pub fn new(pool: ConnectionPool, topic: HeaderValue, tokens: ProviderTokens, max_in_flight: usize) -> Self {
-        Self { pool, topic, tokens, max_in_flight }
+        Self { client: Arc::new(ApnsClient { pool, tokens }), topic, max_in_flight }
+    }
+
+    /// A sender for another app (bundle id) on the same key and connections: a
+    /// team's key signs pushes to all of its apps, so tenants whose apps share a key
+    /// share one pool and one provider token.
+    pub fn for_topic(&self, topic: HeaderValue) -> Self {
+        Self { client: Arc::clone(&self.client), topic, max_in_flight: self.max_in_flight }
     }
 
     fn request(&self, job: &PushJob, authorization: HeaderValue) -> Result<Request<Full<Bytes>>, String> {
@@ -91,7 +104,7 @@ impl ApnsSender {
             ),
         };
         let body = body.map_err(|e| e.to_string())?;
-        let uri = self.pool.uri(&format!("/3/device/{}", job.push_token)).map_err(|e| e.to_string())?;
+        let uri = self.client.pool.uri(&format!("/3/device/{}", job.push_token)).map_err(|e| e.to_string())?;
         Request::post(uri)
             .header(http::header::AUTHORIZATION, authorization)
             .header("apns-topic", self.topic.clone())
@@ -120,7 +133,7 @@ impl PushSender for ApnsSender {
         if job.push_token.is_empty() || !job.push_token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return SendOutcome::Unregistered { reason: "BadDeviceToken".into() };
         }
-        let token = self.tokens.current(unix_now());
+        let token = self.client.tokens.current(unix_now());
         let request = match self.request(job, token.authorization.clone()) {
             Ok(request) => request,
             Err(error) => {
@@ -128,7 +141,7 @@ impl PushSender for ApnsSender {
                 return SendOutcome::Failed { reason: "invalid request".into() };
             }
         };
-        let response = match self.pool.send(request).await {
+        let response = match self.client.pool.send(request).await {
             Ok(response) => response,
             Err(error) => {
                 tracing::debug!(%error, "apns request failed");
@@ -139,7 +152,7 @@ impl PushSender for ApnsSender {
             SendOutcome::Failed { reason } if reason == "ExpiredProviderToken" => {
                 // The dispatcher sends again at once (one more attempt), with a new token.
                 tracing::info!("apns provider token expired: renewing it");
-                self.tokens.expire(&token);
+                self.client.tokens.expire(&token);
                 SendOutcome::TokenRefused { reason }
             }
             outcome => {

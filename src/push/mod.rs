@@ -8,8 +8,9 @@
 //! new device carries that device's id, never its display name ([`PushKind`]).
 //!
 //! The providers: [`apns::ApnsSender`] and [`fcm::FcmSender`], both on the shared
-//! HTTP/2-over-TLS client in [`transport`]; [`senders_from_config`] builds the
-//! configured ones.
+//! HTTP/2-over-TLS client in [`transport`]; [`routes::PushRoutes`] builds the
+//! configured ones and routes each push by its tenant (a tenant's own credentials,
+//! else the global section); [`senders_from_config`] builds the global ones alone.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ mod shares;
 pub mod transport;
 
 use settings::{ApnsConfig, FcmConfig, PushConfig};
+
+pub mod routes;
 
 #[cfg(any(test, feature = "test-util"))]
 pub mod recording;
@@ -163,6 +166,12 @@ pub trait PushSender: Send + Sync + 'static {
     fn max_in_flight(&self) -> Option<usize> {
         None
     }
+    /// Whether it has credentials for `tenant`'s pushes; the dispatcher records a
+    /// push of a tenant it does not serve as FAILED / "not configured" without
+    /// sending it.
+    fn serves(&self, _tenant: &TenantId) -> bool {
+        true
+    }
     async fn send(&self, job: &PushJob) -> SendOutcome;
 }
 
@@ -193,9 +202,22 @@ pub enum PushSetupError {
     #[error("{path}: {message}")]
     File { path: String, message: String },
     #[error("{key}: {message}")]
-    Invalid { key: &'static str, message: String },
+    Invalid { key: String, message: String },
     #[error(transparent)]
     Transport(#[from] transport::TransportSetupError),
+}
+
+impl PushSetupError {
+    /// The error of a tenant's own section: it names the tenant.
+    fn of_tenant(self, tenant: &TenantId) -> Self {
+        match self {
+            Self::File { path, message } => Self::File { path, message: format!("{message} (tenant {:?})", tenant.0) },
+            Self::Invalid { key, message } => Self::Invalid { key, message: format!("tenant {:?}: {message}", tenant.0) },
+            Self::Transport(error) => {
+                Self::Invalid { key: "tenants.push".into(), message: format!("tenant {:?}: {error}", tenant.0) }
+            }
+        }
+    }
 }
 
 /// The senders of the providers that have a `[push.*]` section. Reads the key files
@@ -204,7 +226,7 @@ pub enum PushSetupError {
 pub async fn senders_from_config(config: &PushConfig, clock: Arc<dyn Clock>) -> Result<Vec<Arc<dyn PushSender>>, PushSetupError> {
     let mut senders: Vec<Arc<dyn PushSender>> = Vec::new();
     if let Some(apns) = &config.apns {
-        senders.push(Arc::new(apns_sender(apns).await?));
+        senders.push(Arc::new(apns_sender(apns, "push").await?));
     }
     if let Some(fcm) = &config.fcm {
         senders.push(Arc::new(fcm_sender(fcm, clock).await?));
@@ -234,22 +256,30 @@ fn pool_settings(endpoint: &str, connections: u32, request_timeout_ms: u32) -> t
     }
 }
 
-async fn apns_sender(config: &ApnsConfig) -> Result<apns::ApnsSender, PushSetupError> {
+/// The `apns-topic` header of a bundle id; `scope` is where the section is
+/// (`push`, or `tenants.push` with the tenant), for the error.
+fn topic_header(topic: &str, scope: &str) -> Result<http::HeaderValue, PushSetupError> {
+    http::HeaderValue::from_str(topic)
+        .ok()
+        .filter(|_| !topic.is_empty())
+        .ok_or_else(|| PushSetupError::Invalid { key: format!("{scope}.apns.topic"), message: "must be a bundle id".into() })
+}
+
+/// An APNs sender for the section at `scope` (`push`, or `tenants.push` with the
+/// tenant: the errors name it).
+async fn apns_sender(config: &ApnsConfig, scope: &str) -> Result<apns::ApnsSender, PushSetupError> {
     let path = &config.private_key_path;
     let pem = read_file(path).await?;
     let pem = String::from_utf8(pem)
         .map_err(|_| PushSetupError::File { path: path.display().to_string(), message: "not a PEM file".into() })?;
     let tokens = apns::ProviderTokens::from_pkcs8_pem(&config.key_id, &config.team_id, &pem).map_err(|e| match e {
         apns::ProviderKeyError::Field(field) => PushSetupError::Invalid {
-            key: if field == "key_id" { "push.apns.key_id" } else { "push.apns.team_id" },
+            key: format!("{scope}.apns.{}", if field == "key_id" { "key_id" } else { "team_id" }),
             message: "must be printable ASCII".into(),
         },
         apns::ProviderKeyError::Key(_) => PushSetupError::File { path: path.display().to_string(), message: e.to_string() },
     })?;
-    let topic = http::HeaderValue::from_str(&config.topic)
-        .ok()
-        .filter(|_| !config.topic.is_empty())
-        .ok_or_else(|| PushSetupError::Invalid { key: "push.apns.topic", message: "must be a bundle id".into() })?;
+    let topic = topic_header(&config.topic, scope)?;
     let tls = tls_for(&config.ca_cert_path, &[b"h2"]).await?;
     let pool =
         transport::ConnectionPool::new(&pool_settings(&config.endpoint, config.connections, config.request_timeout_ms), tls)?;

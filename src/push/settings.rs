@@ -36,6 +36,24 @@ impl Default for PushConfig {
     }
 }
 
+/// A tenant's own provider credentials (`[tenants.push.apns]`, `[tenants.push.fcm]`),
+/// each in place of the global section for that tenant's devices; a provider the
+/// tenant leaves out uses the global section.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantPushConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub apns: Option<ApnsConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fcm: Option<FcmConfig>,
+}
+
+impl TenantPushConfig {
+    pub fn is_empty(&self) -> bool {
+        self.apns.is_none() && self.fcm.is_none()
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApnsConfig {
@@ -67,8 +85,11 @@ fn default_push_connections() -> u32 {
     4
 }
 
+/// A provider's sends at once when its section does not say.
+pub(crate) const DEFAULT_PROVIDER_IN_FLIGHT: u32 = 1_000;
+
 fn default_provider_in_flight() -> u32 {
-    1_000
+    DEFAULT_PROVIDER_IN_FLIGHT
 }
 
 fn default_push_request_timeout_ms() -> u32 {

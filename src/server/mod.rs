@@ -39,6 +39,7 @@ use crate::pb::device_service_server::DeviceServiceServer;
 use crate::pb::enrollment_service_server::EnrollmentServiceServer;
 use crate::push::PushSender;
 use crate::push::dispatcher::{Dispatcher, DispatcherCounters};
+use crate::push::routes::PushRoutes;
 use crate::reload::ReloadRequests;
 use crate::store::embedded::EmbeddedStore;
 use crate::store::metered::MeteredStore;
@@ -87,6 +88,9 @@ pub struct Dependencies {
     pub config_source: Option<ConfigSource>,
     /// Reloads asked for in-process (tests), answered with the outcome.
     pub reload_requests: Option<ReloadRequests>,
+    /// The senders behind `push_senders` by tenant, when they came from the
+    /// configuration: a reload routes the tenants' pushes anew.
+    pub push_routes: Option<Arc<PushRoutes>>,
 }
 
 impl Default for Dependencies {
@@ -99,18 +103,20 @@ impl Default for Dependencies {
             metrics_listener: None,
             config_source: None,
             reload_requests: None,
+            push_routes: None,
         }
     }
 }
 
 impl Dependencies {
-    /// The system clock and a sender for each configured `[push.*]` provider. Fails,
-    /// naming the file, when a key, service-account or CA file is unreadable or
-    /// malformed: `serve` stops before it listens.
+    /// The system clock and the push senders of the configured `[push.*]` and
+    /// `[tenants.push.*]` sections, routed by tenant. Fails, naming the file, when a
+    /// key, service-account or CA file is unreadable or malformed: `serve` stops
+    /// before it listens.
     pub async fn from_config(config: &Config) -> Result<Self, ServerError> {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let push_senders = crate::push::senders_from_config(&config.push, Arc::clone(&clock)).await?;
-        Ok(Self { clock, push_senders, ..Self::default() })
+        let routes = PushRoutes::new(&config.push, &config.tenant_push(), Arc::clone(&clock)).await?;
+        Ok(Self { clock, push_senders: routes.senders(), push_routes: Some(routes), ..Self::default() })
     }
 }
 
@@ -130,7 +136,8 @@ pub async fn run_with(
     dependencies: Dependencies,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
-    let Dependencies { clock, push_senders, push_counters, metrics_listener, config_source, reload_requests } = dependencies;
+    let Dependencies { clock, push_senders, push_counters, metrics_listener, config_source, reload_requests, push_routes } =
+        dependencies;
     let draining = CancellationToken::new();
     // Everything records through the `metrics` facade; install its recorder first.
     let metrics_handle = crate::telemetry::metrics::install();
@@ -156,7 +163,7 @@ pub async fn run_with(
     let keys = Arc::new(ArcSwap::from_pointee(config.tenant_keys()));
     let auth = TenantAuthLayer::new(Arc::clone(&keys), tls.as_ref().is_some_and(|tls| tls.mutual()));
     if let Some(source) = config_source {
-        let targets = reload::Reloadable { broker: Arc::clone(&broker), dispatcher: dispatcher.clone(), keys };
+        let targets = reload::Reloadable { broker: Arc::clone(&broker), dispatcher: dispatcher.clone(), keys, push_routes };
         reload::spawn(source, config.clone(), targets, reload_requests, draining.child_token());
     }
 
@@ -200,7 +207,6 @@ pub async fn run_with(
 fn register_series(config: &Config, backend: &'static str) {
     crate::telemetry::grpc::register_series();
     register_tenant_series(config);
-    crate::push::dispatcher::register_series();
     for outcome in ["reloaded", "failed"] {
         metrics::counter!(crate::telemetry::metrics::names::CONFIG_RELOADS, "outcome" => outcome).increment(0);
     }
@@ -216,7 +222,9 @@ fn register_series(config: &Config, backend: &'static str) {
 /// and for a tenant a reload adds).
 fn register_tenant_series(config: &Config) {
     let embedded = config.store.backend == StoreBackend::Embedded;
-    crate::telemetry::metrics::register_challenge_series(config.tenants.iter().map(|t| t.id.as_str()), embedded);
+    let tenants = config.tenants.iter().map(|t| t.id.as_str());
+    crate::telemetry::metrics::register_challenge_series(tenants.clone(), embedded);
+    crate::push::dispatcher::register_series(tenants);
 }
 
 /// The listener of `/metrics` and `/healthz`: the one passed in, else

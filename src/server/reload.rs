@@ -2,13 +2,14 @@
 //! tenant's `api_key_sha256_file`) changed (checked every
 //! `server.config_reload_interval_seconds`), or when asked in-process
 //! ([`crate::reload::ReloadHandle`]), the file is loaded and validated again as at
-//! start. A file that does not load is refused whole: the error is logged and the
-//! tenants in force stay. One that loads replaces the tenants: ids, display
-//! names, API-key digests, limits and shares. Everything else in the file is read
-//! at start only; a change there is logged as waiting for a restart.
+//! start. A file that does not load, or whose tenants' push key files cannot be
+//! read, is refused whole: the error is logged and the tenants in force stay. One
+//! that loads replaces the tenants: ids, display names, API-key digests, limits,
+//! shares and push credentials. Everything else in the file is read at start only;
+//! a change there is logged as waiting for a restart.
 //!
-//! The order of a swap: the broker's tenants and the push queue's shares first,
-//! the API keys last, so that a call authenticated as a new tenant finds that
+//! The order of a swap: the push routes (built whole first, the only step that can
+//! fail), the broker's tenants and the push queue's shares, the API keys last, so that a call authenticated as a new tenant finds that
 //! tenant's limits. Calls already running finish with what they started with; live
 //! challenges and watch streams are the store's and are not touched. A removed
 //! tenant's key reads UNAUTHENTICATED from the next call; its data stays in the
@@ -26,6 +27,7 @@ use crate::broker::Broker;
 use crate::config::{Config, ConfigError};
 use crate::domain::api_key::TenantKeys;
 use crate::push::dispatcher::Dispatcher;
+use crate::push::routes::PushRoutes;
 use crate::reload::{ReloadRequests, Trigger, Triggers};
 
 /// Where the running configuration came from, to be read again.
@@ -42,6 +44,8 @@ pub(super) struct Reloadable {
     pub(super) broker: Arc<Broker>,
     pub(super) dispatcher: Dispatcher,
     pub(super) keys: Arc<ArcSwap<TenantKeys>>,
+    /// The tenants' push credentials, when the senders came from the configuration.
+    pub(super) push_routes: Option<Arc<PushRoutes>>,
 }
 
 /// Reloads until `stop` fires; see the module docs.
@@ -104,6 +108,10 @@ impl Reloader {
             next.validate()?;
             Ok((next, waiting))
         });
+        let next = match next {
+            Ok((next, waiting)) => self.route_pushes(&next).await.map(|()| (next, waiting)),
+            Err(error) => Err(error),
+        };
         let (next, waiting) = match next {
             Ok(next) => next,
             Err(error) => {
@@ -122,6 +130,16 @@ impl Reloader {
         metrics::counter!(crate::telemetry::metrics::names::CONFIG_RELOADS, "outcome" => "reloaded").increment(1);
         tracing::info!(tenants_before = before, tenants = after, "configuration reloaded");
         Ok(())
+    }
+
+    /// The tenants' pushes routed by `next`'s credentials (built first, swapped
+    /// only if every one was: an unreadable key file refuses the reload whole).
+    async fn route_pushes(&self, next: &Config) -> Result<(), ConfigError> {
+        let Some(routes) = &self.targets.push_routes else { return Ok(()) };
+        routes
+            .configure(&next.push, &next.tenant_push())
+            .await
+            .map_err(|error| ConfigError::Parse { origin: "tenants.push".into(), message: error.to_string() })
     }
 
     fn apply(&self, next: &Config) {
@@ -155,8 +173,14 @@ fn sections_changed(running: &Config, loaded: &Config) -> Vec<String> {
 /// cannot be read counts as empty (the reload then says why).
 async fn fingerprint(source: &ConfigSource, running: &Config) -> [u8; 32] {
     let mut digest = Sha256::new();
+    let push_files = running.tenants.iter().flat_map(|tenant| {
+        let apns = tenant.push.apns.iter().flat_map(|c| [c.private_key_path.clone(), c.ca_cert_path.clone().into()]);
+        let fcm = tenant.push.fcm.iter().flat_map(|c| [c.service_account_path.clone(), c.ca_cert_path.clone().into()]);
+        apns.chain(fcm).collect::<Vec<PathBuf>>()
+    });
     let files = std::iter::once(source.file.clone())
-        .chain(running.tenants.iter().filter_map(|tenant| tenant.api_key_sha256_file.clone()));
+        .chain(running.tenants.iter().filter_map(|tenant| tenant.api_key_sha256_file.clone()))
+        .chain(push_files.filter(|path| !path.as_os_str().is_empty()));
     for file in files {
         let bytes = tokio::fs::read(&file).await.unwrap_or_default();
         digest.update((bytes.len() as u64).to_le_bytes());

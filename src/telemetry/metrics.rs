@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::domain::challenge::{ChallengeState, DenyReason};
+use crate::domain::ids::TenantId;
 
 /// The names every dashboard and alert relies on. Labels are listed beside each.
 pub mod names {
@@ -176,7 +177,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::GRPC_HANDLING_SECONDS, Kind::Seconds, "gRPC call latency until the response (or stream) ended"),
     (names::CHALLENGES_CREATED, Kind::Counter, "challenges created"),
     (names::CHALLENGES_SHED, Kind::Counter, "CreateChallenge calls shed for overload, by tenant and the limit reached"),
-    (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by outcome"),
+    (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by tenant and outcome"),
     (names::CHALLENGES_LIVE, Kind::Gauge, "PENDING challenges in the store"),
     (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge streams on this replica"),
     (names::PUSH_QUEUE_DEPTH, Kind::Gauge, "push jobs waiting in each provider's queue"),
@@ -191,7 +192,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::PUSH_SENDS, Kind::Counter, "attempts to send a push, by outcome"),
     (names::PUSH_RETRIES, Kind::Counter, "push attempts retried after a backoff"),
     (names::PUSH_LATENCY, Kind::Seconds, "seconds from sending a push to the provider's answer"),
-    (names::PUSH_DELIVERIES, Kind::Counter, "pushes done, by final state and kind"),
+    (names::PUSH_DELIVERIES, Kind::Counter, "pushes done, by tenant, final state and kind"),
     (names::PUSH_TOKEN_RENEWALS, Kind::Counter, "provider tokens made (APNs JWTs, FCM access tokens)"),
 ];
 
@@ -201,8 +202,8 @@ pub const SHED_LIMITS: &[&str] =
     &["server.max_creates_in_flight", "server.creates_share_per_tenant", "push.queue_capacity", "push.queue_share_per_tenant"];
 
 /// Registers the challenge series at zero (at start, so that `rate()` and alerts
-/// see them before the first sign-in): per configured tenant, challenges created and
-/// shed by each limit; every final outcome; and, when `live_gauge` (the store keeps
+/// see them before the first sign-in): per configured tenant, challenges created,
+/// shed by each limit and resolved in each final outcome; and, when `live_gauge` (the store keeps
 /// [`names::CHALLENGES_LIVE`]), the live gauge. Adding zero keeps what another
 /// server in the same process counted already. The gRPC, push, store and TLS series
 /// are registered where they are recorded (`register_series` in each).
@@ -212,17 +213,18 @@ pub fn register_challenge_series<'a>(tenants: impl IntoIterator<Item = &'a str>,
         for limit in SHED_LIMITS {
             metrics::counter!(names::CHALLENGES_SHED, "tenant" => tenant.to_owned(), "limit" => *limit).increment(0);
         }
-    }
-    for (state, deny_reason) in [
-        (ChallengeState::Approved, None),
-        (ChallengeState::Denied, Some(DenyReason::UserDenied)),
-        (ChallengeState::Denied, Some(DenyReason::WrongNumber)),
-        (ChallengeState::Expired, None),
-        (ChallengeState::Cancelled, None),
-        (ChallengeState::FraudReported, None),
-    ] {
-        let (outcome, deny_reason) = resolved_labels(state, deny_reason);
-        metrics::counter!(names::CHALLENGES_RESOLVED, "outcome" => outcome, "deny_reason" => deny_reason).increment(0);
+        for (state, deny_reason) in [
+            (ChallengeState::Approved, None),
+            (ChallengeState::Denied, Some(DenyReason::UserDenied)),
+            (ChallengeState::Denied, Some(DenyReason::WrongNumber)),
+            (ChallengeState::Expired, None),
+            (ChallengeState::Cancelled, None),
+            (ChallengeState::FraudReported, None),
+        ] {
+            let (outcome, deny_reason) = resolved_labels(state, deny_reason);
+            metrics::counter!(names::CHALLENGES_RESOLVED, "tenant" => tenant.to_owned(), "outcome" => outcome, "deny_reason" => deny_reason)
+                .increment(0);
+        }
     }
     if live_gauge {
         metrics::gauge!(names::CHALLENGES_LIVE).increment(0.0);
@@ -239,13 +241,15 @@ fn resolved_labels(state: ChallengeState, deny_reason: Option<DenyReason>) -> (S
 }
 
 /// Counts a challenge that reached a final state (call it once per challenge: where
-/// the resolution was accepted, or where the expiry happened).
-pub fn challenge_resolved(state: ChallengeState, deny_reason: Option<DenyReason>) {
+/// the resolution was accepted, or where the expiry happened). `tenant` is the
+/// challenge's: only configured tenants create challenges, so the label is bounded.
+pub fn challenge_resolved(tenant: &TenantId, state: ChallengeState, deny_reason: Option<DenyReason>) {
     if !state.is_final() {
         return;
     }
     let (outcome, deny_reason) = resolved_labels(state, deny_reason);
-    metrics::counter!(names::CHALLENGES_RESOLVED, "outcome" => outcome, "deny_reason" => deny_reason).increment(1);
+    metrics::counter!(names::CHALLENGES_RESOLVED, "tenant" => tenant.0.clone(), "outcome" => outcome, "deny_reason" => deny_reason)
+        .increment(1);
 }
 
 #[cfg(test)]

@@ -392,6 +392,12 @@ fn split_jwt(jwt: &str) -> (serde_json::Value, serde_json::Value, String, Vec<u8
 }
 
 /// Checks an ES256 JWT's signature; returns its header and claims.
+/// Whether `key` verifies the ES256 JWT's signature.
+pub fn es256_signed_by(jwt: &str, key: &p256::ecdsa::VerifyingKey) -> bool {
+    let (_, _, signed, signature) = split_jwt(jwt);
+    p256::ecdsa::Signature::from_slice(&signature).is_ok_and(|signature| key.verify(signed.as_bytes(), &signature).is_ok())
+}
+
 pub fn verify_es256(jwt: &str, key: &p256::ecdsa::VerifyingKey) -> (serde_json::Value, serde_json::Value) {
     let (header, claims, signed, signature) = split_jwt(jwt);
     let signature = p256::ecdsa::Signature::from_slice(&signature).expect("a raw r||s signature");

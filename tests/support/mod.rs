@@ -126,14 +126,19 @@ impl TestServer {
         // With a [push.*] section (tests/push.rs points it at mock servers) the real
         // senders run, on the system clock: their retries, Retry-After and timeouts
         // are real time, so `clock` is not the server's clock then.
-        let real_push = config.push.apns.is_some() || config.push.fcm.is_some();
-        let (server_clock, push_senders): (Arc<dyn pushmatch::domain::time::Clock>, Vec<Arc<dyn PushSender>>) = if real_push {
-            let system: Arc<dyn pushmatch::domain::time::Clock> = Arc::new(pushmatch::domain::time::SystemClock);
-            let senders = pushmatch::push::senders_from_config(&config.push, Arc::clone(&system)).await.expect("push senders");
-            (system, senders)
-        } else {
-            (Arc::new(clock.clone()), vec![Arc::new(apns.clone()) as Arc<dyn PushSender>, Arc::new(fcm.clone())])
-        };
+        let real_push = config.push.apns.is_some() || config.push.fcm.is_some() || !config.tenant_push().is_empty();
+        let (server_clock, push_senders, push_routes): (Arc<dyn pushmatch::domain::time::Clock>, Vec<Arc<dyn PushSender>>, _) =
+            if real_push {
+                // As `serve` builds them: routed by tenant, each tenant's own credentials
+                // where it has them.
+                let system: Arc<dyn pushmatch::domain::time::Clock> = Arc::new(pushmatch::domain::time::SystemClock);
+                let routes = pushmatch::push::routes::PushRoutes::new(&config.push, &config.tenant_push(), Arc::clone(&system))
+                    .await
+                    .expect("push senders");
+                (system, routes.senders(), Some(routes))
+            } else {
+                (Arc::new(clock.clone()), vec![Arc::new(apns.clone()) as Arc<dyn PushSender>, Arc::new(fcm.clone())], None)
+            };
         let (reload, reload_requests) = match &source {
             Some(_) => {
                 let (handle, requests) = pushmatch::reload::channel();
@@ -153,6 +158,7 @@ impl TestServer {
             metrics_listener,
             config_source: source,
             reload_requests,
+            push_routes,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(pushmatch::server::run_with(listener, config, dependencies, async {

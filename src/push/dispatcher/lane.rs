@@ -81,7 +81,7 @@ impl Lane {
     async fn deliver(&self, job: PushJob) {
         // Only a challenge has deliveries to record; any push can find a dead token.
         let reports = matches!(job.kind, PushKind::Challenge { .. });
-        let Some(sender) = &self.sender else {
+        let Some(sender) = self.sender.as_ref().filter(|sender| sender.serves(&job.tenant)) else {
             if reports {
                 self.shared.reporter.report(&job, DeliveryState::Failed, 0, "not configured").await;
             }
@@ -126,7 +126,7 @@ impl Lane {
                 }
             }
         };
-        record_delivery(self.platform, &job.kind, state);
+        record_delivery(self.platform, &job, state);
         if reports || state == DeliveryState::Unregistered {
             self.shared.reporter.report(&job, state, attempts, &error).await;
         }

@@ -236,9 +236,10 @@ fn record_attempt(platform: Platform, outcome: &SendOutcome, latency: Duration) 
     metrics::histogram!(names::PUSH_LATENCY, "provider" => platform.name()).record(latency.as_secs_f64());
 }
 
-/// Counts a push done, by its kind and final state.
-fn record_delivery(platform: Platform, kind: &PushKind, state: DeliveryState) {
-    metrics::counter!(names::PUSH_DELIVERIES, "provider" => platform.name(), "kind" => kind.label(), "state" => delivery_state_label(state))
+/// Counts a push done, by its tenant, kind and final state (only configured
+/// tenants' jobs are queued, so the tenant label is bounded).
+fn record_delivery(platform: Platform, job: &PushJob, state: DeliveryState) {
+    metrics::counter!(names::PUSH_DELIVERIES, "tenant" => job.tenant.0.clone(), "provider" => platform.name(), "kind" => job.kind.label(), "state" => delivery_state_label(state))
         .increment(1);
 }
 
@@ -252,18 +253,22 @@ fn delivery_state_label(state: DeliveryState) -> &'static str {
 
 /// Registers every push series at zero (at start, so that `rate()` and alerts see
 /// them before the first push): per provider, each attempt outcome, each kind and
-/// final state, the retries, the latency histogram and the token renewals. Adding
-/// zero keeps what another server in the same process counted already.
-pub fn register_series() {
+/// final state (per tenant of `tenants`), the retries, the latency histogram and the
+/// token renewals. Adding zero keeps what another server in the same process
+/// counted already.
+pub fn register_series<'a>(tenants: impl IntoIterator<Item = &'a str> + Clone) {
     for platform in PLATFORMS {
         let provider = platform.name();
         for outcome in SendOutcome::LABELS {
             metrics::counter!(names::PUSH_SENDS, "provider" => provider, "outcome" => *outcome).increment(0);
         }
-        for kind in PushKind::LABELS {
-            for state in [DeliveryState::Sent, DeliveryState::Failed, DeliveryState::Unregistered] {
-                metrics::counter!(names::PUSH_DELIVERIES, "provider" => provider, "kind" => *kind, "state" => delivery_state_label(state))
-                    .increment(0);
+        for tenant in tenants.clone() {
+            for kind in PushKind::LABELS {
+                for state in [DeliveryState::Sent, DeliveryState::Failed, DeliveryState::Unregistered] {
+                    let state = delivery_state_label(state);
+                    metrics::counter!(names::PUSH_DELIVERIES, "tenant" => tenant.to_owned(), "provider" => provider, "kind" => *kind, "state" => state)
+                        .increment(0);
+                }
             }
         }
         metrics::counter!(names::PUSH_RETRIES, "provider" => provider).increment(0);

@@ -478,15 +478,15 @@ fn deliveries_are_counted_by_kind() {
     let handle = recorder.handle();
     let clock = ManualClock::new(Millis(0));
     metrics::with_local_recorder(&recorder, || {
-        record_delivery(Platform::Fcm, &job(Platform::Fcm, &clock).kind, DeliveryState::Sent);
-        record_delivery(Platform::Apns, &notice(&clock).kind, DeliveryState::Sent);
-        record_delivery(Platform::Apns, &notice(&clock).kind, DeliveryState::Unregistered);
+        record_delivery(Platform::Fcm, &job(Platform::Fcm, &clock), DeliveryState::Sent);
+        record_delivery(Platform::Apns, &notice(&clock), DeliveryState::Sent);
+        record_delivery(Platform::Apns, &notice(&clock), DeliveryState::Unregistered);
     });
     let text = handle.render();
     for expected in [
-        r#"pushmatch_push_deliveries_total{provider="fcm",kind="challenge",state="sent"} 1"#,
-        r#"pushmatch_push_deliveries_total{provider="apns",kind="new_device",state="sent"} 1"#,
-        r#"pushmatch_push_deliveries_total{provider="apns",kind="new_device",state="unregistered"} 1"#,
+        r#"pushmatch_push_deliveries_total{tenant="t",provider="fcm",kind="challenge",state="sent"} 1"#,
+        r#"pushmatch_push_deliveries_total{tenant="t",provider="apns",kind="new_device",state="sent"} 1"#,
+        r#"pushmatch_push_deliveries_total{tenant="t",provider="apns",kind="new_device",state="unregistered"} 1"#,
     ] {
         assert!(text.contains(expected), "{expected} in\n{text}");
     }

@@ -153,11 +153,12 @@ impl ChallengeEntry {
 
     /// Expires the challenge if its time is up, waking its watchers.
     fn refresh(&mut self, now: Millis) -> Result<(), StoreError> {
-        if self.state == ChallengeState::Pending
-            && now >= self.expires_at
-            && self.update(|challenge| challenge.expire_if_due(now))?.0
-        {
-            challenge_resolved(ChallengeState::Expired, None);
+        if self.state != ChallengeState::Pending || now < self.expires_at {
+            return Ok(());
+        }
+        let (expired, challenge) = self.update(|challenge| challenge.expire_if_due(now))?;
+        if expired {
+            challenge_resolved(&challenge.tenant, ChallengeState::Expired, None);
             metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
         }
         Ok(())

@@ -117,7 +117,7 @@ impl Reader {
                 return Ok(());
             }
             if let Written::Version(_) = self.write(tag, record.version, &record.challenge, now, false).await? {
-                crate::telemetry::metrics::challenge_resolved(ChallengeState::Expired, None);
+                crate::telemetry::metrics::challenge_resolved(&record.challenge.tenant, ChallengeState::Expired, None);
                 return Ok(());
             }
         }
@@ -200,7 +200,7 @@ impl Reader {
             }
             if let Some(version) = self.compare_and_set(&record.tag, record.version, &record.challenge, now).await? {
                 // Counted once across replicas: only the compare-and-set winner gets here.
-                crate::telemetry::metrics::challenge_resolved(ChallengeState::Expired, None);
+                crate::telemetry::metrics::challenge_resolved(&record.challenge.tenant, ChallengeState::Expired, None);
                 record.version = version;
                 return Ok(Some(record));
             }
