@@ -35,6 +35,20 @@ enum Command {
     /// An authenticator app on the command line, for developers without a phone:
     /// enroll, pending, approve NUMBER, deny, fraud, code, remove.
     Phone(pushmatch::phone::cli::PhoneArgs),
+    /// Removes everything the store holds of a tenant that was removed from the
+    /// configuration (devices, enrollments, challenges, blocks); --dry-run counts
+    /// only. Refuses a tenant still configured. The embedded store must not be in
+    /// use by a running server; the Redis store may be.
+    PurgeTenant {
+        /// The tenant's id, as it was in `[[tenants]] id`.
+        tenant: String,
+        /// Count what would go, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The TOML configuration file (for the store).
+        #[arg(long, env = CONFIG_FILE_VAR)]
+        config: Option<PathBuf>,
+    },
     /// Exits 0 when the server's `/healthz` answers 200 (for container health checks).
     Healthcheck {
         /// The TOML configuration file, for `server.metrics_listen`.
@@ -61,7 +75,21 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(pushmatch::phone::cli::run(args))
         }
         Command::Healthcheck { config, addr } => healthcheck(config, addr),
+        Command::PurgeTenant { tenant, dry_run, config } => purge_tenant(config, &tenant, dry_run),
     }
+}
+
+/// `pushmatch purge-tenant`: prints what was found (and removed, unless a dry run).
+fn purge_tenant(file: Option<PathBuf>, tenant: &str, dry_run: bool) -> anyhow::Result<()> {
+    let loaded = Config::load(file.as_deref(), std::env::vars())?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let purged = runtime.block_on(pushmatch::server::admin::purge_tenant(&loaded.config, tenant, dry_run))?;
+    let verb = if dry_run { "would remove (dry run, nothing removed)" } else { "removed" };
+    println!(
+        "tenant {tenant}: {verb} {} users, {} devices, {} enrollments, {} challenges",
+        purged.users, purged.devices, purged.enrollments, purged.challenges
+    );
+    Ok(())
 }
 
 /// Asks the running server's `/healthz` (the container's HEALTHCHECK: the runtime

@@ -8,6 +8,9 @@
 //!   final state before the process exits; new calls read UNAVAILABLE.
 //!
 //! Each ends with lost = 0 and double = 0 (see `faults/load.rs`).
+//!
+//! - SIGHUP: the tenants are reloaded from the file (a new tenant's key works); a
+//!   file that does not load is refused and the tenants in force stay.
 
 // Tests: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
@@ -156,4 +159,38 @@ async fn sigterm_mid_burst_finishes_the_answers_in_flight_and_tells_their_watche
     // CANCELLED when the server sent GOAWAY at the start of the drain).
     assert!(tally.unexpected_codes(&["Unavailable"]).is_empty(), "only UNAVAILABLE: {}", tally.summary());
     assert!(tally.count("Unavailable") > 0, "the load met the drain: {}", tally.summary());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_tenants_and_a_bad_file_is_refused() {
+    const NEW_KEY: &str = "faults-test-second-tenant-key-0123456789";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = config(&dir.path().join("data"), "config_reload_interval_seconds = 0");
+    let mut broker = BrokerProcess::start(dir.path(), &text).await;
+    let channel = broker.connection();
+    let create = |key: &'static str| {
+        let mut client = challenges(&channel, key);
+        async move { client.create_challenge(pb::CreateChallengeRequest { user_id: "nobody".into(), ..Default::default() }).await }
+    };
+    assert_eq!(create(NEW_KEY).await.expect_err("unknown").code(), Code::Unauthenticated);
+
+    // A second tenant, then SIGHUP: its key works from the reload on.
+    let second = format!(
+        "{text}\n[[tenants]]\nid = \"c\"\ndisplay_name = \"C\"\napi_key_sha256 = [\"{}\"]\n",
+        pushmatch::domain::api_key::api_key_digest_hex(NEW_KEY)
+    );
+    std::fs::write(dir.path().join("pushmatch.toml"), &second).expect("write");
+    broker.sighup();
+    broker.wait_log("configuration reloaded").await;
+    // The user has no device: FAILED_PRECONDITION, past authentication.
+    assert_eq!(create(NEW_KEY).await.expect_err("no device").code(), Code::FailedPrecondition);
+
+    // A file that does not load: refused, logged, the tenants in force stay.
+    std::fs::write(dir.path().join("pushmatch.toml"), format!("{second}\n[[tenants]]\nid = ")).expect("write");
+    broker.sighup();
+    let refused = broker.wait_log("configuration reload refused").await;
+    assert!(refused["error"].as_str().is_some_and(|e| e.contains("pushmatch.toml")), "{refused}");
+    assert_eq!(broker.count_logs("configuration reloaded"), 1);
+    assert_eq!(create(NEW_KEY).await.expect_err("no device").code(), Code::FailedPrecondition, "c stays");
+    assert_eq!(create(API_KEY).await.expect_err("no device").code(), Code::FailedPrecondition, "a stays");
 }

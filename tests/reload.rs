@@ -70,6 +70,35 @@ async fn create(server: &TestServer, key: &str, user: &str) -> Result<pb::Challe
         .map(tonic::Response::into_inner)
 }
 
+/// Calls GetChallenge with `key` over and over while `reload` runs (and once more
+/// after it): a rotation must not fail a call. Returns how many calls were made.
+async fn calls_across(
+    server: &TestServer,
+    key: &str,
+    challenge_id: &str,
+    reload: impl std::future::Future<Output = ()>,
+) -> usize {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let calls = async {
+        let mut client = server.challenges(key);
+        let mut made = 0;
+        loop {
+            let finished = done.load(std::sync::atomic::Ordering::Acquire);
+            let request = pb::GetChallengeRequest { challenge_id: challenge_id.into() };
+            client.get_challenge(request).await.unwrap_or_else(|status| panic!("call {made} with {key} failed: {status:?}"));
+            made += 1;
+            if finished {
+                return made;
+            }
+        }
+    };
+    let reload = async {
+        reload.await;
+        done.store(true, std::sync::atomic::Ordering::Release);
+    };
+    tokio::join!(calls, reload).0
+}
+
 #[tokio::test]
 async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_in_is_in_flight() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -87,7 +116,11 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
 
     // Step one of a rotation (both keys of "a"), a tighter limit for "a", and a new tenant.
     write_config(&file, &config_text(&store, &[KEY_A, KEY_A2], "max_pending_per_user = 1", true, 0));
-    server.reload().await.expect("the new file loads");
+    let calls = calls_across(&server, KEY_A, &in_flight.challenge_id, async {
+        server.reload().await.expect("the new file loads");
+    })
+    .await;
+    assert!(calls >= 1);
 
     // The sign-in in flight is untouched: the phone approves, the watch hears it.
     let answer = phone.respond(&in_flight.challenge_id, pb::Decision::Approve, &in_flight.number).await.expect("respond");
@@ -114,10 +147,11 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
 
     // Step two of the rotation, and "c" removed: their keys are refused from the next call.
     write_config(&file, &config_text(&store, &[KEY_A2], "max_pending_per_user = 1", false, 0));
-    server.reload().await.expect("loads");
+    calls_across(&server, KEY_A2, &in_flight.challenge_id, async { server.reload().await.expect("loads") }).await;
     assert_code(create(&server, KEY_A, "jan").await, Code::Unauthenticated, "unknown API key");
     assert_code(begin(&server, KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
-    let read = server.challenges(KEY_A2).get_challenge(pb::GetChallengeRequest { challenge_id: in_flight.challenge_id }).await;
+    let read =
+        server.challenges(KEY_A2).get_challenge(pb::GetChallengeRequest { challenge_id: in_flight.challenge_id.clone() }).await;
     assert_eq!(read.expect("the new key reads the data of before").into_inner().state(), pb::ChallengeState::Approved);
 }
 

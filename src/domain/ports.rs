@@ -170,6 +170,16 @@ pub enum InsertOutcome {
     },
 }
 
+/// What [`Store::purge_tenant`] found of a tenant (and removed, unless it was a dry run).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TenantPurge {
+    /// The tenant's users with anything in the store (their limit state went too).
+    pub users: u64,
+    pub devices: u64,
+    pub enrollments: u64,
+    pub challenges: u64,
+}
+
 /// Follows one challenge: the receiver's current value is the latest state.
 pub type ChallengeWatch = watch::Receiver<Challenge>;
 
@@ -328,4 +338,13 @@ pub trait Store: Send + Sync + 'static {
     /// How many records the store holds now (entries in memory and in the file;
     /// keys in Redis): what its size grows with.
     async fn record_count(&self) -> Result<u64, StoreError>;
+
+    // ---- operators ----
+
+    /// Counts everything the store holds of `tenant` (its users' devices,
+    /// enrollments, challenges, blocks and limit state, and the indexes that find
+    /// them) and, unless `dry_run`, removes it. For a tenant removed from the
+    /// configuration (`pushmatch purge-tenant`); nothing of another tenant is touched,
+    /// even a user of the same id.
+    async fn purge_tenant(&self, tenant: &TenantId, dry_run: bool) -> Result<TenantPurge, StoreError>;
 }

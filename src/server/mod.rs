@@ -49,6 +49,7 @@ use crate::tls::ReloadingTls;
 use ops::ScrapeSources;
 pub use reload::ConfigSource;
 
+pub mod admin;
 pub mod ops;
 pub mod reload;
 

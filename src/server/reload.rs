@@ -116,7 +116,7 @@ impl Reloader {
             Ok(next) => next,
             Err(error) => {
                 metrics::counter!(crate::telemetry::metrics::names::CONFIG_RELOADS, "outcome" => "failed").increment(1);
-                tracing::error!(%error, file = %self.source.file.display(), "configuration reload refused; the tenants in force stay");
+                tracing::error!(%error, file = %self.source.file.display(), "configuration reload refused");
                 return Err(error);
             }
         };

@@ -17,7 +17,7 @@ use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, Tenant
 use crate::domain::time::Millis;
 use crate::store::{
     AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
-    StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
+    StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::telemetry::metrics::names;
 
@@ -81,6 +81,7 @@ pub const OPERATIONS: &[&str] = &[
     "totp_attempt_succeeded",
     "spend_proof",
     "record_count",
+    "purge_tenant",
 ];
 
 /// Registers the store series of `backend` at zero (at start, so that `rate()` and
@@ -250,6 +251,10 @@ impl Store for MeteredStore {
 
     async fn record_count(&self) -> Result<u64, StoreError> {
         self.timed("record_count", self.inner.record_count()).await
+    }
+
+    async fn purge_tenant(&self, tenant: &TenantId, dry_run: bool) -> Result<TenantPurge, StoreError> {
+        self.timed("purge_tenant", self.inner.purge_tenant(tenant, dry_run)).await
     }
 }
 

@@ -9,7 +9,7 @@
 
 pub use crate::domain::ports::{
     AdmissionPolicy, BlockReason, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, Refusal,
-    ResolveOutcome, Store, StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
+    ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 
 pub mod embedded;

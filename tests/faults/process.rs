@@ -130,6 +130,26 @@ impl BrokerProcess {
         assert!(status.success(), "kill -TERM");
     }
 
+    /// SIGHUP: reload the configuration's tenants (and the TLS files).
+    pub fn sighup(&self) {
+        let status = std::process::Command::new("kill").args(["-HUP", &self.pid().to_string()]).status().expect("run kill(1)");
+        assert!(status.success(), "kill -HUP");
+    }
+
+    /// How many log lines with `message` there are so far.
+    pub fn count_logs(&self, message: &str) -> usize {
+        self.logs.borrow().iter().filter(|e| e["message"] == message).count()
+    }
+
+    /// Waits until there are `n` log lines with `message`.
+    pub async fn wait_logs(&mut self, message: &str, n: usize) {
+        let mut logs = self.logs.clone();
+        let counted = |all: &Vec<serde_json::Value>| all.iter().filter(|e| e["message"] == message).count() >= n;
+        if tokio::time::timeout(DEADLINE, logs.wait_for(counted)).await.is_err() {
+            panic!("fewer than {n} log lines {message:?} within {DEADLINE:?}; the log: {:#?}", *self.logs.borrow());
+        }
+    }
+
     pub async fn wait_exit(&mut self) -> ExitStatus {
         tokio::time::timeout(DEADLINE, self.child.wait()).await.expect("the broker exits in time").expect("wait")
     }

@@ -51,10 +51,12 @@ mod cases;
 mod guards;
 #[cfg(test)]
 pub mod model;
+mod operators;
 
 use crate::domain::time::{Clock, ManualClock, Millis};
 pub use cases::*;
 pub use guards::*;
+pub use operators::*;
 
 /// The API's defaults: 10 devices and 5 open enrollments a user.
 pub fn limits() -> EnrollmentLimits {
@@ -245,7 +247,8 @@ macro_rules! conformance_suite {
             a_public_key_enrolls_once,
             a_device_proof_is_spent_once,
             no_approval_lands_after_a_block,
-            a_challenge_past_its_retention_is_gone_at_once
+            a_challenge_past_its_retention_is_gone_at_once,
+            purging_a_tenant_removes_its_records_and_nothing_else
         );
     };
     (@tests $factory:expr; $($case:ident),+) => {

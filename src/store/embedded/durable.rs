@@ -47,9 +47,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
 /// The durable records, mirrored in memory.
 #[derive(Default)]
 pub(super) struct DurableMirror {
-    devices: HashMap<DeviceId, Device>,
+    pub(super) devices: HashMap<DeviceId, Device>,
     user_devices: HashMap<UserKey, Vec<DeviceId>>,
-    enrollments: HashMap<EnrollmentId, Enrollment>,
+    pub(super) enrollments: HashMap<EnrollmentId, Enrollment>,
     codes: HashMap<CodeDigest, EnrollmentId>,
     /// Every device key's fingerprint: a key enrolls once.
     keys: HashMap<KeyFingerprint, DeviceId>,

@@ -225,6 +225,28 @@ impl ChallengeTable {
         }
     }
 
+    /// The tenant's challenges (any state) and the users it has entries for here;
+    /// unless `dry_run`, removes them (a watcher's stream then ends). Their
+    /// deadlines stay in the set and are skipped when they come.
+    pub(super) fn purge_tenant(&mut self, tenant: &TenantId, dry_run: bool) -> (u64, Vec<UserKey>) {
+        let mine = |entry: &ChallengeEntry| entry.challenge().is_ok_and(|challenge| challenge.tenant == *tenant);
+        let keys: Vec<Key> = self.entries.iter().filter(|(_, entry)| mine(entry)).map(|(key, _)| *key).collect();
+        let users: Vec<UserKey> = self.users.keys().filter(|(owner, _)| owner == tenant).cloned().collect();
+        if !dry_run {
+            for key in &keys {
+                if let Some(entry) = self.entries.remove(key)
+                    && entry.state == ChallengeState::Pending
+                {
+                    metrics::gauge!(names::CHALLENGES_LIVE).decrement(1.0);
+                }
+            }
+            for user in &users {
+                self.users.remove(user);
+            }
+        }
+        (keys.len() as u64, users)
+    }
+
     /// Handles every deadline at or before `now`; returns the next one.
     pub(super) fn run_deadlines(&mut self, now: Millis) -> Option<Millis> {
         while let Some((when, key)) = self.deadlines.first().copied() {

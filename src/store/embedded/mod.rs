@@ -42,6 +42,7 @@
 mod durable;
 mod limits;
 mod live;
+mod purge;
 
 use std::path::Path;
 use std::sync::{Arc, Weak};
@@ -56,7 +57,7 @@ use self::durable::{DurableMirror, flush_touches, load_mirror};
 use self::live::ChallengeTable;
 use super::{
     AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
-    StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
+    StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::{Device, ProofUse};
@@ -361,6 +362,10 @@ impl Store for EmbeddedStore {
         let durable = self.shared.durable().record_count();
         let proofs = self.shared.proofs.lock().len();
         Ok(u64::try_from(live + durable + proofs).unwrap_or(u64::MAX))
+    }
+
+    async fn purge_tenant(&self, tenant: &TenantId, dry_run: bool) -> Result<TenantPurge, StoreError> {
+        self.shared.purge_tenant(tenant, dry_run).await
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use redis::cluster_routing::{AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::cluster_routing::{AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -82,6 +82,65 @@ impl Connection {
                 redis::from_redis_value(sum).map_err(corrupt)
             }
         }
+    }
+
+    /// Every key matching `pattern`, by SCAN (never KEYS, which blocks the server):
+    /// on the one node, or on each master of the cluster in turn. For operators'
+    /// commands only; it walks the whole keyspace.
+    pub(super) async fn scan(&self, pattern: &str) -> Result<Vec<String>, StoreError> {
+        let nodes: Vec<Option<(String, u16)>> = match self.link.cluster() {
+            None => vec![None],
+            Some(_) => self.primaries().await?.into_iter().map(Some).collect(),
+        };
+        let mut keys = Vec::new();
+        for node in nodes {
+            let mut cursor = "0".to_owned();
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(&cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(1_000);
+                let (next, found): (String, Vec<String>) = match (&node, self.link.cluster()) {
+                    (Some((host, port)), Some(cluster)) => {
+                        counted(1);
+                        let routing =
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port: *port });
+                        let value = bounded(self.timeout, "timed out", cluster.clone().route_command(cmd, routing)).await?;
+                        redis::from_redis_value(value).map_err(corrupt)?
+                    }
+                    _ => self.query(&cmd).await?,
+                };
+                keys.extend(found);
+                if next == "0" {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        Ok(keys)
+    }
+
+    /// The cluster's masters (host, port), from CLUSTER NODES.
+    async fn primaries(&self) -> Result<Vec<(String, u16)>, StoreError> {
+        let nodes: String = self.query(redis::cmd("CLUSTER").arg("NODES")).await?;
+        let mut primaries = Vec::new();
+        for line in nodes.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(address), Some(flags)) = (fields.get(1), fields.get(2)) else { continue };
+            let flags: Vec<&str> = flags.split(',').collect();
+            if !flags.contains(&"master") || flags.iter().any(|f| *f == "fail" || *f == "noaddr") {
+                continue;
+            }
+            // ip:port@cport[,hostname]
+            let address = address.split(['@', ',']).next().unwrap_or_default();
+            let Some((host, port)) = address.rsplit_once(':') else { continue };
+            let port = port.parse().map_err(|_| corrupt(format!("CLUSTER NODES: a port {port:?}")))?;
+            primaries.push((host.to_owned(), port));
+        }
+        if primaries.is_empty() {
+            return Err(unavailable("CLUSTER NODES names no master"));
+        }
+        Ok(primaries)
     }
 
     /// Runs a pipeline (all its keys in one slot on a cluster).

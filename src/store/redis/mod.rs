@@ -49,7 +49,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
-    StoreError, StrikePolicy, TotpAttempt, TotpPolicy, UserBlock,
+    StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::{Device, ProofUse};
@@ -62,6 +62,7 @@ mod connection;
 mod keys;
 mod limits;
 mod link;
+mod purge;
 mod records;
 mod scripts;
 mod watch;
@@ -348,6 +349,12 @@ impl Store for RedisStore {
 
     async fn record_count(&self) -> Result<u64, StoreError> {
         RedisStore::record_count(self).await
+    }
+
+    // ---- operators ----
+
+    async fn purge_tenant(&self, tenant: &TenantId, dry_run: bool) -> Result<TenantPurge, StoreError> {
+        RedisStore::purge_tenant(self, tenant, dry_run).await
     }
 }
 
