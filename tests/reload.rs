@@ -138,6 +138,9 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
     }
     let initech = begin(&server, KEY_C, "piet").await.expect("the added tenant begins an enrollment");
     assert!(initech.uri.contains("issuer=Initech"), "{}", initech.uri);
+    let kees = begin(&server, KEY_C, "kees").await.expect("begin");
+    let mut initech_phone = server.phone(PhoneKey::p256(P256Encoding::Spki), pb::Platform::Fcm);
+    initech_phone.enroll(&kees.uri, "kees's phone").await.expect("a phone of the added tenant enrolls");
 
     // The new limit: one pending challenge per user of "a" (three before the reload).
     create(&server, KEY_A2, "jan").await.expect("the first pending challenge");
@@ -150,6 +153,10 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
     calls_across(&server, KEY_A2, &in_flight.challenge_id, async { server.reload().await.expect("loads") }).await;
     assert_code(create(&server, KEY_A, "jan").await, Code::Unauthenticated, "unknown API key");
     assert_code(begin(&server, KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
+    // The removed tenant's phones and open enrollment codes are refused too.
+    assert_code(initech_phone.pending().await, Code::Unauthenticated, "proof.device_id");
+    let mut late = server.phone(PhoneKey::p256(P256Encoding::Spki), pb::Platform::Fcm);
+    assert_code(late.enroll(&initech.uri, "late phone").await, Code::FailedPrecondition, "enrollment_code");
     let read =
         server.challenges(KEY_A2).get_challenge(pb::GetChallengeRequest { challenge_id: in_flight.challenge_id.clone() }).await;
     assert_eq!(read.expect("the new key reads the data of before").into_inner().state(), pb::ChallengeState::Approved);

@@ -44,6 +44,12 @@ impl Broker {
             .await?
             .ok_or_else(|| DomainError::unauthenticated("proof.device_id: unknown or removed device"))?;
         proof.verify(&device, rpc, fields, self.clock.now(), self.settings.max_clock_skew)?;
+        // A tenant removed from the configuration: its devices' calls are refused
+        // like its API keys (its data stays until an operator purges it).
+        if !self.serves(&device.tenant) {
+            tracing::warn!(tenant = %device.tenant, "a device of a tenant no longer configured called: refused");
+            return Err(DomainError::unauthenticated("proof.device_id: this device's service is no longer served here"));
+        }
         let first_use =
             self.store.spend_proof(proof.use_key(rpc, fields), proof.replayable_until(self.settings.max_clock_skew)).await?;
         if !first_use {

@@ -84,6 +84,11 @@ impl Broker {
             .await?
             .filter(|e| e.kind == EnrollmentKind::Push)
             .ok_or(DomainError::NotFound("enrollment for this enrollment_code"))?;
+        if !self.serves(&enrollment.tenant) {
+            return Err(DomainError::FailedPrecondition(
+                "enrollment_code: the service this enrollment was for no longer takes enrollments here".into(),
+            ));
+        }
         let device_id = DeviceId::generate()?;
         let totp_secret = totp::generate_secret()?;
         let device = Device {

@@ -208,6 +208,11 @@ impl Broker {
         self.tenancy.store(Arc::new(next));
     }
 
+    /// Whether `tenant` is configured now (a reload may have removed it).
+    fn serves(&self, tenant: &TenantId) -> bool {
+        self.tenancy.load().get(tenant).is_some()
+    }
+
     /// `tenant`'s limits: its own where it has them, else the global ones (also for
     /// a tenant not configured, which the API never lets through).
     fn limits_of(&self, tenant: &TenantId) -> TenantLimits {
