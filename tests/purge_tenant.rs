@@ -24,16 +24,15 @@ struct Run {
 }
 
 async fn purge(config: &Path, args: &[&str]) -> Run {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"));
+    // Only the file configures it: none of the caller's PUSHMATCH_* variables (CI sets
+    // PUSHMATCH_BROWSER_TEST, which the configuration refuses as an unknown setting).
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")) {
+        command.env_remove(key);
+    }
     let output = tokio::time::timeout(
         DEADLINE,
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_pushmatch"))
-            .arg("purge-tenant")
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .env("RUST_LOG", "warn")
-            .kill_on_drop(true)
-            .output(),
+        command.arg("purge-tenant").args(args).arg("--config").arg(config).env("RUST_LOG", "warn").kill_on_drop(true).output(),
     )
     .await
     .expect("purge-tenant ends before the deadline")
