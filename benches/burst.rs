@@ -990,13 +990,23 @@ async fn main() {
     let idp = channels(&brokers[0].addr, 32).await;
     let phones = channels(&brokers[brokers.len() - 1].addr, 32).await;
 
+    // The enrolling broker's RSS and CPU before and after: the cost of an enrolled phone.
+    let rss_kb = |broker: &Broker| proc_status_kb(broker.child.id().unwrap_or(0), "VmRSS");
+    let (rss_before_enroll, enroll_cpu_before) = (rss_kb(&brokers[0]), brokers[0].usage().1);
     let enroll_start = Instant::now();
     let population = enroll(&args, &idp, &phones).await;
+    let enroll_seconds = enroll_start.elapsed().as_secs_f64();
+    let enrolled = population.phones.len() as f64;
+    let enroll_figures = serde_json::json!({
+        "enroll_phones_per_s": (enrolled / enroll_seconds).round(),
+        "enroll_broker_cpu_us_per_phone": ((brokers[0].usage().1 - enroll_cpu_before) * 1e6 / enrolled).round(),
+        "rss_after_enroll_mb": (rss_kb(&brokers[0]) / 1024.0).round(),
+        "rss_per_phone_kb": ((rss_kb(&brokers[0]) - rss_before_enroll) / enrolled * 100.0).round() / 100.0,
+    });
     eprintln!(
-        "enrolled {} users with {} phones in {:.1} s",
+        "enrolled {} users with {} phones in {enroll_seconds:.1} s: {enroll_figures}",
         population.users.len(),
         population.phones.len(),
-        enroll_start.elapsed().as_secs_f64()
     );
     let cpu_before: f64 = brokers.iter().map(|b| b.usage().1).sum();
     let loadgen_cpu_before = proc_cpu_seconds(std::process::id());
@@ -1048,6 +1058,9 @@ async fn main() {
     let usage: Vec<(f64, f64)> = brokers.iter().map(Broker::usage).collect();
     let broker_cpu = usage.iter().map(|u| u.1).sum::<f64>() - cpu_before;
     json.insert("peak_rss_mb".into(), usage.iter().map(|u| u.0).fold(0.0, f64::max).round().into());
+    if let serde_json::Value::Object(figures) = enroll_figures {
+        json.extend(figures);
+    }
     json.insert("cpu_seconds".into(), ((broker_cpu * 10.0).round() / 10.0).into());
     let cost = SignInCost {
         signins: json.get("signins").and_then(serde_json::Value::as_u64).unwrap_or(0),

@@ -9,11 +9,13 @@ use std::sync::{Arc, Weak};
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use super::writer::EnrollmentOp;
 use super::{BACKEND, Shared, UserKey, io_error};
 use crate::domain::device::{Device, KeyFingerprint};
-use crate::domain::enrollment::{Enrollment, EnrollmentKind};
+use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError, UserBlock};
@@ -50,6 +52,9 @@ pub(super) struct DurableMirror {
     pub(super) devices: HashMap<DeviceId, Device>,
     user_devices: HashMap<UserKey, Vec<DeviceId>>,
     pub(super) enrollments: HashMap<EnrollmentId, Enrollment>,
+    /// Each user's enrollments, so that counting a user's open ones (every
+    /// BeginEnrollment) reads that user's, not every enrollment of every user.
+    user_enrollments: HashMap<UserKey, Vec<EnrollmentId>>,
     codes: HashMap<CodeDigest, EnrollmentId>,
     /// Every device key's fingerprint: a key enrolls once.
     keys: HashMap<KeyFingerprint, DeviceId>,
@@ -70,23 +75,35 @@ impl DurableMirror {
     }
 
     fn remove_enrollment(&mut self, id: &EnrollmentId) {
-        if let Some(enrollment) = self.enrollments.remove(id)
-            && let Some(digest) = &enrollment.code_digest
-        {
+        let Some(enrollment) = self.enrollments.remove(id) else { return };
+        if let Some(digest) = &enrollment.code_digest {
             self.codes.remove(digest);
+        }
+        let key = (enrollment.tenant, enrollment.user_id);
+        if let Some(ids) = self.user_enrollments.get_mut(&key) {
+            ids.retain(|other| other != id);
+            if ids.is_empty() {
+                self.user_enrollments.remove(&key);
+            }
         }
     }
 
-    /// The user's enrollments that are neither completed nor expired.
-    fn open_enrollments(&self, tenant: &TenantId, user: &UserId, now: Millis) -> usize {
-        self.enrollments
-            .values()
-            .filter(|e| e.tenant == *tenant && e.user_id == *user && !e.completed && now < e.expires_at)
-            .count()
+    pub(super) fn device_count(&self, tenant: &TenantId, user: &UserId) -> usize {
+        self.user_devices.get(&(tenant.clone(), user.clone())).map_or(0, Vec::len)
     }
 
-    fn device_count(&self, tenant: &TenantId, user: &UserId) -> usize {
-        self.user_devices.get(&(tenant.clone(), user.clone())).map_or(0, Vec::len)
+    /// The ids of the user's enrollments (open or not).
+    pub(super) fn enrollment_ids_of(&self, tenant: &TenantId, user: &UserId) -> impl Iterator<Item = &EnrollmentId> {
+        self.user_enrollments.get(&(tenant.clone(), user.clone())).into_iter().flatten()
+    }
+
+    pub(super) fn enrollment_id_by_code(&self, code: &CodeDigest) -> Option<&EnrollmentId> {
+        self.codes.get(code)
+    }
+
+    /// Whether a device holds the key of this fingerprint (a key enrolls once).
+    pub(super) fn key_in_use(&self, fingerprint: &KeyFingerprint) -> bool {
+        self.keys.contains_key(fingerprint)
     }
 
     /// How many records the mirror holds (each also a row in the file).
@@ -97,6 +114,10 @@ impl DurableMirror {
     fn put_enrollment(&mut self, enrollment: Enrollment) {
         if let Some(digest) = &enrollment.code_digest {
             self.codes.insert(digest.clone(), enrollment.id.clone());
+        }
+        let ids = self.user_enrollments.entry((enrollment.tenant.clone(), enrollment.user_id.clone())).or_default();
+        if !ids.contains(&enrollment.id) {
+            ids.push(enrollment.id.clone());
         }
         self.enrollments.insert(enrollment.id.clone(), enrollment);
     }
@@ -320,19 +341,21 @@ pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationTok
 
 /// The `Store` operations on devices, enrollments and blocks.
 impl Shared {
+    /// Decided and committed by the enrollment writer (`writer.rs`), grouped with
+    /// the other enrollment writes waiting.
     pub(super) async fn insert_enrollment(
         &self,
         enrollment: Enrollment,
         limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<InsertOutcome, StoreError> {
-        let _gate = self.write_gate.lock().await;
-        let open = self.durable().open_enrollments(&enrollment.tenant, &enrollment.user_id, now);
-        if open >= limits.max_open_enrollments as usize {
-            return Ok(InsertOutcome::TooManyOpen { limit: limits.max_open_enrollments });
-        }
-        self.commit(vec![DurableWrite::PutEnrollment(enrollment)], Durability::Immediate).await?;
-        Ok(InsertOutcome::Inserted)
+        let (answer, outcome) = oneshot::channel();
+        self.enroll(EnrollmentOp::Insert { enrollment, limits: limits.clone(), now, answer }).await?;
+        outcome.await.map_err(|_| io_error("the enrollment writer stopped"))?
+    }
+
+    async fn enroll(&self, op: EnrollmentOp) -> Result<(), StoreError> {
+        self.enrollment_ops.send(op).await.map_err(|_| io_error("the enrollment writer stopped"))
     }
 
     /// Removes enrollments whose keep time has passed (in one commit).
@@ -352,15 +375,6 @@ impl Shared {
         Ok(count)
     }
 
-    /// Why `device` may not be added for its user now, if it may not.
-    fn refuse_device(mirror: &DurableMirror, device: &Device, limits: &EnrollmentLimits) -> Option<CompleteOutcome> {
-        if mirror.device_count(&device.tenant, &device.user_id) >= limits.max_devices as usize {
-            return Some(CompleteOutcome::TooManyDevices { limit: limits.max_devices });
-        }
-        let fingerprint = device.public_key.as_ref().and_then(|key| key.fingerprint().ok());
-        fingerprint.filter(|f| mirror.keys.contains_key(f)).map(|_| CompleteOutcome::KeyInUse)
-    }
-
     pub(super) fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
         Ok(self.durable().enrollments.get(id).filter(|e| e.tenant == *tenant).cloned())
     }
@@ -370,6 +384,7 @@ impl Shared {
         Ok(mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id)).cloned())
     }
 
+    /// Decided and committed by the enrollment writer (`writer.rs`).
     pub(super) async fn complete_enrollment(
         &self,
         code: &CodeDigest,
@@ -377,26 +392,9 @@ impl Shared {
         limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        let _gate = self.write_gate.lock().await;
-        let enrollment = {
-            let mirror = self.durable();
-            let found = mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id));
-            let enrollment = match found {
-                None => return Ok(CompleteOutcome::UnknownCode),
-                Some(e) if e.kind != EnrollmentKind::Push => return Ok(CompleteOutcome::UnknownCode),
-                Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
-                Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
-                Some(e) => e.clone(),
-            };
-            if let Some(refusal) = Self::refuse_device(&mirror, &device, limits) {
-                return Ok(refusal);
-            }
-            enrollment
-        };
-        let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), ..enrollment };
-        self.commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
-            .await?;
-        Ok(CompleteOutcome::Completed(Box::new(completed)))
+        let (answer, outcome) = oneshot::channel();
+        self.enroll(EnrollmentOp::Complete { code: code.clone(), device, limits: limits.clone(), now, answer }).await?;
+        outcome.await.map_err(|_| io_error("the enrollment writer stopped"))?
     }
 
     pub(super) fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
@@ -465,6 +463,7 @@ impl Shared {
         Ok(merged)
     }
 
+    /// Decided and committed by the enrollment writer (`writer.rs`).
     pub(super) async fn confirm_totp_enrollment(
         &self,
         tenant: &TenantId,
@@ -473,25 +472,11 @@ impl Shared {
         limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
-        let _gate = self.write_gate.lock().await;
-        let enrollment = {
-            let mirror = self.durable();
-            let enrollment = match mirror.enrollments.get(id).filter(|e| e.tenant == *tenant && e.kind == EnrollmentKind::Totp) {
-                None => return Ok(CompleteOutcome::UnknownCode),
-                Some(e) if e.completed => return Ok(CompleteOutcome::AlreadyUsed),
-                Some(e) if now >= e.expires_at => return Ok(CompleteOutcome::Expired),
-                Some(e) => e.clone(),
-            };
-            if let Some(refusal) = Self::refuse_device(&mirror, &device, limits) {
-                return Ok(refusal);
-            }
-            enrollment
-        };
-        // The pending secret moves onto the device: the enrollment keeps no copy.
-        let completed = Enrollment { completed: true, device_id: Some(device.id.clone()), totp_secret: None, ..enrollment };
-        self.commit(vec![DurableWrite::PutEnrollment(completed.clone()), DurableWrite::PutDevice(device)], Durability::Immediate)
-            .await?;
-        Ok(CompleteOutcome::Completed(Box::new(completed)))
+        let (answer, outcome) = oneshot::channel();
+        let op =
+            EnrollmentOp::ConfirmTotp { tenant: tenant.clone(), id: id.clone(), device, limits: limits.clone(), now, answer };
+        self.enroll(op).await?;
+        outcome.await.map_err(|_| io_error("the enrollment writer stopped"))?
     }
 
     pub(super) async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {

@@ -29,7 +29,9 @@
 //! The durable maps are mirrored in memory (they are small: one record per device)
 //! so proofs are checked without I/O. Durable writes take `write_gate`, commit to
 //! redb on the blocking pool, then update the mirror: memory never shows what the
-//! file does not hold. The one exception is a device's `last_used_at`, informational
+//! file does not hold. Enrollment writes (begin, complete, confirm TOTP) go through
+//! one writer task that commits every one waiting in one transaction, one fsync for
+//! the group, and answers each caller once the group is on disk (`writer.rs`). The one exception is a device's `last_used_at`, informational
 //! and on every answer's path: it changes in the mirror at once and reaches the file
 //! in batches every two seconds, so a crash can lose the last few seconds of it.
 //!
@@ -37,12 +39,15 @@
 //!
 //! [`EmbeddedStore`]: opening the file, the background tasks, and the `Store`
 //! trait, whose methods hand over to `Shared`: the challenge and per-user-count
-//! operations are in `live.rs`, the device, enrollment and block ones in `durable.rs`.
+//! operations are in `live.rs`, the device, enrollment and block ones in `durable.rs`
+//! (enrollments decided and committed in groups by `writer.rs`), `purge_tenant` in
+//! `purge.rs`.
 
 mod durable;
 mod limits;
 mod live;
 mod purge;
+mod writer;
 
 use std::path::Path;
 use std::sync::{Arc, Weak};
@@ -66,6 +71,9 @@ use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, Tenant
 use crate::domain::time::{Clock, Millis};
 
 const BACKEND: &str = "embedded";
+/// Enrollment writes waiting for the writer (`writer.rs`) at most; past it callers
+/// wait for room.
+const ENROLLMENT_QUEUE: usize = 4_096;
 /// The redb page cache (see `EmbeddedStore::open`).
 const REDB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
@@ -91,6 +99,24 @@ struct Shared {
     touched: Mutex<std::collections::HashSet<DeviceId>>,
     /// Device proofs used, until their timestamp leaves the window (`limits.rs`).
     proofs: Mutex<std::collections::HashMap<ProofUse, Millis>>,
+    /// Enrollment writes for the writer task, which commits them in groups (`writer.rs`).
+    enrollment_ops: tokio::sync::mpsc::Sender<writer::EnrollmentOp>,
+    groups: GroupStats,
+}
+
+/// How the enrollment writer grouped: groups committed and the operations in them.
+#[derive(Debug, Default)]
+struct GroupStats {
+    groups: std::sync::atomic::AtomicU64,
+    operations: std::sync::atomic::AtomicU64,
+}
+
+impl GroupStats {
+    fn record(&self, operations: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.groups.fetch_add(1, Relaxed);
+        self.operations.fetch_add(operations as u64, Relaxed);
+    }
 }
 
 impl Shared {
@@ -130,6 +156,7 @@ impl EmbeddedStore {
         .await
         .map_err(io_error)??;
 
+        let (enrollment_ops, enrollment_receiver) = tokio::sync::mpsc::channel(ENROLLMENT_QUEUE);
         let shared = Arc::new(Shared {
             challenges: Mutex::new(ChallengeTable::default()),
             durable: RwLock::new(mirror),
@@ -139,7 +166,10 @@ impl EmbeddedStore {
             deadline_changed: Arc::new(Notify::new()),
             touched: Mutex::new(std::collections::HashSet::new()),
             proofs: Mutex::new(std::collections::HashMap::new()),
+            enrollment_ops,
+            groups: GroupStats::default(),
         });
+        tokio::spawn(writer::run(Arc::downgrade(&shared), enrollment_receiver));
         let closing = CancellationToken::new();
         let wake = Arc::clone(&shared.deadline_changed);
         tokio::spawn(run_deadlines(Arc::downgrade(&shared), wake, Arc::clone(&clock), closing.clone()));
