@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths of a sign-in: number and id
 //! generation, the device signature checks, the APNs provider token, and the
-//! embedded store's create and resolve. `cargo bench --bench hot_paths`.
+//! embedded store's create and resolve, the enrollment QR code. `cargo bench --bench hot_paths`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -102,5 +102,22 @@ fn store(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ids_and_numbers, signatures, apns_token, store);
+/// The enrollment QR code of a typical URI: the `qrcode` crate choosing its mask,
+/// the same code with the mask chosen by `domain::qr`, and the whole PNG.
+fn enrollment_qr(c: &mut Criterion) {
+    let code = pushmatch::domain::ids::EnrollmentCode::generate().expect("code");
+    let uri = pushmatch::domain::enrollment::push_enrollment_uri("https://mfa.gors.nl", &code, "Gors", "jan@gors.nl");
+    c.bench_function("enrollment QR: the qrcode crate's mask choice", |b| {
+        b.iter(|| qrcode::QrCode::with_error_correction_level(uri.as_bytes(), qrcode::EcLevel::M).expect("qr"))
+    });
+    c.bench_function("enrollment QR: encoding the bits alone (no masks)", |b| {
+        b.iter(|| qrcode::bits::encode_auto(uri.as_bytes(), qrcode::EcLevel::M).expect("bits"))
+    });
+    c.bench_function("enrollment QR: domain::qr's mask choice", |b| {
+        b.iter(|| pushmatch::domain::qr::modules(uri.as_bytes(), qrcode::EcLevel::M).expect("qr"))
+    });
+    c.bench_function("enrollment QR: the PNG (qr_png)", |b| b.iter(|| pushmatch::domain::enrollment::qr_png(&uri).expect("png")));
+}
+
+criterion_group!(benches, ids_and_numbers, signatures, apns_token, store, enrollment_qr);
 criterion_main!(benches);

@@ -44,7 +44,10 @@ async fn scan_qr(client: &Client) -> String {
     let src = wait_for(client, "img#qr").await.attr("src").await.expect("src").expect("the QR has a src");
     let png_base64 = src.strip_prefix("data:image/png;base64,").expect("a PNG data URL");
     let png_bytes = base64::engine::general_purpose::STANDARD.decode(png_base64).expect("base64");
-    let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes)).read_info().expect("png");
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    // One bit a pixel as the server writes it, read as 8-bit grey.
+    decoder.set_transformations(png::Transformations::EXPAND);
+    let mut reader = decoder.read_info().expect("png");
     let mut pixels = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut pixels).expect("frame");
     let (width, height) = (info.width as usize, info.height as usize);

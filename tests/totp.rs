@@ -38,7 +38,10 @@ fn secret_from_uri(uri: &str) -> Vec<u8> {
 }
 
 fn decode_qr(png_bytes: &[u8]) -> String {
-    let mut reader = png::Decoder::new(std::io::Cursor::new(png_bytes)).read_info().expect("png");
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    // One bit a pixel as the server writes it, read as 8-bit grey.
+    decoder.set_transformations(png::Transformations::EXPAND);
+    let mut reader = decoder.read_info().expect("png");
     let mut pixels = vec![0; reader.output_buffer_size()];
     let info = reader.next_frame(&mut pixels).expect("frame");
     let (width, height) = (info.width as usize, info.height as usize);

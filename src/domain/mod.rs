@@ -13,6 +13,7 @@ pub mod enrollment;
 pub mod error;
 pub mod ids;
 pub mod ports;
+pub mod qr;
 pub mod secrets;
 pub mod time;
 pub mod totp;

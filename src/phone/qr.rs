@@ -42,10 +42,12 @@ pub fn decode_qr_png(png_bytes: &[u8]) -> anyhow::Result<String> {
 mod tests {
     use super::decode_qr_png;
 
-    /// The server's PNG (8-bit greyscale) re-encoded as a screenshot would be:
+    /// The server's PNG (1-bit greyscale, read as 8-bit) re-encoded as a screenshot would be:
     /// RGBA, coloured, half of it transparent.
     fn as_rgba_screenshot(grey_png: &[u8]) -> Vec<u8> {
-        let mut reader = png::Decoder::new(std::io::Cursor::new(grey_png)).read_info().expect("png");
+        let mut decoder = png::Decoder::new(std::io::Cursor::new(grey_png));
+        decoder.set_transformations(png::Transformations::EXPAND);
+        let mut reader = decoder.read_info().expect("png");
         let mut grey = vec![0; reader.output_buffer_size()];
         let info = reader.next_frame(&mut grey).expect("frame");
         assert_eq!(info.color_type, png::ColorType::Grayscale);
