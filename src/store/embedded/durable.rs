@@ -21,9 +21,9 @@ use crate::domain::time::Millis;
 use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError, UserBlock};
 
 const DEVICES: TableDefinition<&str, &[u8]> = TableDefinition::new("devices");
-const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
+pub(super) const ENROLLMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("enrollments");
 /// Enrollment code digest -> enrollment id.
-const ENROLLMENT_CODES: TableDefinition<&str, &str> = TableDefinition::new("enrollment_codes");
+pub(super) const ENROLLMENT_CODES: TableDefinition<&str, &str> = TableDefinition::new("enrollment_codes");
 /// "tenant\0user" -> block.
 const BLOCKS: TableDefinition<&str, &[u8]> = TableDefinition::new("blocks");
 /// "tenant\0user" -> since (Unix ms): VerifyTotp locked until UnblockUser, after
@@ -42,7 +42,7 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::corrupt(BACKEND, e))
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::corrupt(BACKEND, e))
 }
 
@@ -142,6 +142,9 @@ impl DurableMirror {
         match write {
             DurableWrite::PutDevice(device) => self.put_device(device),
             DurableWrite::RemoveDevice(id) => self.remove_device(&id),
+            // A completed enrollment leaves the mirror: it is read from the file
+            // when asked (`finished.rs`).
+            DurableWrite::PutEnrollment(enrollment) if enrollment.completed => self.remove_enrollment(&enrollment.id),
             DurableWrite::PutEnrollment(enrollment) => self.put_enrollment(enrollment),
             DurableWrite::RemoveEnrollment(id) => self.remove_enrollment(&id),
             DurableWrite::PutBlock(key, block) => {
@@ -291,7 +294,11 @@ pub(super) fn load_mirror(db: &Database) -> Result<DurableMirror, StoreError> {
     }
     for row in txn.open_table(ENROLLMENTS).map_err(io_error)?.iter().map_err(io_error)? {
         let (_, value) = row.map_err(io_error)?;
-        mirror.put_enrollment(decode(value.value())?);
+        let enrollment: Enrollment = decode(value.value())?;
+        // Completed ones stay in the file only (`finished.rs`).
+        if !enrollment.completed {
+            mirror.put_enrollment(enrollment);
+        }
     }
     for row in txn.open_table(BLOCKS).map_err(io_error)?.iter().map_err(io_error)? {
         let (key, value) = row.map_err(io_error)?;
@@ -372,16 +379,29 @@ impl Shared {
         if count > 0 {
             self.commit(old, Durability::Immediate).await?;
         }
-        Ok(count)
+        Ok(count + self.purge_completed_enrollments(now).await?)
     }
 
-    pub(super) fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
-        Ok(self.durable().enrollments.get(id).filter(|e| e.tenant == *tenant).cloned())
+    /// From the mirror, or (a completed one) from the file.
+    pub(super) async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
+        let open = self.durable().enrollments.get(id).cloned();
+        let found = match open {
+            Some(enrollment) => Some(enrollment),
+            None => self.read_enrollment(id).await?,
+        };
+        Ok(found.filter(|e| e.tenant == *tenant))
     }
 
-    pub(super) fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
-        let mirror = self.durable();
-        Ok(mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id)).cloned())
+    /// From the mirror, or (a completed one) from the file.
+    pub(super) async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
+        let open = {
+            let mirror = self.durable();
+            mirror.codes.get(code).and_then(|id| mirror.enrollments.get(id)).cloned()
+        };
+        match open {
+            Some(enrollment) => Ok(Some(enrollment)),
+            None => self.read_enrollment_by_code(code).await,
+        }
     }
 
     /// Decided and committed by the enrollment writer (`writer.rs`).

@@ -44,6 +44,7 @@
 //! `purge.rs`.
 
 mod durable;
+mod finished;
 mod limits;
 mod live;
 mod purge;
@@ -102,6 +103,9 @@ struct Shared {
     /// Enrollment writes for the writer task, which commits them in groups (`writer.rs`).
     enrollment_ops: tokio::sync::mpsc::Sender<writer::EnrollmentOp>,
     groups: GroupStats,
+    /// When the file is next scanned for completed enrollments past their keep
+    /// time (`finished.rs`).
+    next_file_sweep: Mutex<Millis>,
 }
 
 /// How the enrollment writer grouped: groups committed and the operations in them.
@@ -168,6 +172,7 @@ impl EmbeddedStore {
             proofs: Mutex::new(std::collections::HashMap::new()),
             enrollment_ops,
             groups: GroupStats::default(),
+            next_file_sweep: Mutex::new(Millis(0)),
         });
         tokio::spawn(writer::run(Arc::downgrade(&shared), enrollment_receiver));
         let closing = CancellationToken::new();
@@ -294,11 +299,11 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_enrollment(&self, tenant: &TenantId, id: &EnrollmentId) -> Result<Option<Enrollment>, StoreError> {
-        self.shared.get_enrollment(tenant, id)
+        self.shared.get_enrollment(tenant, id).await
     }
 
     async fn enrollment_by_code(&self, code: &CodeDigest) -> Result<Option<Enrollment>, StoreError> {
-        self.shared.enrollment_by_code(code)
+        self.shared.enrollment_by_code(code).await
     }
 
     async fn complete_enrollment(

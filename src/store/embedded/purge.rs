@@ -15,7 +15,9 @@ use crate::store::{StoreError, TenantPurge};
 impl Shared {
     pub(super) async fn purge_tenant(&self, tenant: &TenantId, dry_run: bool) -> Result<TenantPurge, StoreError> {
         let _gate = self.write_gate.lock().await;
-        let (writes, mut users, devices, enrollments) = {
+        // Completed enrollments are in the file only (`finished.rs`).
+        let completed = self.completed_of_tenant(tenant).await?;
+        let (mut writes, mut users, devices, mut enrollments) = {
             let mirror = self.durable();
             let mut users: HashSet<UserKey> = HashSet::new();
             let mut writes = Vec::new();
@@ -39,6 +41,11 @@ impl Shared {
             }
             (writes, users, devices.len() as u64, enrollments.len() as u64)
         };
+        for enrollment in completed {
+            users.insert((enrollment.tenant, enrollment.user_id));
+            writes.push(DurableWrite::RemoveEnrollment(enrollment.id));
+            enrollments += 1;
+        }
         if !dry_run && !writes.is_empty() {
             self.commit(writes, Durability::Immediate).await?;
         }

@@ -14,6 +14,7 @@
 //! purges) stay serialised with it; while it commits, the next group gathers in the
 //! channel.
 
+use std::collections::HashMap;
 use std::sync::Weak;
 
 use redb::Durability;
@@ -55,6 +56,21 @@ pub(super) enum EnrollmentOp {
     },
 }
 
+impl EnrollmentOp {
+    /// Answers UNAVAILABLE without deciding.
+    fn fail(self, detail: &str) {
+        let failed = || StoreError::unavailable(BACKEND, detail);
+        match self {
+            Self::Insert { answer, .. } => {
+                answer.send(Err(failed())).ok();
+            }
+            Self::Complete { answer, .. } | Self::ConfirmTotp { answer, .. } => {
+                answer.send(Err(failed())).ok();
+            }
+        }
+    }
+}
+
 /// A decided operation's answer, sent once the group's commit is done.
 enum Decided {
     Insert(oneshot::Sender<Result<InsertOutcome, StoreError>>, InsertOutcome),
@@ -77,10 +93,55 @@ impl Decided {
 }
 
 /// The mirror as the group's earlier decisions leave it: their writes (enrollments
-/// put, devices added) laid over the committed records.
+/// put, devices added) laid over the committed records; under both, the completed
+/// enrollments the group asks about, read from the file (`finished.rs`).
 struct View<'a> {
     mirror: &'a DurableMirror,
     staged: &'a [DurableWrite],
+    from_file: &'a FromFile,
+}
+
+/// Completed enrollments read from the file for a group, by code and by id.
+#[derive(Default)]
+struct FromFile {
+    by_code: HashMap<CodeDigest, Enrollment>,
+    by_id: HashMap<EnrollmentId, Enrollment>,
+}
+
+impl FromFile {
+    /// Reads what the group's completions ask for and the mirror does not hold.
+    async fn read(shared: &Shared, group: &[EnrollmentOp]) -> Result<Self, StoreError> {
+        let (codes, ids) = {
+            let mirror = shared.durable();
+            let codes: Vec<CodeDigest> = group
+                .iter()
+                .filter_map(|op| match op {
+                    EnrollmentOp::Complete { code, .. } if mirror.enrollment_id_by_code(code).is_none() => Some(code.clone()),
+                    _ => None,
+                })
+                .collect();
+            let ids: Vec<EnrollmentId> = group
+                .iter()
+                .filter_map(|op| match op {
+                    EnrollmentOp::ConfirmTotp { id, .. } if !mirror.enrollments.contains_key(id) => Some(id.clone()),
+                    _ => None,
+                })
+                .collect();
+            (codes, ids)
+        };
+        let mut from_file = Self::default();
+        for code in codes {
+            if let Some(enrollment) = shared.read_enrollment_by_code(&code).await? {
+                from_file.by_code.insert(code, enrollment);
+            }
+        }
+        for id in ids {
+            if let Some(enrollment) = shared.read_enrollment(&id).await? {
+                from_file.by_id.insert(id, enrollment);
+            }
+        }
+        Ok(from_file)
+    }
 }
 
 impl View<'_> {
@@ -99,12 +160,17 @@ impl View<'_> {
     }
 
     fn enrollment(&self, id: &EnrollmentId) -> Option<&Enrollment> {
-        self.staged_enrollments().find(|e| e.id == *id).or_else(|| self.mirror.enrollments.get(id))
+        self.staged_enrollments()
+            .find(|e| e.id == *id)
+            .or_else(|| self.mirror.enrollments.get(id))
+            .or_else(|| self.from_file.by_id.get(id))
     }
 
     fn enrollment_by_code(&self, code: &CodeDigest) -> Option<&Enrollment> {
         let staged = self.staged_enrollments().find(|e| e.code_digest.as_ref() == Some(code));
-        staged.or_else(|| self.mirror.enrollment_id_by_code(code).and_then(|id| self.enrollment(id)))
+        staged
+            .or_else(|| self.mirror.enrollment_id_by_code(code).and_then(|id| self.enrollment(id)))
+            .or_else(|| self.from_file.by_code.get(code))
     }
 
     fn open_enrollments(&self, tenant: &TenantId, user: &UserId, now: Millis) -> usize {
@@ -191,12 +257,23 @@ pub(super) async fn run(shared: Weak<Shared>, mut ops: mpsc::Receiver<Enrollment
                 Err(_) => break,
             }
         }
+        let from_file = match FromFile::read(&shared, &group).await {
+            Ok(from_file) => from_file,
+            Err(error) => {
+                // The file cannot be read: nothing of the group is decided.
+                let failed = error.to_string();
+                for op in group {
+                    op.fail(&failed);
+                }
+                continue;
+            }
+        };
         let mut staged: Vec<DurableWrite> = Vec::new();
         let mut decided = Vec::with_capacity(group.len());
         {
             let mirror = shared.durable();
             for op in group {
-                let (answer, writes) = View { mirror: &mirror, staged: &staged }.decide(op);
+                let (answer, writes) = View { mirror: &mirror, staged: &staged, from_file: &from_file }.decide(op);
                 staged.extend(writes);
                 decided.push(answer);
             }
