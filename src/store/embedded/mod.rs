@@ -27,7 +27,8 @@
 //! embedded key-value file. SQLite would add a C build and a SQL layer we do not need.
 //!
 //! The durable maps are mirrored in memory (they are small: one record per device)
-//! so proofs are checked without I/O. Durable writes take `write_gate`, commit to
+//! so proofs are checked without I/O; completed enrollments are not (they are read
+//! from the file when asked, `finished.rs`). Durable writes take `write_gate`, commit to
 //! redb on the blocking pool, then update the mirror: memory never shows what the
 //! file does not hold. Enrollment writes (begin, complete, confirm TOTP) go through
 //! one writer task that commits every one waiting in one transaction, one fsync for
