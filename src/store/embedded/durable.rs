@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::writer::EnrollmentOp;
 use super::{BACKEND, Shared, UserKey, io_error};
 use crate::domain::device::{Device, KeyFingerprint};
-use crate::domain::enrollment::Enrollment;
+use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError, UserBlock};
@@ -412,6 +412,17 @@ impl Shared {
         limits: &EnrollmentLimits,
         now: Millis,
     ) -> Result<CompleteOutcome, StoreError> {
+        // A code no open enrollment has is answered here, from the file, without the
+        // writer: a caller sending made-up codes must not hold up the writer (and
+        // with it every durable write) with a file read each.
+        if self.durable().enrollment_id_by_code(code).is_none() {
+            return Ok(match self.read_enrollment_by_code(code).await? {
+                Some(enrollment) if enrollment.completed && enrollment.kind == EnrollmentKind::Push => {
+                    CompleteOutcome::AlreadyUsed
+                }
+                _ => CompleteOutcome::UnknownCode,
+            });
+        }
         let (answer, outcome) = oneshot::channel();
         self.enroll(EnrollmentOp::Complete { code: code.clone(), device, limits: limits.clone(), now, answer }).await?;
         outcome.await.map_err(|_| io_error("the enrollment writer stopped"))?

@@ -140,11 +140,22 @@ mod tests {
             assert!(read.completed);
             assert_eq!(store.get_enrollment(&TenantId("other".into()), &enrollment.id).await.expect("get"), None);
             assert!(store.enrollment_by_code(&code).await.expect("by code").is_some_and(|e| e.completed));
+            // A used code and a made-up one are answered without the writer (from the
+            // file), so a flood of made-up codes holds up no durable write.
+            let written = store.shared.groups.operations.load(std::sync::atomic::Ordering::Relaxed);
             let again = sample_device(&tenant, &user, clock.now());
             assert_eq!(
                 store.complete_enrollment(&code, again, &limits(), clock.now()).await.expect("again"),
                 CompleteOutcome::AlreadyUsed
             );
+            let made_up = crate::domain::ids::EnrollmentCode::generate().expect("code").digest();
+            let stranger = sample_device(&tenant, &user, clock.now());
+            assert_eq!(
+                store.complete_enrollment(&made_up, stranger, &limits(), clock.now()).await.expect("made up"),
+                CompleteOutcome::UnknownCode
+            );
+            let now_written = store.shared.groups.operations.load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(now_written, written, "the writer saw neither");
         }
         let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
         assert!(store.shared.durable().enrollments.is_empty(), "not loaded into memory at start either");
