@@ -49,7 +49,10 @@ pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
 /// The durable records, mirrored in memory.
 #[derive(Default)]
 pub(super) struct DurableMirror {
-    pub(super) devices: HashMap<DeviceId, Device>,
+    /// Each device as one postcard record (about 350 bytes, against some 700 as a
+    /// struct whose dozen strings and vectors are each an allocation of their own):
+    /// memory per enrolled phone is what a rollout to a whole company grows with.
+    devices: HashMap<DeviceId, Box<[u8]>>,
     user_devices: HashMap<UserKey, Vec<DeviceId>>,
     pub(super) enrollments: HashMap<EnrollmentId, Enrollment>,
     /// Each user's enrollments, so that counting a user's open ones (every
@@ -62,8 +65,40 @@ pub(super) struct DurableMirror {
     pub(super) totp_locks: HashMap<UserKey, Millis>,
 }
 
+/// A device as kept in the mirror.
+fn pack_device(device: &Device) -> Result<Box<[u8]>, StoreError> {
+    postcard::to_stdvec(device).map(Vec::into_boxed_slice).map_err(|e| StoreError::corrupt(BACKEND, e))
+}
+
+fn unpack_device(record: &[u8]) -> Option<Device> {
+    match postcard::from_bytes(record) {
+        Ok(device) => Some(device),
+        Err(error) => {
+            tracing::error!(%error, "a device in the mirror does not decode");
+            None
+        }
+    }
+}
+
 impl DurableMirror {
+    /// The device `id`, decoded.
+    pub(super) fn device(&self, id: &DeviceId) -> Option<Device> {
+        self.devices.get(id).and_then(|record| unpack_device(record))
+    }
+
+    /// Every device, decoded (operators' commands).
+    pub(super) fn all_devices(&self) -> impl Iterator<Item = Device> + '_ {
+        self.devices.values().filter_map(|record| unpack_device(record))
+    }
+
     fn put_device(&mut self, device: Device) {
+        let record = match pack_device(&device) {
+            Ok(record) => record,
+            Err(error) => {
+                tracing::error!(%error, "a device could not be encoded for the mirror");
+                return;
+            }
+        };
         let ids = self.user_devices.entry((device.tenant.clone(), device.user_id.clone())).or_default();
         if !ids.contains(&device.id) {
             ids.push(device.id.clone());
@@ -71,7 +106,7 @@ impl DurableMirror {
         if let Some(fingerprint) = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()) {
             self.keys.insert(fingerprint, device.id.clone());
         }
-        self.devices.insert(device.id.clone(), device);
+        self.devices.insert(device.id.clone(), record);
     }
 
     fn remove_enrollment(&mut self, id: &EnrollmentId) {
@@ -123,7 +158,7 @@ impl DurableMirror {
     }
 
     fn remove_device(&mut self, id: &DeviceId) {
-        if let Some(device) = self.devices.remove(id) {
+        if let Some(device) = self.devices.remove(id).and_then(|record| unpack_device(&record)) {
             if let Some(fingerprint) = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()) {
                 self.keys.remove(&fingerprint);
             }
@@ -337,7 +372,7 @@ pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationTok
         let _gate = shared.write_gate.lock().await;
         let writes: Vec<DurableWrite> = {
             let mirror = shared.durable();
-            touched.iter().filter_map(|id| mirror.devices.get(id)).cloned().map(DurableWrite::PutDevice).collect()
+            touched.iter().filter_map(|id| mirror.device(id)).map(DurableWrite::PutDevice).collect()
         };
         if let Err(error) = shared.commit(writes, Durability::None).await {
             tracing::warn!(%error, "could not write devices' last use; retrying");
@@ -429,18 +464,18 @@ impl Shared {
     }
 
     pub(super) fn get_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
-        Ok(self.durable().devices.get(id).cloned())
+        Ok(self.durable().device(id))
     }
 
     pub(super) fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
         let mirror = self.durable();
         let ids = mirror.user_devices.get(&(tenant.clone(), user.clone()));
-        Ok(ids.into_iter().flatten().filter_map(|id| mirror.devices.get(id)).cloned().collect())
+        Ok(ids.into_iter().flatten().filter_map(|id| mirror.device(id)).collect())
     }
 
     pub(super) async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {
         let _gate = self.write_gate.lock().await;
-        let owned = self.durable().devices.get(id).is_some_and(|device| device.tenant == *tenant);
+        let owned = self.durable().device(id).is_some_and(|device| device.tenant == *tenant);
         if owned {
             self.commit(vec![DurableWrite::RemoveDevice(id.clone())], Durability::Immediate).await?;
         }
@@ -449,7 +484,7 @@ impl Shared {
 
     pub(super) async fn set_push_token(&self, id: &DeviceId, token: &str) -> Result<bool, StoreError> {
         let _gate = self.write_gate.lock().await;
-        let Some(device) = self.durable().devices.get(id).cloned() else { return Ok(false) };
+        let Some(device) = self.durable().device(id) else { return Ok(false) };
         let updated = Device { push_token: token.to_owned(), push_enabled: !token.is_empty(), ..device };
         self.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
         Ok(true)
@@ -457,7 +492,7 @@ impl Shared {
 
     pub(super) async fn disable_push(&self, id: &DeviceId, token: &str) -> Result<(), StoreError> {
         let _gate = self.write_gate.lock().await;
-        let device = self.durable().devices.get(id).filter(|d| d.push_token == token && d.push_enabled).cloned();
+        let device = self.durable().device(id).filter(|d| d.push_token == token && d.push_enabled);
         if let Some(device) = device {
             let updated = Device { push_enabled: false, ..device };
             self.commit(vec![DurableWrite::PutDevice(updated)], Durability::Immediate).await?;
@@ -469,8 +504,12 @@ impl Shared {
     /// the file follows in batches (`flush_touches`), so answers never queue behind a
     /// disk write for it. A crash can lose the last few seconds of `last_used_at`.
     pub(super) fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
-        if let Some(device) = self.durable_mut().devices.get_mut(id) {
+        let mut mirror = self.durable_mut();
+        if let Some(record) = mirror.devices.get_mut(id)
+            && let Some(mut device) = unpack_device(record)
+        {
             device.last_used_at = Some(now);
+            *record = pack_device(&device)?;
             self.touched.lock().insert(id.clone());
         }
         Ok(())
@@ -512,7 +551,7 @@ impl Shared {
 
     pub(super) async fn spend_totp_step(&self, id: &DeviceId, step: u64) -> Result<bool, StoreError> {
         let _gate = self.write_gate.lock().await;
-        let Some(device) = self.durable().devices.get(id).cloned() else { return Ok(false) };
+        let Some(device) = self.durable().device(id) else { return Ok(false) };
         if device.totp_last_step.is_some_and(|last| last >= step) {
             return Ok(false);
         }
@@ -523,59 +562,5 @@ impl Shared {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use super::*;
-    use std::time::Duration;
-
-    use crate::domain::time::{Clock, ManualClock};
-    use crate::store::Store;
-    use crate::store::embedded::EmbeddedStore;
-
-    #[tokio::test]
-    async fn durable_records_survive_a_reopen() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = ManualClock::starting_now();
-        let tenant = TenantId("t".into());
-        let user = UserId::parse("jan").expect("user");
-        let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
-        {
-            let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
-            let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
-            let code = enrollment.code_digest.clone().expect("push enrollment");
-            let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
-            assert_eq!(store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert"), InsertOutcome::Inserted);
-            assert!(matches!(
-                store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete"),
-                CompleteOutcome::Completed(_)
-            ));
-            let block = UserBlock { reason: crate::store::BlockReason::FraudReported, since: clock.now(), until: None };
-            store.block_user(&tenant, &user, block, clock.now()).await.expect("block");
-            let totp = crate::store::TotpPolicy {
-                strikes: crate::store::StrikePolicy {
-                    limit: 100,
-                    window: Duration::from_secs(1),
-                    block_for: Duration::from_secs(1),
-                },
-                max_consecutive: 1,
-            };
-            store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
-            let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
-            assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None });
-        }
-        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
-        assert_eq!(store.get_device(&device.id).await.expect("get"), Some(device.clone()));
-        assert_eq!(store.list_devices(&tenant, &user).await.expect("list"), vec![device]);
-        let challenge = crate::store::conformance::sample_challenge(&tenant, &user, clock.now(), None);
-        let policy = crate::store::conformance::policy();
-        let refused = store.create_challenge(challenge, &policy, clock.now()).await.expect("create");
-        assert!(matches!(refused, crate::store::CreateOutcome::Refused(crate::store::Refusal::Blocked(_))), "{refused:?}");
-        let totp = crate::store::TotpPolicy {
-            strikes: crate::store::StrikePolicy { limit: 100, window: Duration::from_secs(1), block_for: Duration::from_secs(1) },
-            max_consecutive: 1,
-        };
-        let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
-        assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None }, "the hard TOTP lock survives a restart");
-    }
-}
+#[path = "durable_tests.rs"]
+mod tests;

@@ -21,7 +21,7 @@ impl Shared {
             let mirror = self.durable();
             let mut users: HashSet<UserKey> = HashSet::new();
             let mut writes = Vec::new();
-            let devices: Vec<_> = mirror.devices.values().filter(|d| d.tenant == *tenant).collect();
+            let devices: Vec<_> = mirror.all_devices().filter(|d| d.tenant == *tenant).collect();
             for device in &devices {
                 users.insert((device.tenant.clone(), device.user_id.clone()));
                 writes.push(DurableWrite::RemoveDevice(device.id.clone()));

@@ -1,0 +1,52 @@
+//! The durable half's own tests: records survive a reopen.
+
+use std::sync::Arc;
+
+use super::*;
+use std::time::Duration;
+
+use crate::domain::time::{Clock, ManualClock};
+use crate::store::Store;
+use crate::store::embedded::EmbeddedStore;
+
+#[tokio::test]
+async fn durable_records_survive_a_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::starting_now();
+    let tenant = TenantId("t".into());
+    let user = UserId::parse("jan").expect("user");
+    let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
+    {
+        let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+        let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
+        let code = enrollment.code_digest.clone().expect("push enrollment");
+        let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
+        assert_eq!(store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert"), InsertOutcome::Inserted);
+        assert!(matches!(
+            store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete"),
+            CompleteOutcome::Completed(_)
+        ));
+        let block = UserBlock { reason: crate::store::BlockReason::FraudReported, since: clock.now(), until: None };
+        store.block_user(&tenant, &user, block, clock.now()).await.expect("block");
+        let totp = crate::store::TotpPolicy {
+            strikes: crate::store::StrikePolicy { limit: 100, window: Duration::from_secs(1), block_for: Duration::from_secs(1) },
+            max_consecutive: 1,
+        };
+        store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
+        let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
+        assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None });
+    }
+    let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
+    assert_eq!(store.get_device(&device.id).await.expect("get"), Some(device.clone()));
+    assert_eq!(store.list_devices(&tenant, &user).await.expect("list"), vec![device]);
+    let challenge = crate::store::conformance::sample_challenge(&tenant, &user, clock.now(), None);
+    let policy = crate::store::conformance::policy();
+    let refused = store.create_challenge(challenge, &policy, clock.now()).await.expect("create");
+    assert!(matches!(refused, crate::store::CreateOutcome::Refused(crate::store::Refusal::Blocked(_))), "{refused:?}");
+    let totp = crate::store::TotpPolicy {
+        strikes: crate::store::StrikePolicy { limit: 100, window: Duration::from_secs(1), block_for: Duration::from_secs(1) },
+        max_consecutive: 1,
+    };
+    let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
+    assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None }, "the hard TOTP lock survives a restart");
+}
