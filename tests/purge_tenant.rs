@@ -14,7 +14,6 @@ use std::path::Path;
 
 use pushmatch::config::Config;
 use pushmatch::pb;
-use pushmatch::phone::{P256Encoding, PhoneKey, SimulatedPhone};
 use support::*;
 
 struct Run {
@@ -48,22 +47,6 @@ fn write(file: &Path, config: &Config) {
     std::fs::write(file, toml::to_string(config).expect("toml")).expect("write the configuration");
 }
 
-async fn phone_of(server: &TestServer, key: &str, user: &str) -> SimulatedPhone {
-    let enrollment = server
-        .enrollments(key)
-        .begin_enrollment(pb::BeginEnrollmentRequest {
-            user_id: user.into(),
-            account_name: format!("{user}@example.com"),
-            kind: pb::EnrollmentKind::Push.into(),
-        })
-        .await
-        .expect("begin")
-        .into_inner();
-    let mut phone = server.phone(PhoneKey::p256(P256Encoding::Spki), pb::Platform::Fcm);
-    phone.enroll(&enrollment.uri, "phone").await.expect("enroll");
-    phone
-}
-
 async fn device_count(server: &TestServer, key: &str, user: &str) -> usize {
     let request = pb::ListDevicesRequest { user_id: user.into() };
     server.enrollments(key).list_devices(request).await.expect("list devices").into_inner().devices.len()
@@ -77,9 +60,9 @@ async fn purge_tenant_counts_then_removes_a_removed_tenants_records_and_only_tho
     both.server.config_reload_interval_seconds = 0;
     write(&file, &both);
     let server = TestServer::start_from_file(&file).await;
-    phone_of(&server, KEY_A, "jan").await;
-    phone_of(&server, KEY_B, "jan").await;
-    phone_of(&server, KEY_B, "piet").await;
+    server.enrolled_phone_as(KEY_A, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    server.enrolled_phone_as(KEY_B, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    server.enrolled_phone_as(KEY_B, "piet", pb::Platform::Fcm, FCM_TOKEN).await;
 
     let refused = purge(&file, &["b"]).await;
     assert!(!refused.ok && refused.stderr.contains("still in the configuration"), "{}", refused.stderr);

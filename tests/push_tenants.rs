@@ -12,7 +12,6 @@ mod support;
 
 use pushmatch::config::{ApnsConfig, Config, FcmConfig, TenantPushConfig};
 use pushmatch::pb;
-use pushmatch::phone::{PhoneKey, SimulatedPhone};
 use support::mock_push::{FCM_PROJECT, Recorded, es256_signed_by, form, service_account_json, verify_es256, verify_rs256};
 use support::push_providers::*;
 use support::*;
@@ -39,23 +38,6 @@ fn initech_push(providers: &Providers, account: std::path::PathBuf) -> TenantPus
         apns: Some(ApnsConfig { topic: INITECH_TOPIC.into(), ..providers.apns_config() }),
         fcm: Some(FcmConfig { service_account_path: account, ..providers.fcm_config() }),
     }
-}
-
-/// A phone of `user` in tenant `key`'s tenant with `token`.
-async fn phone_of(server: &TestServer, key: &str, user: &str, platform: pb::Platform, token: &str) -> SimulatedPhone {
-    let enrollment = server
-        .enrollments(key)
-        .begin_enrollment(pb::BeginEnrollmentRequest {
-            user_id: user.into(),
-            account_name: format!("{user}@example.com"),
-            kind: pb::EnrollmentKind::Push.into(),
-        })
-        .await
-        .expect("begin enrollment")
-        .into_inner();
-    let mut phone = SimulatedPhone::new(server.channel.clone(), PhoneKey::ed25519(), platform, token);
-    phone.enroll(&enrollment.uri, "test phone").await.expect("complete enrollment");
-    phone
 }
 
 async fn sign_in(server: &TestServer, key: &str, user: &str) -> pb::Challenge {
@@ -118,10 +100,10 @@ async fn each_tenant_pushes_through_its_own_endpoints_with_its_own_jwt_and_grant
             config.tenants[1].push = initech_push(&initech, account);
         })
         .await;
-    let _jan = phone_of(&server, KEY_A, "jan", pb::Platform::Apns, APNS_TOKEN).await;
-    let _jan_android = phone_of(&server, KEY_A, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
-    let _piet = phone_of(&server, KEY_B, "piet", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
-    let _piet_android = phone_of(&server, KEY_B, "piet", pb::Platform::Fcm, "initech-fcm-token").await;
+    let _jan = server.enrolled_phone_as(KEY_A, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    let _jan_android = server.enrolled_phone_as(KEY_A, "jan", pb::Platform::Fcm, FCM_TOKEN).await;
+    let _piet = server.enrolled_phone_as(KEY_B, "piet", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
+    let _piet_android = server.enrolled_phone_as(KEY_B, "piet", pb::Platform::Fcm, "initech-fcm-token").await;
 
     let a = sign_in(&server, KEY_A, "jan").await;
     let b = sign_in(&server, KEY_B, "piet").await;
@@ -169,9 +151,9 @@ async fn tenants_on_one_key_share_a_connection_and_a_provider_left_out_falls_bac
             config.tenants[1].push = TenantPushConfig { apns: Some(own), fcm: None };
         })
         .await;
-    let _jan = phone_of(&server, KEY_A, "jan", pb::Platform::Apns, APNS_TOKEN).await;
-    let _piet = phone_of(&server, KEY_B, "piet", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
-    let _piet_android = phone_of(&server, KEY_B, "piet", pb::Platform::Fcm, FCM_TOKEN).await;
+    let _jan = server.enrolled_phone_as(KEY_A, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    let _piet = server.enrolled_phone_as(KEY_B, "piet", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
+    let _piet_android = server.enrolled_phone_as(KEY_B, "piet", pb::Platform::Fcm, FCM_TOKEN).await;
 
     sign_in(&server, KEY_A, "jan").await;
     sign_in(&server, KEY_B, "piet").await;
@@ -199,7 +181,7 @@ async fn a_reload_moves_a_tenant_to_new_credentials_and_an_unreadable_key_file_i
     let write = |config: &Config| std::fs::write(&file, toml::to_string(config).expect("toml")).expect("write config");
     write(&config);
     let server = TestServer::start_from_file(&file).await;
-    let _piet = phone_of(&server, KEY_B, "piet", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
+    let _piet = server.enrolled_phone_as(KEY_B, "piet", pb::Platform::Apns, SECOND_APNS_TOKEN).await;
 
     sign_in(&server, KEY_B, "piet").await;
     assert_eq!((gors.apns.requests().len(), initech.apns.requests().len()), (1, 0), "the global section first");

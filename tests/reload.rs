@@ -50,18 +50,6 @@ fn write_config(file: &Path, text: &str) {
     std::fs::rename(&fresh, file).expect("replace the configuration");
 }
 
-async fn begin(server: &TestServer, key: &str, user: &str) -> Result<pb::Enrollment, tonic::Status> {
-    server
-        .enrollments(key)
-        .begin_enrollment(pb::BeginEnrollmentRequest {
-            user_id: user.into(),
-            account_name: format!("{user}@example.com"),
-            kind: pb::EnrollmentKind::Push.into(),
-        })
-        .await
-        .map(tonic::Response::into_inner)
-}
-
 async fn create(server: &TestServer, key: &str, user: &str) -> Result<pb::Challenge, tonic::Status> {
     server
         .challenges(key)
@@ -106,7 +94,7 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
     write_config(&file, &config_text(&store, &[KEY_A], "", false, 0));
     let server = TestServer::start_from_file(&file).await;
     let mut phone = server.enrolled_phone("jan", PhoneKey::p256(P256Encoding::Spki), pb::Platform::Apns).await;
-    assert_code(begin(&server, KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
+    assert_code(server.begin_enrollment_as(KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
 
     // A sign-in in flight: created, pushed, watched.
     let in_flight = server.create_challenge("jan").await;
@@ -136,9 +124,9 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
             .await
             .expect(key);
     }
-    let initech = begin(&server, KEY_C, "piet").await.expect("the added tenant begins an enrollment");
+    let initech = server.begin_enrollment_as(KEY_C, "piet").await.expect("the added tenant begins an enrollment");
     assert!(initech.uri.contains("issuer=Initech"), "{}", initech.uri);
-    let kees = begin(&server, KEY_C, "kees").await.expect("begin");
+    let kees = server.begin_enrollment_as(KEY_C, "kees").await.expect("begin");
     let mut initech_phone = server.phone(PhoneKey::p256(P256Encoding::Spki), pb::Platform::Fcm);
     initech_phone.enroll(&kees.uri, "kees's phone").await.expect("a phone of the added tenant enrolls");
 
@@ -152,7 +140,7 @@ async fn a_reload_adds_a_tenant_rotates_a_key_and_changes_a_limit_while_a_sign_i
     write_config(&file, &config_text(&store, &[KEY_A2], "max_pending_per_user = 1", false, 0));
     calls_across(&server, KEY_A2, &in_flight.challenge_id, async { server.reload().await.expect("loads") }).await;
     assert_code(create(&server, KEY_A, "jan").await, Code::Unauthenticated, "unknown API key");
-    assert_code(begin(&server, KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
+    assert_code(server.begin_enrollment_as(KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
     // The removed tenant's phones and open enrollment codes are refused too.
     assert_code(initech_phone.pending().await, Code::Unauthenticated, "proof.device_id");
     let mut late = server.phone(PhoneKey::p256(P256Encoding::Spki), pb::Platform::Fcm);
@@ -185,7 +173,7 @@ async fn a_bad_file_is_refused_whole_and_the_tenants_in_force_stay() {
         write_config(&file, &text);
         let error = server.reload().await.expect_err("refused");
         assert!(error.contains(named), "{error:?} should name {named}");
-        assert_code(begin(&server, KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
+        assert_code(server.begin_enrollment_as(KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
         assert_code(create(&server, KEY_A2, "jan").await, Code::Unauthenticated, "unknown API key");
     }
     // The tenants of the start still serve, with their limits.
@@ -197,7 +185,7 @@ async fn a_bad_file_is_refused_whole_and_the_tenants_in_force_stay() {
     // A good file after bad ones applies.
     write_config(&file, &good_rest(""));
     server.reload().await.expect("loads");
-    begin(&server, KEY_C, "piet").await.expect("c is in");
+    server.begin_enrollment_as(KEY_C, "piet").await.expect("c is in");
 }
 
 #[tokio::test]
@@ -206,14 +194,14 @@ async fn the_file_watch_reloads_a_changed_file_by_itself() {
     let (store, file) = (dir.path().join("store"), dir.path().join("pushmatch.toml"));
     write_config(&file, &config_text(&store, &[KEY_A], "", false, 1));
     let server = TestServer::start_from_file(&file).await;
-    assert_code(begin(&server, KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
+    assert_code(server.begin_enrollment_as(KEY_C, "piet").await, Code::Unauthenticated, "unknown API key");
 
     write_config(&file, &config_text(&store, &[KEY_A], "", true, 1));
     // Nothing to wait on but the effect: ask until the watch (polling every second)
     // has applied it, within the deadline.
     let added = tokio::time::timeout(DEADLINE, async {
         loop {
-            match begin(&server, KEY_C, "piet").await {
+            match server.begin_enrollment_as(KEY_C, "piet").await {
                 Ok(enrollment) => return enrollment,
                 Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
             }

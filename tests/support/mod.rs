@@ -193,6 +193,27 @@ impl TestServer {
         SimulatedPhone::new(self.channel.clone(), key, platform, token)
     }
 
+    /// Begins a PUSH enrollment for `user` of the tenant whose API key is `key`.
+    pub async fn begin_enrollment_as(&self, key: &str, user: &str) -> Result<pb::Enrollment, tonic::Status> {
+        self.enrollments(key)
+            .begin_enrollment(pb::BeginEnrollmentRequest {
+                user_id: user.into(),
+                account_name: format!("{user}@example.com"),
+                kind: pb::EnrollmentKind::Push.into(),
+            })
+            .await
+            .map(tonic::Response::into_inner)
+    }
+
+    /// A phone (an Ed25519 key) enrolled for `user` of `key`'s tenant, on `platform`
+    /// with the push token `token`.
+    pub async fn enrolled_phone_as(&self, key: &str, user: &str, platform: pb::Platform, token: &str) -> SimulatedPhone {
+        let enrollment = self.begin_enrollment_as(key, user).await.expect("begin enrollment");
+        let mut phone = SimulatedPhone::new(self.channel.clone(), PhoneKey::ed25519(), platform, token);
+        phone.enroll(&enrollment.uri, "test phone").await.expect("complete enrollment");
+        phone
+    }
+
     /// Begins a PUSH enrollment for `user` of tenant "a" and returns its URI.
     pub async fn begin_enrollment(&self, user: &str) -> pb::Enrollment {
         self.enrollments(KEY_A)
