@@ -106,7 +106,9 @@ fn healthcheck(file: Option<PathBuf>, addr: Option<String>) -> anyhow::Result<()
 }
 
 fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
-    let env: Vec<(String, String)> = std::env::vars().collect();
+    // Only the PUSHMATCH_* variables: the rest of the environment (other programs'
+    // secrets among it) is not kept for the reloads.
+    let env: Vec<(String, String)> = std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")).collect();
     let loaded = Config::load(file.as_deref(), env.clone())?;
     // The runtime comes first: the OTLP exporter's channel (feature `otlp`) lives on it.
     let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;

@@ -52,3 +52,19 @@ pub async fn purge_tenant(config: &Config, tenant: &str, dry_run: bool) -> Resul
     );
     Ok(purged)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_malformed_or_still_configured_tenant_is_refused_before_the_store_is_opened() {
+        let mut config = Config::default();
+        config.store.path = "/nonexistent/never-opened".into();
+        config.tenants.push(crate::config::TenantConfig { id: "live".into(), ..Default::default() });
+        for bad in ["", "a b", "../x", &"t".repeat(65)] {
+            assert!(matches!(purge_tenant(&config, bad, true).await, Err(PurgeError::BadId(_))), "{bad:?}");
+        }
+        assert!(matches!(purge_tenant(&config, "live", true).await, Err(PurgeError::StillConfigured(_))));
+    }
+}
