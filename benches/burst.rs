@@ -136,6 +136,18 @@ struct Args {
     /// Write a per-second CSV (second, sign-ins, worst create ms) to FILE for benches/chart.py.
     #[arg(long, value_name = "FILE")]
     timeline: Option<PathBuf>,
+    /// Sign in at --rate for MINUTES (in place of --signins), printing the broker's
+    /// RSS and store records every --sample-seconds; the JSON gains the RSS growth
+    /// after the first 10 minutes (issue 19's flat-memory check).
+    #[arg(long, value_name = "MINUTES")]
+    soak: Option<f64>,
+    /// Seconds between the samples of --soak.
+    #[arg(long, value_name = "S", default_value_t = 60)]
+    sample_seconds: u64,
+    /// Write the samples of --soak as CSV (seconds, rss_mb, store_records,
+    /// challenges_live, signins) to FILE for benches/chart.py.
+    #[arg(long, value_name = "FILE")]
+    soak_csv: Option<PathBuf>,
     /// Passed by `cargo bench` to harness = false benches; ignored.
     #[arg(long = "bench", hide = true)]
     _bench: bool,
@@ -157,9 +169,25 @@ fn parse_args() -> Args {
             args.signins = 6_000;
         }
     }
+    if let Some(minutes) = args.soak {
+        if args.rate <= 0.0 || minutes <= 0.0 {
+            Args::command().error(ErrorKind::ArgumentConflict, "--soak needs a --rate and MINUTES above 0").exit();
+        }
+        // Round robin over the users: each signs in every users / rate seconds, and
+        // the default limit is 10 challenges per user in 10 minutes.
+        if (args.users as f64) < args.rate * 60.0 {
+            let message = format!(
+                "--soak at --rate {} needs at least {} --users: a user may start 10 challenges in 10 minutes",
+                args.rate,
+                (args.rate * 60.0).ceil()
+            );
+            Args::command().error(ErrorKind::ArgumentConflict, message).exit();
+        }
+        args.signins = (args.rate * minutes * 60.0) as usize;
+    }
     // Sign-ins go round robin over the users; at most 3 of a user's may be pending
     // (the default limit), and the burst may have all of them in flight at once.
-    if args.herd.is_none() && args.live.is_none() && args.signins > 3 * args.users {
+    else if args.herd.is_none() && args.live.is_none() && args.signins > 3 * args.users {
         let message = format!(
             "--signins {} needs at least {} --users: a user may hold 3 pending challenges",
             args.signins,
@@ -382,6 +410,10 @@ fn proc_cpu_seconds(pid: u32) -> f64 {
 }
 
 impl Broker {
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
     /// Peak resident set (VmHWM) in MB and CPU seconds so far, from /proc.
     fn usage(&self) -> (f64, f64) {
         let Some(pid) = self.child.id() else { return (0.0, 0.0) };
@@ -390,18 +422,29 @@ impl Broker {
 
     /// The replica's `pushmatch_store_redis_calls_total` (0 when it has none yet).
     async fn redis_calls(&self) -> f64 {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let mut socket = tokio::net::TcpStream::connect(&self.metrics_addr).await.expect("metrics listener");
-        let request = format!("GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.metrics_addr);
-        socket.write_all(request.as_bytes()).await.expect("metrics request");
-        let mut response = String::new();
-        socket.read_to_string(&mut response).await.expect("metrics response");
-        response
-            .lines()
-            .find_map(|line| line.strip_prefix("pushmatch_store_redis_calls_total "))
-            .and_then(|value| value.trim().parse().ok())
-            .unwrap_or(0.0)
+        scrape(&self.metrics_addr, &["pushmatch_store_redis_calls_total"]).await[0]
     }
+}
+
+/// The values of unlabelled series `names` on the `/metrics` page at `addr` (0 for
+/// one the page does not have).
+async fn scrape(addr: &str, names: &[&str]) -> Vec<f64> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("metrics listener");
+    let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.expect("metrics request");
+    let mut response = String::new();
+    socket.read_to_string(&mut response).await.expect("metrics response");
+    names
+        .iter()
+        .map(|name| {
+            response
+                .lines()
+                .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+                .and_then(|value| value.trim().parse().ok())
+                .unwrap_or(0.0)
+        })
+        .collect()
 }
 
 /// What the bench reads of the `redis-server` around the measured window: commands
@@ -1032,6 +1075,15 @@ async fn main() {
         run_live(&world, &brokers[0], live, &mut json).await;
     } else if let Some(herd) = args.herd {
         run_herd(&world, herd, &mut json).await;
+    } else if args.soak.is_some() {
+        let (stop, stopped) = oneshot::channel();
+        let every = Duration::from_secs(args.sample_seconds.max(1));
+        let sampler =
+            tokio::spawn(sample_soak(Arc::clone(&world), brokers[0].pid(), brokers[0].metrics_addr.clone(), every, stopped));
+        run_burst(&world, &args, delivered_before, &mut json).await;
+        let _ = stop.send(());
+        let samples = sampler.await.unwrap();
+        soak_summary(&samples, args.soak_csv.as_deref(), &mut json);
     } else {
         run_burst(&world, &args, delivered_before, &mut json).await;
     }
@@ -1134,7 +1186,9 @@ async fn run_burst(
 ) {
     let start = Instant::now();
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let mut tasks = Vec::with_capacity(args.signins);
+    // Finished sign-ins are reaped as the loop goes, so a long --soak holds only
+    // those in flight.
+    let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.signins {
         let scheduled = if args.rate > 0.0 {
             let at = start + Duration::from_secs_f64(i as f64 / args.rate);
@@ -1145,13 +1199,16 @@ async fn run_burst(
         };
         let permit = if args.rate > 0.0 { None } else { Some(Arc::clone(&limit).acquire_owned().await.unwrap()) };
         let world = Arc::clone(world);
-        tasks.push(tokio::spawn(async move {
+        tasks.spawn(async move {
             sign_in(world, i, scheduled).await;
             drop(permit);
-        }));
+        });
+        while let Some(done) = tasks.try_join_next() {
+            done.unwrap();
+        }
     }
-    for task in tasks {
-        task.await.unwrap();
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
     }
     let elapsed = start.elapsed().as_secs_f64();
     let recorder = &world.recorder;
@@ -1176,6 +1233,81 @@ async fn run_burst(
     if let Some(path) = &args.timeline {
         write_timeline(path, recorder);
     }
+}
+
+/// One sample of `--soak`.
+struct SoakSample {
+    /// Since the sign-ins began.
+    seconds: f64,
+    rss_mb: f64,
+    store_records: f64,
+    challenges_live: f64,
+    signins: u64,
+}
+
+/// Samples the broker every `every` until `stop`: its RSS, its store's records and
+/// PENDING challenges (from `/metrics`) and the sign-ins completed so far; prints
+/// each sample as it is taken.
+async fn sample_soak(
+    world: Arc<World>,
+    pid: u32,
+    metrics_addr: String,
+    every: Duration,
+    mut stop: oneshot::Receiver<()>,
+) -> Vec<SoakSample> {
+    let mut samples = Vec::new();
+    let mut ticks = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = &mut stop => break,
+        }
+        let gauges = scrape(&metrics_addr, &["pushmatch_store_records", "pushmatch_challenges_live"]).await;
+        let sample = SoakSample {
+            seconds: world.start.elapsed().as_secs_f64(),
+            rss_mb: proc_status_kb(pid, "VmRSS") / 1024.0,
+            store_records: gauges[0],
+            challenges_live: gauges[1],
+            signins: world.recorder.completed.load(Ordering::Relaxed) + world.recorder.expired.load(Ordering::Relaxed),
+        };
+        eprintln!(
+            "soak {:>6.0} s: broker RSS {:.1} MB, store records {}, pending {}, sign-ins {}",
+            sample.seconds, sample.rss_mb, sample.store_records, sample.challenges_live, sample.signins
+        );
+        samples.push(sample);
+        // Pushes nobody waits for (a second phone's, a never-answered sign-in's)
+        // would otherwise pile up in this process over an hour.
+        world.arrivals.slots.lock().unwrap().retain(|_, slot| !matches!(slot, Slot::Arrived(at, _) if at.elapsed() > 2 * WAIT));
+    }
+    samples
+}
+
+/// What `--soak` adds to the JSON: RSS and store records 10 minutes in and at the
+/// end, and the RSS growth between (the target: under 2 %); and the CSV.
+fn soak_summary(samples: &[SoakSample], csv: Option<&Path>, json: &mut serde_json::Map<String, serde_json::Value>) {
+    let round = |value: f64| (value * 10.0).round() / 10.0;
+    let at_10 = samples.iter().find(|s| s.seconds >= 600.0);
+    let (Some(at_10), Some(end)) = (at_10, samples.last()) else {
+        json.insert("soak_rss_growth_after_10min_pct".into(), serde_json::Value::Null);
+        return write_soak_csv(samples, csv);
+    };
+    let peak = samples.iter().filter(|s| s.seconds >= at_10.seconds).map(|s| s.rss_mb).fold(0.0, f64::max);
+    json.insert("soak_rss_mb_at_10min".into(), round(at_10.rss_mb).into());
+    json.insert("soak_rss_mb_end".into(), round(end.rss_mb).into());
+    json.insert("soak_rss_mb_peak_after_10min".into(), round(peak).into());
+    json.insert("soak_rss_growth_after_10min_pct".into(), round((end.rss_mb - at_10.rss_mb) / at_10.rss_mb * 100.0).into());
+    json.insert("soak_store_records_at_10min".into(), at_10.store_records.into());
+    json.insert("soak_store_records_end".into(), end.store_records.into());
+    write_soak_csv(samples, csv);
+}
+
+fn write_soak_csv(samples: &[SoakSample], path: Option<&Path>) {
+    let Some(path) = path else { return };
+    let mut csv = String::from("seconds,rss_mb,store_records,challenges_live,signins\n");
+    for s in samples {
+        csv.push_str(&format!("{:.0},{:.1},{},{},{}\n", s.seconds, s.rss_mb, s.store_records, s.challenges_live, s.signins));
+    }
+    std::fs::write(path, csv).unwrap();
 }
 
 /// The per-second CSV of `--timeline`: sign-ins completed and the worst create latency.

@@ -66,6 +66,7 @@ fn store(c: &mut Criterion) {
         max_per_window: u32::MAX,
         window: Duration::from_secs(600),
         retention: Duration::from_secs(300),
+        report_retention: Duration::from_secs(900),
     };
     let tenant = TenantId("bench".into());
     let device = DeviceId::generate().unwrap();

@@ -132,6 +132,8 @@ async fn counters_move_through_a_sign_in() {
     let store_create = [("backend", "embedded"), ("operation", "create_challenge")];
     assert!(moved("pushmatch_store_operation_seconds_count", &store_create) >= 2.0);
     assert!(moved("pushmatch_store_operation_seconds_count", &[("operation", "resolve_challenge")]) >= 1.0);
+    // Sampled at each scrape: the challenges created since (none purged yet) count.
+    assert!(moved("pushmatch_store_records", &[]) >= 2.0, "{after}");
     for gauge in
         ["pushmatch_push_queue_depth", "pushmatch_push_queue_capacity", "pushmatch_challenges_live", "pushmatch_build_info"]
     {

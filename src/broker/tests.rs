@@ -41,6 +41,7 @@ pub(super) fn settings() -> BrokerSettings {
             max_per_window: 10,
             window: Duration::from_secs(600),
             retention: Duration::from_secs(300),
+            report_retention: Duration::from_secs(900),
         },
         wrong_numbers: StrikePolicy { limit: 3, window: Duration::from_secs(600), block_for: Duration::from_secs(900) },
         totp_lockout: crate::store::conformance::totp_policy(),

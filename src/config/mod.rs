@@ -193,8 +193,10 @@ impl Default for StoreConfig {
 pub struct ChallengeConfig {
     pub default_ttl_seconds: u32,
     pub max_ttl_seconds: u32,
-    /// How long a resolved or expired challenge stays readable (at least
-    /// `limits.fraud_report_window_seconds`, which raises it when longer).
+    /// How long after its expiry an approved or fraud-reported challenge stays
+    /// readable. One that ended otherwise (cancelled, expired, denied) stays at
+    /// least `limits.fraud_report_window_seconds` after its expiry, so that a fraud
+    /// report on it can still count.
     pub retention_seconds: u32,
 }
 

@@ -22,9 +22,11 @@ impl Config {
                 max_pending: self.limits.max_pending_per_user,
                 max_per_window: self.limits.max_challenges_per_window,
                 window: seconds(self.limits.challenge_window_seconds),
-                // A fraud report may come for a challenge that ended up to the fraud
-                // window ago: it must still be there to be found.
-                retention: seconds(self.challenge.retention_seconds.max(self.limits.fraud_report_window_seconds)),
+                retention: seconds(self.challenge.retention_seconds),
+                // A fraud report may come for a challenge that ended (cancelled,
+                // expired, denied) up to the fraud window ago: it must still be
+                // there to be found. An approved one needs no more than retention.
+                report_retention: seconds(self.challenge.retention_seconds.max(self.limits.fraud_report_window_seconds)),
             },
             wrong_numbers: StrikePolicy {
                 limit: self.limits.wrong_number_limit,

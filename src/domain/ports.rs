@@ -48,8 +48,21 @@ pub struct AdmissionPolicy {
     /// At most this many challenges per user in any `window`.
     pub max_per_window: u32,
     pub window: Duration,
-    /// How long a challenge stays readable after its expiry.
+    /// How long an APPROVED or FRAUD_REPORTED challenge stays readable after its
+    /// expiry: nothing can be reported against it any more.
     pub retention: Duration,
+    /// How long any other challenge (PENDING, then CANCELLED, EXPIRED or DENIED)
+    /// stays readable after its expiry: a fraud report on it may still count for
+    /// that long. At least `retention`.
+    pub report_retention: Duration,
+}
+
+impl AdmissionPolicy {
+    /// When a challenge expiring at `expires_at` is purged: `(if it ends APPROVED
+    /// or FRAUD_REPORTED, otherwise)`.
+    pub fn purge_times(&self, expires_at: Millis) -> (Millis, Millis) {
+        (expires_at.plus(self.retention), expires_at.plus(self.report_retention.max(self.retention)))
+    }
 }
 
 /// Strikes against a user (wrong numbers, wrong TOTP codes): `limit` within

@@ -1,6 +1,6 @@
 //! The operators' HTTP port (`server.metrics_listen`): `GET /metrics` renders the
 //! process's Prometheus registry (`crate::telemetry::metrics`), sampling the push
-//! queues at each scrape; `GET /healthz` answers 200 while the server serves, 503
+//! queues and the store's record count at each scrape; `GET /healthz` answers 200 while the server serves, 503
 //! while it drains or while the store does not answer. Load balancers and the
 //! container's HEALTHCHECK use it; Kubernetes probes use gRPC health instead
 //! (deploy/k8s). [`check_health`] is the client the `pushmatch healthcheck`
@@ -70,6 +70,11 @@ async fn metrics_page(State(sources): State<ScrapeSources>) -> impl IntoResponse
         metrics::gauge!(names::PUSH_QUEUE_DEPTH, "provider" => platform.name()).set(depth as f64);
         metrics::gauge!(names::PUSH_QUEUE_CAPACITY, "provider" => platform.name())
             .set(sources.dispatcher.queue_capacity() as f64);
+    }
+    // A store that does not answer in time leaves the gauge at its last value;
+    // `/healthz` is where an unavailable store shows.
+    if let Ok(Ok(records)) = tokio::time::timeout(STORE_PROBE_TIMEOUT, sources.store.record_count()).await {
+        metrics::gauge!(names::STORE_RECORDS).set(records as f64);
     }
     let body = sources.handle.as_ref().map(PrometheusHandle::render).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)

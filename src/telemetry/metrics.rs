@@ -50,6 +50,10 @@ pub mod names {
     /// Gauge: PENDING challenges in this process's store, kept by the backend (the
     /// embedded store does; a shared backend may leave it out).
     pub const CHALLENGES_LIVE: &str = "pushmatch_challenges_live";
+    /// Gauge: records the store holds (its `record_count`: entries in memory and
+    /// in the file for the embedded store, keys for Redis), sampled at each scrape.
+    /// What memory grows with; the burst bench's `--soak` reads it each minute.
+    pub const STORE_RECORDS: &str = "pushmatch_store_records";
     /// Gauge: open WatchChallenge streams on this replica.
     pub const WATCH_STREAMS_OPEN: &str = "pushmatch_watch_streams_open";
     /// Gauge {provider}: push jobs waiting in that provider's queue, sampled at each scrape.
@@ -99,6 +103,7 @@ pub mod names {
         CHALLENGES_SHED,
         CHALLENGES_RESOLVED,
         CHALLENGES_LIVE,
+        STORE_RECORDS,
         WATCH_STREAMS_OPEN,
         PUSH_QUEUE_DEPTH,
         PUSH_QUEUE_CAPACITY,
@@ -179,6 +184,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::CHALLENGES_SHED, Kind::Counter, "CreateChallenge calls shed for overload, by tenant and the limit reached"),
     (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by tenant and outcome"),
     (names::CHALLENGES_LIVE, Kind::Gauge, "PENDING challenges in the store"),
+    (names::STORE_RECORDS, Kind::Gauge, "records the store holds, sampled at each scrape"),
     (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge streams on this replica"),
     (names::PUSH_QUEUE_DEPTH, Kind::Gauge, "push jobs waiting in each provider's queue"),
     (names::PUSH_QUEUE_CAPACITY, Kind::Gauge, "capacity of each provider's push queue"),

@@ -140,8 +140,12 @@ pub async fn expiry_reaches_watchers<S: Store>(store: &S, clock: &ManualClock, s
     let outcome = store.resolve_challenge(&challenge.tenant, &challenge.id, late, clock.now()).await.expect("ok").expect("found");
     assert!(!outcome.accepted);
     assert_eq!(outcome.challenge.state, ChallengeState::Expired);
-    // After the retention period the challenge is gone.
+    // policy(): an expired challenge is kept as long as a fraud report on it may
+    // count (900 s past its expiry), then it is gone.
     clock.advance(Duration::from_secs(301));
+    let kept = store.get_challenge(&challenge.tenant, &challenge.id, clock.now()).await.expect("get");
+    assert_eq!(kept.map(|c| c.state), Some(ChallengeState::Expired), "kept past the shorter retention");
+    clock.advance(Duration::from_secs(600));
     let gone = async {
         loop {
             if store.get_challenge(&challenge.tenant, &challenge.id, clock.now()).await.expect("get").is_none() {
@@ -281,20 +285,35 @@ pub async fn blocks_and_wrong_numbers<S: Store>(store: &S, clock: &ManualClock, 
 
 /// Past its retention a challenge is gone for every call at once, whether or not a
 /// background task has purged it yet: the calls pass a `now` the clock has not
-/// reached, so no task has run.
+/// reached, so no task has run. An approved or fraud-reported one goes after the
+/// shorter retention; one that ended otherwise is kept while a fraud report on it
+/// may still count.
 pub async fn a_challenge_past_its_retention_is_gone_at_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
-    let (t, u) = (scope.tenant("a"), user("u"));
+    let t = scope.tenant("a");
     let now = clock.now();
-    let challenge = create(store, sample_challenge(&t, &u, now, None), now).await;
-    let deny = Decision::Deny.resolve(None, challenge.number, DeviceId::generate().expect("id"));
-    assert!(store.resolve_challenge(&t, &challenge.id, deny, now).await.expect("resolve").expect("found").accepted);
-    // policy(): kept 300 s past its expiry at 60 s.
-    let last = now.plus(Duration::from_secs(359));
-    let read = store.get_challenge(&t, &challenge.id, last).await.expect("get").expect("still kept");
-    assert_eq!(read.state, ChallengeState::Denied);
-    let gone = now.plus(Duration::from_secs(360));
-    assert_eq!(store.get_challenge(&t, &challenge.id, gone).await.expect("get"), None);
-    assert!(store.watch_challenge(&t, &challenge.id, gone).await.expect("watch").is_none());
-    let late = store.resolve_challenge(&t, &challenge.id, Resolution::cancelled(), gone).await.expect("resolve");
-    assert!(late.is_none(), "{late:?}");
+    let device = DeviceId::generate().expect("id");
+    let mut kept_until = Vec::new();
+    // policy(): expiry 60 s after creation; retention 300 s, for reports 900 s.
+    for (name, decision, seconds) in [
+        ("approved", Some(Decision::Approve), 360),
+        ("fraud", Some(Decision::ReportFraud), 360),
+        ("denied", Some(Decision::Deny), 960),
+        ("expired", None, 960),
+    ] {
+        let challenge = create(store, sample_challenge(&t, &user(name), now, None), now).await;
+        if let Some(decision) = decision {
+            let resolution = decision.resolve(Some(challenge.number), challenge.number, device.clone());
+            assert!(store.resolve_challenge(&t, &challenge.id, resolution, now).await.expect("resolve").expect("found").accepted);
+        }
+        kept_until.push((name, challenge, now.plus(Duration::from_secs(seconds))));
+    }
+    for (name, challenge, purge_at) in kept_until {
+        let last = Millis(purge_at.0 - 1);
+        let read = store.get_challenge(&t, &challenge.id, last).await.expect("get");
+        assert!(read.is_some_and(|c| c.state.is_final()), "{name}: kept until its purge time");
+        assert_eq!(store.get_challenge(&t, &challenge.id, purge_at).await.expect("get"), None, "{name}: gone then");
+        assert!(store.watch_challenge(&t, &challenge.id, purge_at).await.expect("watch").is_none(), "{name}");
+        let late = store.resolve_challenge(&t, &challenge.id, Resolution::cancelled(), purge_at).await.expect("resolve");
+        assert!(late.is_none(), "{name}: {late:?}");
+    }
 }

@@ -64,7 +64,13 @@ pub fn limits() -> EnrollmentLimits {
 }
 
 pub fn policy() -> AdmissionPolicy {
-    AdmissionPolicy { max_pending: 3, max_per_window: 10, window: Duration::from_secs(600), retention: Duration::from_secs(300) }
+    AdmissionPolicy {
+        max_pending: 3,
+        max_per_window: 10,
+        window: Duration::from_secs(600),
+        retention: Duration::from_secs(300),
+        report_retention: Duration::from_secs(900),
+    }
 }
 
 pub fn sample_challenge(tenant: &TenantId, user: &UserId, now: Millis, request_id: Option<&str>) -> Challenge {

@@ -95,6 +95,9 @@ struct ChallengeEntry {
     state: ChallengeState,
     expires_at: Millis,
     purge_at: Millis,
+    /// `purge_at` once the challenge is APPROVED or FRAUD_REPORTED (nothing can be
+    /// reported against it any more, so it need not wait out the fraud window).
+    settled_purge_at: Millis,
     /// Carries every change to the watchers while there are any. Most challenges are
     /// not watched for most of their life and a channel costs several hundred bytes,
     /// so it is made by the first watcher and dropped once none is left.
@@ -102,8 +105,16 @@ struct ChallengeEntry {
 }
 
 impl ChallengeEntry {
-    fn new(challenge: &Challenge, purge_at: Millis) -> Result<Self, StoreError> {
-        Ok(Self { record: pack(challenge)?, state: challenge.state, expires_at: challenge.expires_at, purge_at, watch: None })
+    fn new(challenge: &Challenge, policy: &AdmissionPolicy) -> Result<Self, StoreError> {
+        let (settled_purge_at, purge_at) = policy.purge_times(challenge.expires_at);
+        Ok(Self {
+            record: pack(challenge)?,
+            state: challenge.state,
+            expires_at: challenge.expires_at,
+            purge_at,
+            settled_purge_at,
+            watch: None,
+        })
     }
 
     fn challenge(&self) -> Result<Challenge, StoreError> {
@@ -128,6 +139,11 @@ impl ChallengeEntry {
         }
         self.record = pack(&challenge)?;
         self.state = challenge.state;
+        if matches!(self.state, ChallengeState::Approved | ChallengeState::FraudReported) {
+            // The deadline set still holds the expiry, which comes first; there
+            // the purge is scheduled at this time.
+            self.purge_at = self.purge_at.min(self.settled_purge_at);
+        }
         if let Some(sender) = &self.watch {
             if sender.receiver_count() == 0 {
                 self.watch = None;
@@ -329,7 +345,7 @@ impl Shared {
         activity.forget_after(now.plus(policy.window));
 
         let key = challenge.id.bits();
-        let entry = ChallengeEntry::new(&challenge, challenge.expires_at.plus(policy.retention))?;
+        let entry = ChallengeEntry::new(&challenge, policy)?;
         activity.created.push_back(now);
         activity.live.push(LiveRef { key, request });
         let earliest = deadlines.first().map(|(when, _)| *when);

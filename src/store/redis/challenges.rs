@@ -149,7 +149,8 @@ impl Reader {
             .arg(shard_channel(&challenge.id))
             .arg(challenge.id.as_str())
             .arg(now.0)
-            .arg(if approving { "1" } else { "0" });
+            .arg(if approving { "1" } else { "0" })
+            .arg(u64::try_from(TTL_MARGIN.as_millis()).unwrap_or(u64::MAX));
         let answer: Vec<i64> = self.connection.invoke(&invocation).await?;
         match answer.as_slice() {
             [0] => Ok(Written::Stale),
@@ -218,7 +219,7 @@ impl RedisStore {
     ) -> Result<CreateOutcome, StoreError> {
         let tag = user_tag(&challenge.tenant, &challenge.user_id);
         let keys = Keys(&tag);
-        let purge_at = challenge.expires_at.plus(policy.retention);
+        let (settled_purge_at, purge_at) = policy.purge_times(challenge.expires_at);
         let key_ttl = ttl_ms(now, purge_at.plus(TTL_MARGIN));
         let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
         let request_key = keys.request(challenge.request_id.as_deref().unwrap_or(""));
@@ -248,7 +249,8 @@ impl RedisStore {
             .arg(if challenge.request_id.is_some() { "1" } else { "0" })
             .arg(keys.challenge_prefix())
             .arg(purge_at.0)
-            .arg(&tag);
+            .arg(&tag)
+            .arg(settled_purge_at.0);
         if !cluster {
             invocation.key(&index);
         }

@@ -17,7 +17,7 @@
 //!
 //! | key | type | content | TTL |
 //! | --- | --- | --- | --- |
-//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at`; `d:<device id>` (a delivery's latest state, JSON, laid over the deliveries in `json` on a read) | purge time (expiry + retention) + 1 min |
+//! | `pm:{tu}:ch:<challenge id>` | hash | `json` (the challenge), `v` (version), `state`, `expires_at`, `purge_at`, `purge_settled` (the purge time once APPROVED or FRAUD_REPORTED); `d:<device id>` (a delivery's latest state, JSON, laid over the deliveries in `json` on a read) | purge time + 1 min (expiry + the longer retention; brought forward when settled) |
 //! | `pm:{tu}:pending` | zset | ids of PENDING challenges, scored by creation | as the newest challenge's record |
 //! | `pm:{tu}:created` | zset | ids created in the rate window, scored by creation | the rate window |
 //! | `pm:{tu}:req:<request_id>` | string | challenge id for an idempotency key | until the challenge expires |

@@ -15,7 +15,13 @@ use crate::store::{
 
 /// Smaller than the API's defaults, so short sequences reach every limit.
 pub fn admission() -> AdmissionPolicy {
-    AdmissionPolicy { max_pending: 2, max_per_window: 4, window: Duration::from_secs(300), retention: Duration::from_secs(120) }
+    AdmissionPolicy {
+        max_pending: 2,
+        max_per_window: 4,
+        window: Duration::from_secs(300),
+        retention: Duration::from_secs(120),
+        report_retention: Duration::from_secs(240),
+    }
 }
 
 pub fn strikes() -> StrikePolicy {
@@ -43,6 +49,8 @@ pub struct ModelChallenge {
     pub created_at: Millis,
     pub expires_at: Millis,
     pub purge_at: Millis,
+    /// `purge_at` once it is APPROVED or FRAUD_REPORTED.
+    pub settled_purge_at: Millis,
     pub state: ChallengeState,
     pub deny_reason: Option<DenyReason>,
     pub resolved_at: Option<Millis>,
@@ -64,6 +72,9 @@ impl ModelChallenge {
     }
 
     pub fn resolve(&mut self, resolution: &Resolution, now: Millis) {
+        if matches!(resolution.state, ChallengeState::Approved | ChallengeState::FraudReported) {
+            self.purge_at = self.purge_at.min(self.settled_purge_at);
+        }
         self.state = resolution.state;
         self.deny_reason = resolution.deny_reason;
         self.resolved_by = resolution.device_id.clone();
@@ -197,6 +208,7 @@ impl Model {
             return CreateExpected::RateLimited;
         }
         counts.created.push(now);
+        let (settled_purge_at, purge_at) = policy.purge_times(challenge.expires_at);
         self.challenges.push(ModelChallenge {
             id: challenge.id.clone(),
             user,
@@ -204,7 +216,8 @@ impl Model {
             request: challenge.request_id.clone(),
             created_at: now,
             expires_at: challenge.expires_at,
-            purge_at: challenge.expires_at.plus(policy.retention),
+            purge_at,
+            settled_purge_at,
             state: ChallengeState::Pending,
             deny_reason: None,
             resolved_at: None,

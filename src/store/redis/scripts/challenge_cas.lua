@@ -11,6 +11,10 @@
 -- ARGV[5]  the challenge id
 -- ARGV[6]  now (ms, the store's clock)
 -- ARGV[7]  '1' when this change approves the challenge, else '0'
+-- ARGV[8]  how long the key outlives its purge time (ms)
+-- A change to APPROVED or FRAUD_REPORTED brings the purge time forward to
+-- `purge_settled` (nothing can be reported against the challenge any more, so it
+-- need not wait out the fraud window), and the key's expiry with it.
 -- Publishes '<id> <new version>' on ARGV[4]: never the challenge (its number), and
 -- the watchers read the record before they believe anything (see watch.rs).
 -- Returns {new version}; {0} when the record is gone or at another version; {-1}
@@ -20,7 +24,7 @@
 -- the later of the store's clock and Redis's own (TIME): a replica whose clock is
 -- behind cannot answer, or keep alive, a challenge past its expiry. Only the
 -- change to EXPIRED itself passes then.
-local h = redis.call('HMGET', KEYS[1], 'v', 'state', 'expires_at')
+local h = redis.call('HMGET', KEYS[1], 'v', 'state', 'expires_at', 'purge_at', 'purge_settled')
 local v = h[1]
 if not v or v ~= ARGV[1] then
   return {0}
@@ -45,6 +49,10 @@ local nv = tonumber(v) + 1
 redis.call('HSET', KEYS[1], 'json', ARGV[2], 'v', nv, 'state', ARGV[3])
 if ARGV[3] ~= 'Pending' then
   redis.call('ZREM', KEYS[2], ARGV[5])
+end
+if (ARGV[3] == 'Approved' or ARGV[3] == 'FraudReported') and h[5] and tonumber(h[5]) < tonumber(h[4]) then
+  redis.call('HSET', KEYS[1], 'purge_at', h[5])
+  redis.call('PEXPIREAT', KEYS[1], tonumber(h[5]) + tonumber(ARGV[8]))
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. nv)
 return {nv}

@@ -18,6 +18,7 @@
 -- ARGV[9]  '1' when the challenge has a request_id (KEYS[4] applies), else '0'
 -- ARGV[10] the prefix of the user's challenge keys, pm:{tu}:ch:
 -- ARGV[11] purge_at (ms): readable until then
+-- ARGV[13] purge_at once APPROVED or FRAUD_REPORTED (ms; see challenge_cas.lua)
 -- KEYS[6]  optional, on a single Redis only: the challenge's index pm:cidx:<id>,
 --          set to ARGV[12] (the user's tag) with the record, so creating is one
 --          call (on a cluster it is another slot: the caller sets it first)
@@ -57,7 +58,8 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
   return {'rate_limited'}
 end
-redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11])
+redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11],
+  'purge_settled', ARGV[13])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], now, ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
