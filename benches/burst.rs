@@ -118,6 +118,10 @@ struct Args {
     /// Fraction of pushes refused with 429 and Retry-After.
     #[arg(long = "error-429", value_name = "F", default_value_t = 0.0)]
     error_429: f64,
+    /// Fraction of phones enrolled on Web Push (PLATFORM_WEBPUSH) instead of APNs or
+    /// FCM, pushed to through a mock push service that decrypts each message.
+    #[arg(long = "webpush-share", value_name = "F", default_value_t = 0.0)]
+    webpush_share: f64,
     /// Fire N CreateChallenge calls within one second instead of the burst.
     #[arg(long, value_name = "N")]
     herd: Option<usize>,
@@ -330,6 +334,24 @@ async fn answer_push(
             response(410, r#"{"reason":"Unregistered"}"#, false)
         };
     }
+    let webpush = path.starts_with("/wpush/");
+    if webpush {
+        if roll < behaviour.error_5xx + behaviour.error_429 + behaviour.error_410 {
+            return response(410, "", false);
+        }
+        // The message, decrypted as the browser would; a challenge has no `state`
+        // (a clear) and no `kind` (a notice).
+        let auth = web_push_native::Auth::from(BROWSER.1);
+        let json: serde_json::Value = web_push_native::decrypt(body.to_vec(), &BROWSER.0, &auth)
+            .ok()
+            .and_then(|plain| serde_json::from_slice(&plain).ok())
+            .unwrap_or_default();
+        if let Some(challenge_id) = json["challenge_id"].as_str().filter(|_| json.get("state").is_none()) {
+            arrivals.delivered.fetch_add(1, Ordering::Relaxed);
+            arrivals.arrive(challenge_id.to_owned(), path.clone(), Instant::now());
+        }
+        return response(201, "", false);
+    }
     let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let (challenge_id, token, is_challenge) = if fcm {
         let message = &json["message"];
@@ -345,11 +367,17 @@ async fn answer_push(
     if fcm { response(200, r#"{"name":"projects/pushmatch-test/messages/1"}"#, false) } else { response(200, "", false) }
 }
 
-/// One mock provider (APNs or FCM, told apart by the path) over HTTP/2 and TLS.
-async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc<Arrivals>) -> String {
+/// The key pair and auth secret of every bench browser's Web Push subscription
+/// (one for all: the mock push service decrypts with it).
+static BROWSER: std::sync::LazyLock<(p256::SecretKey, [u8; 16])> =
+    std::sync::LazyLock::new(|| (p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng), [7; 16]));
+
+/// One mock provider (APNs or FCM, told apart by the path) over HTTP/2 and TLS; with
+/// `http1`, a Web Push service (HTTP/1.1 over TLS).
+async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc<Arrivals>, http1: bool) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(&[b"h2"]));
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config(if http1 { &[b"http/1.1"] } else { &[b"h2"] }));
     let requests = Arc::new(AtomicU64::new(0));
     tokio::spawn(async move {
         loop {
@@ -366,6 +394,10 @@ async fn start_provider(ca: &TestCa, behaviour: ProviderBehaviour, arrivals: Arc
                         Ok::<_, Infallible>(answer_push(request, &behaviour, seed, &arrivals).await)
                     }
                 });
+                if http1 {
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
+                    return;
+                }
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(1000)
@@ -482,6 +514,8 @@ fn free_port() -> u16 {
 struct Providers {
     apns: String,
     fcm: String,
+    webpush: String,
+    vapid_key_path: PathBuf,
     token_uri: String,
     ca_path: String,
     apns_key_path: PathBuf,
@@ -499,9 +533,15 @@ async fn start_providers(dir: &Path, behaviour: ProviderBehaviour, arrivals: &Ar
     std::fs::write(&apns_key_path, apns_pem).unwrap();
     let service_account_path = dir.join("service-account.json");
     std::fs::write(&service_account_path, mock_push::service_account_json(&token_endpoint.token_uri())).unwrap();
+    let vapid_key_path = dir.join("vapid.pem");
+    let vapid = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+    std::fs::write(&vapid_key_path, p256::pkcs8::EncodePrivateKey::to_pkcs8_pem(&vapid, Default::default()).unwrap().as_bytes())
+        .unwrap();
     let providers = Providers {
-        apns: start_provider(&ca, behaviour.clone(), Arc::clone(arrivals)).await,
-        fcm: start_provider(&ca, behaviour, Arc::clone(arrivals)).await,
+        apns: start_provider(&ca, behaviour.clone(), Arc::clone(arrivals), false).await,
+        fcm: start_provider(&ca, behaviour.clone(), Arc::clone(arrivals), false).await,
+        webpush: start_provider(&ca, behaviour, Arc::clone(arrivals), true).await,
+        vapid_key_path,
         token_uri: token_endpoint.token_uri(),
         ca_path: ca.write_pem(dir),
         apns_key_path,
@@ -622,7 +662,15 @@ ca_cert_path = "{ca}"
 service_account_path = "{service_account}"
 endpoint = "{fcm}"
 ca_cert_path = "{ca}"
+
+[push.webpush]
+vapid_private_key_path = "{vapid}"
+subject = "mailto:bench@example.com"
+ca_cert_path = "{ca}"
+# The mock push service is on this machine.
+insecure_allow_loopback = true
 "#,
+        vapid = providers.vapid_key_path.display(),
         data = data.display(),
         key = api_key_digest_hex(API_KEY),
         apns_key = providers.apns_key_path.display(),
@@ -689,7 +737,19 @@ fn token_for(platform: pb::Platform, index: usize) -> String {
     }
 }
 
-async fn enroll(args: &Args, idp: &[Channel], phones: &[Channel]) -> Population {
+/// The Web Push subscription of the `index`th phone, at the mock push service.
+fn subscription_for(webpush: &str, index: usize) -> String {
+    use p256::elliptic_curve::sec1::ToEncodedPoint as _;
+    let b64 = |bytes: &[u8]| data_encoding::BASE64URL_NOPAD.encode(bytes);
+    serde_json::json!({
+        "endpoint": format!("{webpush}/wpush/{index}"),
+        "keys": {"p256dh": b64(BROWSER.0.public_key().to_encoded_point(false).as_bytes()), "auth": b64(&BROWSER.1)},
+    })
+    .to_string()
+}
+
+async fn enroll(args: &Args, idp: &[Channel], phones: &[Channel], webpush: &str) -> Population {
+    let share = args.webpush_share;
     let mut plan = Vec::new();
     for user in 0..args.users {
         // 70% one phone, 20% two, 10% three: about 1.4 on average.
@@ -710,7 +770,13 @@ async fn enroll(args: &Args, idp: &[Channel], phones: &[Channel]) -> Population 
             let idp = idp[index % idp.len()].clone();
             let channel = phones[index % phones.len()].clone();
             async move {
-                let platform = if index % 2 == 0 { pb::Platform::Apns } else { pb::Platform::Fcm };
+                let platform = if unit(index as u64 ^ 0x3B) < share {
+                    pb::Platform::Webpush
+                } else if index % 2 == 0 {
+                    pb::Platform::Apns
+                } else {
+                    pb::Platform::Fcm
+                };
                 let key = if platform == pb::Platform::Apns {
                     PhoneKey::p256(P256Encoding::Sec1Uncompressed)
                 } else {
@@ -727,10 +793,14 @@ async fn enroll(args: &Args, idp: &[Channel], phones: &[Channel]) -> Population 
                     .await
                     .expect("begin enrollment")
                     .into_inner();
-                let token = token_for(platform, index);
-                let mut phone = SimulatedPhone::new(channel, key.clone(), platform, token.clone());
+                // A Web Push phone is found by its endpoint's path, which the mock sees.
+                let (token, found_by) = match platform {
+                    pb::Platform::Webpush => (subscription_for(webpush, index), format!("/wpush/{index}")),
+                    _ => (token_for(platform, index), token_for(platform, index)),
+                };
+                let mut phone = SimulatedPhone::new(channel, key.clone(), platform, token);
                 phone.enroll(&enrollment.uri, "bench phone").await.expect("complete enrollment");
-                (user, token, Phone { device_id: phone.device_id().to_owned(), key, platform })
+                (user, found_by, Phone { device_id: phone.device_id().to_owned(), key, platform })
             }
         })
         .buffer_unordered(64)
@@ -1037,7 +1107,7 @@ async fn main() {
     let rss_kb = |broker: &Broker| proc_status_kb(broker.child.id().unwrap_or(0), "VmRSS");
     let (rss_before_enroll, enroll_cpu_before) = (rss_kb(&brokers[0]), brokers[0].usage().1);
     let enroll_start = Instant::now();
-    let population = enroll(&args, &idp, &phones).await;
+    let population = enroll(&args, &idp, &phones, &providers.webpush).await;
     let enroll_seconds = enroll_start.elapsed().as_secs_f64();
     let enrolled = population.phones.len() as f64;
     let enroll_figures = serde_json::json!({
@@ -1128,6 +1198,7 @@ async fn main() {
     json.insert("users".into(), args.users.into());
     json.insert("phones".into(), world.population.phones.len().into());
     json.insert("rate".into(), args.rate.into());
+    json.insert("webpush_share".into(), args.webpush_share.into());
     let summary = serde_json::Value::Object(json);
     let failed = args.quick
         && (summary["lost"].as_u64() != Some(0)

@@ -138,6 +138,7 @@ async fn run(platform: Platform, latency: Duration, connections: u32, pushes: us
                 request_timeout_ms: 10_000,
             });
         }
+        Platform::WebPush => unreachable!("this bench measures the HTTP/2 providers"),
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let senders = pushmatch::push::senders_from_config(&config, Arc::clone(&clock)).await.expect("senders");

@@ -49,6 +49,13 @@ enum Command {
         #[arg(long, env = CONFIG_FILE_VAR)]
         config: Option<PathBuf>,
     },
+    /// Prints the public VAPID key of `[push.webpush]` (base64url): the
+    /// `applicationServerKey` browsers and UnifiedPush clients subscribe with.
+    WebpushKey {
+        /// The TOML configuration file.
+        #[arg(long, env = CONFIG_FILE_VAR)]
+        config: Option<PathBuf>,
+    },
     /// Exits 0 when the server's `/healthz` answers 200 (for container health checks).
     Healthcheck {
         /// The TOML configuration file, for `server.metrics_listen`.
@@ -76,7 +83,20 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Healthcheck { config, addr } => healthcheck(config, addr),
         Command::PurgeTenant { tenant, dry_run, config } => purge_tenant(config, &tenant, dry_run),
+        Command::WebpushKey { config } => webpush_key(config),
     }
+}
+
+/// `pushmatch webpush-key`: the public half of the configured VAPID key.
+fn webpush_key(file: Option<PathBuf>) -> anyhow::Result<()> {
+    let loaded = Config::load(file.as_deref(), std::env::vars())?;
+    let webpush = loaded.config.push.webpush.as_ref().context("the configuration has no [push.webpush] section")?;
+    let path = &webpush.vapid_private_key_path;
+    let pem = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read it", path.display()))?;
+    let keys = pushmatch::push::webpush::vapid::VapidKeys::from_pkcs8_pem(&pem, &webpush.subject)
+        .map_err(|message| anyhow::anyhow!("{}: {message}", path.display()))?;
+    println!("{}", keys.public_key());
+    Ok(())
 }
 
 /// `pushmatch purge-tenant`: prints what was found (and removed, unless a dry run).

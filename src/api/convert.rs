@@ -29,6 +29,7 @@ pub fn platform_to_pb(platform: Option<Platform>) -> pb::Platform {
     match platform {
         Some(Platform::Apns) => pb::Platform::Apns,
         Some(Platform::Fcm) => pb::Platform::Fcm,
+        Some(Platform::WebPush) => pb::Platform::Webpush,
         None => pb::Platform::Unspecified,
     }
 }
@@ -166,7 +167,10 @@ fn platform_from_pb(raw: i32) -> Result<Platform, DomainError> {
     match pb::Platform::try_from(raw) {
         Ok(pb::Platform::Apns) => Ok(Platform::Apns),
         Ok(pb::Platform::Fcm) => Ok(Platform::Fcm),
-        Ok(pb::Platform::Unspecified) => Err(DomainError::invalid("platform", "is required (PLATFORM_APNS or PLATFORM_FCM)")),
+        Ok(pb::Platform::Webpush) => Ok(Platform::WebPush),
+        Ok(pb::Platform::Unspecified) => {
+            Err(DomainError::invalid("platform", "is required (PLATFORM_APNS, PLATFORM_FCM or PLATFORM_WEBPUSH)"))
+        }
         Err(_) => Err(DomainError::invalid("platform", format!("unknown platform {raw}"))),
     }
 }
@@ -180,10 +184,15 @@ fn key_algorithm_from_pb(raw: i32) -> Result<KeyAlgorithm, DomainError> {
     }
 }
 
-/// Push tokens: printable ASCII, at most 4 KiB; APNs tokens are hex.
+/// Push tokens: at most 4 KiB; printable ASCII, and hex for APNs. A Web Push
+/// subscription (JSON, which may have spaces) is checked by the broker, which knows
+/// the allowed endpoints (`push::webpush::subscription`).
 pub fn push_token(platform: Option<Platform>, raw: &str) -> Result<String, DomainError> {
     if raw.len() > MAX_PUSH_TOKEN_BYTES {
         return Err(DomainError::invalid("push_token", format!("is longer than {MAX_PUSH_TOKEN_BYTES} bytes")));
+    }
+    if platform == Some(Platform::WebPush) {
+        return Ok(raw.to_owned());
     }
     if !raw.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(DomainError::invalid("push_token", "must be printable ASCII"));

@@ -9,6 +9,8 @@ use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserI
 use crate::domain::ports::{BlockReason, UserBlock};
 use crate::domain::time::Millis;
 use crate::push::redact_token;
+use crate::push::webpush::guard;
+use crate::push::webpush::subscription::Subscription;
 use crate::telemetry::metrics::challenge_resolved;
 
 impl Broker {
@@ -65,11 +67,34 @@ impl Broker {
         if device.platform == Some(Platform::Apns) && !push_token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DomainError::invalid("push_token", "an APNs device token is hex"));
         }
-        if !self.store.set_push_token(&device.id, push_token).await? {
+        let push_token = match device.platform {
+            Some(Platform::WebPush) => {
+                let subscription = self.web_push_subscription(push_token)?;
+                self.vet_web_push_endpoint(&subscription).await?;
+                subscription.to_token()
+            }
+            _ => push_token.to_owned(),
+        };
+        if !self.store.set_push_token(&device.id, &push_token).await? {
             return Err(DomainError::unauthenticated("proof.device_id: unknown or removed device"));
         }
-        tracing::info!(token = %redact_token(push_token), "push token updated");
+        tracing::info!(token = %redact_token(&push_token), "push token updated");
         Ok(())
+    }
+
+    /// A Web Push subscription's form (see `push::webpush`): INVALID_ARGUMENT naming
+    /// the part (`push_token.endpoint`, `push_token.keys.auth`, ...) when it is wrong.
+    pub(super) fn web_push_subscription(&self, raw: &str) -> Result<Subscription, DomainError> {
+        Subscription::parse(raw, &self.settings.webpush_endpoints)
+            .map_err(|error| DomainError::invalid(error.field, error.reason))
+    }
+
+    /// Where the subscription's endpoint resolves to: only public addresses pass.
+    pub(super) async fn vet_web_push_endpoint(&self, subscription: &Subscription) -> Result<(), DomainError> {
+        guard::resolve(&subscription.endpoint, &self.settings.webpush_endpoints)
+            .await
+            .map(drop)
+            .map_err(|reason| DomainError::invalid("push_token.endpoint", reason))
     }
 
     pub async fn pending_for_device(&self, proof: &DeviceProof) -> Result<PendingForDevice, DomainError> {

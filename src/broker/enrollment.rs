@@ -3,6 +3,7 @@
 //! one-time code, its push token and its public key.
 
 use super::{BegunEnrollment, Broker, CompletedEnrollment, DeviceEnrollment};
+use crate::domain::challenge::Platform;
 use crate::domain::device::Device;
 use crate::domain::enrollment::{self, Enrollment, EnrollmentKind};
 use crate::domain::error::DomainError;
@@ -75,8 +76,14 @@ impl Broker {
     /// The app's side: spends the code and adds the device, then tells the user's
     /// other devices that take pushes (a notice push) that a device was added.
     #[tracing::instrument(skip_all)]
-    pub async fn complete_enrollment(&self, request: DeviceEnrollment) -> Result<CompletedEnrollment, DomainError> {
+    pub async fn complete_enrollment(&self, mut request: DeviceEnrollment) -> Result<CompletedEnrollment, DomainError> {
         let now = self.clock.now();
+        // The subscription's form first; where its endpoint resolves to only once
+        // the code is known good, so a made-up code sets off no DNS lookup.
+        let subscription = match request.platform {
+            Platform::WebPush if !request.push_token.is_empty() => Some(self.web_push_subscription(&request.push_token)?),
+            _ => None,
+        };
         let digest = request.code.digest();
         let enrollment = self
             .store
@@ -88,6 +95,10 @@ impl Broker {
             return Err(DomainError::FailedPrecondition(
                 "enrollment_code: the service this enrollment was for no longer takes enrollments here".into(),
             ));
+        }
+        if let Some(subscription) = subscription {
+            self.vet_web_push_endpoint(&subscription).await?;
+            request.push_token = subscription.to_token();
         }
         let device_id = DeviceId::generate()?;
         let totp_secret = totp::generate_secret()?;

@@ -69,6 +69,8 @@ pub struct BrokerSettings {
     /// Tenants with limits of their own (`[tenants.limits]`); the others use the
     /// global ones above.
     pub per_tenant: HashMap<TenantId, TenantLimits>,
+    /// Which Web Push endpoints a device may subscribe with (`[push.webpush]`).
+    pub webpush_endpoints: crate::push::webpush::guard::EndpointPolicy,
 }
 
 /// The limits that may differ between tenants.

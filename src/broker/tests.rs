@@ -49,6 +49,7 @@ pub(super) fn settings() -> BrokerSettings {
         fraud_report_window: Duration::from_secs(900),
         enrollment_ttl: Duration::from_secs(600),
         max_clock_skew: Duration::from_secs(300),
+        webpush_endpoints: crate::push::webpush::guard::EndpointPolicy::default(),
         public_url: "https://mfa.example.com".into(),
         max_creates_in_flight: 4,
         max_creates_in_flight_per_tenant: 2,

@@ -53,6 +53,7 @@ impl Config {
             max_creates_in_flight_per_tenant: self
                 .tenant_part(self.server.max_creates_in_flight, self.server.creates_share_per_tenant),
             per_tenant: HashMap::new(),
+            webpush_endpoints: self.push.webpush_endpoints(),
         }
         .with_tenant_limits(&self.tenants, self.server.max_creates_in_flight)
     }

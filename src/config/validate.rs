@@ -159,12 +159,34 @@ impl Config {
             ("push.fcm.connections", self.push.fcm.as_ref().map_or(1, |p| p.connections)),
             ("push.fcm.max_in_flight", self.push.fcm.as_ref().map_or(1, |p| p.max_in_flight)),
             ("push.fcm.request_timeout_ms", self.push.fcm.as_ref().map_or(1, |p| p.request_timeout_ms)),
+            ("push.webpush.max_in_flight", self.push.webpush.as_ref().map_or(1, |p| p.max_in_flight)),
+            ("push.webpush.request_timeout_ms", self.push.webpush.as_ref().map_or(1, |p| p.request_timeout_ms)),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        self.validate_webpush()?;
         check_share("push.queue_share_per_tenant", self.push.queue_share_per_tenant, "push.queue_capacity")
+    }
+
+    /// `[push.webpush]`: a contact push services can reach, and host names (or
+    /// `*.domain`) in the allow-list.
+    fn validate_webpush(&self) -> Result<(), ConfigError> {
+        let Some(webpush) = &self.push.webpush else { return Ok(()) };
+        let subject = webpush.subject.as_str();
+        let contact = subject.strip_prefix("mailto:").or_else(|| subject.strip_prefix("https://"));
+        if contact.is_none_or(|rest| rest.is_empty() || !rest.bytes().all(|b| b.is_ascii_graphic())) {
+            return Err(invalid("push.webpush.subject", "must be a mailto: or https: URI (the operator's contact)"));
+        }
+        for host in &webpush.allowed_hosts {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let plain = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+            if !plain {
+                return Err(invalid("push.webpush.allowed_hosts", format!("{host:?} is not a host name or *.domain")));
+            }
+        }
+        Ok(())
     }
 
     /// A tenant's own limits: within the same bounds as the global ones, and its

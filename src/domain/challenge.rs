@@ -47,13 +47,29 @@ pub enum DenyReason {
 pub enum Platform {
     Apns,
     Fcm,
+    /// Web Push (RFC 8030): browsers and UnifiedPush distributors. Last, so the
+    /// stores' encodings of the others stay as they were.
+    WebPush,
 }
 
 impl Platform {
+    /// Every platform, in the order of [`Platform::index`].
+    pub const ALL: [Platform; 3] = [Platform::Apns, Platform::Fcm, Platform::WebPush];
+
     pub fn name(self) -> &'static str {
         match self {
             Platform::Apns => "apns",
             Platform::Fcm => "fcm",
+            Platform::WebPush => "webpush",
+        }
+    }
+
+    /// Its place in [`Platform::ALL`], for tables with one slot per platform.
+    pub fn index(self) -> usize {
+        match self {
+            Platform::Apns => 0,
+            Platform::Fcm => 1,
+            Platform::WebPush => 2,
         }
     }
 }

@@ -29,8 +29,9 @@ pub mod fcm;
 pub mod settings;
 mod shares;
 pub mod transport;
+pub mod webpush;
 
-use settings::{ApnsConfig, FcmConfig, PushConfig};
+use settings::{ApnsConfig, FcmConfig, PushConfig, WebPushConfig};
 
 pub mod routes;
 
@@ -229,9 +230,34 @@ pub async fn senders_from_config(config: &PushConfig, clock: Arc<dyn Clock>) -> 
         senders.push(Arc::new(apns_sender(apns, "push").await?));
     }
     if let Some(fcm) = &config.fcm {
-        senders.push(Arc::new(fcm_sender(fcm, clock).await?));
+        senders.push(Arc::new(fcm_sender(fcm, Arc::clone(&clock)).await?));
+    }
+    if let Some(webpush) = &config.webpush {
+        senders.push(Arc::new(webpush_sender(config, webpush, clock).await?));
     }
     Ok(senders)
+}
+
+/// The Web Push sender of `[push.webpush]`.
+pub async fn webpush_sender(
+    push: &PushConfig,
+    config: &WebPushConfig,
+    clock: Arc<dyn Clock>,
+) -> Result<webpush::WebPushSender, PushSetupError> {
+    let path = &config.vapid_private_key_path;
+    let pem = read_file(path).await?;
+    let pem = String::from_utf8(pem)
+        .map_err(|_| PushSetupError::File { path: path.display().to_string(), message: "not a PEM file".into() })?;
+    let vapid = webpush::vapid::VapidKeys::from_pkcs8_pem(&pem, &config.subject)
+        .map_err(|message| PushSetupError::File { path: path.display().to_string(), message })?;
+    // No ALPN here: the connector offers http/1.1 itself.
+    let tls = tls_for(&config.ca_cert_path, &[]).await?;
+    let timeout = Duration::from_millis(u64::from(config.request_timeout_ms.max(1)));
+    if config.insecure_allow_loopback {
+        tracing::warn!("push.webpush.insecure_allow_loopback is on: devices may make pushmatch send to this host's own ports");
+    }
+    tracing::info!(public_key = vapid.public_key(), allowed_hosts = ?config.allowed_hosts, "web push sender ready");
+    Ok(webpush::WebPushSender::new(vapid, push.webpush_endpoints(), tls, clock, timeout, config.max_in_flight as usize))
 }
 
 async fn read_file(path: &Path) -> Result<Vec<u8>, PushSetupError> {

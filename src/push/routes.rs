@@ -100,6 +100,8 @@ pub struct PushRoutes {
     clock: Arc<dyn Clock>,
     apns: Arc<RoutedSender>,
     fcm: Arc<RoutedSender>,
+    /// `[push.webpush]`: global only, built at start (a reload does not change it).
+    webpush: Option<Arc<super::webpush::WebPushSender>>,
     cache: tokio::sync::Mutex<Cache>,
 }
 
@@ -116,10 +118,15 @@ impl PushRoutes {
         let routed = |platform, max_in_flight| {
             Arc::new(RoutedSender { platform, max_in_flight, routes: ArcSwap::from_pointee(Routes::default()) })
         };
+        let webpush = match &global.webpush {
+            Some(webpush) => Some(Arc::new(super::webpush_sender(global, webpush, Arc::clone(&clock)).await?)),
+            None => None,
+        };
         let this = Arc::new(Self {
             clock,
             apns: routed(Platform::Apns, lane_limit(global.apns.as_ref().map(|c| c.max_in_flight))),
             fcm: routed(Platform::Fcm, lane_limit(global.fcm.as_ref().map(|c| c.max_in_flight))),
+            webpush,
             cache: tokio::sync::Mutex::default(),
         });
         this.configure(global, tenants).await?;
@@ -128,7 +135,11 @@ impl PushRoutes {
 
     /// The dispatcher's senders: one per provider.
     pub fn senders(&self) -> Vec<Arc<dyn PushSender>> {
-        vec![Arc::clone(&self.apns) as Arc<dyn PushSender>, Arc::clone(&self.fcm) as Arc<dyn PushSender>]
+        let mut senders = vec![Arc::clone(&self.apns) as Arc<dyn PushSender>, Arc::clone(&self.fcm) as Arc<dyn PushSender>];
+        if let Some(webpush) = &self.webpush {
+            senders.push(Arc::clone(webpush) as Arc<dyn PushSender>);
+        }
+        senders
     }
 
     /// Routes pushes by `global` and the tenants' own sections from now on; on an

@@ -1,4 +1,5 @@
-//! The push sections of the configuration (`[push]`, `[push.apns]`, `[push.fcm]`),
+//! The push sections of the configuration (`[push]`, `[push.apns]`, `[push.fcm]`,
+//! `[push.webpush]`),
 //! owned here: `crate::config` reads them from the file and the environment and
 //! validates them; [`super::senders_from_config`] builds the senders from them.
 
@@ -28,12 +29,73 @@ pub struct PushConfig {
     pub apns: Option<ApnsConfig>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fcm: Option<FcmConfig>,
+    /// Web Push (`PLATFORM_WEBPUSH` devices); global only, a tenant has no section
+    /// of its own (its devices subscribe with this VAPID key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webpush: Option<WebPushConfig>,
 }
 
 impl Default for PushConfig {
     fn default() -> Self {
-        Self { queue_capacity: 10_000, queue_share_per_tenant: 0.5, max_in_flight: 2_000, max_attempts: 5, apns: None, fcm: None }
+        Self {
+            queue_capacity: 10_000,
+            queue_share_per_tenant: 0.5,
+            max_in_flight: 2_000,
+            max_attempts: 5,
+            apns: None,
+            fcm: None,
+            webpush: None,
+        }
     }
+}
+
+impl PushConfig {
+    /// Which Web Push endpoints devices may subscribe with: the section's rules, or
+    /// any public host when there is no section (such a device's pushes then fail
+    /// as "not configured", as for a provider without a section).
+    pub fn webpush_endpoints(&self) -> super::webpush::guard::EndpointPolicy {
+        match &self.webpush {
+            Some(webpush) => super::webpush::guard::EndpointPolicy {
+                allowed_hosts: webpush.allowed_hosts.iter().map(|host| host.to_ascii_lowercase()).collect(),
+                allow_loopback: webpush.insecure_allow_loopback,
+            },
+            None => super::webpush::guard::EndpointPolicy::default(),
+        }
+    }
+}
+
+/// `[push.webpush]`: Web Push (RFC 8030) with VAPID (RFC 8292).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebPushConfig {
+    /// The VAPID key: PKCS#8 PEM, P-256. Its public key is what clients subscribe
+    /// with (`applicationServerKey`); `pushmatch webpush-key` prints it.
+    pub vapid_private_key_path: PathBuf,
+    /// The operator's contact for push services, a `mailto:` or `https:` URI (the
+    /// VAPID token's `sub`).
+    pub subject: String,
+    /// Push service hosts devices may subscribe with: `push.example.net`, or
+    /// `*.example.net` for any host under it. Empty: any public host.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// An extra trusted root (PEM), for a TLS-inspecting proxy or tests.
+    #[serde(default)]
+    pub ca_cert_path: String,
+    #[serde(default = "default_provider_in_flight")]
+    pub max_in_flight: u32,
+    /// One attempt: resolving, connecting, sending, the answer. Short, as the
+    /// endpoint is the device's choice.
+    #[serde(default = "default_webpush_request_timeout_ms")]
+    pub request_timeout_ms: u32,
+    /// Tests only: lets endpoints on loopback addresses through (a mock push service
+    /// on this machine). Never in production: it opens this host's own ports to
+    /// whoever enrolls a device.
+    #[serde(default)]
+    pub insecure_allow_loopback: bool,
+}
+
+fn default_webpush_request_timeout_ms() -> u32 {
+    5_000
 }
 
 /// A tenant's own provider credentials (`[tenants.push.apns]`, `[tenants.push.fcm]`),

@@ -177,6 +177,8 @@ enum Protocol {
     H2(TlsAcceptor),
     /// Plain HTTP/1.1, for a loopback OAuth token endpoint.
     Http1,
+    /// HTTP/1.1 over TLS, as Web Push services speak it.
+    Https1(TlsAcceptor),
 }
 
 /// One mock server; stops accepting when dropped.
@@ -201,6 +203,11 @@ impl MockServer {
     /// The same without keeping requests (the benchmark): only counts.
     pub async fn h2_counting(ca: &TestCa, reply: Reply) -> Self {
         Self::start(Protocol::H2(TlsAcceptor::from(ca.server_config(&[b"h2"]))), reply, false).await
+    }
+
+    /// A mock Web Push service: HTTP/1.1 over TLS, answering 201 unless scripted.
+    pub async fn https1(ca: &TestCa) -> Self {
+        Self::start(Protocol::Https1(TlsAcceptor::from(ca.server_config(&[b"http/1.1"]))), Reply::status(201, ""), true).await
     }
 
     /// A mock OAuth token endpoint on plain HTTP/1.1: grants `mock-access-token-{n}`.
@@ -245,6 +252,10 @@ impl MockServer {
                             }
                             Protocol::Http1 => {
                                 let _ = http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;
+                            }
+                            Protocol::Https1(acceptor) => {
+                                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                                let _ = http1::Builder::new().serve_connection(TokioIo::new(tls), service).await;
                             }
                         }
                     });

@@ -126,7 +126,10 @@ impl TestServer {
         // With a [push.*] section (tests/push.rs points it at mock servers) the real
         // senders run, on the system clock: their retries, Retry-After and timeouts
         // are real time, so `clock` is not the server's clock then.
-        let real_push = config.push.apns.is_some() || config.push.fcm.is_some() || !config.tenant_push().is_empty();
+        let real_push = config.push.apns.is_some()
+            || config.push.fcm.is_some()
+            || config.push.webpush.is_some()
+            || !config.tenant_push().is_empty();
         let (server_clock, push_senders, push_routes): (Arc<dyn pushmatch::domain::time::Clock>, Vec<Arc<dyn PushSender>>, _) =
             if real_push {
                 // As `serve` builds them: routed by tenant, each tenant's own credentials

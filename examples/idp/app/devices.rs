@@ -25,6 +25,7 @@ fn platform(device: &pb::Device) -> &'static str {
     match device.platform() {
         pb::Platform::Apns => "iOS",
         pb::Platform::Fcm => "Android",
+        pb::Platform::Webpush => "Web Push",
         pb::Platform::Unspecified => "TOTP",
     }
 }

@@ -42,7 +42,7 @@ mod lane;
 use lane::{Lane, Shared};
 
 /// Every provider, each with its own lane.
-pub const PLATFORMS: [Platform; 2] = [Platform::Apns, Platform::Fcm];
+pub const PLATFORMS: [Platform; 3] = Platform::ALL;
 
 #[derive(Clone, Debug)]
 pub struct DispatcherSettings {
@@ -109,18 +109,12 @@ struct Queue {
     shares: TenantShares,
 }
 
-/// Each provider's queue.
-struct Queues {
-    apns: Queue,
-    fcm: Queue,
-}
+/// Each provider's queue, in the order of [`Platform::index`].
+struct Queues([Queue; PLATFORMS.len()]);
 
 impl Queues {
     fn of(&self, platform: Platform) -> &Queue {
-        match platform {
-            Platform::Apns => &self.apns,
-            Platform::Fcm => &self.fcm,
-        }
+        &self.0[platform.index()]
     }
 }
 
@@ -157,7 +151,7 @@ impl Dispatcher {
             let shares = TenantShares::new(&settings.tenants, settings.queue_capacity);
             Queue { jobs, shares }
         };
-        let queues = Queues { apns: queue(Platform::Apns), fcm: queue(Platform::Fcm) };
+        let queues = Queues(PLATFORMS.map(queue));
         Self { queues: Arc::new(queues), counters }
     }
 
@@ -175,7 +169,7 @@ impl Dispatcher {
     /// Counts the jobs of `tenants` (each with its limit) from now on, in every
     /// provider's queue; jobs queued before keep their places.
     pub fn set_tenants(&self, tenants: &[(TenantId, usize)]) {
-        for queue in [&self.queues.apns, &self.queues.fcm] {
+        for queue in &self.queues.0 {
             queue.shares.set(tenants, queue.jobs.max_capacity());
         }
     }
@@ -184,19 +178,16 @@ impl Dispatcher {
     /// (CreateChallenge checks before it creates); the tenant's shares are checked
     /// first, so a tenant past one hears so.
     pub fn room_for(&self, tenant: &TenantId, platforms: impl IntoIterator<Item = Platform>) -> Result<(), QueueFull> {
-        let (mut apns, mut fcm) = (0, 0);
+        let mut counts = [0; PLATFORMS.len()];
         for platform in platforms {
-            match platform {
-                Platform::Apns => apns += 1,
-                Platform::Fcm => fcm += 1,
-            }
+            counts[platform.index()] += 1;
         }
-        let wanted = [(&self.queues.apns, apns), (&self.queues.fcm, fcm)];
-        let wanted = wanted.iter().filter(|(_, count)| *count > 0);
-        if wanted.clone().any(|(queue, count)| !queue.shares.has_room(tenant, *count)) {
+        let wanted = self.queues.0.iter().zip(counts);
+        let wanted = wanted.filter(|(_, count)| *count > 0);
+        if wanted.clone().any(|(queue, count)| !queue.shares.has_room(tenant, count)) {
             return Err(QueueFull::TenantShare);
         }
-        if wanted.clone().any(|(queue, count)| queue.jobs.capacity() < *count) {
+        if wanted.clone().any(|(queue, count)| queue.jobs.capacity() < count) {
             return Err(QueueFull::Queue);
         }
         Ok(())
@@ -210,7 +201,7 @@ impl Dispatcher {
 
     /// The capacity of each provider's queue.
     pub fn queue_capacity(&self) -> usize {
-        self.queues.apns.jobs.max_capacity()
+        self.queues.0[0].jobs.max_capacity()
     }
 }
 

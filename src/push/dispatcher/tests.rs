@@ -420,7 +420,9 @@ async fn a_job_the_queue_refuses_gives_its_place_in_the_tenants_share_back() {
     let dispatcher = Dispatcher::start(vec![], reports, Arc::new(clock.clone()), settings, Arc::default(), shutdown.clone());
     // A stopped worker closes its queue: every job is refused by the queue itself.
     shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), dispatcher.queues.fcm.jobs.closed()).await.expect("the worker stops");
+    tokio::time::timeout(Duration::from_secs(5), dispatcher.queues.of(Platform::Fcm).jobs.closed())
+        .await
+        .expect("the worker stops");
     for _ in 0..3 {
         assert_eq!(
             dispatcher.enqueue(job_of("a", Platform::Fcm, &clock)),
