@@ -122,6 +122,7 @@ async fn server_with_webpush(dir: &Path, ca: &TestCa) -> (TestServer, p256::ecds
             allowed_hosts: Vec::new(),
             ca_cert_path: ca_path,
             max_in_flight: 100,
+            max_in_flight_per_host: 100,
             request_timeout_ms: 5_000,
             // The mock push service listens on 127.0.0.1.
             insecure_allow_loopback: true,
@@ -211,13 +212,13 @@ async fn a_web_push_device_approves_a_sign_in_and_the_other_hears_of_it() {
 }
 
 #[tokio::test]
-async fn a_410_turns_pushes_to_the_subscription_off() {
+async fn a_410_turns_pushes_off_until_a_new_subscription_comes() {
     let ca = TestCa::new();
     let mock = MockServer::https1(&ca).await;
     let dir = tempfile::tempdir().expect("dir");
     let (server, _) = server_with_webpush(dir.path(), &ca).await;
     let browser = Browser::new(&mock, "gone");
-    let app = enroll_browser(&server, "bo", &browser).await;
+    let mut app = enroll_browser(&server, "bo", &browser).await;
 
     mock.answer_with(Reply::status(410, ""));
     let challenge = server.create_challenge("bo").await;
@@ -242,6 +243,18 @@ async fn a_410_turns_pushes_to_the_subscription_off() {
         .into_inner();
     assert!(pending.deliveries.is_empty(), "no push to a dead subscription: {:?}", pending.deliveries);
     assert_eq!(mock.count(), sent_before);
+
+    // The browser subscribes again; its new subscription (pretty-printed JSON, as
+    // some libraries send it) turns pushes back on.
+    mock.answer_with(Reply::status(201, ""));
+    let renewed = Browser::new(&mock, "renewed");
+    let pretty =
+        serde_json::to_string_pretty(&serde_json::from_str::<serde_json::Value>(&renewed.subscription()).unwrap()).unwrap();
+    app.update_push_token(&pretty).await.expect("a new subscription");
+    let third = server.create_challenge("bo").await;
+    let pushed = mock.wait_until(|requests| requests.iter().any(|r| r.path == renewed.path())).await;
+    let pushed = pushed.iter().find(|r| r.path == renewed.path()).expect("pushed to the new subscription");
+    assert_eq!(renewed.read(pushed)["challenge_id"], third.challenge_id.as_str());
 }
 
 #[tokio::test]

@@ -191,7 +191,8 @@ pub fn push_token(platform: Option<Platform>, raw: &str) -> Result<String, Domai
     if raw.len() > MAX_PUSH_TOKEN_BYTES {
         return Err(DomainError::invalid("push_token", format!("is longer than {MAX_PUSH_TOKEN_BYTES} bytes")));
     }
-    if platform == Some(Platform::WebPush) {
+    // Unknown yet (UpdatePushToken) or Web Push: the broker checks it by platform.
+    if platform.is_none_or(|platform| platform == Platform::WebPush) {
         return Ok(raw.to_owned());
     }
     if !raw.bytes().all(|b| b.is_ascii_graphic()) {

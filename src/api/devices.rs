@@ -48,7 +48,8 @@ impl DeviceService for DeviceApi {
         if request.push_token.is_empty() {
             return Err(DomainError::invalid("push_token", "is required").into());
         }
-        // The APNs hex rule needs the device's platform: the broker checks it after the proof.
+        // The rules of the token's form need the device's platform (APNs hex, a Web
+        // Push subscription's JSON): the broker checks them after the proof.
         let token = push_token(None, &request.push_token)?;
         self.broker.update_push_token(&proof, &token).await?;
         Ok(Response::new(pb::UpdatePushTokenResponse {}))

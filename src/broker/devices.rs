@@ -64,6 +64,9 @@ impl Broker {
     #[tracing::instrument(skip_all, fields(device_id = %proof.device_id))]
     pub async fn update_push_token(&self, proof: &DeviceProof, push_token: &str) -> Result<(), DomainError> {
         let device = self.authenticate_device(proof, "UpdatePushToken", &[push_token]).await?;
+        if device.platform != Some(Platform::WebPush) && !push_token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(DomainError::invalid("push_token", "must be printable ASCII"));
+        }
         if device.platform == Some(Platform::Apns) && !push_token.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(DomainError::invalid("push_token", "an APNs device token is hex"));
         }

@@ -160,6 +160,7 @@ impl Config {
             ("push.fcm.max_in_flight", self.push.fcm.as_ref().map_or(1, |p| p.max_in_flight)),
             ("push.fcm.request_timeout_ms", self.push.fcm.as_ref().map_or(1, |p| p.request_timeout_ms)),
             ("push.webpush.max_in_flight", self.push.webpush.as_ref().map_or(1, |p| p.max_in_flight)),
+            ("push.webpush.max_in_flight_per_host", self.push.webpush.as_ref().map_or(1, |p| p.max_in_flight_per_host)),
             ("push.webpush.request_timeout_ms", self.push.webpush.as_ref().map_or(1, |p| p.request_timeout_ms)),
         ] {
             if value == 0 {

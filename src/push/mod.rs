@@ -257,7 +257,15 @@ pub async fn webpush_sender(
         tracing::warn!("push.webpush.insecure_allow_loopback is on: devices may make pushmatch send to this host's own ports");
     }
     tracing::info!(public_key = vapid.public_key(), allowed_hosts = ?config.allowed_hosts, "web push sender ready");
-    Ok(webpush::WebPushSender::new(vapid, push.webpush_endpoints(), tls, clock, timeout, config.max_in_flight as usize))
+    Ok(webpush::WebPushSender::new(
+        vapid,
+        push.webpush_endpoints(),
+        tls,
+        clock,
+        timeout,
+        config.max_in_flight as usize,
+        config.max_in_flight_per_host as usize,
+    ))
 }
 
 async fn read_file(path: &Path) -> Result<Vec<u8>, PushSetupError> {

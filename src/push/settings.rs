@@ -83,6 +83,11 @@ pub struct WebPushConfig {
     pub ca_cert_path: String,
     #[serde(default = "default_provider_in_flight")]
     pub max_in_flight: u32,
+    /// Sends to one push service host at once: the host is the device's choice, so
+    /// one that accepts and never answers holds at most this many of
+    /// `max_in_flight`; a push past it waits a second and tries again.
+    #[serde(default = "default_webpush_in_flight_per_host")]
+    pub max_in_flight_per_host: u32,
     /// One attempt: resolving, connecting, sending, the answer. Short, as the
     /// endpoint is the device's choice.
     #[serde(default = "default_webpush_request_timeout_ms")]
@@ -92,6 +97,10 @@ pub struct WebPushConfig {
     /// whoever enrolls a device.
     #[serde(default)]
     pub insecure_allow_loopback: bool,
+}
+
+fn default_webpush_in_flight_per_host() -> u32 {
+    100
 }
 
 fn default_webpush_request_timeout_ms() -> u32 {

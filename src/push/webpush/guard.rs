@@ -30,6 +30,32 @@ use hyper_util::client::legacy::connect::dns::Name;
 
 /// How long a name may take to resolve.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Lookups at once: each is `getaddrinfo` on a blocking thread, which a timeout
+/// does not stop, so names whose DNS servers stall cannot take every thread.
+const MAX_LOOKUPS: usize = 32;
+static LOOKUPS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(MAX_LOOKUPS);
+
+/// What a refused name is told: the same for a name that does not resolve and for
+/// one that resolves inside, so a device cannot map internal names through the
+/// broker (the detail is logged at debug level, host only).
+fn not_public(host: &str) -> String {
+    format!("host {host} is not a reachable public push service")
+}
+
+/// The host's addresses, at most [`MAX_LOOKUPS`] lookups at once, within
+/// [`RESOLVE_TIMEOUT`] (waiting for a turn included).
+async fn lookup(host: &str, port: u16) -> Result<Vec<SocketAddr>, String> {
+    let found = tokio::time::timeout(RESOLVE_TIMEOUT, async {
+        let _turn = LOOKUPS.acquire().await.map_err(|_| "closed".to_owned())?;
+        tokio::net::lookup_host((host, port)).await.map(Iterator::collect::<Vec<_>>).map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap_or_else(|_| Err("timed out".into()));
+    found.map_err(|error| {
+        tracing::debug!(host, %error, "web push host did not resolve");
+        not_public(host)
+    })
+}
 
 /// Which endpoints are allowed, from `[push.webpush]`.
 #[derive(Clone, Debug, Default)]
@@ -91,6 +117,11 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
     if segments[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
         return is_public_v4(Ipv4Addr::from((u32::from(segments[6]) << 16) | u32::from(segments[7])));
     }
+    // Local-use NAT64 (64:ff9b:1::/48, RFC 8215) and SIIT (::ffff:0:0:0/96) may
+    // lead into a site's private IPv4 space: refused whole.
+    if segments[..3] == [0x64, 0xff9b, 1] || segments[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return false;
+    }
     if segments[0] == 0x2002 {
         return is_public_v4(Ipv4Addr::from((u32::from(segments[1]) << 16) | u32::from(segments[2])));
     }
@@ -102,6 +133,8 @@ fn is_public_v6(ip: Ipv6Addr) -> bool {
         || (segments[0] & 0xffc0) == 0xfec0     // site-local (deprecated)
         || (segments[0] & 0xff00) == 0xff00     // multicast
         || (segments[0] == 0x2001 && segments[1] == 0x0db8) // documentation
+        || (segments[0] & 0xfff0) == 0x3ff0                  // documentation (3fff::/20)
+        || segments[0] == 0x5f00                             // SRv6 SIDs
         || (segments[0] == 0x2001 && segments[1] == 0)      // Teredo
         || segments[0] == 0x0100) // discard-only (100::/64)
 }
@@ -149,19 +182,14 @@ pub async fn resolve(uri: &Uri, policy: &EndpointPolicy) -> Result<Vec<SocketAdd
     if let Ok(ip) = host.parse::<IpAddr>() {
         return Ok(vec![SocketAddr::new(ip, port)]);
     }
-    let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), port)))
-        .await
-        .map_err(|_| format!("host {host} did not resolve in time"))?
-        .map_err(|_| format!("host {host} does not resolve"))?;
-    vetted(&host, found.collect(), policy)
+    let found = lookup(&host, port).await?;
+    vetted(&host, found, policy)
 }
 
 fn vetted(host: &str, addresses: Vec<SocketAddr>, policy: &EndpointPolicy) -> Result<Vec<SocketAddr>, String> {
-    if addresses.is_empty() {
-        return Err(format!("host {host} has no address"));
-    }
-    if let Some(bad) = addresses.iter().find(|address| !policy.allows_address(address.ip())) {
-        return Err(format!("host {host} resolves to {}, a private, loopback, link-local or reserved address", bad.ip()));
+    if addresses.is_empty() || addresses.iter().any(|address| !policy.allows_address(address.ip())) {
+        tracing::debug!(host, "web push host resolves to no address or to one that is not public");
+        return Err(not_public(host));
     }
     Ok(addresses)
 }
@@ -191,11 +219,8 @@ impl tower::Service<Name> for PublicResolver {
         Box::pin(async move {
             let host = name.as_str().to_ascii_lowercase();
             // The connector puts the URL's port on each address.
-            let found = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host((host.as_str(), 0)))
-                .await
-                .map_err(|_| Refused(format!("host {host} did not resolve in time")))?
-                .map_err(|_| Refused(format!("host {host} does not resolve")))?;
-            vetted(&host, found.collect(), &policy).map(Vec::into_iter).map_err(Refused)
+            let found = lookup(&host, 0).await.map_err(Refused)?;
+            vetted(&host, found, &policy).map(Vec::into_iter).map_err(Refused)
         })
     }
 }
@@ -234,6 +259,10 @@ mod tests {
             "64:ff9b::a00:1",
             "2002:a00:1::",
             "2001:db8::1",
+            "64:ff9b:1::a00:1",
+            "::ffff:0:a00:1",
+            "3fff::1",
+            "5f00::1",
         ] {
             assert!(!is_public(ip.parse().expect(ip)), "{ip} is not public");
         }

@@ -25,6 +25,7 @@ pub mod guard;
 pub mod subscription;
 pub mod vapid;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use self::guard::{EndpointPolicy, PublicResolver};
 use self::subscription::Subscription;
@@ -48,6 +50,10 @@ use crate::domain::time::Clock;
 
 /// The most of a push service's answer that is read.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024;
+/// Hosts whose send limit is kept; past it, those with no send in flight go.
+const MAX_TRACKED_HOSTS: usize = 10_000;
+/// How long a push waits when its host has `max_in_flight_per_host` sends out.
+const HOST_BUSY_BACKOFF: Duration = Duration::from_secs(1);
 
 type HttpsClient = Client<HttpsConnector<HttpConnector<PublicResolver>>, Full<Bytes>>;
 
@@ -59,6 +65,10 @@ pub struct WebPushSender {
     clock: Arc<dyn Clock>,
     request_timeout: Duration,
     max_in_flight: usize,
+    /// Sends in flight per endpoint host: the host is the device's choice, so one
+    /// that accepts and never answers holds at most these of the lane's places.
+    hosts: parking_lot::Mutex<HashMap<String, Arc<Semaphore>>>,
+    max_in_flight_per_host: usize,
 }
 
 /// What the message says (encrypted; see the module doc).
@@ -80,6 +90,7 @@ impl WebPushSender {
         clock: Arc<dyn Clock>,
         request_timeout: Duration,
         max_in_flight: usize,
+        max_in_flight_per_host: usize,
     ) -> Self {
         let policy = Arc::new(policy);
         let mut http = HttpConnector::new_with_resolver(PublicResolver { policy: Arc::clone(&policy) });
@@ -95,7 +106,27 @@ impl WebPushSender {
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(64)
             .build(https);
-        Self { client, vapid, policy, clock, request_timeout, max_in_flight }
+        Self {
+            client,
+            vapid,
+            policy,
+            clock,
+            request_timeout,
+            max_in_flight,
+            hosts: parking_lot::Mutex::new(HashMap::new()),
+            max_in_flight_per_host: max_in_flight_per_host.max(1),
+        }
+    }
+
+    /// A place among `host`'s sends in flight, if one is free.
+    fn host_place(&self, host: &str) -> Option<OwnedSemaphorePermit> {
+        let mut hosts = self.hosts.lock();
+        if hosts.len() >= MAX_TRACKED_HOSTS && !hosts.contains_key(host) {
+            let limit = self.max_in_flight_per_host;
+            hosts.retain(|_, sends| sends.available_permits() < limit);
+        }
+        let sends = hosts.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.max_in_flight_per_host)));
+        Arc::clone(sends).try_acquire_owned().ok()
     }
 
     /// The VAPID public key, base64url: the `applicationServerKey` clients subscribe with.
@@ -210,6 +241,9 @@ impl PushSender for WebPushSender {
                 return SendOutcome::Failed { reason: "EndpointRefused".into() };
             }
         };
+        let Some(_place) = self.host_place(subscription.host()) else {
+            return SendOutcome::Retry { reason: "HostBusy".into(), after: Some(HOST_BUSY_BACKOFF) };
+        };
         let request = match self.request(job, &subscription) {
             Ok(request) => request,
             Err(reason) => return SendOutcome::Failed { reason: reason.into() },
@@ -249,6 +283,22 @@ mod tests {
         );
         let plain = web_push_native::decrypt(message, &ua_private, &auth).expect("decrypts");
         assert_eq!(plain, b"When I grow up, I want to be a watermelon");
+    }
+
+    #[test]
+    fn one_host_holds_at_most_its_places() {
+        use p256::pkcs8::{EncodePrivateKey as _, LineEnding};
+        let key = p256::SecretKey::random(&mut p256::elliptic_curve::rand_core::OsRng);
+        let vapid = VapidKeys::from_pkcs8_pem(&key.to_pkcs8_pem(LineEnding::LF).unwrap(), "mailto:ops@example.com").unwrap();
+        let tls = crate::push::transport::client_tls_config(None, &[]).expect("tls");
+        let clock: Arc<dyn Clock> = Arc::new(crate::domain::time::SystemClock);
+        let sender = WebPushSender::new(vapid, EndpointPolicy::default(), tls, clock, Duration::from_secs(5), 10, 2);
+        let first = sender.host_place("push.example.net").expect("a place");
+        let _second = sender.host_place("push.example.net").expect("a second place");
+        assert!(sender.host_place("push.example.net").is_none(), "the host's two places are taken");
+        assert!(sender.host_place("other.example.net").is_some(), "another host is not held up");
+        drop(first);
+        assert!(sender.host_place("push.example.net").is_some(), "a place given back is free again");
     }
 
     #[test]

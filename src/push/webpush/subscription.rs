@@ -32,8 +32,9 @@ impl SubscriptionError {
     }
 }
 
-/// The subscription, checked.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The subscription, checked. Its `Debug` shows the host only: the endpoint's path
+/// and the auth secret are the subscription's secrets.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Subscription {
     /// The push resource: where the encrypted message is POSTed.
     pub endpoint: Uri,
@@ -75,6 +76,12 @@ fn base64(value: &str) -> Option<Vec<u8>> {
         .decode(trimmed.as_bytes())
         .or_else(|_| data_encoding::BASE64_NOPAD.decode(trimmed.as_bytes()))
         .ok()
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription").field("host", &self.host()).finish_non_exhaustive()
+    }
 }
 
 impl Subscription {
@@ -126,9 +133,10 @@ impl Subscription {
         serde_json::to_string(&stored).unwrap_or_default()
     }
 
-    /// `scheme://host[:port]` of the endpoint: the VAPID token's audience.
+    /// `scheme://host[:port]` of the endpoint, the host in lower case: the VAPID
+    /// token's audience.
     pub fn origin(&self) -> String {
-        let host = self.endpoint.host().unwrap_or_default();
+        let host = self.endpoint.host().unwrap_or_default().to_ascii_lowercase();
         match self.endpoint.port_u16() {
             Some(port) if port != 443 => format!("https://{host}:{port}"),
             _ => format!("https://{host}"),
@@ -173,6 +181,10 @@ mod tests {
         let token = parsed.to_token();
         assert!(!token.contains("expirationTime") && !token.contains(' '), "{token}");
         assert_eq!(Subscription::parse(&token, &EndpointPolicy::default()).expect("again"), parsed);
+        let shown = format!("{parsed:?}");
+        assert!(shown.contains("fcm.googleapis.com") && !shown.contains("abc:def") && !shown.contains("auth"), "{shown}");
+        let upper = Subscription::parse(&subscription("https://Push.Example.NET:8443/x"), &EndpointPolicy::default()).unwrap();
+        assert_eq!(upper.origin(), "https://push.example.net:8443", "the audience is the origin, in lower case");
     }
 
     #[test]

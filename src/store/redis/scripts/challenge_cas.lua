@@ -11,7 +11,8 @@
 -- ARGV[5]  the challenge id
 -- ARGV[6]  now (ms, the store's clock)
 -- ARGV[7]  '1' when this change approves the challenge, else '0'
--- ARGV[8]  how long the key outlives its purge time (ms)
+-- ARGV[8]  how long the key outlives its purge time (ms); the key's TTL is set
+--          relative to ARGV[6], as everywhere (the store's clock, not Redis's)
 -- A change to APPROVED or FRAUD_REPORTED brings the purge time forward to
 -- `purge_settled` (nothing can be reported against the challenge any more, so it
 -- need not wait out the fraud window), and the key's expiry with it.
@@ -52,7 +53,7 @@ if ARGV[3] ~= 'Pending' then
 end
 if (ARGV[3] == 'Approved' or ARGV[3] == 'FraudReported') and h[5] and tonumber(h[5]) < tonumber(h[4]) then
   redis.call('HSET', KEYS[1], 'purge_at', h[5])
-  redis.call('PEXPIREAT', KEYS[1], tonumber(h[5]) + tonumber(ARGV[8]))
+  redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(h[5]) - tonumber(ARGV[6]) + tonumber(ARGV[8])))
 end
 redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. nv)
 return {nv}
