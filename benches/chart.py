@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
-"""Draws the burst bench's per-second timelines (benches/burst.rs --timeline FILE)
-as one PNG: sign-ins completed per second, and the worst CreateChallenge latency
-in each second.
+"""Draws the burst bench's CSVs as PNGs.
 
-Usage: python3 benches/chart.py OUT.png LABEL=timeline.csv [LABEL=timeline.csv ...]
+- Per-second timelines (benches/burst.rs --timeline FILE): sign-ins completed per
+  second, and the worst CreateChallenge latency in each second.
+  Usage: python3 benches/chart.py OUT.png LABEL=timeline.csv [LABEL=timeline.csv ...]
+- A soak (--soak MINUTES --soak-csv FILE): the broker's RSS and the store's
+  records, minute by minute, with the RSS 10 minutes in marked.
+  Usage: python3 benches/chart.py --soak OUT.png soak.csv
+
 Needs matplotlib (pip install matplotlib).
 """
 import csv
@@ -25,7 +29,41 @@ def read(path):
     return seconds, signins, worst
 
 
+def soak(out, path):
+    minutes, rss, records, signins = [], [], [], []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            minutes.append(float(row["seconds"]) / 60)
+            rss.append(float(row["rss_mb"]))
+            records.append(float(row["store_records"]) / 1000)
+            signins.append(int(row["signins"]))
+    rate = signins[-1] / (minutes[-1] * 60) if minutes[-1] > 0 else 0
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    top.plot(minutes, rss, color="tab:blue")
+    at_10 = next((r for m, r in zip(minutes, rss) if m >= 10), None)
+    if at_10 is not None:
+        top.axhline(at_10, color="grey", linestyle=":", label=f"10 minutes in: {at_10:.1f} MB")
+        top.axhspan(at_10, at_10 * 1.02, color="tab:green", alpha=0.15, label="+2 %")
+        top.legend(loc="lower right")
+    top.set_ylabel("broker RSS (MB)")
+    top.set_ylim(bottom=0)
+    top.grid(alpha=0.3)
+    bottom.plot(minutes, records, color="tab:orange")
+    bottom.set_ylabel("store records (thousands)")
+    bottom.set_ylim(bottom=0)
+    bottom.set_xlabel("minutes since the sign-ins began")
+    bottom.grid(alpha=0.3)
+    fig.suptitle(
+        f"pushmatch soak: {minutes[-1]:.0f} minutes at {rate:.0f} sign-ins/s, embedded store "
+        "(2 cores, load generator included)"
+    )
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
 def main():
+    if len(sys.argv) == 4 and sys.argv[1] == "--soak":
+        return soak(sys.argv[2], sys.argv[3])
     if len(sys.argv) < 3:
         sys.exit(__doc__)
     out = sys.argv[1]
