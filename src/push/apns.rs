@@ -370,19 +370,26 @@ impl ProviderTokens {
     fn sign(&self, iat: u64) -> IssuedToken {
         let header = serde_json::json!({ "alg": "ES256", "kid": self.key_id });
         let claims = serde_json::json!({ "iss": self.team_id, "iat": iat });
-        let mut jwt = format!(
-            "{}.{}",
-            data_encoding::BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
-            data_encoding::BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
-        );
-        let signature: p256::ecdsa::Signature = self.key.sign(jwt.as_bytes());
-        jwt.push('.');
-        jwt.push_str(&data_encoding::BASE64URL_NOPAD.encode(&signature.to_bytes()));
+        let jwt = es256_jwt(&self.key, &header, &claims);
         // Base64url and dots only: always a valid header value.
         let authorization =
             HeaderValue::from_str(&format!("bearer {jwt}")).unwrap_or_else(|_| HeaderValue::from_static("bearer invalid"));
         IssuedToken { iat, authorization }
     }
+}
+
+/// A compact JWT signed with ES256 (base64url header and claims, raw r||s
+/// signature): the APNs provider token and the VAPID token (`webpush::vapid`).
+pub(crate) fn es256_jwt(key: &SigningKey, header: &serde_json::Value, claims: &serde_json::Value) -> String {
+    let mut jwt = format!(
+        "{}.{}",
+        data_encoding::BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
+        data_encoding::BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
+    );
+    let signature: p256::ecdsa::Signature = key.sign(jwt.as_bytes());
+    jwt.push('.');
+    jwt.push_str(&data_encoding::BASE64URL_NOPAD.encode(&signature.to_bytes()));
+    jwt
 }
 
 #[cfg(test)]

@@ -14,7 +14,6 @@ use std::collections::HashMap;
 
 use http::HeaderValue;
 use p256::ecdsa::SigningKey;
-use p256::ecdsa::signature::Signer as _;
 use p256::elliptic_curve::sec1::ToEncodedPoint as _;
 use p256::pkcs8::DecodePrivateKey as _;
 use parking_lot::Mutex;
@@ -71,14 +70,7 @@ impl VapidKeys {
     fn sign(&self, origin: &str, expires: u64) -> HeaderValue {
         let header = serde_json::json!({ "typ": "JWT", "alg": "ES256" });
         let claims = serde_json::json!({ "aud": origin, "exp": expires, "sub": self.subject });
-        let mut jwt = format!(
-            "{}.{}",
-            data_encoding::BASE64URL_NOPAD.encode(header.to_string().as_bytes()),
-            data_encoding::BASE64URL_NOPAD.encode(claims.to_string().as_bytes())
-        );
-        let signature: p256::ecdsa::Signature = self.key.sign(jwt.as_bytes());
-        jwt.push('.');
-        jwt.push_str(&data_encoding::BASE64URL_NOPAD.encode(&signature.to_bytes()));
+        let jwt = crate::push::apns::es256_jwt(&self.key, &header, &claims);
         // Base64url, dots, commas and spaces: always a valid header value.
         HeaderValue::from_str(&format!("vapid t={jwt}, k={}", self.public_key))
             .unwrap_or_else(|_| HeaderValue::from_static("vapid invalid"))
