@@ -149,7 +149,7 @@ struct Args {
     #[arg(long, value_name = "S", default_value_t = 60)]
     sample_seconds: u64,
     /// Write the samples of --soak as CSV (seconds, rss_mb, store_records,
-    /// challenges_live, signins) to FILE for benches/chart.py.
+    /// challenges_live, signins, file_mb) to FILE for benches/chart.py.
     #[arg(long, value_name = "FILE")]
     soak_csv: Option<PathBuf>,
     /// Passed by `cargo bench` to harness = false benches; ignored.
@@ -1148,8 +1148,14 @@ async fn main() {
     } else if args.soak.is_some() {
         let (stop, stopped) = oneshot::channel();
         let every = Duration::from_secs(args.sample_seconds.max(1));
-        let sampler =
-            tokio::spawn(sample_soak(Arc::clone(&world), brokers[0].pid(), brokers[0].metrics_addr.clone(), every, stopped));
+        let sampler = tokio::spawn(sample_soak(
+            Arc::clone(&world),
+            brokers[0].pid(),
+            brokers[0].metrics_addr.clone(),
+            dir.path().join("data-0"),
+            every,
+            stopped,
+        ));
         run_burst(&world, &args, delivered_before, &mut json).await;
         let _ = stop.send(());
         let samples = sampler.await.unwrap();
@@ -1314,15 +1320,18 @@ struct SoakSample {
     store_records: f64,
     challenges_live: f64,
     signins: u64,
+    /// The embedded store's files on disk (0 on Redis).
+    file_mb: f64,
 }
 
 /// Samples the broker every `every` until `stop`: its RSS, its store's records and
-/// PENDING challenges (from `/metrics`) and the sign-ins completed so far; prints
-/// each sample as it is taken.
+/// PENDING challenges (from `/metrics`), the size of its data directory and the
+/// sign-ins completed so far; prints each sample as it is taken.
 async fn sample_soak(
     world: Arc<World>,
     pid: u32,
     metrics_addr: String,
+    data_dir: PathBuf,
     every: Duration,
     mut stop: oneshot::Receiver<()>,
 ) -> Vec<SoakSample> {
@@ -1340,10 +1349,11 @@ async fn sample_soak(
             store_records: gauges[0],
             challenges_live: gauges[1],
             signins: world.recorder.completed.load(Ordering::Relaxed) + world.recorder.expired.load(Ordering::Relaxed),
+            file_mb: bytes_in(&data_dir) as f64 / 1e6,
         };
         eprintln!(
-            "soak {:>6.0} s: broker RSS {:.1} MB, store records {}, pending {}, sign-ins {}",
-            sample.seconds, sample.rss_mb, sample.store_records, sample.challenges_live, sample.signins
+            "soak {:>6.0} s: broker RSS {:.1} MB, store records {}, pending {}, sign-ins {}, store file {:.1} MB",
+            sample.seconds, sample.rss_mb, sample.store_records, sample.challenges_live, sample.signins, sample.file_mb
         );
         samples.push(sample);
         // Pushes nobody waits for (a second phone's, a never-answered sign-in's)
@@ -1372,11 +1382,20 @@ fn soak_summary(samples: &[SoakSample], csv: Option<&Path>, json: &mut serde_jso
     write_soak_csv(samples, csv);
 }
 
+/// The sum of the sizes of the files in `dir` (0 when it does not exist).
+fn bytes_in(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries.filter_map(|entry| entry.ok()?.metadata().ok()).map(|metadata| metadata.len()).sum()
+}
+
 fn write_soak_csv(samples: &[SoakSample], path: Option<&Path>) {
     let Some(path) = path else { return };
-    let mut csv = String::from("seconds,rss_mb,store_records,challenges_live,signins\n");
+    let mut csv = String::from("seconds,rss_mb,store_records,challenges_live,signins,file_mb\n");
     for s in samples {
-        csv.push_str(&format!("{:.0},{:.1},{},{},{}\n", s.seconds, s.rss_mb, s.store_records, s.challenges_live, s.signins));
+        csv.push_str(&format!(
+            "{:.0},{:.1},{},{},{},{:.1}\n",
+            s.seconds, s.rss_mb, s.store_records, s.challenges_live, s.signins, s.file_mb
+        ));
     }
     std::fs::write(path, csv).unwrap();
 }

@@ -5,7 +5,8 @@
   second, and the worst CreateChallenge latency in each second.
   Usage: python3 benches/chart.py OUT.png LABEL=timeline.csv [LABEL=timeline.csv ...]
 - A soak (--soak MINUTES --soak-csv FILE): the broker's RSS and the store's
-  records, minute by minute, with the RSS 10 minutes in marked.
+  records and its file on disk, minute by minute, with the RSS 10 minutes in
+  marked.
   Usage: python3 benches/chart.py --soak OUT.png soak.csv
 
 Needs matplotlib (pip install matplotlib).
@@ -30,15 +31,16 @@ def read(path):
 
 
 def soak(out, path):
-    minutes, rss, records, signins = [], [], [], []
+    minutes, rss, records, signins, file_mb = [], [], [], [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             minutes.append(float(row["seconds"]) / 60)
             rss.append(float(row["rss_mb"]))
             records.append(float(row["store_records"]) / 1000)
             signins.append(int(row["signins"]))
+            file_mb.append(float(row.get("file_mb") or 0))
     rate = signins[-1] / (minutes[-1] * 60) if minutes[-1] > 0 else 0
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (top, bottom, disk) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     top.plot(minutes, rss, color="tab:blue")
     at_10 = next((r for m, r in zip(minutes, rss) if m >= 10), None)
     if at_10 is not None:
@@ -51,8 +53,12 @@ def soak(out, path):
     bottom.plot(minutes, records, color="tab:orange")
     bottom.set_ylabel("store records (thousands)")
     bottom.set_ylim(bottom=0)
-    bottom.set_xlabel("minutes since the sign-ins began")
     bottom.grid(alpha=0.3)
+    disk.plot(minutes, file_mb, color="tab:purple")
+    disk.set_ylabel("store file (MB)")
+    disk.set_ylim(bottom=0)
+    disk.set_xlabel("minutes since the sign-ins began")
+    disk.grid(alpha=0.3)
     fig.suptitle(
         f"pushmatch soak: {minutes[-1]:.0f} minutes at {rate:.0f} sign-ins/s, embedded store "
         "(2 cores, load generator included)"

@@ -356,7 +356,7 @@ fn user_key(key: &str) -> Result<UserKey, StoreError> {
 }
 
 /// Writes batched `last_used_at` changes every few seconds, one transaction each
-/// time, without an fsync of its own (the next durable commit carries it to disk).
+/// time (see [`Shared::write_touches`]).
 pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationToken) {
     const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
     loop {
@@ -365,19 +365,37 @@ pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationTok
             () = tokio::time::sleep(EVERY) => {}
         }
         let Some(shared) = shared.upgrade() else { return };
-        let touched: Vec<DeviceId> = shared.touched.lock().drain().collect();
-        if touched.is_empty() {
-            continue;
+        if let Err(error) = shared.write_touches().await {
+            tracing::warn!(%error, "could not write devices' last use; retrying");
         }
-        let _gate = shared.write_gate.lock().await;
+    }
+}
+
+impl Shared {
+    /// Writes the devices touched since the last call in one durable commit; on an
+    /// error they stay marked for the next call.
+    ///
+    /// Durable, not `Durability::None`, although a lost `last_used_at` would be
+    /// harmless: redb frees the pages a commit replaces only at a durable commit,
+    /// so when touches were the only writes (a steady stream of sign-ins, nobody
+    /// enrolling) the file, and the allocator state redb keeps in memory for it,
+    /// grew with every flush for as long as the broker ran (issue 19's soak). One
+    /// fsync every two seconds is the price.
+    pub(super) async fn write_touches(&self) -> Result<(), StoreError> {
+        let touched: Vec<DeviceId> = self.touched.lock().drain().collect();
+        if touched.is_empty() {
+            return Ok(());
+        }
+        let _gate = self.write_gate.lock().await;
         let writes: Vec<DurableWrite> = {
-            let mirror = shared.durable();
+            let mirror = self.durable();
             touched.iter().filter_map(|id| mirror.device(id)).map(DurableWrite::PutDevice).collect()
         };
-        if let Err(error) = shared.commit(writes, Durability::None).await {
-            tracing::warn!(%error, "could not write devices' last use; retrying");
-            shared.touched.lock().extend(touched);
+        let written = self.commit(writes, Durability::Immediate).await;
+        if written.is_err() {
+            self.touched.lock().extend(touched);
         }
+        written
     }
 }
 

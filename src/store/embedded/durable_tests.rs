@@ -50,3 +50,50 @@ async fn durable_records_survive_a_reopen() {
     let locked = store.reserve_totp_attempt(&tenant, &user, &totp, clock.now()).await.expect("reserve");
     assert_eq!(locked, crate::store::TotpAttempt::Locked { until: None }, "the hard TOTP lock survives a restart");
 }
+
+/// The sum of the sizes of the files in `dir`.
+fn bytes_in(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).expect("read dir").map(|entry| entry.expect("entry").metadata().expect("metadata").len()).sum()
+}
+
+/// Sign-ins only touch devices; with nobody enrolling, those touch flushes are the
+/// only commits. redb frees replaced pages only at a durable commit, so flushes
+/// without one grew the file for as long as the broker ran.
+#[tokio::test]
+async fn touching_devices_for_hours_does_not_grow_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::starting_now();
+    let tenant = TenantId("t".into());
+    let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+    let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
+    let mut devices = Vec::new();
+    for n in 0..200 {
+        let user = UserId::parse(&format!("user{n}")).expect("user");
+        let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
+        let code = enrollment.code_digest.clone().expect("push enrollment");
+        store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert");
+        let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
+        store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete");
+        devices.push(device.id);
+    }
+    // Each flush writes the 20 devices touched since the last one, as 400 sign-ins
+    // a second over a population do.
+    let flush = |round: usize| {
+        for id in devices.iter().cycle().skip(round * 7).take(20) {
+            clock.advance(Duration::from_millis(5));
+            store.shared.touch_device(id, clock.now()).expect("touch");
+        }
+        store.shared.write_touches()
+    };
+    for round in 0..50 {
+        flush(round).await.expect("flush");
+    }
+    let settled = bytes_in(dir.path());
+    for round in 50..1_000 {
+        flush(round).await.expect("flush");
+    }
+    let after = bytes_in(dir.path());
+    assert!(after <= settled + settled / 10, "the file grew from {settled} to {after} bytes with only touches written");
+    let last = store.get_device(&devices[0]).await.expect("get").expect("device");
+    assert!(last.last_used_at.is_some(), "the touches were written");
+}
