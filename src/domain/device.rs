@@ -130,7 +130,7 @@ impl KeyFingerprint {
 /// What identifies one use of a proof: SHA-256 of the signed bytes (device, RPC,
 /// timestamp and the call's fields), never of the signature, which an attacker can
 /// re-encode (DER or raw, high or low S) without the key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ProofUse(pub [u8; 32]);
 
 impl ProofUse {

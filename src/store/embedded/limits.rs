@@ -130,8 +130,8 @@ impl Shared {
     pub(super) fn spend_proof(&self, proof: ProofUse, keep_until: Millis) -> bool {
         let mut proofs = self.proofs.lock();
         match proofs.entry(proof) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(slot) => {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(slot) => {
                 slot.insert(keep_until);
                 true
             }

@@ -3,7 +3,7 @@
 //! wrong numbers, wrong TOTP codes and the TOTP lock). A restart forgets all of it;
 //! see the module documentation of `embedded` for why that is harmless.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tokio::sync::watch;
 
@@ -186,16 +186,20 @@ impl ChallengeEntry {
     }
 }
 
-/// The challenges by key: a hash table of 4-byte slot numbers beside a slab of the
-/// entries. Under a steady stream of sign-ins, entries come and go at the same
-/// rate, and the hash table's deleted slots make it double once, to about twice
-/// its live entries, before it settles (BENCHMARKS.md, the soak); with the entries
-/// in it (72 bytes a slot) that was a step of about 19 MB at 170,000 live
-/// challenges, with slot numbers (20 bytes) a quarter of that. The slab reuses
-/// freed slots, so it stays at the most entries held at once.
+/// The challenges by key: an ordered map of 4-byte slot numbers beside a slab of
+/// the entries. Under a steady stream of sign-ins, entries come and go at the same
+/// rate. A hash table (hashbrown, std's) leaves a deleted marker for each removal
+/// and, once the markers use up its spare room, rehashes at twice the size when it
+/// is more than half full: a step of about 19 MB at 170,000 live challenges with
+/// the entries in it, still about 5 MB with slot numbers, taken once some 27
+/// minutes into the soak (BENCHMARKS.md). A B-tree has no markers: its nodes are
+/// freed and reused as keys come and go, so its memory follows the live count.
+/// The slab reuses freed slots, so it stays at the most entries held at once.
+/// Lookups cost a few comparisons of 16-byte keys more than hashing; at the rates
+/// a broker serves that is well under a microsecond a sign-in.
 #[derive(Default)]
 struct Entries {
-    slots: HashMap<Key, u32>,
+    slots: BTreeMap<Key, u32>,
     slab: Vec<Option<ChallengeEntry>>,
     free: Vec<u32>,
 }
@@ -249,7 +253,9 @@ impl Entries {
 #[derive(Default)]
 pub(super) struct ChallengeTable {
     entries: Entries,
-    pub(super) users: HashMap<UserKey, UserActivity>,
+    /// Ordered for the same reason as [`Entries`]: users come and go (idle ones
+    /// are swept) without the hash table's deleted markers.
+    pub(super) users: BTreeMap<UserKey, UserActivity>,
     /// (when, key): expiry of pending challenges, then their purge.
     deadlines: BTreeSet<(Millis, Key)>,
 }

@@ -102,7 +102,9 @@ struct Shared {
     /// Devices whose `last_used_at` changed in memory only, not yet in the file.
     touched: Mutex<std::collections::HashSet<DeviceId>>,
     /// Device proofs used, until their timestamp leaves the window (`limits.rs`).
-    proofs: Mutex<std::collections::HashMap<ProofUse, Millis>>,
+    /// A B-tree, not a hash table: used proofs come and go at the sign-in rate, and
+    /// a hash table's deleted markers would double it once (see `live.rs`, `Entries`).
+    proofs: Mutex<std::collections::BTreeMap<ProofUse, Millis>>,
     /// Enrollment writes for the writer task, which commits them in groups (`writer.rs`).
     enrollment_ops: tokio::sync::mpsc::Sender<writer::EnrollmentOp>,
     groups: GroupStats,
@@ -172,7 +174,7 @@ impl EmbeddedStore {
             path,
             deadline_changed: Arc::new(Notify::new()),
             touched: Mutex::new(std::collections::HashSet::new()),
-            proofs: Mutex::new(std::collections::HashMap::new()),
+            proofs: Mutex::new(std::collections::BTreeMap::new()),
             enrollment_ops,
             groups: GroupStats::default(),
             next_file_sweep: Mutex::new(Millis(0)),
