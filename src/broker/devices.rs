@@ -125,17 +125,11 @@ impl Broker {
             .authenticate_device(proof, "RespondToChallenge", &[challenge_id.as_str(), decision.proto_name(), typed_number])
             .await?;
         let now = self.clock.now();
-        let challenge = self
-            .store
-            .get_challenge(&device.tenant, challenge_id, now)
-            .await?
-            .filter(|c| c.user_id == device.user_id)
-            .ok_or(DomainError::NotFound("challenge"))?;
         let typed = ChallengeNumber::parse_typed(typed_number);
-        let resolution = decision.resolve(typed, challenge.number, device.id.clone());
-        let outcome = self
+        let decide = |challenge: &Challenge| decision.resolve(typed, challenge.number, device.id.clone());
+        let (resolution, outcome) = self
             .store
-            .resolve_challenge(&device.tenant, challenge_id, resolution.clone(), now)
+            .answer_challenge(&device.tenant, &device.user_id, challenge_id, &decide, now)
             .await?
             .ok_or(DomainError::NotFound("challenge"))?;
         if let Err(error) = self.store.touch_device(&device.id, now).await {

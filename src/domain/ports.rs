@@ -193,6 +193,10 @@ pub struct TenantPurge {
     pub challenges: u64,
 }
 
+/// What [`Store::answer_challenge`] decides a device's answer with: the challenge as
+/// read, to its resolution. It may borrow from its caller (`'a`).
+pub type Decide<'a> = dyn for<'c> Fn(&'c Challenge) -> Resolution + Send + Sync + 'a;
+
 /// Follows one challenge: the receiver's current value is the latest state.
 pub type ChallengeWatch = watch::Receiver<Challenge>;
 
@@ -236,6 +240,28 @@ pub trait Store: Send + Sync + 'static {
         resolution: Resolution,
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError>;
+
+    /// A device's answer: `decide` turns challenge `id` of `user`, as read, into a
+    /// resolution (the number typed against the challenge's), which is then set as
+    /// [`Store::resolve_challenge`] sets it. Returns the decided resolution with the
+    /// outcome; `None` when the challenge is unknown, past its retention, another
+    /// tenant's or another user's. A backend may do it in fewer round trips than the
+    /// read and the resolve it stands for (Redis: the user's slot comes from the
+    /// user, not the challenge index, and the record read is the one set).
+    async fn answer_challenge(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        id: &ChallengeId,
+        decide: &Decide<'_>,
+        now: Millis,
+    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
+        let Some(challenge) = self.get_challenge(tenant, id, now).await?.filter(|c| c.user_id == *user) else {
+            return Ok(None);
+        };
+        let resolution = decide(&challenge);
+        Ok(self.resolve_challenge(tenant, id, resolution.clone(), now).await?.map(|outcome| (resolution, outcome)))
+    }
 
     /// Records a delivery's latest state on the challenge and wakes its watchers.
     /// A challenge that is gone already is no error.

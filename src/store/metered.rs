@@ -16,8 +16,8 @@ use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
-    StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Decide, EnrollmentLimits, InsertOutcome, ResolveOutcome,
+    Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::telemetry::metrics::names;
 
@@ -60,6 +60,7 @@ pub const OPERATIONS: &[&str] = &[
     "get_challenge",
     "watch_challenge",
     "resolve_challenge",
+    "answer_challenge",
     "record_delivery",
     "pending_challenges",
     "insert_enrollment",
@@ -137,6 +138,17 @@ impl Store for MeteredStore {
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
         self.timed("resolve_challenge", self.inner.resolve_challenge(tenant, id, resolution, now)).await
+    }
+
+    async fn answer_challenge(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        id: &ChallengeId,
+        decide: &Decide<'_>,
+        now: Millis,
+    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
+        self.timed("answer_challenge", self.inner.answer_challenge(tenant, user, id, decide, now)).await
     }
 
     async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::domain::challenge::{Decision, Resolution};
+use crate::domain::challenge::{Decision, DenyReason, Resolution};
 use crate::store::{BlockReason, StrikePolicy};
 
 pub async fn totp_steps_are_spent_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
@@ -104,6 +104,48 @@ pub async fn per_user_limits_refuse<S: Store>(store: &S, clock: &ManualClock, sc
     clock.advance(Duration::from_secs(601));
     let now = clock.now();
     create(store, sample_challenge(&t, &u, now, None), now).await;
+}
+
+/// A device's answer reaches only its own user's challenge, decided from the
+/// number the store holds; a wrong guess at the owner changes nothing, not even
+/// where the store later looks for the challenge.
+pub async fn a_device_answers_only_its_users_challenge<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let now = clock.now();
+    let (t, u, v) = (scope.tenant("a"), user("u"), user("v"));
+    let first = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let second = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let device = DeviceId::generate().expect("id");
+    let typed = |challenge: &Challenge, right: bool| {
+        let shown = challenge.number.value();
+        let other = ChallengeNumber::parse_typed(&(if shown == 99 { 10 } else { shown + 1 }).to_string()).expect("two digits");
+        let number = if right { challenge.number } else { other };
+        Decision::Approve.resolve(Some(number), challenge.number, device.clone())
+    };
+    let right = |challenge: &Challenge| typed(challenge, true);
+    let wrong = |challenge: &Challenge| typed(challenge, false);
+
+    assert!(store.answer_challenge(&t, &v, &first.id, &right, now).await.expect("answer").is_none(), "another user's");
+    let elsewhere = scope.tenant("b");
+    assert!(store.answer_challenge(&elsewhere, &u, &first.id, &right, now).await.expect("answer").is_none(), "another tenant's");
+    let unknown = ChallengeId::generate().expect("id");
+    assert!(store.answer_challenge(&t, &u, &unknown, &right, now).await.expect("answer").is_none(), "unknown");
+    let still = store.get_challenge(&t, &first.id, now).await.expect("get").expect("still there");
+    assert_eq!(still.state, ChallengeState::Pending, "the wrong answers changed nothing");
+
+    let (resolution, outcome) = store.answer_challenge(&t, &u, &first.id, &right, now).await.expect("answer").expect("found");
+    assert_eq!(resolution.state, ChallengeState::Approved, "decided from the challenge's own number");
+    assert!(outcome.accepted);
+    assert_eq!(outcome.challenge.state, ChallengeState::Approved);
+    assert_eq!(outcome.challenge.resolved_by, Some(device.clone()));
+    let (_, again) = store.answer_challenge(&t, &u, &first.id, &wrong, now).await.expect("answer").expect("found");
+    assert!(!again.accepted, "one resolution wins");
+    assert_eq!(again.challenge.state, ChallengeState::Approved);
+
+    let (resolution, outcome) = store.answer_challenge(&t, &u, &second.id, &wrong, now).await.expect("answer").expect("found");
+    assert_eq!((resolution.state, resolution.deny_reason), (ChallengeState::Denied, Some(DenyReason::WrongNumber)));
+    assert!(outcome.accepted);
+    let read = store.get_challenge(&t, &second.id, now).await.expect("get").expect("retained");
+    assert_eq!((read.state, read.deny_reason), (ChallengeState::Denied, Some(DenyReason::WrongNumber)));
 }
 
 pub async fn exactly_one_resolution_wins<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {

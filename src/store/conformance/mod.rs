@@ -238,6 +238,7 @@ macro_rules! conformance_suite {
             request_id_is_idempotent,
             per_user_limits_refuse,
             exactly_one_resolution_wins,
+            a_device_answers_only_its_users_challenge,
             expiry_reaches_watchers,
             deliveries_reach_watchers,
             pending_lists_newest_first,

@@ -18,7 +18,7 @@ use super::watch::WatchRegistry;
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::ids::{ChallengeId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{AdmissionPolicy, ChallengeWatch, CreateOutcome, Refusal, ResolveOutcome, StoreError};
+use crate::store::{AdmissionPolicy, ChallengeWatch, CreateOutcome, Decide, Refusal, ResolveOutcome, StoreError};
 
 /// What a challenge read returns: the challenge, its version and when it goes.
 pub(super) struct ChallengeRecord {
@@ -67,7 +67,12 @@ impl Reader {
     /// fields (`d:<device id>`, see `delivery.lua`) laid over it.
     async fn load(&self, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
         let Some(tag) = self.locate(id).await? else { return Ok(None) };
-        let key = Keys(&tag).challenge(id.as_str());
+        self.load_at(&tag, id).await
+    }
+
+    /// [`Reader::load`] in the slot of user tag `tag`, known already: no index read.
+    async fn load_at(&self, tag: &str, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
+        let key = Keys(tag).challenge(id.as_str());
         let mut fields: HashMap<String, String> = self.connection.query(redis::cmd("HGETALL").arg(&key)).await?;
         let (Some(json), Some(version), Some(purge_at)) = (fields.remove("json"), fields.remove("v"), fields.remove("purge_at"))
         else {
@@ -84,7 +89,7 @@ impl Reader {
         }
         let version = version.parse().map_err(corrupt)?;
         let purge_at = Millis(purge_at.parse().map_err(corrupt)?);
-        Ok(Some(ChallengeRecord { tag: tag.to_string(), version, purge_at, challenge }))
+        Ok(Some(ChallengeRecord { tag: tag.to_owned(), version, purge_at, challenge }))
     }
 
     /// Writes `challenge` if the record is still at `version`; returns the new
@@ -173,25 +178,31 @@ impl Reader {
         id: &ChallengeId,
         now: Millis,
     ) -> Result<Option<ChallengeRecord>, StoreError> {
-        self.read(Some(tenant), id, now).await
+        self.read(None, Some(tenant), id, now).await
     }
 
     /// Reads a challenge for its watchers on this replica, after a change was
     /// announced: what the record says is what they see, whatever the message said.
     pub(super) async fn refresh(&self, id: &ChallengeId, now: Millis) -> Result<(), StoreError> {
-        self.read(None, id, now).await.map(drop)
+        self.read(None, None, id, now).await.map(drop)
     }
 
-    /// [`Reader::current`], for any tenant when `tenant` is `None`. Either way the
+    /// [`Reader::current`], for any tenant when `tenant` is `None`, in the slot of
+    /// user tag `tag` when it is known (else the index says). Either way the
     /// watchers of the challenge on this replica get what was read.
     async fn read(
         &self,
+        tag: Option<&str>,
         tenant: Option<&TenantId>,
         id: &ChallengeId,
         now: Millis,
     ) -> Result<Option<ChallengeRecord>, StoreError> {
         loop {
-            let Some(mut record) = self.load(id).await? else { return Ok(None) };
+            let loaded = match tag {
+                Some(tag) => self.load_at(tag, id).await?,
+                None => self.load(id).await?,
+            };
+            let Some(mut record) = loaded else { return Ok(None) };
             if tenant.is_some_and(|tenant| record.challenge.tenant != *tenant) || now >= record.purge_at {
                 return Ok(None);
             }
@@ -318,20 +329,61 @@ impl RedisStore {
         resolution: Resolution,
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
+        let outcome = self.settle(None, tenant, id, &|_| resolution.clone(), now).await?;
+        Ok(outcome.map(|(_, outcome)| outcome))
+    }
+
+    /// Two calls on any replica (the record, the compare-and-set): the user's slot
+    /// comes from the user. The id is not put in the tag cache: it is the caller's
+    /// word that the challenge is this user's, and a wrong guess must not steer
+    /// later reads of the id to the wrong slot.
+    pub(super) async fn answer_challenge(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        id: &ChallengeId,
+        decide: &Decide<'_>,
+        now: Millis,
+    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
+        let tag = user_tag(tenant, user);
+        self.settle(Some((&tag, user)), tenant, id, decide, now).await
+    }
+
+    /// Reads the challenge (in `slot`'s user tag, and only if it is that user's,
+    /// when given), decides its resolution and sets it by compare-and-set from
+    /// what was read, again from a fresh read when another change came first.
+    async fn settle(
+        &self,
+        slot: Option<(&str, &UserId)>,
+        tenant: &TenantId,
+        id: &ChallengeId,
+        decide: &Decide<'_>,
+        now: Millis,
+    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
         let reader = self.reader();
-        let (mut resolution, mut refused, mut now) = (resolution, false, now);
+        let (mut cancel_instead, mut now) = (false, now);
         loop {
-            let Some(mut record) = reader.current(tenant, id, now).await? else { return Ok(None) };
+            let Some(mut record) = reader.read(slot.map(|(tag, _)| tag), Some(tenant), id, now).await? else {
+                return Ok(None);
+            };
+            if slot.is_some_and(|(_, user)| record.challenge.user_id != *user) {
+                return Ok(None);
+            }
+            let decided = decide(&record.challenge);
+            let resolution = if cancel_instead { Resolution::cancelled() } else { decided.clone() };
             if !record.challenge.apply(&resolution, now) {
-                return Ok(Some(ResolveOutcome { accepted: false, challenge: record.challenge }));
+                return Ok(Some((decided, ResolveOutcome { accepted: false, challenge: record.challenge })));
             }
             let approving = resolution.state == ChallengeState::Approved;
             match reader.write(&record.tag, record.version, &record.challenge, now, approving).await? {
-                Written::Version(_) => return Ok(Some(ResolveOutcome { accepted: !refused, challenge: record.challenge })),
+                Written::Version(_) => {
+                    let accepted = !cancel_instead;
+                    return Ok(Some((decided, ResolveOutcome { accepted, challenge: record.challenge })));
+                }
                 Written::Stale => {}
                 // A block came first: the approval is refused and the challenge
                 // cancelled, as the block's own cancellation would have.
-                Written::Blocked => (resolution, refused) = (Resolution::cancelled(), true),
+                Written::Blocked => cancel_instead = true,
                 // Redis's clock is past the expiry (this replica's is behind): the
                 // answer is refused, and the read again by that clock expires it.
                 Written::Expired(redis_now) => now = now.max(redis_now),

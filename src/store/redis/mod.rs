@@ -48,8 +48,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
-    StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Decide, EnrollmentLimits, InsertOutcome, ResolveOutcome,
+    Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::{Device, ProofUse};
@@ -227,6 +227,17 @@ impl Store for RedisStore {
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError> {
         RedisStore::resolve_challenge(self, tenant, id, resolution, now).await
+    }
+
+    async fn answer_challenge(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        id: &ChallengeId,
+        decide: &Decide<'_>,
+        now: Millis,
+    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
+        RedisStore::answer_challenge(self, tenant, user, id, decide, now).await
     }
 
     async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
