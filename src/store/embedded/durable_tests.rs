@@ -94,6 +94,11 @@ async fn touching_devices_for_hours_does_not_grow_the_file() {
     }
     let after = bytes_in(dir.path());
     assert!(after <= settled + settled / 10, "the file grew from {settled} to {after} bytes with only touches written");
-    let last = store.get_device(&devices[0]).await.expect("get").expect("device");
-    assert!(last.last_used_at.is_some(), "the touches were written");
+    drop(flush);
+    let touched = store.get_device(&devices[0]).await.expect("get").expect("device").last_used_at;
+    drop(store);
+    let reopened = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
+    let last = reopened.get_device(&devices[0]).await.expect("get").expect("device");
+    assert!(touched.is_some());
+    assert_eq!(last.last_used_at, touched, "the touches reached the file");
 }
