@@ -149,7 +149,8 @@ struct Args {
     #[arg(long, value_name = "S", default_value_t = 60)]
     sample_seconds: u64,
     /// Write the samples of --soak as CSV (seconds, rss_mb, store_records,
-    /// challenges_live, signins, file_mb) to FILE for benches/chart.py.
+    /// challenges_live, signins, file_mb, heap_mb, heap_resident_mb) to FILE for
+    /// benches/chart.py.
     #[arg(long, value_name = "FILE")]
     soak_csv: Option<PathBuf>,
     /// Passed by `cargo bench` to harness = false benches; ignored.
@@ -1322,11 +1323,15 @@ struct SoakSample {
     signins: u64,
     /// The embedded store's files on disk (0 on Redis).
     file_mb: f64,
+    /// What the broker holds on its heap and what its allocator keeps resident
+    /// (`pushmatch_heap_*`; 0 where the binary exports neither).
+    heap_mb: f64,
+    heap_resident_mb: f64,
 }
 
 /// Samples the broker every `every` until `stop`: its RSS, its store's records and
-/// PENDING challenges (from `/metrics`), the size of its data directory and the
-/// sign-ins completed so far; prints each sample as it is taken.
+/// PENDING challenges and its heap (from `/metrics`), the size of its data
+/// directory and the sign-ins completed so far; prints each sample as it is taken.
 async fn sample_soak(
     world: Arc<World>,
     pid: u32,
@@ -1342,7 +1347,16 @@ async fn sample_soak(
             _ = ticks.tick() => {}
             _ = &mut stop => break,
         }
-        let gauges = scrape(&metrics_addr, &["pushmatch_store_records", "pushmatch_challenges_live"]).await;
+        let gauges = scrape(
+            &metrics_addr,
+            &[
+                "pushmatch_store_records",
+                "pushmatch_challenges_live",
+                "pushmatch_heap_allocated_bytes",
+                "pushmatch_heap_resident_bytes",
+            ],
+        )
+        .await;
         let sample = SoakSample {
             seconds: world.start.elapsed().as_secs_f64(),
             rss_mb: proc_status_kb(pid, "VmRSS") / 1024.0,
@@ -1350,10 +1364,20 @@ async fn sample_soak(
             challenges_live: gauges[1],
             signins: world.recorder.completed.load(Ordering::Relaxed) + world.recorder.expired.load(Ordering::Relaxed),
             file_mb: bytes_in(&data_dir) as f64 / 1e6,
+            heap_mb: gauges[2] / (1024.0 * 1024.0),
+            heap_resident_mb: gauges[3] / (1024.0 * 1024.0),
         };
         eprintln!(
-            "soak {:>6.0} s: broker RSS {:.1} MB, store records {}, pending {}, sign-ins {}, store file {:.1} MB",
-            sample.seconds, sample.rss_mb, sample.store_records, sample.challenges_live, sample.signins, sample.file_mb
+            "soak {:>6.0} s: broker RSS {:.1} MB (heap {:.1}, allocator resident {:.1}), store records {}, pending {}, \
+             sign-ins {}, store file {:.1} MB",
+            sample.seconds,
+            sample.rss_mb,
+            sample.heap_mb,
+            sample.heap_resident_mb,
+            sample.store_records,
+            sample.challenges_live,
+            sample.signins,
+            sample.file_mb
         );
         samples.push(sample);
         // Pushes nobody waits for (a second phone's, a never-answered sign-in's)
@@ -1379,6 +1403,8 @@ fn soak_summary(samples: &[SoakSample], csv: Option<&Path>, json: &mut serde_jso
     json.insert("soak_rss_growth_after_10min_pct".into(), round((end.rss_mb - at_10.rss_mb) / at_10.rss_mb * 100.0).into());
     json.insert("soak_store_records_at_10min".into(), at_10.store_records.into());
     json.insert("soak_store_records_end".into(), end.store_records.into());
+    json.insert("soak_heap_mb_at_10min".into(), round(at_10.heap_mb).into());
+    json.insert("soak_heap_mb_end".into(), round(end.heap_mb).into());
     write_soak_csv(samples, csv);
 }
 
@@ -1390,11 +1416,11 @@ fn bytes_in(dir: &Path) -> u64 {
 
 fn write_soak_csv(samples: &[SoakSample], path: Option<&Path>) {
     let Some(path) = path else { return };
-    let mut csv = String::from("seconds,rss_mb,store_records,challenges_live,signins,file_mb\n");
+    let mut csv = String::from("seconds,rss_mb,store_records,challenges_live,signins,file_mb,heap_mb,heap_resident_mb\n");
     for s in samples {
         csv.push_str(&format!(
-            "{:.0},{:.1},{},{},{},{:.1}\n",
-            s.seconds, s.rss_mb, s.store_records, s.challenges_live, s.signins, s.file_mb
+            "{:.0},{:.1},{},{},{},{:.1},{:.1},{:.1}\n",
+            s.seconds, s.rss_mb, s.store_records, s.challenges_live, s.signins, s.file_mb, s.heap_mb, s.heap_resident_mb
         ));
     }
     std::fs::write(path, csv).unwrap();

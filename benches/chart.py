@@ -4,9 +4,9 @@
 - Per-second timelines (benches/burst.rs --timeline FILE): sign-ins completed per
   second, and the worst CreateChallenge latency in each second.
   Usage: python3 benches/chart.py OUT.png LABEL=timeline.csv [LABEL=timeline.csv ...]
-- A soak (--soak MINUTES --soak-csv FILE): the broker's RSS and the store's
-  records and its file on disk, minute by minute, with the RSS 10 minutes in
-  marked.
+- A soak (--soak MINUTES --soak-csv FILE): the broker's RSS (and its heap, where
+  the CSV has it) and the store's records and its file on disk, minute by minute,
+  with the RSS 10 minutes in marked.
   Usage: python3 benches/chart.py --soak OUT.png soak.csv
 
 Needs matplotlib (pip install matplotlib).
@@ -31,7 +31,7 @@ def read(path):
 
 
 def soak(out, path):
-    minutes, rss, records, signins, file_mb = [], [], [], [], []
+    minutes, rss, records, signins, file_mb, heap = [], [], [], [], [], []
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             minutes.append(float(row["seconds"]) / 60)
@@ -39,9 +39,12 @@ def soak(out, path):
             records.append(float(row["store_records"]) / 1000)
             signins.append(int(row["signins"]))
             file_mb.append(float(row.get("file_mb") or 0))
+            heap.append(float(row.get("heap_mb") or 0))
     rate = signins[-1] / (minutes[-1] * 60) if minutes[-1] > 0 else 0
     fig, (top, bottom, disk) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
-    top.plot(minutes, rss, color="tab:blue")
+    top.plot(minutes, rss, color="tab:blue", label="RSS")
+    if any(heap):
+        top.plot(minutes, heap, color="tab:cyan", label="heap allocated")
     at_10 = next((r for m, r in zip(minutes, rss) if m >= 10), None)
     if at_10 is not None:
         top.axhline(at_10, color="grey", linestyle=":", label=f"10 minutes in: {at_10:.1f} MB")

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::domain::ports::Store;
 use crate::push::dispatcher::{Dispatcher, PLATFORMS};
-use crate::telemetry::metrics::names;
+use crate::telemetry::metrics::{names, sample_heap};
 
 /// What the endpoint samples at scrape time and asks for `/healthz`.
 #[derive(Clone)]
@@ -76,6 +76,7 @@ async fn metrics_page(State(sources): State<ScrapeSources>) -> impl IntoResponse
     if let Ok(Ok(records)) = tokio::time::timeout(STORE_PROBE_TIMEOUT, sources.store.record_count()).await {
         metrics::gauge!(names::STORE_RECORDS).set(records as f64);
     }
+    sample_heap();
     let body = sources.handle.as_ref().map(PrometheusHandle::render).unwrap_or_default();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
 }

@@ -76,6 +76,15 @@ pub mod names {
     pub const CONFIG_RELOADS: &str = "pushmatch_config_reloads_total";
     /// Gauge {version}: always 1; the running version as a label.
     pub const BUILD_INFO: &str = "pushmatch_build_info";
+    /// Gauge: bytes the program holds on the heap (the allocator's count of live
+    /// allocations), sampled at each scrape; only where the binary registered a
+    /// heap probe ([`super::set_heap_probe`]).
+    pub const HEAP_ALLOCATED: &str = "pushmatch_heap_allocated_bytes";
+    /// Gauge: bytes of memory the allocator keeps resident (live allocations, its
+    /// metadata, and freed pages not yet returned), sampled with the one above. When
+    /// RSS grows and this does not, the growth is outside the heap; when this grows
+    /// and the allocated bytes do not, the allocator keeps what was freed.
+    pub const HEAP_RESIDENT: &str = "pushmatch_heap_resident_bytes";
 
     // The push path; every one has the label `provider` ("apns", "fcm").
 
@@ -114,6 +123,8 @@ pub mod names {
         TLS_RELOADS,
         CONFIG_RELOADS,
         BUILD_INFO,
+        HEAP_ALLOCATED,
+        HEAP_RESIDENT,
         PUSH_SENDS,
         PUSH_RETRIES,
         PUSH_LATENCY,
@@ -195,12 +206,44 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::TLS_RELOADS, Kind::Counter, "TLS certificate reloads"),
     (names::CONFIG_RELOADS, Kind::Counter, "configuration reloads (the tenants), by outcome"),
     (names::BUILD_INFO, Kind::Gauge, "the running version"),
+    (names::HEAP_ALLOCATED, Kind::Gauge, "bytes the program holds on the heap, sampled at each scrape"),
+    (names::HEAP_RESIDENT, Kind::Gauge, "bytes the allocator keeps resident, sampled at each scrape"),
     (names::PUSH_SENDS, Kind::Counter, "attempts to send a push, by outcome"),
     (names::PUSH_RETRIES, Kind::Counter, "push attempts retried after a backoff"),
     (names::PUSH_LATENCY, Kind::Seconds, "seconds from sending a push to the provider's answer"),
     (names::PUSH_DELIVERIES, Kind::Counter, "pushes done, by tenant, final state and kind"),
     (names::PUSH_TOKEN_RENEWALS, Kind::Counter, "provider tokens made (APNs JWTs, FCM access tokens)"),
 ];
+
+/// Where the process's heap stands, in bytes, as its allocator counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeapStats {
+    /// Live allocations.
+    pub allocated: u64,
+    /// Resident memory the allocator holds (at least `allocated`).
+    pub resident: u64,
+}
+
+/// Reads the allocator's counters; `None` when it cannot.
+pub type HeapProbe = fn() -> Option<HeapStats>;
+
+static HEAP_PROBE: OnceLock<HeapProbe> = OnceLock::new();
+
+/// Registers how to read the heap's counters, for [`names::HEAP_ALLOCATED`] and
+/// [`names::HEAP_RESIDENT`]. The allocator is the binary's choice (a library does
+/// not pick one), so the binary registers it; the first call wins.
+pub fn set_heap_probe(probe: HeapProbe) {
+    // A second registration (a second server in one process) keeps the first.
+    let _ = HEAP_PROBE.set(probe);
+}
+
+/// Sets the heap gauges from the registered probe, if any (at each scrape).
+pub fn sample_heap() {
+    if let Some(stats) = HEAP_PROBE.get().and_then(|probe| probe()) {
+        metrics::gauge!(names::HEAP_ALLOCATED).set(stats.allocated as f64);
+        metrics::gauge!(names::HEAP_RESIDENT).set(stats.resident as f64);
+    }
+}
 
 /// The `limit` label values of [`names::CHALLENGES_SHED`]: the settings whose
 /// limits shed a CreateChallenge.
