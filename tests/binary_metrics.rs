@@ -6,24 +6,16 @@
 // Tests: a failed expectation is a failed test.
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
+#[path = "support/http.rs"]
+mod http;
 #[path = "faults/load.rs"]
 mod load;
 #[path = "faults/process.rs"]
 mod process;
 
+use http::scrape;
 use process::{BrokerProcess, config};
 use pushmatch::telemetry::metrics::names;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-async fn scrape(addr: &str) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to /metrics");
-    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
 
 /// The value of the unlabelled series `name`.
 fn gauge(text: &str, name: &str) -> f64 {
@@ -48,9 +40,9 @@ async fn the_binary_reports_its_heap_within_its_rss() {
     let mut broker = BrokerProcess::start(dir.path(), &file).await;
     let serving = broker.wait_log("serving /metrics and /healthz").await;
     // Logged as `Some(127.0.0.1:PORT)`.
-    let addr = serving["addr"].as_str().expect("the addr field").trim_start_matches("Some(").trim_end_matches(')').to_owned();
+    let addr = serving["addr"].as_str().expect("the addr field").trim_start_matches("Some(").trim_end_matches(')');
 
-    let text = scrape(&addr).await;
+    let text = scrape(addr.parse().expect("a socket address")).await;
     let (allocated, resident) = (gauge(&text, names::HEAP_ALLOCATED), gauge(&text, names::HEAP_RESIDENT));
     // A running broker holds at least its runtime, store and tenants: well over 64 KiB.
     assert!(allocated > 64.0 * 1024.0, "{allocated} bytes allocated");

@@ -9,34 +9,16 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use pushmatch::pb;
 use pushmatch::phone::PhoneKey;
 use pushmatch::server::ops::check_health;
+use support::http::{http_get, scrape};
 use support::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tonic::Code;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-
-/// A plain HTTP/1.0 GET; returns the status code and the body.
-async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
-    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-    let status = head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
-    Ok((status, body.to_owned()))
-}
-
-async fn scrape(addr: SocketAddr) -> String {
-    let (status, body) = http_get(addr, "/metrics").await.expect("scrape");
-    assert_eq!(status, 200);
-    body
-}
 
 /// The value of the sample `name{labels...}` whose labels include all of `labels`
 /// (the sum when several series match); 0 when none does.

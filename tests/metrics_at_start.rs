@@ -9,21 +9,9 @@
 
 mod support;
 
-use std::net::SocketAddr;
-
 use pushmatch::telemetry::metrics::names;
+use support::http::scrape;
 use support::*;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-
-async fn scrape(addr: SocketAddr) -> String {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_owned()
-}
 
 /// Every sample `name{labels} value` as (name, labels, value).
 fn samples(text: &str) -> Vec<(String, String, f64)> {
