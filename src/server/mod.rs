@@ -165,7 +165,7 @@ pub async fn run_with(
     let auth = TenantAuthLayer::new(Arc::clone(&keys), tls.as_ref().is_some_and(|tls| tls.mutual()));
     if let Some(source) = config_source {
         let targets = reload::Reloadable { broker: Arc::clone(&broker), dispatcher: dispatcher.clone(), keys, push_routes };
-        reload::spawn(source, config.clone(), targets, reload_requests, draining.child_token());
+        reload::spawn(source, config.clone(), targets, reload_requests, draining.child_token()).await;
     }
 
     let health = start_health(Arc::clone(&store), &draining).await;

@@ -49,7 +49,11 @@ pub(super) struct Reloadable {
 }
 
 /// Reloads until `stop` fires; see the module docs.
-pub(super) fn spawn(
+///
+/// The files' starting digest is taken here, before the server answers anything:
+/// taken later (inside the task), a change written in between would become the
+/// starting point and never be seen as a change.
+pub(super) async fn spawn(
     source: ConfigSource,
     running: Config,
     targets: Reloadable,
@@ -57,9 +61,10 @@ pub(super) fn spawn(
     stop: CancellationToken,
 ) {
     let interval = Duration::from_secs(u64::from(running.server.config_reload_interval_seconds));
+    let seen = fingerprint(&source, &running).await;
     tokio::spawn(async move {
         let mut triggers = Triggers::new("the configuration", interval, requests);
-        let mut reloader = Reloader { seen: fingerprint(&source, &running).await, source, running, targets };
+        let mut reloader = Reloader { seen, source, running, targets };
         while let Some(trigger) = triggers.next(&stop).await {
             match trigger {
                 Trigger::Signal => {
