@@ -117,7 +117,7 @@ impl Broker {
         if outcome.accepted {
             tracing::info!("challenge cancelled");
             challenge_resolved(tenant, outcome.challenge.state, outcome.challenge.deny_reason);
-            self.clear_other_devices(&outcome.challenge, None).await;
+            self.clear_other_devices(&outcome.challenge, None, None).await;
         }
         Ok(outcome.challenge)
     }

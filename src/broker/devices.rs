@@ -6,7 +6,7 @@ use crate::domain::challenge::{Challenge, ChallengeState, Decision, DenyReason, 
 use crate::domain::device::{Device, DeviceProof};
 use crate::domain::error::DomainError;
 use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
-use crate::domain::ports::{BlockReason, UserBlock};
+use crate::domain::ports::{Answered, BlockReason, DeviceAnswer, UserBlock};
 use crate::domain::time::Millis;
 use crate::push::redact_token;
 use crate::push::webpush::guard;
@@ -40,23 +40,25 @@ impl Broker {
     /// until its timestamp leaves the window, so a captured call cannot be replayed
     /// (an old push token put back, a pending list read again).
     pub async fn authenticate_device(&self, proof: &DeviceProof, rpc: &str, fields: &[&str]) -> Result<Device, DomainError> {
-        let device = self
-            .store
-            .get_device(&proof.device_id)
-            .await?
-            .ok_or_else(|| DomainError::unauthenticated("proof.device_id: unknown or removed device"))?;
+        let device = self.check_proof(proof, rpc, fields).await?;
+        let first_use =
+            self.store.spend_proof(proof.use_key(rpc, fields), proof.replayable_until(self.settings.max_clock_skew)).await?;
+        if !first_use {
+            return Err(replayed());
+        }
+        Ok(device)
+    }
+
+    /// [`Broker::authenticate_device`] but for spending the proof, which the
+    /// caller does (RespondToChallenge: with the answer, in one store operation).
+    async fn check_proof(&self, proof: &DeviceProof, rpc: &str, fields: &[&str]) -> Result<Device, DomainError> {
+        let device = self.store.get_device(&proof.device_id).await?.ok_or_else(unknown_device)?;
         proof.verify(&device, rpc, fields, self.clock.now(), self.settings.max_clock_skew)?;
         // A tenant removed from the configuration: its devices' calls are refused
         // like its API keys (its data stays until an operator purges it).
         if !self.serves(&device.tenant) {
             tracing::warn!(tenant = %device.tenant, "a device of a tenant no longer configured called: refused");
             return Err(DomainError::unauthenticated("proof.device_id: this device's service is no longer served here"));
-        }
-        let first_use =
-            self.store.spend_proof(proof.use_key(rpc, fields), proof.replayable_until(self.settings.max_clock_skew)).await?;
-        if !first_use {
-            tracing::warn!("device proof replayed: refused");
-            return Err(DomainError::unauthenticated("proof: this proof was used already; sign every call afresh"));
         }
         Ok(device)
     }
@@ -79,7 +81,7 @@ impl Broker {
             _ => push_token.to_owned(),
         };
         if !self.store.set_push_token(&device.id, &push_token).await? {
-            return Err(DomainError::unauthenticated("proof.device_id: unknown or removed device"));
+            return Err(unknown_device());
         }
         tracing::info!(token = %redact_token(&push_token), "push token updated");
         Ok(())
@@ -121,20 +123,25 @@ impl Broker {
         decision: Decision,
         typed_number: &str,
     ) -> Result<AnswerOutcome, DomainError> {
-        let device = self
-            .authenticate_device(proof, "RespondToChallenge", &[challenge_id.as_str(), decision.proto_name(), typed_number])
-            .await?;
+        let (rpc, fields) = ("RespondToChallenge", [challenge_id.as_str(), decision.proto_name(), typed_number]);
+        let device = self.check_proof(proof, rpc, &fields).await?;
         let now = self.clock.now();
-        let typed = ChallengeNumber::parse_typed(typed_number);
-        let decide = |challenge: &Challenge| decision.resolve(typed, challenge.number, device.id.clone());
-        let (resolution, outcome) = self
-            .store
-            .answer_challenge(&device.tenant, &device.user_id, challenge_id, &decide, now)
-            .await?
-            .ok_or(DomainError::NotFound("challenge"))?;
-        if let Err(error) = self.store.touch_device(&device.id, now).await {
-            tracing::warn!(%error, "could not record the device's last use");
-        }
+        let (on_match, otherwise) = decision.resolutions(device.id.clone());
+        let answer = DeviceAnswer {
+            device: &device,
+            proof: proof.use_key(rpc, &fields),
+            proof_keep_until: proof.replayable_until(self.settings.max_clock_skew),
+            challenge: challenge_id,
+            typed: ChallengeNumber::parse_typed(typed_number),
+            on_match,
+            otherwise,
+        };
+        let (resolution, outcome, devices) = match self.store.answer_challenge(&answer, now).await? {
+            Answered::Done { resolution, outcome, devices } => (resolution, outcome, devices),
+            Answered::Replayed => return Err(replayed()),
+            Answered::DeviceGone => return Err(unknown_device()),
+            Answered::Unknown => return Err(DomainError::NotFound("challenge")),
+        };
         if !outcome.accepted {
             tracing::info!(state = ?outcome.challenge.state, "answer to a resolved challenge");
             if decision == Decision::ReportFraud && self.fraud_report_counts(&outcome.challenge, now) {
@@ -160,7 +167,7 @@ impl Broker {
             }
             _ => {}
         }
-        self.clear_other_devices(&outcome.challenge, Some(&device.id)).await;
+        self.clear_other_devices(&outcome.challenge, Some(&device.id), devices).await;
         Ok(AnswerOutcome { accepted: true, challenge: outcome.challenge })
     }
 
@@ -190,11 +197,20 @@ impl Broker {
             if let Some(outcome) = cancelled.filter(|outcome| outcome.accepted) {
                 tracing::info!(challenge_id = %outcome.challenge.id, "pending challenge cancelled: the user is blocked");
                 challenge_resolved(tenant, outcome.challenge.state, outcome.challenge.deny_reason);
-                self.clear_other_devices(&outcome.challenge, None).await;
+                self.clear_other_devices(&outcome.challenge, None, None).await;
             }
         }
         Ok(())
     }
+}
+
+fn replayed() -> DomainError {
+    tracing::warn!("device proof replayed: refused");
+    DomainError::unauthenticated("proof: this proof was used already; sign every call afresh")
+}
+
+fn unknown_device() -> DomainError {
+    DomainError::unauthenticated("proof.device_id: unknown or removed device")
 }
 
 fn fraud_block(now: Millis) -> UserBlock {

@@ -285,8 +285,14 @@ impl Broker {
 
     /// Tells the user's other phones that the challenge is over, so they take the
     /// prompt down. Only devices that were pushed the challenge get the message.
-    async fn clear_other_devices(&self, challenge: &Challenge, answered_by: Option<&DeviceId>) {
-        let devices = match self.store.list_devices(&challenge.tenant, &challenge.user_id).await {
+    /// `known`: the user's devices when the caller has them already (read with the
+    /// answer), else they are listed here.
+    async fn clear_other_devices(&self, challenge: &Challenge, answered_by: Option<&DeviceId>, known: Option<Vec<Device>>) {
+        let listed = match known {
+            Some(devices) => Ok(devices),
+            None => self.store.list_devices(&challenge.tenant, &challenge.user_id).await,
+        };
+        let devices = match listed {
             Ok(devices) => devices,
             Err(error) => {
                 tracing::warn!(%error, "could not list devices to clear their prompts");

@@ -213,13 +213,24 @@ impl Decision {
     /// What the answer does to a challenge whose number is `expected`. An approval
     /// with another number denies: one try, no guessing.
     pub fn resolve(self, typed: Option<ChallengeNumber>, expected: ChallengeNumber, device_id: DeviceId) -> Resolution {
-        let (state, deny_reason) = match self {
-            Decision::Approve if typed == Some(expected) => (ChallengeState::Approved, None),
-            Decision::Approve => (ChallengeState::Denied, Some(DenyReason::WrongNumber)),
-            Decision::Deny => (ChallengeState::Denied, Some(DenyReason::UserDenied)),
-            Decision::ReportFraud => (ChallengeState::FraudReported, None),
+        let (on_match, otherwise) = self.resolutions(device_id);
+        if typed == Some(expected) { on_match } else { otherwise }
+    }
+
+    /// The answer's resolution when the number typed is the challenge's, and when
+    /// it is not (or none was typed): what a store that compares the numbers
+    /// itself chooses between (see [`crate::store::DeviceAnswer`]).
+    pub fn resolutions(self, device_id: DeviceId) -> (Resolution, Resolution) {
+        let (on_match, otherwise) = match self {
+            Decision::Approve => ((ChallengeState::Approved, None), (ChallengeState::Denied, Some(DenyReason::WrongNumber))),
+            Decision::Deny => {
+                let denied = (ChallengeState::Denied, Some(DenyReason::UserDenied));
+                (denied, denied)
+            }
+            Decision::ReportFraud => ((ChallengeState::FraudReported, None), (ChallengeState::FraudReported, None)),
         };
-        Resolution { state, deny_reason, device_id: Some(device_id) }
+        let resolution = |(state, deny_reason)| Resolution { state, deny_reason, device_id: Some(device_id.clone()) };
+        (resolution(on_match), resolution(otherwise))
     }
 }
 

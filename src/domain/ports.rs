@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use super::challenge::{Challenge, Delivery, Resolution};
 use super::device::{Device, ProofUse};
 use super::enrollment::Enrollment;
-use super::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
+use super::ids::{ChallengeId, ChallengeNumber, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use super::time::Millis;
 
 #[derive(Debug, thiserror::Error)]
@@ -193,9 +193,56 @@ pub struct TenantPurge {
     pub challenges: u64,
 }
 
-/// What [`Store::answer_challenge`] decides a device's answer with: the challenge as
-/// read, to its resolution. It may borrow from its caller (`'a`).
-pub type Decide<'a> = dyn for<'c> Fn(&'c Challenge) -> Resolution + Send + Sync + 'a;
+/// A device's signed answer to a challenge, all that [`Store::answer_challenge`]
+/// does for it: the proof spent, the number compared with the challenge's, the
+/// challenge resolved, the device's last use recorded.
+pub struct DeviceAnswer<'a> {
+    /// The device whose proof was checked (against this record's key).
+    pub device: &'a Device,
+    /// The proof's use, spent here: a second answer with it is refused.
+    pub proof: ProofUse,
+    /// How long the spent proof is remembered.
+    pub proof_keep_until: Millis,
+    pub challenge: &'a ChallengeId,
+    /// The number the user typed; `None` when none (or not two digits) was typed.
+    pub typed: Option<ChallengeNumber>,
+    /// The resolution when `typed` is the challenge's number, and otherwise
+    /// ([`crate::domain::challenge::Decision::resolutions`]).
+    pub on_match: Resolution,
+    pub otherwise: Resolution,
+}
+
+impl DeviceAnswer<'_> {
+    /// The resolution this answer comes to for `challenge`.
+    pub fn decide(&self, challenge: &Challenge) -> Resolution {
+        if self.typed == Some(challenge.number) { self.on_match.clone() } else { self.otherwise.clone() }
+    }
+}
+
+/// What became of a [`DeviceAnswer`].
+// Returned once per answer and taken apart at once, never stored: boxing the
+// large variant would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// The proof was spent already: nothing else was done.
+    Replayed,
+    /// The device was removed after it was read: nothing else was done.
+    DeviceGone,
+    /// The challenge is unknown, past its retention, or another user's (the
+    /// proof is spent).
+    Unknown,
+    /// The challenge was answered: `accepted` in the outcome says whether this
+    /// answer is the one that resolved it.
+    Done {
+        /// The resolution the answer came to (whether or not it was accepted).
+        resolution: Resolution,
+        outcome: ResolveOutcome,
+        /// The user's devices, read with the answer when it was accepted (the
+        /// broker clears the others' prompts); `None` when not read.
+        devices: Option<Vec<Device>>,
+    },
+}
 
 /// Follows one challenge: the receiver's current value is the latest state.
 pub type ChallengeWatch = watch::Receiver<Challenge>;
@@ -241,26 +288,34 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Option<ResolveOutcome>, StoreError>;
 
-    /// A device's answer: `decide` turns challenge `id` of `user`, as read, into a
-    /// resolution (the number typed against the challenge's), which is then set as
-    /// [`Store::resolve_challenge`] sets it. Returns the decided resolution with the
-    /// outcome; `None` when the challenge is unknown, past its retention, another
-    /// tenant's or another user's. A backend may do it in fewer round trips than the
-    /// read and the resolve it stands for (Redis: the user's slot comes from the
-    /// user, not the challenge index, and the record read is the one set).
-    async fn answer_challenge(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        id: &ChallengeId,
-        decide: &Decide<'_>,
-        now: Millis,
-    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
-        let Some(challenge) = self.get_challenge(tenant, id, now).await?.filter(|c| c.user_id == *user) else {
-            return Ok(None);
+    /// A device's answer ([`DeviceAnswer`]) as one step: the device still there
+    /// (removed since it was read: nothing is done), the proof spent (a replay
+    /// does nothing else), the challenge of the device's user decided
+    /// from its number as read and set as [`Store::resolve_challenge`] sets it,
+    /// the device's last use recorded when the challenge was found. A backend may
+    /// do it in one round trip (Redis: one script); this default composes the
+    /// other operations.
+    async fn answer_challenge(&self, answer: &DeviceAnswer<'_>, now: Millis) -> Result<Answered, StoreError> {
+        let device = answer.device;
+        if self.get_device(&device.id).await?.is_none() {
+            return Ok(Answered::DeviceGone);
+        }
+        if !self.spend_proof(answer.proof, answer.proof_keep_until).await? {
+            return Ok(Answered::Replayed);
+        }
+        let Some(challenge) =
+            self.get_challenge(&device.tenant, answer.challenge, now).await?.filter(|c| c.user_id == device.user_id)
+        else {
+            return Ok(Answered::Unknown);
         };
-        let resolution = decide(&challenge);
-        Ok(self.resolve_challenge(tenant, id, resolution.clone(), now).await?.map(|outcome| (resolution, outcome)))
+        let resolution = answer.decide(&challenge);
+        let Some(outcome) = self.resolve_challenge(&device.tenant, answer.challenge, resolution.clone(), now).await? else {
+            return Ok(Answered::Unknown);
+        };
+        if let Err(error) = self.touch_device(&device.id, now).await {
+            tracing::warn!(%error, "could not record the device's last use");
+        }
+        Ok(Answered::Done { resolution, outcome, devices: None })
     }
 
     /// Records a delivery's latest state on the challenge and wakes its watchers.

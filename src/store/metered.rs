@@ -16,8 +16,8 @@ use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Decide, EnrollmentLimits, InsertOutcome, ResolveOutcome,
-    Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, Answered, ChallengeWatch, CompleteOutcome, CreateOutcome, DeviceAnswer, EnrollmentLimits, InsertOutcome,
+    ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::telemetry::metrics::names;
 
@@ -140,15 +140,8 @@ impl Store for MeteredStore {
         self.timed("resolve_challenge", self.inner.resolve_challenge(tenant, id, resolution, now)).await
     }
 
-    async fn answer_challenge(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        id: &ChallengeId,
-        decide: &Decide<'_>,
-        now: Millis,
-    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
-        self.timed("answer_challenge", self.inner.answer_challenge(tenant, user, id, decide, now)).await
+    async fn answer_challenge(&self, answer: &DeviceAnswer<'_>, now: Millis) -> Result<Answered, StoreError> {
+        self.timed("answer_challenge", self.inner.answer_challenge(answer, now)).await
     }
 
     async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {

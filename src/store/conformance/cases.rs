@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::*;
 use crate::domain::challenge::{Decision, DenyReason, Resolution};
-use crate::store::{BlockReason, StrikePolicy};
+use crate::domain::device::ProofUse;
+use crate::store::{Answered, BlockReason, DeviceAnswer, StrikePolicy};
 
 pub async fn totp_steps_are_spent_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let (t, u) = (scope.tenant("a"), user("u"));
@@ -106,46 +107,144 @@ pub async fn per_user_limits_refuse<S: Store>(store: &S, clock: &ManualClock, sc
     create(store, sample_challenge(&t, &u, now, None), now).await;
 }
 
-/// A device's answer reaches only its own user's challenge, decided from the
-/// number the store holds; a wrong guess at the owner changes nothing, not even
-/// where the store later looks for the challenge.
+/// A device's answer (one store operation: device, proof, number, resolution,
+/// last use) reaches only its own user's challenge, decided from the number the
+/// store holds; a wrong guess at the owner changes nothing, not even where the
+/// store later looks for the challenge. The user id has the characters a JSON
+/// encoding escapes, the context too.
 pub async fn a_device_answers_only_its_users_challenge<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
     let now = clock.now();
-    let (t, u, v) = (scope.tenant("a"), user("u"), user("v"));
-    let first = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let (t, u, v) = (scope.tenant("a"), user("j\"an\\ \u{e9}"), user("v"));
+    let mut odd = sample_challenge(&t, &u, now, None);
+    odd.context.application = "\"state\":\"Pending\",\"deny_reason\":null,".into();
+    let first = create(store, odd, now).await;
     let second = create(store, sample_challenge(&t, &u, now, None), now).await;
-    let device = DeviceId::generate().expect("id");
-    let typed = |challenge: &Challenge, right: bool| {
-        let shown = challenge.number.value();
-        let other = ChallengeNumber::parse_typed(&(if shown == 99 { 10 } else { shown + 1 }).to_string()).expect("two digits");
-        let number = if right { challenge.number } else { other };
-        Decision::Approve.resolve(Some(number), challenge.number, device.clone())
+    let (phone, tablet) = (enrolled_device(store, &t, &u, now).await, enrolled_device(store, &t, &u, now).await);
+    let stranger = enrolled_device(store, &t, &v, now).await;
+    let elsewhere = enrolled_device(store, &scope.tenant("b"), &u, now).await;
+    let answer = |device: &'_ Device, challenge: &ChallengeId, typed: Option<ChallengeNumber>| {
+        let (on_match, otherwise) = Decision::Approve.resolutions(device.id.clone());
+        let mut proof = [0u8; 32];
+        os_random(&mut proof).expect("random");
+        (ProofUse(proof), typed, on_match, otherwise, device.clone(), challenge.clone())
     };
-    let right = |challenge: &Challenge| typed(challenge, true);
-    let wrong = |challenge: &Challenge| typed(challenge, false);
+    let run = async |parts: &(ProofUse, Option<ChallengeNumber>, Resolution, Resolution, Device, ChallengeId), now: Millis| {
+        let (proof, typed, on_match, otherwise, device, challenge) = parts;
+        let answer = DeviceAnswer {
+            device,
+            proof: *proof,
+            proof_keep_until: now.plus(Duration::from_secs(300)),
+            challenge,
+            typed: *typed,
+            on_match: on_match.clone(),
+            otherwise: otherwise.clone(),
+        };
+        store.answer_challenge(&answer, now).await.expect("answer")
+    };
+    let wrong_number = |challenge: &Challenge| {
+        let shown = challenge.number.value();
+        ChallengeNumber::parse_typed(&(if shown == 99 { 10 } else { shown + 1 }).to_string()).expect("two digits")
+    };
 
-    assert!(store.answer_challenge(&t, &v, &first.id, &right, now).await.expect("answer").is_none(), "another user's");
-    let elsewhere = scope.tenant("b");
-    assert!(store.answer_challenge(&elsewhere, &u, &first.id, &right, now).await.expect("answer").is_none(), "another tenant's");
+    for (device, what) in [(&stranger, "another user's"), (&elsewhere, "another tenant's")] {
+        assert_eq!(run(&answer(device, &first.id, Some(first.number)), now).await, Answered::Unknown, "{what}");
+    }
     let unknown = ChallengeId::generate().expect("id");
-    assert!(store.answer_challenge(&t, &u, &unknown, &right, now).await.expect("answer").is_none(), "unknown");
+    assert_eq!(run(&answer(&phone, &unknown, Some(first.number)), now).await, Answered::Unknown, "unknown");
     let still = store.get_challenge(&t, &first.id, now).await.expect("get").expect("still there");
-    assert_eq!(still.state, ChallengeState::Pending, "the wrong answers changed nothing");
+    assert_eq!(still, first, "the wrong answers changed nothing");
 
-    let (resolution, outcome) = store.answer_challenge(&t, &u, &first.id, &right, now).await.expect("answer").expect("found");
+    let right = answer(&phone, &first.id, Some(first.number));
+    let Answered::Done { resolution, outcome, devices } = run(&right, now).await else { panic!("answered") };
     assert_eq!(resolution.state, ChallengeState::Approved, "decided from the challenge's own number");
     assert!(outcome.accepted);
-    assert_eq!(outcome.challenge.state, ChallengeState::Approved);
-    assert_eq!(outcome.challenge.resolved_by, Some(device.clone()));
-    let (_, again) = store.answer_challenge(&t, &u, &first.id, &wrong, now).await.expect("answer").expect("found");
-    assert!(!again.accepted, "one resolution wins");
-    assert_eq!(again.challenge.state, ChallengeState::Approved);
+    let approved = Challenge {
+        state: ChallengeState::Approved,
+        resolved_at: Some(now),
+        resolved_by: Some(phone.id.clone()),
+        ..first.clone()
+    };
+    assert_eq!(outcome.challenge, approved, "only the resolution changed");
+    assert_eq!(store.get_challenge(&t, &first.id, now).await.expect("get"), Some(approved.clone()));
+    if let Some(devices) = devices {
+        let ids: Vec<&DeviceId> = devices.iter().map(|d| &d.id).collect();
+        assert!(ids.len() == 2 && ids.contains(&&phone.id) && ids.contains(&&tablet.id), "the user's devices: {ids:?}");
+    }
+    let used = store.get_device(&phone.id).await.expect("get").expect("device");
+    assert_eq!(used, Device { last_used_at: Some(now), ..phone.clone() }, "the last use, and nothing else");
+    assert_eq!(run(&right, now).await, Answered::Replayed, "a proof answers once");
 
-    let (resolution, outcome) = store.answer_challenge(&t, &u, &second.id, &wrong, now).await.expect("answer").expect("found");
+    let later = now.plus(Duration::from_secs(1));
+    let again = run(&answer(&tablet, &first.id, Some(wrong_number(&first))), later).await;
+    let Answered::Done { outcome: again, .. } = again else { panic!("found: {again:?}") };
+    assert!(!again.accepted, "one resolution wins");
+    assert_eq!(again.challenge, approved);
+
+    let Answered::Done { resolution, outcome, .. } = run(&answer(&tablet, &second.id, Some(wrong_number(&second))), later).await
+    else {
+        panic!("answered")
+    };
     assert_eq!((resolution.state, resolution.deny_reason), (ChallengeState::Denied, Some(DenyReason::WrongNumber)));
     assert!(outcome.accepted);
-    let read = store.get_challenge(&t, &second.id, now).await.expect("get").expect("retained");
-    assert_eq!((read.state, read.deny_reason), (ChallengeState::Denied, Some(DenyReason::WrongNumber)));
+    let denied = Challenge {
+        state: ChallengeState::Denied,
+        deny_reason: Some(DenyReason::WrongNumber),
+        resolved_at: Some(later),
+        resolved_by: Some(tablet.id.clone()),
+        ..second.clone()
+    };
+    assert_eq!(store.get_challenge(&t, &second.id, later).await.expect("get"), Some(denied));
+    assert_eq!(store.get_device(&tablet.id).await.expect("get").expect("device").last_used_at, Some(later));
+
+    // No number typed: not a match.
+    let third = create(store, sample_challenge(&t, &u, later, None), later).await;
+    let Answered::Done { resolution, .. } = run(&answer(&phone, &third.id, None), later).await else { panic!("answered") };
+    assert_eq!(resolution.deny_reason, Some(DenyReason::WrongNumber));
+
+    // A removed device answers nothing, and does not spend its proof.
+    let fourth = create(store, sample_challenge(&t, &u, later, None), later).await;
+    assert!(store.remove_device(&t, &tablet.id).await.expect("remove"));
+    let gone = answer(&tablet, &fourth.id, Some(fourth.number));
+    assert_eq!(run(&gone, later).await, Answered::DeviceGone);
+    assert_eq!(store.get_challenge(&t, &fourth.id, later).await.expect("get").expect("there").state, ChallengeState::Pending);
+}
+
+/// What a device's answer meets besides a PENDING challenge in time: a block in
+/// force (the approval cancels instead) and the expiry (the answer is refused and
+/// the challenge reads EXPIRED).
+pub async fn a_device_answer_meets_blocks_and_expiry<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
+    let now = clock.now();
+    let (t, u) = (scope.tenant("a"), user("u"));
+    let device = enrolled_device(store, &t, &u, now).await;
+    let blocked = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let late = create(store, sample_challenge(&t, &u, now, None), now).await;
+    let answer = async |challenge: &Challenge, at: Millis| {
+        let (on_match, otherwise) = Decision::Approve.resolutions(device.id.clone());
+        let mut proof = [0u8; 32];
+        os_random(&mut proof).expect("random");
+        let answer = DeviceAnswer {
+            device: &device,
+            proof: ProofUse(proof),
+            proof_keep_until: at.plus(Duration::from_secs(300)),
+            challenge: &challenge.id,
+            typed: Some(challenge.number),
+            on_match,
+            otherwise,
+        };
+        store.answer_challenge(&answer, at).await.expect("answer")
+    };
+
+    let block = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: Some(now.plus(Duration::from_secs(60))) };
+    store.block_user(&t, &u, block, now).await.expect("block");
+    let Answered::Done { outcome, .. } = answer(&blocked, now).await else { panic!("found") };
+    assert!(!outcome.accepted, "no approval while blocked");
+    assert_eq!(outcome.challenge.state, ChallengeState::Cancelled);
+    store.unblock_user(&t, &u).await.expect("unblock");
+
+    let past = late.expires_at;
+    let Answered::Done { outcome, .. } = answer(&late, past).await else { panic!("found") };
+    assert!(!outcome.accepted, "no answer after the expiry");
+    assert_eq!(outcome.challenge.state, ChallengeState::Expired);
 }
 
 pub async fn exactly_one_resolution_wins<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {

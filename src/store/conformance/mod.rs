@@ -188,7 +188,7 @@ pub(super) fn user(name: &str) -> UserId {
 }
 
 /// A device enrolled through a fresh enrollment of `user`.
-pub(super) async fn enrolled_device<S: Store>(store: &S, tenant: &TenantId, user: &UserId, now: Millis) -> Device {
+pub async fn enrolled_device<S: Store>(store: &S, tenant: &TenantId, user: &UserId, now: Millis) -> Device {
     let enrollment = sample_enrollment(tenant, user, now);
     store.insert_enrollment(enrollment.clone(), &limits(), now).await.expect("insert");
     let device = sample_device(tenant, user, now);
@@ -239,6 +239,7 @@ macro_rules! conformance_suite {
             per_user_limits_refuse,
             exactly_one_resolution_wins,
             a_device_answers_only_its_users_challenge,
+            a_device_answer_meets_blocks_and_expiry,
             expiry_reaches_watchers,
             deliveries_reach_watchers,
             pending_lists_newest_first,

@@ -9,14 +9,18 @@ use std::time::Duration;
 use futures::StreamExt as _;
 
 use super::RedisStore;
+use super::challenges::AnswerText;
 use super::keys::{Keys, shard_channel, user_tag};
 use super::testing::{RedisCluster, RedisServer};
 use super::tests::store_on;
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution};
-use crate::domain::ids::{DeviceId, UserId};
+use crate::domain::device::Device;
+use crate::domain::device::ProofUse;
+use crate::domain::ids::os_random;
+use crate::domain::ids::{ChallengeNumber, DeviceId, UserId};
 use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
-use crate::store::CreateOutcome;
-use crate::store::conformance::{Scope, policy, sample_challenge, sample_delivery};
+use crate::store::conformance::{Scope, enrolled_device, policy, sample_challenge, sample_delivery, sample_device};
+use crate::store::{Answered, CreateOutcome, DeviceAnswer};
 
 async fn created(store: &RedisStore, challenge: Challenge, now: Millis) -> Challenge {
     match store.create_challenge(challenge, &policy(), now).await.expect("create") {
@@ -146,6 +150,42 @@ async fn a_slow_clock_cannot_answer_after_expiry(urls: Vec<String>) {
     let outcome = store.resolve_challenge(&tenant, &fresh.id, answer, behind.now()).await.expect("resolve").expect("found");
     assert!(outcome.accepted);
     assert_eq!(outcome.challenge.state, ChallengeState::Approved);
+
+    // The phone's way in (`answer.lua`, one call) holds to Redis's clock as well.
+    let phone = enrolled_device(&store, &tenant, &user, behind.now()).await;
+    let device_answer = async |challenge: &Challenge| {
+        let (on_match, otherwise) = Decision::Approve.resolutions(phone.id.clone());
+        let mut proof = [0u8; 32];
+        os_random(&mut proof).expect("random");
+        let answer = DeviceAnswer {
+            device: &phone,
+            proof: ProofUse(proof),
+            proof_keep_until: behind.now().plus(Duration::from_secs(300)),
+            challenge: &challenge.id,
+            typed: Some(challenge.number),
+            on_match,
+            otherwise,
+        };
+        match store.answer_challenge(&answer, behind.now()).await.expect("answer") {
+            Answered::Done { outcome, devices, .. } => (outcome, devices),
+            other => panic!("expected an answer, got {other:?}"),
+        }
+    };
+    let mut late = sample_challenge(&tenant, &user, behind.now(), None);
+    late.expires_at = behind.now().plus(Duration::from_secs(30));
+    let late = created(&store, late, behind.now()).await;
+    let (outcome, _) = device_answer(&late).await;
+    assert!(!outcome.accepted, "a phone's answer after the real expiry is refused");
+    assert_eq!(outcome.challenge.state, ChallengeState::Expired);
+    let mut fresh = sample_challenge(&tenant, &user, behind.now(), None);
+    fresh.expires_at = behind.now().plus(Duration::from_secs(120));
+    let fresh = created(&store, fresh, behind.now()).await;
+    let (outcome, devices) = device_answer(&fresh).await;
+    assert!(outcome.accepted);
+    assert_eq!(outcome.challenge.state, ChallengeState::Approved);
+    // Read by the script with the answer: the one-call path, not the fallback.
+    let devices = devices.expect("the user's devices came with the answer");
+    assert_eq!(devices.iter().map(|d| &d.id).collect::<Vec<_>>(), vec![&phone.id]);
 }
 
 #[tokio::test]
@@ -233,4 +273,64 @@ async fn the_pending_list_compares_the_user_id() {
     assert_eq!(pending.iter().map(|c| &c.id).collect::<Vec<_>>(), vec![&own.id]);
     let theirs_listed = fresh.pending_challenges(&tenant, &other, clock.now()).await.expect("list");
     assert_eq!(theirs_listed.iter().map(|c| &c.id).collect::<Vec<_>>(), vec![&theirs.id]);
+}
+
+/// `answer.lua` resolves a challenge and touches a device by replacing the text
+/// fragments `AnswerText` makes: done here as the script does it (each found once,
+/// plainly), the result is what serde writes for the resolved challenge and the
+/// touched device, for a user id, a context and a device name with the characters
+/// JSON escapes, and for both resolutions.
+#[test]
+fn answer_text_rewrites_as_serde_writes() {
+    let now = SystemClock.now();
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("j\"an\\ \u{e9} \"state\":\"Pending\",").expect("user"));
+    let mut challenge = sample_challenge(&tenant, &user, now, None);
+    challenge.context.application = "\"resolved_at\":null,\"resolved_by\":null,".into();
+    let mut device = sample_device(&tenant, &user, now);
+    device.display_name = "\"last_used_at\":null}".into();
+    let once = |text: &str, fragment: &str| {
+        assert_eq!(text.matches(fragment).count(), 1, "{fragment} in {text}");
+        text.find(fragment).expect("found")
+    };
+    let replace = |text: &str, fragment: &str, with: &str| {
+        let at = once(text, fragment);
+        format!("{}{with}{}", &text[..at], &text[at + fragment.len()..])
+    };
+    for typed_right in [true, false] {
+        let typed = if typed_right { challenge.number } else { wrong(challenge.number) };
+        let (on_match, otherwise) = Decision::Approve.resolutions(device.id.clone());
+        let answer = DeviceAnswer {
+            device: &device,
+            proof: ProofUse([7; 32]),
+            proof_keep_until: now,
+            challenge: &challenge.id,
+            typed: Some(typed),
+            on_match: on_match.clone(),
+            otherwise: otherwise.clone(),
+        };
+        let text = AnswerText::new(&answer, now).expect("text");
+        let json = serde_json::to_string(&challenge).expect("json");
+        once(&json, &text.owner);
+        assert_eq!(json.contains(&text.number), typed_right, "the number fragment matches the right number only");
+        let parts = if typed_right { &text.on_match } else { &text.otherwise };
+        let resolved = replace(&replace(&json, &text.pending[0], &parts[1]), &text.pending[1], &parts[2]);
+        let mut expected = challenge.clone();
+        assert!(expected.apply(if typed_right { &on_match } else { &otherwise }, now));
+        assert_eq!(resolved, serde_json::to_string(&expected).expect("json"));
+        assert_eq!(parts[0], if typed_right { "Approved" } else { "Denied" });
+
+        for last in [None, Some(now.minus(Duration::from_secs(5)))] {
+            let before = serde_json::to_string(&Device { last_used_at: last, ..device.clone() }).expect("json");
+            let tail = format!("\"last_used_at\":{}}}", serde_json::to_string(&last).expect("json"));
+            assert!(before.ends_with(&tail), "the last use ends the device's JSON, as answer.lua's pattern expects");
+            let touched = format!("{}{}", &before[..before.len() - tail.len()], text.touched);
+            let expected = Device { last_used_at: Some(now), ..device.clone() };
+            assert_eq!(touched, serde_json::to_string(&expected).expect("json"));
+        }
+    }
+}
+
+fn wrong(number: ChallengeNumber) -> ChallengeNumber {
+    let shown = number.value();
+    ChallengeNumber::parse_typed(&(if shown == 99 { 10 } else { shown + 1 }).to_string()).expect("two digits")
 }

@@ -16,9 +16,12 @@ use super::connection::{Connection, corrupt, decode, encode};
 use super::keys::{Keys, TTL_MARGIN, TagCache, challenge_index, shard_channel, ttl_ms, user_tag};
 use super::watch::WatchRegistry;
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
-use crate::domain::ids::{ChallengeId, TenantId, UserId};
+use crate::domain::ids::{ChallengeId, DeviceId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{AdmissionPolicy, ChallengeWatch, CreateOutcome, Decide, Refusal, ResolveOutcome, StoreError};
+use crate::store::{AdmissionPolicy, Answered, ChallengeWatch, CreateOutcome, DeviceAnswer, Refusal, ResolveOutcome, StoreError};
+
+/// How a resolution is decided from the challenge as read.
+type Decide<'a> = dyn Fn(&Challenge) -> Resolution + Send + Sync + 'a;
 
 /// What a challenge read returns: the challenge, its version and when it goes.
 pub(super) struct ChallengeRecord {
@@ -37,6 +40,28 @@ enum Written {
     Blocked,
     /// The challenge is PENDING past its expiry by Redis's clock, which read this.
     Expired(Millis),
+}
+
+/// A challenge record from its hash's fields (`HGETALL`): the challenge in `json`
+/// with the deliveries in their own fields (`d:<device id>`, see `delivery.lua`)
+/// laid over it; `None` for a record that is not there.
+fn parse_record(tag: &str, id: &ChallengeId, mut fields: HashMap<String, String>) -> Result<Option<ChallengeRecord>, StoreError> {
+    let (Some(json), Some(version), Some(purge_at)) = (fields.remove("json"), fields.remove("v"), fields.remove("purge_at"))
+    else {
+        return Ok(None);
+    };
+    let mut challenge: Challenge = decode(&json)?;
+    if challenge.id != *id {
+        return Err(corrupt("a challenge record under another challenge's id"));
+    }
+    let mut deliveries: Vec<(String, String)> = fields.into_iter().filter(|(name, _)| name.starts_with("d:")).collect();
+    deliveries.sort();
+    for (_, delivery) in deliveries {
+        challenge.record_delivery(decode(&delivery)?);
+    }
+    let version = version.parse().map_err(corrupt)?;
+    let purge_at = Millis(purge_at.parse().map_err(corrupt)?);
+    Ok(Some(ChallengeRecord { tag: tag.to_owned(), version, purge_at, challenge }))
 }
 
 /// What the background tasks need: reads, expiry compare-and-sets, the registry.
@@ -73,23 +98,8 @@ impl Reader {
     /// [`Reader::load`] in the slot of user tag `tag`, known already: no index read.
     async fn load_at(&self, tag: &str, id: &ChallengeId) -> Result<Option<ChallengeRecord>, StoreError> {
         let key = Keys(tag).challenge(id.as_str());
-        let mut fields: HashMap<String, String> = self.connection.query(redis::cmd("HGETALL").arg(&key)).await?;
-        let (Some(json), Some(version), Some(purge_at)) = (fields.remove("json"), fields.remove("v"), fields.remove("purge_at"))
-        else {
-            return Ok(None);
-        };
-        let mut challenge: Challenge = decode(&json)?;
-        if challenge.id != *id {
-            return Err(corrupt("a challenge record under another challenge's id"));
-        }
-        let mut deliveries: Vec<(String, String)> = fields.into_iter().filter(|(name, _)| name.starts_with("d:")).collect();
-        deliveries.sort();
-        for (_, delivery) in deliveries {
-            challenge.record_delivery(decode(&delivery)?);
-        }
-        let version = version.parse().map_err(corrupt)?;
-        let purge_at = Millis(purge_at.parse().map_err(corrupt)?);
-        Ok(Some(ChallengeRecord { tag: tag.to_owned(), version, purge_at, challenge }))
+        let fields: HashMap<String, String> = self.connection.query(redis::cmd("HGETALL").arg(&key)).await?;
+        parse_record(tag, id, fields)
     }
 
     /// Writes `challenge` if the record is still at `version`; returns the new
@@ -333,20 +343,79 @@ impl RedisStore {
         Ok(outcome.map(|(_, outcome)| outcome))
     }
 
-    /// Two calls on any replica (the record, the compare-and-set): the user's slot
-    /// comes from the user. The id is not put in the tag cache: it is the caller's
-    /// word that the challenge is this user's, and a wrong guess must not steer
-    /// later reads of the id to the wrong slot.
-    pub(super) async fn answer_challenge(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        id: &ChallengeId,
-        decide: &Decide<'_>,
-        now: Millis,
-    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
-        let tag = user_tag(tenant, user);
-        self.settle(Some((&tag, user)), tenant, id, decide, now).await
+    /// One call (`answer.lua`) on any replica: the user's slot comes from the
+    /// device, and the script does every step of [`DeviceAnswer`] and reads the
+    /// user's devices for the clears. What the script leaves to Rust (an expiry
+    /// come, an approval while blocked: rare) is settled by read and
+    /// compare-and-set, as any resolution is. The id is not put in the tag cache:
+    /// it is the caller's word that the challenge is this user's.
+    pub(super) async fn answer_challenge(&self, answer: &DeviceAnswer<'_>, now: Millis) -> Result<Answered, StoreError> {
+        let device = answer.device;
+        let id = answer.challenge;
+        let tag = user_tag(&device.tenant, &device.user_id);
+        let keys = Keys(&tag);
+        let text = AnswerText::new(answer, now)?;
+        let mut invocation = self.scripts.answer.prepare_invoke();
+        invocation
+            .key(keys.challenge(id.as_str()))
+            .key(keys.pending())
+            .key(keys.block())
+            .key(keys.proof(&answer.proof))
+            .key(keys.device(device.id.as_str()))
+            .key(keys.devices())
+            .arg(ttl_ms(now, answer.proof_keep_until))
+            .arg(now.0)
+            .arg(u64::try_from(TTL_MARGIN.as_millis()).unwrap_or(u64::MAX))
+            .arg(shard_channel(id))
+            .arg(id.as_str())
+            .arg(&text.owner)
+            .arg(&text.number)
+            .arg(&text.pending[0])
+            .arg(&text.pending[1]);
+        for [state, state_text, resolved_text] in [&text.on_match, &text.otherwise] {
+            invocation.arg(state).arg(state_text).arg(resolved_text);
+        }
+        invocation.arg(keys.device_prefix()).arg(&text.touched);
+        let reply: Vec<String> = self.connection.invoke(&invocation).await?;
+        let (word, matched) = (reply.first().map(String::as_str), reply.get(1).is_some_and(|m| m == "m"));
+        let resolution = if matched { &answer.on_match } else { &answer.otherwise };
+        match word {
+            Some("device_gone") => Ok(Answered::DeviceGone),
+            Some("replayed") => Ok(Answered::Replayed),
+            Some("unknown") => Ok(Answered::Unknown),
+            Some(word @ ("final" | "answered")) => {
+                let count: usize =
+                    reply.get(2).and_then(|count| count.parse().ok()).ok_or_else(|| corrupt("answer without a record"))?;
+                let fields = reply.get(3..3 + count).ok_or_else(|| corrupt("answer with a short record"))?;
+                let fields: HashMap<String, String> =
+                    fields.chunks_exact(2).map(|pair| (pair[0].clone(), pair[1].clone())).collect();
+                let record = parse_record(&tag, id, fields)?.ok_or_else(|| corrupt("answer with an empty record"))?;
+                self.watchers.apply(record.version, &record.challenge);
+                if word == "final" {
+                    let resolution = answer.decide(&record.challenge);
+                    return Ok(Answered::Done {
+                        resolution,
+                        outcome: ResolveOutcome { accepted: false, challenge: record.challenge },
+                        devices: None,
+                    });
+                }
+                let devices = super::records::user_devices(&reply[3 + count..], &device.tenant, &device.user_id)?;
+                Ok(Answered::Done {
+                    resolution: resolution.clone(),
+                    outcome: ResolveOutcome { accepted: true, challenge: record.challenge },
+                    devices: Some(devices),
+                })
+            }
+            Some("fallback") => {
+                let settled = self.settle(Some((&tag, &device.user_id)), &device.tenant, id, &|c| answer.decide(c), now).await?;
+                Ok(settled.map_or(Answered::Unknown, |(resolution, outcome)| Answered::Done {
+                    resolution,
+                    outcome,
+                    devices: None,
+                }))
+            }
+            other => Err(corrupt(format!("unexpected answer {other:?}"))),
+        }
     }
 
     /// Reads the challenge (in `slot`'s user tag, and only if it is that user's,
@@ -436,5 +505,52 @@ impl RedisStore {
         }
         pending.sort_by_key(|c| std::cmp::Reverse(c.created_at));
         Ok(pending)
+    }
+}
+
+/// The fragments of a challenge's JSON that `answer.lua` finds and replaces (see
+/// its header for why by text). Made by serde from the same types the JSON is, and
+/// checked against serde's own output by `answer_text_rewrites_as_serde_writes`.
+pub(super) struct AnswerText {
+    /// `"tenant":<t>,"user_id":<u>,`: whose challenge it must be.
+    pub(super) owner: String,
+    /// `"number":<n>,`: the typed number; empty when none was typed.
+    pub(super) number: String,
+    /// A PENDING challenge's state and resolution fields.
+    pub(super) pending: [String; 2],
+    /// The state's name, the state text and the resolution text, when the number matches.
+    pub(super) on_match: [String; 3],
+    pub(super) otherwise: [String; 3],
+    /// The device JSON's end with its last use: `"last_used_at":<ms>}`.
+    pub(super) touched: String,
+}
+
+impl AnswerText {
+    pub(super) fn new(answer: &DeviceAnswer<'_>, now: Millis) -> Result<Self, StoreError> {
+        let device = answer.device;
+        let state_text = |state: &ChallengeState, deny_reason| -> Result<String, StoreError> {
+            Ok(format!("\"state\":{},\"deny_reason\":{},", encode(state)?, encode(&deny_reason)?))
+        };
+        let resolved_text = |at: Option<Millis>, by: &Option<DeviceId>| -> Result<String, StoreError> {
+            Ok(format!("\"resolved_at\":{},\"resolved_by\":{},", encode(&at)?, encode(by)?))
+        };
+        let parts = |resolution: &Resolution| -> Result<[String; 3], StoreError> {
+            Ok([
+                encode(&resolution.state)?.trim_matches('"').to_owned(),
+                state_text(&resolution.state, resolution.deny_reason)?,
+                resolved_text(Some(now), &resolution.device_id)?,
+            ])
+        };
+        Ok(Self {
+            owner: format!("\"tenant\":{},\"user_id\":{},", encode(&device.tenant)?, encode(&device.user_id)?),
+            number: match answer.typed {
+                Some(typed) => format!("\"number\":{},", encode(&typed)?),
+                None => String::new(),
+            },
+            pending: [state_text(&ChallengeState::Pending, None)?, resolved_text(None, &None)?],
+            on_match: parts(&answer.on_match)?,
+            otherwise: parts(&answer.otherwise)?,
+            touched: format!("\"last_used_at\":{}}}", encode(&Some(now))?),
+        })
     }
 }

@@ -37,6 +37,7 @@
 //! | `pm:code:<code digest>` | string | `<tu> <enrollment id>` | as the enrollment |
 //! | `pm:pubkey:<key fingerprint hex>` | string | the id of the device that holds the public key (a key enrolls once, for any user) | none: until the device is removed |
 //! | `pm:proof:<proof use hex>` | string | `1`: this device proof was used | until the proof's `keep_until` (at least 1 ms) |
+//! | `pm:{tu}:proof:<proof use hex>` | string | `1`: this RespondToChallenge proof was used (spent by `answer.lua`, so in the user's slot) | as `pm:proof:*` |
 //!
 //! Updates by compare-and-set keep a key's TTL (`KEEPTTL`).
 //!
@@ -183,6 +184,11 @@ impl Keys<'_> {
     }
     pub(super) fn devices(&self) -> String {
         format!("pm:{{{}}}:devs", self.0)
+    }
+    /// A used proof of RespondToChallenge, in the user's slot so that the answer
+    /// spends it in the same script.
+    pub(super) fn proof(&self, proof: &ProofUse) -> String {
+        format!("pm:{{{}}}:proof:{}", self.0, proof.to_hex())
     }
     pub(super) fn enrollment(&self, id: &str) -> String {
         format!("pm:{{{}}}:en:{id}", self.0)

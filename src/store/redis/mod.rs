@@ -20,6 +20,10 @@
 //! for every replica whose clock is right, and tie the store's behaviour to a clock
 //! its tests cannot move. Keep the replicas' clocks synchronised (NTP) all the same.
 //!
+//! A device's answer is one call (`answer.lua`): the proof spent (its key in the
+//! user's slot), the number compared, the challenge resolved, the device touched,
+//! the user's devices read for the clears.
+//!
 //! Every change to a challenge is announced, as its id and version and nothing
 //! else, on one of [`SHARDS`] channels (by challenge id), so each replica holds one
 //! pub/sub connection subscribed to a fixed handful of channels, not one SUBSCRIBE
@@ -48,8 +52,8 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, Decide, EnrollmentLimits, InsertOutcome, ResolveOutcome,
-    Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, Answered, ChallengeWatch, CompleteOutcome, CreateOutcome, DeviceAnswer, EnrollmentLimits, InsertOutcome,
+    ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::{Device, ProofUse};
@@ -229,15 +233,8 @@ impl Store for RedisStore {
         RedisStore::resolve_challenge(self, tenant, id, resolution, now).await
     }
 
-    async fn answer_challenge(
-        &self,
-        tenant: &TenantId,
-        user: &UserId,
-        id: &ChallengeId,
-        decide: &Decide<'_>,
-        now: Millis,
-    ) -> Result<Option<(Resolution, ResolveOutcome)>, StoreError> {
-        RedisStore::answer_challenge(self, tenant, user, id, decide, now).await
+    async fn answer_challenge(&self, answer: &DeviceAnswer<'_>, now: Millis) -> Result<Answered, StoreError> {
+        RedisStore::answer_challenge(self, answer, now).await
     }
 
     async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {

@@ -11,6 +11,21 @@ use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError};
 
+/// The devices among `records` (JSON, as the user's slot holds them) that are
+/// `tenant`'s `user`'s, oldest first: a tag shared by two users would not show one
+/// user's devices to the other.
+pub(super) fn user_devices(records: &[String], tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
+    let mut devices: Vec<Device> = Vec::new();
+    for record in records {
+        let device: Device = decode(record)?;
+        if device.tenant == *tenant && device.user_id == *user {
+            devices.push(device);
+        }
+    }
+    devices.sort_by(|a, b| a.enrolled_at.cmp(&b.enrolled_at).then_with(|| a.id.as_str().cmp(b.id.as_str())));
+    Ok(devices)
+}
+
 /// Reads and compare-and-sets behind the trait methods below.
 impl RedisStore {
     /// The device's key, its stored text and the device.
@@ -252,15 +267,7 @@ impl RedisStore {
         let keys = Keys(&tag);
         let records: Vec<String> =
             self.connection.invoke(self.scripts.devices.key(keys.devices()).arg(keys.device_prefix())).await?;
-        let mut devices: Vec<Device> = Vec::new();
-        for record in records {
-            let device: Device = decode(&record)?;
-            if device.tenant == *tenant && device.user_id == *user {
-                devices.push(device);
-            }
-        }
-        devices.sort_by(|a, b| a.enrolled_at.cmp(&b.enrolled_at).then_with(|| a.id.as_str().cmp(b.id.as_str())));
-        Ok(devices)
+        user_devices(&records, tenant, user)
     }
 
     pub(super) async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {

@@ -1,5 +1,6 @@
 //! The Lua scripts: every step that decides runs in Redis as one of these. Each
-//! `.lua` file documents its KEYS, ARGV and answer at its top.
+//! `.lua` file documents its KEYS, ARGV and answer at its top; `challenge_common.lua`
+//! holds what the challenge scripts share.
 
 use std::sync::Arc;
 
@@ -11,6 +12,8 @@ pub(super) struct Scripts {
     /// The compare-and-set that every challenge change goes through, shared with
     /// the background tasks (`challenge_cas.lua`).
     pub(super) challenge_cas: Arc<Script>,
+    /// A device's answer in one call (`answer.lua`).
+    pub(super) answer: Script,
     /// Records a delivery in its own field of the challenge (`delivery.lua`).
     pub(super) delivery: Script,
     /// A user's device records (`devices.lua`).
@@ -35,7 +38,8 @@ impl Scripts {
     pub(super) fn new() -> Self {
         Self {
             create: Script::new(include_str!("scripts/create.lua")),
-            challenge_cas: Arc::new(Script::new(include_str!("scripts/challenge_cas.lua"))),
+            challenge_cas: Arc::new(with_common(include_str!("scripts/challenge_cas.lua"))),
+            answer: with_common(include_str!("scripts/answer.lua")),
             delivery: Script::new(include_str!("scripts/delivery.lua")),
             devices: Script::new(include_str!("scripts/devices.lua")),
             value_cas: Script::new(include_str!("scripts/value_cas.lua")),
@@ -47,4 +51,10 @@ impl Scripts {
             totp_succeeded: Script::new(include_str!("scripts/totp_succeeded.lua")),
         }
     }
+}
+
+/// A challenge script with `challenge_common.lua` (the rules every change obeys:
+/// expiry by both clocks, the block, the commit and its announcement) before it.
+fn with_common(script: &str) -> Script {
+    Script::new(&format!("{}\n{script}", include_str!("scripts/challenge_common.lua")))
 }

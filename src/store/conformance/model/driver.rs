@@ -1,6 +1,7 @@
 //! Runs one sequence: each step against the store and the model, outcomes compared.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,10 +10,14 @@ mod devices;
 use super::rules::{self, CreateExpected, Model};
 use super::{Answer, BlockKind, Op, USERS};
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution, SignInContext};
-use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
+use crate::domain::device::{Device, ProofUse};
+use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId, os_random};
 use crate::domain::time::{Clock, ManualClock, Millis};
 use crate::store::conformance::{Fixture, Scope};
-use crate::store::{BlockReason, ChallengeWatch, CreateOutcome, Refusal, Store, StoreError, TotpAttempt, UserBlock};
+use crate::store::{
+    Answered, BlockReason, ChallengeWatch, CreateOutcome, DeviceAnswer, Refusal, ResolveOutcome, Store, StoreError, TotpAttempt,
+    UserBlock,
+};
 
 macro_rules! ensure {
     ($cond:expr, $($message:tt)+) => {
@@ -58,6 +63,9 @@ async fn race<T: Send + 'static>(
     }
     Ok(results)
 }
+
+/// One racing resolution: a device's answer or the IdP's.
+type Resolving = Pin<Box<dyn Future<Output = Result<Option<ResolveOutcome>, StoreError>> + Send>>;
 
 /// Another number than `number`.
 fn wrong(number: ChallengeNumber) -> ChallengeNumber {
@@ -346,28 +354,55 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
         let now = self.now();
         let model = self.model.challenges[index].clone();
         let user = model.user;
-        let resolutions: Vec<Resolution> = answers
-            .iter()
-            .map(|answer| {
-                let device = DeviceId::generate().expect("id");
-                match answer {
-                    Answer::ApproveRight => Decision::Approve.resolve(Some(model.number), model.number, device),
-                    Answer::ApproveWrong => Decision::Approve.resolve(Some(wrong(model.number)), model.number, device),
-                    Answer::Deny => Decision::Deny.resolve(None, model.number, device),
-                    Answer::ReportFraud => Decision::ReportFraud.resolve(None, model.number, device),
-                    Answer::Cancel => Resolution::cancelled(),
-                }
-            })
-            .collect();
+        // A device's answer goes the phone's way (`Store::answer_challenge`) when
+        // the user has a device, by turns between its devices; otherwise, and
+        // for the IdP's cancel, by `resolve_challenge`.
+        let phones: Vec<Device> =
+            self.model.devices.iter().filter(|d| d.user == user && d.present).map(|d| d.device.clone()).collect();
+        let mut calls: Vec<Resolving> = Vec::new();
+        let mut resolutions: Vec<Resolution> = Vec::new();
+        let mut by_device = 0;
+        for (i, answer) in answers.iter().enumerate() {
+            let phone = phones.get(i % phones.len().max(1)).filter(|_| *answer != Answer::Cancel).cloned();
+            let device = phone.as_ref().map_or_else(|| DeviceId::generate().expect("id"), |phone| phone.id.clone());
+            let (decision, typed) = match answer {
+                Answer::ApproveRight => (Decision::Approve, Some(model.number)),
+                Answer::ApproveWrong => (Decision::Approve, Some(wrong(model.number))),
+                Answer::Deny => (Decision::Deny, None),
+                Answer::ReportFraud => (Decision::ReportFraud, None),
+                Answer::Cancel => (Decision::Deny, None),
+            };
+            let resolution = match answer {
+                Answer::Cancel => Resolution::cancelled(),
+                _ => decision.resolve(typed, model.number, device.clone()),
+            };
+            resolutions.push(resolution.clone());
+            let (fixture, tenant, id) = (Arc::clone(&self.fixture), self.tenant.clone(), model.id.clone());
+            by_device += usize::from(phone.is_some());
+            calls.push(match phone {
+                Some(phone) => Box::pin(async move {
+                    let (on_match, otherwise) = decision.resolutions(phone.id.clone());
+                    let mut proof = [0u8; 32];
+                    os_random(&mut proof).expect("random");
+                    let answer = DeviceAnswer {
+                        device: &phone,
+                        proof: ProofUse(proof),
+                        proof_keep_until: now.plus(Duration::from_secs(300)),
+                        challenge: &id,
+                        typed,
+                        on_match,
+                        otherwise,
+                    };
+                    match fixture.store().answer_challenge(&answer, now).await? {
+                        Answered::Done { outcome, .. } => Ok(Some(outcome)),
+                        Answered::Unknown => Ok(None),
+                        other => Err(StoreError::corrupt("model", format!("a device's answer came to {other:?}"))),
+                    }
+                }),
+                None => Box::pin(async move { fixture.store().resolve_challenge(&tenant, &id, resolution, now).await }),
+            });
+        }
         let blocked_before = self.model.block_in_force(user, now).is_some();
-        let calls = resolutions
-            .iter()
-            .map(|resolution| {
-                let (fixture, tenant, id, resolution) =
-                    (Arc::clone(&self.fixture), self.tenant.clone(), model.id.clone(), resolution.clone());
-                async move { fixture.store().resolve_challenge(&tenant, &id, resolution, now).await }
-            })
-            .collect();
         let new_block = block.map(|kind| self.new_block(kind));
         let blocking = {
             let (fixture, tenant, user_id, new_block) =
@@ -395,7 +430,13 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
         };
         let accepted: Vec<usize> = (0..outcomes.len()).filter(|i| outcomes[*i].accepted).collect();
         let last = &outcomes[0].challenge;
-        seen(format!("answer: {} racing, {} accepted, {:?} -> {:?}", outcomes.len(), accepted.len(), model.state, last.state));
+        seen(format!(
+            "answer: {} racing ({by_device} by a device), {} accepted, {:?} -> {:?}",
+            outcomes.len(),
+            accepted.len(),
+            model.state,
+            last.state
+        ));
         ensure!(
             outcomes.iter().all(|o| o.challenge.state == last.state && o.challenge.resolved_by == last.resolved_by),
             "racing answers read different final states: {:?}",

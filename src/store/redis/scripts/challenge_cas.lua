@@ -25,35 +25,22 @@
 -- the later of the store's clock and Redis's own (TIME): a replica whose clock is
 -- behind cannot answer, or keep alive, a challenge past its expiry. Only the
 -- change to EXPIRED itself passes then.
+-- (expiry_has_come, blocked and commit: challenge_common.lua.)
+local now = tonumber(ARGV[6])
 local h = redis.call('HMGET', KEYS[1], 'v', 'state', 'expires_at', 'purge_at', 'purge_settled')
 local v = h[1]
 if not v or v ~= ARGV[1] then
   return {0}
 end
 if h[2] == 'Pending' and ARGV[3] ~= 'Expired' then
-  local t = redis.call('TIME')
-  local redis_now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if math.max(tonumber(ARGV[6]), redis_now) >= tonumber(h[3]) then
+  local due, redis_now = expiry_has_come(h[3], now)
+  if due then
     return {-2, redis_now}
   end
 end
-if ARGV[7] == '1' then
-  local block = redis.call('GET', KEYS[3])
-  if block then
-    local b = cjson.decode(block)
-    if b['until'] == cjson.null or tonumber(ARGV[6]) < tonumber(b['until']) then
-      return {-1}
-    end
-  end
+if ARGV[7] == '1' and blocked(KEYS[3], now) then
+  return {-1}
 end
 local nv = tonumber(v) + 1
-redis.call('HSET', KEYS[1], 'json', ARGV[2], 'v', nv, 'state', ARGV[3])
-if ARGV[3] ~= 'Pending' then
-  redis.call('ZREM', KEYS[2], ARGV[5])
-end
-if (ARGV[3] == 'Approved' or ARGV[3] == 'FraudReported') and h[5] and tonumber(h[5]) < tonumber(h[4]) then
-  redis.call('HSET', KEYS[1], 'purge_at', h[5])
-  redis.call('PEXPIRE', KEYS[1], math.max(1, tonumber(h[5]) - tonumber(ARGV[6]) + tonumber(ARGV[8])))
-end
-redis.call('PUBLISH', ARGV[4], ARGV[5] .. ' ' .. nv)
+commit(KEYS[1], KEYS[2], ARGV[5], nv, ARGV[2], ARGV[3], h[4], h[5], now, tonumber(ARGV[8]), ARGV[4])
 return {nv}
