@@ -117,6 +117,46 @@ async fn announcements_carry_an_id_and_a_version_only() {
     assert_eq!(versions, vec![2, 3], "the delivery, then the approval");
 }
 
+/// A watch on the replica that created the challenge starts from what that
+/// replica holds, without reading the record: an answer given on another replica
+/// between the create and the watch still reaches it, as does one after it.
+#[tokio::test]
+async fn a_watch_where_the_challenge_was_created_sees_what_other_replicas_did() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let (here, there) =
+        (store_on(vec![url.to_owned()], clock.clone()).await, store_on(vec![url.to_owned()], clock.clone()).await);
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let approve = |challenge: &Challenge| {
+        Decision::Approve.resolve(Some(challenge.number), challenge.number, DeviceId::generate().expect("id"))
+    };
+    for answered_before_the_watch in [true, false] {
+        let challenge = created(&here, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+        let answer = async || {
+            let outcome =
+                there.resolve_challenge(&tenant, &challenge.id, approve(&challenge), clock.now()).await.expect("resolve");
+            assert!(outcome.expect("found").accepted);
+        };
+        if answered_before_the_watch {
+            answer().await;
+        }
+        let mut watch = here.watch_challenge(&tenant, &challenge.id, clock.now()).await.expect("watch").expect("found");
+        if !answered_before_the_watch {
+            answer().await;
+        }
+        let seen = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| c.state != ChallengeState::Pending))
+            .await
+            .expect("the answer reaches the watch on the creating replica")
+            .expect("open")
+            .clone();
+        assert_eq!(seen.state, ChallengeState::Approved, "answered before the watch: {answered_before_the_watch}");
+    }
+    // Another tenant's key gets nothing from what this replica holds.
+    let challenge = created(&here, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let elsewhere = Scope::unique().tenant("b");
+    assert!(here.watch_challenge(&elsewhere, &challenge.id, clock.now()).await.expect("watch").is_none());
+}
+
 /// A replica whose clock is a minute behind Redis's: its challenge's expiry has
 /// passed by Redis's clock (TIME) though not by its own, and an answer is refused
 /// as EXPIRED, on one Redis and on a cluster. A challenge not yet expired by

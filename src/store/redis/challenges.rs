@@ -280,6 +280,8 @@ impl RedisStore {
         let result = match outcome.first().map(String::as_str) {
             Some("created") => {
                 self.tags.put(&challenge.id, &tag);
+                // Version 1 (`create.lua`), noted before the id leaves this replica.
+                self.watchers.created(1, &challenge);
                 return Ok(CreateOutcome::Created(challenge));
             }
             Some("existing") => {
@@ -320,8 +322,13 @@ impl RedisStore {
         now: Millis,
     ) -> Result<Option<ChallengeWatch>, StoreError> {
         // Interest first, read second: a change published in between is kept by the
-        // registry and wins over the read by its version.
+        // registry and wins over the read by its version. A challenge this replica
+        // holds already (created here, or watched here by another stream) needs no
+        // read: every change to it since is announced here and read.
         self.watchers.expect(id);
+        if let Some((version, challenge)) = self.watchers.known(id, tenant, now) {
+            return Ok(Some(self.watchers.subscribe(id, version, &challenge)));
+        }
         let record = match self.reader().current(tenant, id, now).await {
             Ok(Some(record)) => record,
             other => {
@@ -461,23 +468,31 @@ impl RedisStore {
     }
 
     /// One call (`delivery.lua`): the delivery goes in a field of its own, so it
-    /// needs no read first and races with no other change. Watchers hear of it as
-    /// of any change.
+    /// needs no read first and races with no other change. Watchers elsewhere hear
+    /// of it as of any change; those here get it at once, without a read, when
+    /// they saw the version before it.
     pub(super) async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
         let Some(tag) = self.reader().locate(id).await? else { return Ok(()) };
-        let _: i64 = self
+        let field = format!("d:{}", delivery.device_id);
+        let json = encode(&delivery)?;
+        self.watchers.begin_write(id);
+        let recorded: Result<u64, StoreError> = self
             .connection
             .invoke(
                 self.scripts
                     .delivery
                     .key(Keys(&tag).challenge(id.as_str()))
-                    .arg(format!("d:{}", delivery.device_id))
-                    .arg(encode(&delivery)?)
+                    .arg(field)
+                    .arg(json)
                     .arg(shard_channel(id))
                     .arg(id.as_str()),
             )
-            .await?;
-        Ok(())
+            .await;
+        let applied = recorded.as_ref().ok().filter(|version| **version > 0).map(|version| (*version, delivery));
+        if self.watchers.end_write(id, applied) {
+            super::watch::spawn_reads(self.reader(), Arc::clone(&self.clock), id.clone());
+        }
+        recorded.map(drop)
     }
 
     pub(super) async fn pending_challenges(

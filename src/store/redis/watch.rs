@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::challenges::Reader;
 use super::keys;
 use super::link::Subscriber;
-use crate::domain::challenge::{Challenge, ChallengeState};
+use crate::domain::challenge::{Challenge, ChallengeState, Delivery};
 use crate::domain::ids::{ChallengeId, TenantId};
 use crate::domain::time::{Clock, Millis};
 use crate::store::ChallengeWatch;
@@ -36,11 +36,41 @@ struct Watched {
     reading: bool,
     /// Announced again meanwhile: read once more when it ends.
     read_again: bool,
+    /// Changes this replica is making ([`WatchRegistry::begin_write`]): their
+    /// announcements wait for the change's own answer, which may make a read needless.
+    writing: u32,
+    /// The newest version announced while a read or a write was under way.
+    announced: u64,
+    /// Made by this replica's create ([`WatchRegistry::created`]) and not asked
+    /// for by a watch yet: dropped by the sweep after [`CREATED_KEEP`].
+    created_here: bool,
 }
+
+/// How long a challenge this replica created is kept for a watch that may follow
+/// (an IdP watches at once), when none has come.
+const CREATED_KEEP: Duration = Duration::from_secs(10);
 
 impl Watched {
     fn new() -> Self {
-        Self { latest: None, sender: None, reading: false, read_again: false }
+        Self { latest: None, sender: None, reading: false, read_again: false, writing: 0, announced: 0, created_here: false }
+    }
+
+    /// Whether the sweep keeps it at `now`: watched, or waiting for a watch (its
+    /// read under way, or created here lately and still PENDING).
+    fn kept(&self, now: Millis) -> bool {
+        match (&self.sender, &self.latest) {
+            (Some(sender), _) => sender.receiver_count() > 0,
+            (None, Some((_, challenge))) if self.created_here => {
+                challenge.state == ChallengeState::Pending
+                    && now < challenge.expires_at
+                    && now < challenge.created_at.plus(CREATED_KEEP)
+            }
+            (None, _) => true,
+        }
+    }
+
+    fn seen(&self) -> u64 {
+        self.latest.as_ref().map_or(0, |(seen, _)| *seen)
     }
 }
 
@@ -59,7 +89,30 @@ impl WatchRegistry {
     /// Notes interest in a challenge before it is read, so a change published
     /// meanwhile is kept (and wins over the read by its version).
     pub(super) fn expect(&self, id: &ChallengeId) {
-        self.lock().entry(id.clone()).or_insert(Watched::new());
+        self.lock().entry(id.clone()).or_insert(Watched::new()).created_here = false;
+    }
+
+    /// Notes a challenge this replica just created, at `version`, before its id
+    /// leaves the replica: every change to it from now on is announced to this
+    /// registry, so a watch that follows ([`WatchRegistry::known`]) starts from
+    /// here without reading the record.
+    pub(super) fn created(&self, version: u64, challenge: &Challenge) {
+        let mut entry = Watched::new();
+        entry.latest = Some((version, challenge.clone()));
+        entry.created_here = true;
+        self.lock().entry(challenge.id.clone()).or_insert(entry);
+        self.changed.notify_one();
+    }
+
+    /// The newest version of challenge `id` that this replica holds for its
+    /// watchers, when it is `tenant`'s and still PENDING before its expiry at
+    /// `now`: what a read would give, as every change since is announced here
+    /// and read (after [`WatchRegistry::expect`]).
+    pub(super) fn known(&self, id: &ChallengeId, tenant: &TenantId, now: Millis) -> Option<(u64, Challenge)> {
+        let entries = self.lock();
+        let (version, challenge) = entries.get(id)?.latest.as_ref()?;
+        let usable = challenge.tenant == *tenant && challenge.state == ChallengeState::Pending && now < challenge.expires_at;
+        usable.then(|| (*version, challenge.clone()))
     }
 
     /// Forgets the interest of [`WatchRegistry::expect`] when the read found nothing,
@@ -110,6 +163,43 @@ impl WatchRegistry {
         }
     }
 
+    /// Notes that this replica is recording a delivery on challenge `id`: until
+    /// [`WatchRegistry::end_write`], announcements of it wait instead of starting a
+    /// read (Redis may deliver the change's own announcement before its answer).
+    pub(super) fn begin_write(&self, id: &ChallengeId) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.writing += 1;
+        }
+    }
+
+    /// Ends [`WatchRegistry::begin_write`]. The delivery recorded as `version` (none
+    /// when the write failed or changed nothing) is applied without a read when
+    /// the watchers here saw the version just before it: the record at `version` is
+    /// then exactly that one with this delivery. Returns whether to read the
+    /// challenge now: something newer than what the watchers saw was announced
+    /// meanwhile (the caller reads, then [`WatchRegistry::end_read`]).
+    pub(super) fn end_write(&self, id: &ChallengeId, recorded: Option<(u64, Delivery)>) -> bool {
+        let mut entries = self.lock();
+        let Some(entry) = entries.get_mut(id) else { return false };
+        entry.writing = entry.writing.saturating_sub(1);
+        if let Some((version, delivery)) = recorded
+            && let Some((seen, challenge)) = entry.latest.as_mut()
+            && seen.checked_add(1) == Some(version)
+        {
+            *seen = version;
+            challenge.record_delivery(delivery);
+            if let Some(sender) = &entry.sender {
+                sender.send_replace(challenge.clone());
+            }
+        }
+        if entry.writing > 0 || entry.reading || !entry.read_again {
+            return false;
+        }
+        entry.read_again = false;
+        entry.reading = entry.announced > entry.seen();
+        entry.reading
+    }
+
     /// Whether to read challenge `id` now, announced at `version`: it is watched here,
     /// `version` is newer than what its watchers saw (or they saw nothing yet), and no
     /// read of it is under way. With one under way, it is noted to read once more
@@ -118,40 +208,84 @@ impl WatchRegistry {
     pub(super) fn start_read(&self, id: &ChallengeId, version: u64) -> bool {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(id) else { return false };
-        if entry.latest.as_ref().is_some_and(|(seen, _)| *seen >= version) {
+        if entry.seen() >= version && entry.latest.is_some() {
             return false;
         }
-        if entry.reading {
+        if entry.reading || entry.writing > 0 {
             entry.read_again = true;
+            entry.announced = entry.announced.max(version);
             return false;
         }
         entry.reading = true;
         true
     }
 
-    /// Ends a read of [`WatchRegistry::start_read`]; true when it is to be read again.
+    /// Ends a read of [`WatchRegistry::start_read`]; true when it is to be read
+    /// again (announced meanwhile, and no write of this replica under way, whose
+    /// end decides instead).
     pub(super) fn end_read(&self, id: &ChallengeId) -> bool {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(id) else { return false };
+        if entry.writing > 0 {
+            entry.reading = false;
+            return false;
+        }
         entry.reading = std::mem::take(&mut entry.read_again);
         entry.reading
     }
 
     /// Drops entries nobody watches any more; returns the earliest pending expiry.
-    fn sweep(&self) -> Option<Millis> {
+    /// Drops entries nobody watches any more and created ones no watch came for;
+    /// returns when the sweep is next due: the earliest expiry of a PENDING
+    /// challenge watched here, or the time a created one goes.
+    fn sweep(&self, now: Millis) -> Option<Millis> {
         let mut entries = self.lock();
-        entries.retain(|_, entry| entry.sender.as_ref().is_none_or(|sender| sender.receiver_count() > 0));
+        entries.retain(|_, entry| entry.kept(now));
         entries
             .values()
-            .filter_map(|entry| entry.latest.as_ref())
+            .filter_map(|entry| entry.latest.as_ref().map(|(_, challenge)| (entry.created_here, challenge)))
             .filter(|(_, challenge)| challenge.state == ChallengeState::Pending)
-            .map(|(_, challenge)| challenge.expires_at)
+            .map(|(created_here, challenge)| {
+                if created_here {
+                    challenge.expires_at.min(challenge.created_at.plus(CREATED_KEEP))
+                } else {
+                    challenge.expires_at
+                }
+            })
             .min()
     }
 
+    /// Every challenge held here, to read again after a pub/sub reconnect.
     fn watched(&self) -> Vec<(ChallengeId, TenantId)> {
         self.lock().iter().filter_map(|(id, entry)| entry.latest.as_ref().map(|(_, c)| (id.clone(), c.tenant.clone()))).collect()
     }
+
+    /// The watched challenges still PENDING whose expiry has come at `now`.
+    fn due(&self, now: Millis) -> Vec<(ChallengeId, TenantId)> {
+        self.lock()
+            .iter()
+            .filter(|(_, entry)| !entry.created_here)
+            .filter_map(|(id, entry)| entry.latest.as_ref().map(|(_, c)| (id, c)))
+            .filter(|(_, c)| c.state == ChallengeState::Pending && c.expires_at <= now)
+            .map(|(id, c)| (id.clone(), c.tenant.clone()))
+            .collect()
+    }
+}
+
+/// Reads challenge `id` for its watchers here, again as long as
+/// [`WatchRegistry::end_read`] says: the caller won [`WatchRegistry::start_read`]
+/// (or [`WatchRegistry::end_write`]).
+pub(super) fn spawn_reads(reader: Reader, clock: Arc<dyn Clock>, id: ChallengeId) {
+    tokio::spawn(async move {
+        loop {
+            if let Err(error) = reader.refresh(&id, clock.now()).await {
+                tracing::debug!(%error, "could not read a changed challenge");
+            }
+            if !reader.watchers.end_read(&id) {
+                break;
+            }
+        }
+    });
 }
 
 /// Follows the change channels and applies what arrives to local watchers.
@@ -195,17 +329,7 @@ pub(super) async fn follow_changes(subscriber: Subscriber, reader: Reader, clock
                     if !reader.watchers.start_read(&id, version) {
                         continue;
                     }
-                    let (reader, clock) = (reader.clone(), Arc::clone(&clock));
-                    tokio::spawn(async move {
-                        loop {
-                            if let Err(error) = reader.refresh(&id, clock.now()).await {
-                                tracing::debug!(%error, "could not read a changed challenge");
-                            }
-                            if !reader.watchers.end_read(&id) {
-                                break;
-                            }
-                        }
-                    });
+                    spawn_reads(reader.clone(), Arc::clone(&clock), id);
                 }
                 tracing::warn!("redis pub/sub connection lost; reconnecting");
             }
@@ -224,10 +348,10 @@ pub(super) async fn follow_changes(subscriber: Subscriber, reader: Reader, clock
 pub(super) async fn expire_watched(reader: Reader, clock: Arc<dyn Clock>, closing: CancellationToken) {
     loop {
         let changed = reader.watchers.changed.notified();
-        let next = reader.watchers.sweep();
         let now = clock.now();
+        let next = reader.watchers.sweep(now);
         if next.is_some_and(|when| when <= now) {
-            for (id, tenant) in reader.watchers.watched() {
+            for (id, tenant) in reader.watchers.due(now) {
                 if let Err(error) = reader.current(&tenant, &id, now).await {
                     tracing::debug!(%error, "could not expire a watched challenge; retrying");
                 }
@@ -254,7 +378,7 @@ mod tests {
     use super::WatchRegistry;
     use crate::domain::ids::{TenantId, UserId};
     use crate::domain::time::Millis;
-    use crate::store::conformance::sample_challenge;
+    use crate::store::conformance::{sample_challenge, sample_delivery};
 
     /// Announcements start a read only for a watched challenge, only past the
     /// version its watchers saw, and one at a time: a flood while a read is under
@@ -275,5 +399,66 @@ mod tests {
         assert!(!registry.end_read(&id), "and then done");
         assert!(registry.start_read(&id, 1_000));
         assert!(!registry.end_read(&id));
+    }
+
+    /// A delivery this replica recorded reaches its watchers here without a read
+    /// when they saw the version just before it, even when its announcement came
+    /// first; after a gap (a change they have not read) the write's end asks for a
+    /// read.
+    #[test]
+    fn a_delivery_recorded_here_needs_no_read_when_it_follows_what_was_seen() {
+        let registry = WatchRegistry::default();
+        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
+        let id = challenge.id.clone();
+        let watch = registry.subscribe(&id, 3, &challenge);
+        let delivery = sample_delivery();
+        registry.begin_write(&id);
+        assert!(!registry.start_read(&id, 4), "its own announcement, first: waits for the write");
+        assert!(!registry.end_write(&id, Some((4, delivery.clone()))), "covered by the write: no read");
+        assert_eq!(watch.borrow().deliveries, vec![delivery.clone()]);
+        assert!(!registry.start_read(&id, 4), "a late copy of the announcement: no read");
+
+        let mut sent = delivery.clone();
+        sent.attempts = 2;
+        registry.begin_write(&id);
+        assert!(!registry.start_read(&id, 5), "someone else's change, announced during the write");
+        assert!(registry.end_write(&id, Some((6, sent))), "version 5 was not seen: read");
+        assert_eq!(watch.borrow().deliveries, vec![delivery.clone()], "and 6 not applied over the gap");
+        assert!(!registry.start_read(&id, 7), "a read is under way");
+        assert!(registry.end_read(&id), "announced meanwhile: once more");
+        assert!(!registry.end_read(&id));
+
+        registry.begin_write(&id);
+        assert!(!registry.start_read(&id, 7));
+        assert!(registry.end_write(&id, None), "a failed write: the announcement is read");
+        assert!(!registry.end_read(&id));
+    }
+
+    /// A challenge created here is held for a watch that follows (this tenant's
+    /// only), no longer than `CREATED_KEEP` when none comes, and for good once a
+    /// watch asked for it.
+    #[test]
+    fn a_challenge_created_here_waits_a_while_for_its_watch() {
+        let registry = WatchRegistry::default();
+        let (tenant, user) = (TenantId("t".into()), UserId::parse("u").expect("user"));
+        let now = Millis(1_000_000);
+        let (waited, unwatched) = (sample_challenge(&tenant, &user, now, None), sample_challenge(&tenant, &user, now, None));
+        registry.created(1, &waited);
+        registry.created(1, &unwatched);
+        assert_eq!(registry.known(&waited.id, &tenant, now), Some((1, waited.clone())));
+        assert_eq!(registry.known(&waited.id, &TenantId("other".into()), now), None, "another tenant's");
+        assert_eq!(registry.known(&waited.id, &tenant, waited.expires_at), None, "past its expiry: read instead");
+        assert!(registry.start_read(&unwatched.id, 2), "changes to it are read");
+        assert!(!registry.end_read(&unwatched.id));
+
+        let keep_until = now.plus(super::CREATED_KEEP);
+        assert_eq!(registry.sweep(now), Some(keep_until.min(waited.expires_at)));
+        registry.expect(&waited.id);
+        let _watch = registry.subscribe(&waited.id, 1, &waited);
+        registry.sweep(keep_until);
+        assert_eq!(registry.known(&unwatched.id, &tenant, now), None, "no watch came: dropped");
+        assert!(!registry.start_read(&unwatched.id, 3), "and no longer read");
+        assert!(registry.known(&waited.id, &tenant, now).is_some(), "watched: kept");
+        assert!(registry.due(waited.expires_at).iter().any(|(id, _)| *id == waited.id), "and expired at its deadline");
     }
 }
