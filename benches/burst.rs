@@ -122,6 +122,10 @@ struct Args {
     /// FCM, pushed to through a mock push service that decrypts each message.
     #[arg(long = "webpush-share", value_name = "F", default_value_t = 0.0)]
     webpush_share: f64,
+    /// The IdP signs in with CreateAndWatchChallenge (one call) instead of
+    /// CreateChallenge followed by WatchChallenge.
+    #[arg(long = "create-and-watch")]
+    create_and_watch: bool,
     /// Fire N CreateChallenge calls within one second instead of the burst.
     #[arg(long, value_name = "N")]
     herd: Option<usize>,
@@ -900,6 +904,8 @@ struct World {
     arrivals: Arc<Arrivals>,
     recorder: Recorder,
     human_delay: Duration,
+    /// `--create-and-watch`.
+    create_and_watch: bool,
     start: Instant,
 }
 
@@ -1004,19 +1010,36 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         ttl_seconds: if intent == Intent::NeverAnswer { 2 } else { 60 },
         request_id: format!("signin-{i}"),
     };
-    let challenge = match challenges.create_challenge(request).await {
-        Ok(response) => response.into_inner(),
-        Err(status) => return world.recorder.error("create", &status),
-    };
-    world.recorder.messages(2);
-    let create_latency = scheduled.elapsed();
-    Recorder::record(&world.recorder.create, create_latency);
-    let mut watch =
-        match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() }).await {
+    let (challenge, mut watch, create_latency) = if world.create_and_watch {
+        let mut stream = match challenges.create_and_watch_challenge(request).await {
             Ok(response) => response.into_inner(),
-            Err(status) => return world.recorder.error("watch", &status),
+            Err(status) => return world.recorder.error("create", &status),
         };
-    world.recorder.messages(1);
+        let first = match stream.message().await {
+            Ok(Some(first)) => first,
+            Ok(None) => {
+                return world.recorder.error("create", &tonic::Status::aborted("the stream ended before its first message"));
+            }
+            Err(status) => return world.recorder.error("create", &status),
+        };
+        world.recorder.messages(2);
+        (first, stream, scheduled.elapsed())
+    } else {
+        let challenge = match challenges.create_challenge(request).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return world.recorder.error("create", &status),
+        };
+        world.recorder.messages(2);
+        let create_latency = scheduled.elapsed();
+        let watch =
+            match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() }).await {
+                Ok(response) => response.into_inner(),
+                Err(status) => return world.recorder.error("watch", &status),
+            };
+        world.recorder.messages(1);
+        (challenge, watch, create_latency)
+    };
+    Recorder::record(&world.recorder.create, create_latency);
     let watcher = tokio::spawn({
         let world = Arc::clone(&world);
         async move { watch_until_final(&mut watch, &world.recorder).await }
@@ -1138,6 +1161,7 @@ async fn main() {
         arrivals: Arc::clone(&arrivals),
         recorder: Recorder::new(),
         human_delay: args.human_delay,
+        create_and_watch: args.create_and_watch,
         start: Instant::now(),
     });
 
@@ -1206,6 +1230,7 @@ async fn main() {
     json.insert("phones".into(), world.population.phones.len().into());
     json.insert("rate".into(), args.rate.into());
     json.insert("webpush_share".into(), args.webpush_share.into());
+    json.insert("create_and_watch".into(), args.create_and_watch.into());
     let summary = serde_json::Value::Object(json);
     let failed = args.quick
         && (summary["lost"].as_u64() != Some(0)

@@ -495,3 +495,47 @@ async fn health_and_reflection_answer() {
         assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
     }
 }
+
+/// CreateAndWatchChallenge: one call, whose first message is the challenge just
+/// made (its number for the sign-in page), then every change to the final state,
+/// where the stream ends. A retry with the same request_id streams the same
+/// challenge; a refused create fails the call as CreateChallenge would, naming
+/// the field.
+#[tokio::test]
+async fn create_and_watch_is_one_call_from_the_number_to_the_outcome() {
+    let server = TestServer::start().await;
+    let mut phone = server.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    let request = pb::CreateChallengeRequest {
+        user_id: "jan".into(),
+        context: Some(pb::SignInContext { application: "VPN".into(), ..Default::default() }),
+        request_id: "sign-in-1".into(),
+        ..Default::default()
+    };
+    let mut stream =
+        server.challenges(KEY_A).create_and_watch_challenge(request.clone()).await.expect("create and watch").into_inner();
+    let first = tokio::time::timeout(DEADLINE, stream.message()).await.expect("in time").expect("message").expect("first");
+    assert_eq!(first.state(), pb::ChallengeState::Pending);
+    assert_eq!(first.context.as_ref().expect("context").application, "VPN");
+    let number: u8 = first.number.parse().expect("two digits");
+    assert!((10..=99).contains(&number));
+    let pending = phone.pending().await.expect("pending");
+    assert_eq!(pending.iter().map(|p| &p.challenge_id).collect::<Vec<_>>(), vec![&first.challenge_id], "one challenge made");
+
+    let answer = phone.respond(&first.challenge_id, pb::Decision::Approve, &first.number).await.expect("respond");
+    assert!(answer.accepted);
+    let rest = follow_to_final(&mut stream).await;
+    let last = rest.last().expect("final");
+    assert_eq!((last.challenge_id.as_str(), last.state()), (first.challenge_id.as_str(), pb::ChallengeState::Approved));
+    assert_eq!(last.resolved_by_device_id, phone.device_id());
+
+    let mut again = server.challenges(KEY_A).create_and_watch_challenge(request).await.expect("retry").into_inner();
+    let seen = follow_to_final(&mut again).await;
+    assert_eq!(seen.len(), 1, "final already: one message, then the end");
+    assert_eq!((seen[0].challenge_id.as_str(), seen[0].state()), (first.challenge_id.as_str(), pb::ChallengeState::Approved));
+
+    let create = |user: &str| pb::CreateChallengeRequest { user_id: user.into(), ..Default::default() };
+    assert_code(server.challenges(KEY_A).create_and_watch_challenge(create("")).await, Code::InvalidArgument, "user_id");
+    assert_code(server.challenges(KEY_A).create_and_watch_challenge(create("nobody")).await, Code::FailedPrecondition, "user_id");
+    let long_ttl = pb::CreateChallengeRequest { ttl_seconds: 3_600, ..create("jan") };
+    assert_code(server.challenges(KEY_A).create_and_watch_challenge(long_ttl).await, Code::InvalidArgument, "ttl_seconds");
+}

@@ -59,6 +59,25 @@ impl ChallengeService for ChallengeApi {
         Ok(Response::new(watch_stream(watch, &self.drain, open, last_word)))
     }
 
+    type CreateAndWatchChallengeStream = ChallengeStream;
+
+    /// CreateChallenge, then WatchChallenge on what it made: the stream's first
+    /// message is the challenge with its number. Should the watch fail after the
+    /// create (the store unreachable between the two), the call fails and a retry
+    /// with the same request_id finds the same challenge.
+    async fn create_and_watch_challenge(
+        &self,
+        request: Request<pb::CreateChallengeRequest>,
+    ) -> Result<Response<ChallengeStream>, Status> {
+        let tenant = tenant_of(&request)?;
+        let request = ChallengeRequest::try_from(request.into_inner())?;
+        let challenge = self.broker.create_challenge(&tenant, request).await?;
+        let watch = self.broker.watch_challenge(&tenant, &challenge.id).await?;
+        let last_word = LastWord { broker: Arc::clone(&self.broker), tenant, id: challenge.id };
+        let open = self.drain.open_stream().await;
+        Ok(Response::new(watch_stream(watch, &self.drain, open, last_word)))
+    }
+
     async fn cancel_challenge(&self, request: Request<pb::CancelChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
         let tenant = tenant_of(&request)?;
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
