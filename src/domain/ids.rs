@@ -29,9 +29,14 @@ impl IdText {
     fn random(prefix: &str) -> Result<Self, DomainError> {
         let mut random = [0u8; 16];
         os_random(&mut random)?;
+        Self::from_bits(prefix, random)
+    }
+
+    /// The id with this prefix whose 128 random bits are `bits` ([`IdText::bits`]).
+    fn from_bits(prefix: &str, bits: [u8; 16]) -> Result<Self, DomainError> {
         let mut text = [0u8; ID_LEN];
         text[..3].copy_from_slice(prefix.as_bytes());
-        hex::encode_to_slice(random, &mut text[3..]).map_err(|e| DomainError::Internal(format!("id encoding: {e}")))?;
+        hex::encode_to_slice(bits, &mut text[3..]).map_err(|e| DomainError::Internal(format!("id encoding: {e}")))?;
         Ok(Self(text))
     }
 
@@ -111,15 +116,27 @@ macro_rules! random_id {
             }
         }
 
-        // Stored and sent as the id's text, as when ids were Strings.
+        // Stored and sent as the id's text, as when ids were Strings, in every
+        // human-readable format (JSON: the API's payloads, the redb records, Redis).
+        // A binary format (postcard: only the embedded store's in-memory records,
+        // rebuilt from the JSON on disk at each start) gets the 16 random bytes,
+        // less than half the text's 36: a broker holds hundreds of thousands.
         impl Serialize for $name {
             fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.serialize_str(self.as_str())
+                if serializer.is_human_readable() {
+                    serializer.serialize_str(self.as_str())
+                } else {
+                    self.bits().serialize(serializer)
+                }
             }
         }
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                if !deserializer.is_human_readable() {
+                    let bits = <[u8; 16]>::deserialize(deserializer)?;
+                    return IdText::from_bits($prefix, bits).map(Self).map_err(serde::de::Error::custom);
+                }
                 let raw = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
                 IdText::parse(&raw, $prefix)
                     .map(Self)
@@ -323,6 +340,20 @@ mod tests {
         assert_eq!(serde_json::from_str::<DeviceId>(&json).expect("deserializes"), id);
         assert!(serde_json::from_str::<DeviceId>(&format!("\"{}\"", ChallengeId::generate().expect("id"))).is_err());
         assert_eq!(format!("{id:?}"), format!("DeviceId({:?})", id.as_str()));
+    }
+
+    /// JSON (the API, redb, Redis) keeps an id's text; postcard (the embedded
+    /// store's records in memory) its 16 bytes, and gives the same id back.
+    #[test]
+    fn ids_are_text_in_json_and_sixteen_bytes_in_postcard() {
+        let id = ChallengeId::generate().expect("id");
+        assert_eq!(serde_json::to_string(&id).expect("json"), format!("\"{id}\""));
+        let packed = postcard::to_stdvec(&id).expect("postcard");
+        assert_eq!(packed, id.bits().to_vec());
+        assert_eq!(postcard::from_bytes::<ChallengeId>(&packed).expect("decodes"), id);
+        let device = DeviceId::generate().expect("id");
+        let decoded: DeviceId = postcard::from_bytes(&postcard::to_stdvec(&device).expect("postcard")).expect("decodes");
+        assert_eq!(decoded.as_str(), device.as_str(), "the prefix comes back with the bits");
     }
 
     #[test]
