@@ -157,6 +157,41 @@ async fn a_watch_where_the_challenge_was_created_sees_what_other_replicas_did() 
     assert!(here.watch_challenge(&elsewhere, &challenge.id, clock.now()).await.expect("watch").is_none());
 }
 
+/// A delivery call dropped midway (its request cancelled) holds nothing back:
+/// an answer given on another replica afterwards still reaches the watch here.
+#[tokio::test]
+async fn a_delivery_dropped_midway_does_not_hold_the_watch_back() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let (here, there) =
+        (store_on(vec![url.to_owned()], clock.clone()).await, store_on(vec![url.to_owned()], clock.clone()).await);
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let challenge = created(&here, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let mut watch = here.watch_challenge(&tenant, &challenge.id, clock.now()).await.expect("watch").expect("found");
+    // First a change from elsewhere reaches the watch: the announcements flow
+    // (else the subscription's first read, not an announcement, would deliver).
+    there.record_delivery(&challenge.id, sample_delivery()).await.expect("record");
+    tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| !c.deliveries.is_empty()))
+        .await
+        .expect("announcements reach this replica")
+        .expect("open");
+    // Polled once (up to its Redis call), then dropped.
+    {
+        let mut call = std::pin::pin!(here.record_delivery(&challenge.id, sample_delivery()));
+        assert!(futures::poll!(call.as_mut()).is_pending(), "the call was under way when dropped");
+    }
+    let approval = Decision::Approve.resolve(Some(challenge.number), challenge.number, DeviceId::generate().expect("id"));
+    assert!(
+        there.resolve_challenge(&tenant, &challenge.id, approval, clock.now()).await.expect("resolve").expect("found").accepted
+    );
+    let seen = tokio::time::timeout(Duration::from_secs(5), watch.wait_for(|c| c.state != ChallengeState::Pending))
+        .await
+        .expect("the answer reaches the watch")
+        .expect("open")
+        .clone();
+    assert_eq!(seen.state, ChallengeState::Approved);
+}
+
 /// A replica whose clock is a minute behind Redis's: its challenge's expiry has
 /// passed by Redis's clock (TIME) though not by its own, and an answer is refused
 /// as EXPIRED, on one Redis and on a cluster. A challenge not yet expired by

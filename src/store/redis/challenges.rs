@@ -275,13 +275,17 @@ impl RedisStore {
         if !cluster {
             invocation.key(&index);
         }
+        // Noted as version 1 (`create.lua`) before the script: a change another
+        // replica makes the moment the record exists (a block's cancel) is announced
+        // to an entry already here. Forgotten unless the script creates it.
+        self.watchers.created(1, &challenge);
+        let interest = super::watch::Interest::new(&self.watchers, &challenge.id);
         let outcome: Vec<String> = self.connection.invoke(&invocation).await?;
         let refused = |refusal| CreateOutcome::Refused(refusal);
         let result = match outcome.first().map(String::as_str) {
             Some("created") => {
                 self.tags.put(&challenge.id, &tag);
-                // Version 1 (`create.lua`), noted before the id leaves this replica.
-                self.watchers.created(1, &challenge);
+                interest.keep();
                 return Ok(CreateOutcome::Created(challenge));
             }
             Some("existing") => {
@@ -326,17 +330,17 @@ impl RedisStore {
         // holds already (created here, or watched here by another stream) needs no
         // read: every change to it since is announced here and read.
         self.watchers.expect(id);
+        let interest = super::watch::Interest::new(&self.watchers, id);
         if let Some((version, challenge)) = self.watchers.known(id, tenant, now) {
-            return Ok(Some(self.watchers.subscribe(id, version, &challenge)));
+            let watch = self.watchers.subscribe(id, version, &challenge);
+            interest.keep();
+            return Ok(Some(watch));
         }
-        let record = match self.reader().current(tenant, id, now).await {
-            Ok(Some(record)) => record,
-            other => {
-                self.watchers.forget(id);
-                return other.map(|_| None);
-            }
-        };
-        Ok(Some(self.watchers.subscribe(id, record.version, &record.challenge)))
+        // Nothing found, an error, or the call dropped midway: `interest` forgets.
+        let Some(record) = self.reader().current(tenant, id, now).await? else { return Ok(None) };
+        let watch = self.watchers.subscribe(id, record.version, &record.challenge);
+        interest.keep();
+        Ok(Some(watch))
     }
 
     pub(super) async fn resolve_challenge(
@@ -406,11 +410,16 @@ impl RedisStore {
                         devices: None,
                     });
                 }
-                let devices = super::records::user_devices(&reply[3 + count..], &device.tenant, &device.user_id)?;
+                // The answer is in already: a device record that does not read only
+                // costs the clears' shortcut (the broker lists the devices itself),
+                // never the answer or the block that may follow it.
+                let devices = super::records::user_devices(&reply[3 + count..], &device.tenant, &device.user_id)
+                    .inspect_err(|error| tracing::warn!(%error, "a device record read with the answer does not decode"))
+                    .ok();
                 Ok(Answered::Done {
                     resolution: resolution.clone(),
                     outcome: ResolveOutcome { accepted: true, challenge: record.challenge },
-                    devices: Some(devices),
+                    devices,
                 })
             }
             Some("fallback") => {
@@ -475,7 +484,7 @@ impl RedisStore {
         let Some(tag) = self.reader().locate(id).await? else { return Ok(()) };
         let field = format!("d:{}", delivery.device_id);
         let json = encode(&delivery)?;
-        self.watchers.begin_write(id);
+        let mut writing = super::watch::Writing::begin(self.reader(), Arc::clone(&self.clock), id.clone());
         let recorded: Result<u64, StoreError> = self
             .connection
             .invoke(
@@ -488,10 +497,8 @@ impl RedisStore {
                     .arg(id.as_str()),
             )
             .await;
-        let applied = recorded.as_ref().ok().filter(|version| **version > 0).map(|version| (*version, delivery));
-        if self.watchers.end_write(id, applied) {
-            super::watch::spawn_reads(self.reader(), Arc::clone(&self.clock), id.clone());
-        }
+        writing.recorded = recorded.as_ref().ok().filter(|version| **version > 0).map(|version| (*version, delivery));
+        drop(writing);
         recorded.map(drop)
     }
 

@@ -272,6 +272,59 @@ impl WatchRegistry {
     }
 }
 
+/// Undoes [`WatchRegistry::expect`] or [`WatchRegistry::created`] when dropped,
+/// unless [`Interest::keep`] was called: a call cancelled midway (a client that
+/// hangs up, a deadline) leaves no entry behind that nobody would ever remove.
+pub(super) struct Interest<'a> {
+    registry: &'a WatchRegistry,
+    id: &'a ChallengeId,
+    armed: bool,
+}
+
+impl<'a> Interest<'a> {
+    pub(super) fn new(registry: &'a WatchRegistry, id: &'a ChallengeId) -> Self {
+        Self { registry, id, armed: true }
+    }
+
+    pub(super) fn keep(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Interest<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.registry.forget(self.id);
+        }
+    }
+}
+
+/// A delivery this replica is recording ([`WatchRegistry::begin_write`]): ends
+/// the write when dropped, so a call cancelled midway does not hold the
+/// challenge's announcements back for good; reads it when the end says so.
+pub(super) struct Writing {
+    reader: Reader,
+    clock: Arc<dyn Clock>,
+    id: ChallengeId,
+    /// What the write recorded, set when it answered.
+    pub(super) recorded: Option<(u64, Delivery)>,
+}
+
+impl Writing {
+    pub(super) fn begin(reader: Reader, clock: Arc<dyn Clock>, id: ChallengeId) -> Self {
+        reader.watchers.begin_write(&id);
+        Self { reader, clock, id, recorded: None }
+    }
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if self.reader.watchers.end_write(&self.id, self.recorded.take()) && tokio::runtime::Handle::try_current().is_ok() {
+            spawn_reads(self.reader.clone(), Arc::clone(&self.clock), self.id.clone());
+        }
+    }
+}
+
 /// Reads challenge `id` for its watchers here, again as long as
 /// [`WatchRegistry::end_read`] says: the caller won [`WatchRegistry::start_read`]
 /// (or [`WatchRegistry::end_write`]).
@@ -460,5 +513,22 @@ mod tests {
         assert!(!registry.start_read(&unwatched.id, 3), "and no longer read");
         assert!(registry.known(&waited.id, &tenant, now).is_some(), "watched: kept");
         assert!(registry.due(waited.expires_at).iter().any(|(id, _)| *id == waited.id), "and expired at its deadline");
+    }
+
+    /// An interest dropped before it was kept (a watch call cancelled between its
+    /// `expect` and its subscription) leaves no entry behind; a kept one stays.
+    #[test]
+    fn an_interest_not_kept_is_forgotten() {
+        let registry = WatchRegistry::default();
+        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
+        let id = challenge.id.clone();
+        registry.expect(&id);
+        drop(super::Interest::new(&registry, &id));
+        assert!(!registry.start_read(&id, 2), "forgotten: not read");
+        registry.expect(&id);
+        let interest = super::Interest::new(&registry, &id);
+        let _watch = registry.subscribe(&id, 1, &challenge);
+        interest.keep();
+        assert!(registry.start_read(&id, 2), "kept: read");
     }
 }
