@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use super::*;
 use crate::domain::challenge::{Decision, DenyReason, Resolution};
-use crate::domain::device::ProofUse;
 use crate::store::{Answered, BlockReason, DeviceAnswer, StrikePolicy};
 
 pub async fn totp_steps_are_spent_once<S: Store>(store: &S, clock: &ManualClock, scope: &Scope) {
@@ -122,39 +121,27 @@ pub async fn a_device_answers_only_its_users_challenge<S: Store>(store: &S, cloc
     let (phone, tablet) = (enrolled_device(store, &t, &u, now).await, enrolled_device(store, &t, &u, now).await);
     let stranger = enrolled_device(store, &t, &v, now).await;
     let elsewhere = enrolled_device(store, &scope.tenant("b"), &u, now).await;
-    let answer = |device: &'_ Device, challenge: &ChallengeId, typed: Option<ChallengeNumber>| {
-        let (on_match, otherwise) = Decision::Approve.resolutions(device.id.clone());
-        let mut proof = [0u8; 32];
-        os_random(&mut proof).expect("random");
-        (ProofUse(proof), typed, on_match, otherwise, device.clone(), challenge.clone())
-    };
-    let run = async |parts: &(ProofUse, Option<ChallengeNumber>, Resolution, Resolution, Device, ChallengeId), now: Millis| {
-        let (proof, typed, on_match, otherwise, device, challenge) = parts;
-        let answer = DeviceAnswer {
-            device,
-            proof: *proof,
-            proof_keep_until: now.plus(Duration::from_secs(300)),
-            challenge,
-            typed: *typed,
-            on_match: on_match.clone(),
-            otherwise: otherwise.clone(),
+    // `answer` signs an approval with a fresh proof; `run` gives it to the store.
+    let run = async |answer: &DeviceAnswer<'_>, now: Millis| store.answer_challenge(answer, now).await.expect("answer");
+    macro_rules! answer {
+        ($device:expr, $challenge:expr, $typed:expr) => {
+            device_answer($device, $challenge, Decision::Approve, $typed, now)
         };
-        store.answer_challenge(&answer, now).await.expect("answer")
-    };
+    }
     let wrong_number = |challenge: &Challenge| {
         let shown = challenge.number.value();
         ChallengeNumber::parse_typed(&(if shown == 99 { 10 } else { shown + 1 }).to_string()).expect("two digits")
     };
 
     for (device, what) in [(&stranger, "another user's"), (&elsewhere, "another tenant's")] {
-        assert_eq!(run(&answer(device, &first.id, Some(first.number)), now).await, Answered::Unknown, "{what}");
+        assert_eq!(run(&answer!(device, &first.id, Some(first.number)), now).await, Answered::Unknown, "{what}");
     }
     let unknown = ChallengeId::generate().expect("id");
-    assert_eq!(run(&answer(&phone, &unknown, Some(first.number)), now).await, Answered::Unknown, "unknown");
+    assert_eq!(run(&answer!(&phone, &unknown, Some(first.number)), now).await, Answered::Unknown, "unknown");
     let still = store.get_challenge(&t, &first.id, now).await.expect("get").expect("still there");
     assert_eq!(still, first, "the wrong answers changed nothing");
 
-    let right = answer(&phone, &first.id, Some(first.number));
+    let right = answer!(&phone, &first.id, Some(first.number));
     let Answered::Done { resolution, outcome, devices } = run(&right, now).await else { panic!("answered") };
     assert_eq!(resolution.state, ChallengeState::Approved, "decided from the challenge's own number");
     assert!(outcome.accepted);
@@ -175,12 +162,12 @@ pub async fn a_device_answers_only_its_users_challenge<S: Store>(store: &S, cloc
     assert_eq!(run(&right, now).await, Answered::Replayed, "a proof answers once");
 
     let later = now.plus(Duration::from_secs(1));
-    let again = run(&answer(&tablet, &first.id, Some(wrong_number(&first))), later).await;
+    let again = run(&answer!(&tablet, &first.id, Some(wrong_number(&first))), later).await;
     let Answered::Done { outcome: again, .. } = again else { panic!("found: {again:?}") };
     assert!(!again.accepted, "one resolution wins");
     assert_eq!(again.challenge, approved);
 
-    let Answered::Done { resolution, outcome, .. } = run(&answer(&tablet, &second.id, Some(wrong_number(&second))), later).await
+    let Answered::Done { resolution, outcome, .. } = run(&answer!(&tablet, &second.id, Some(wrong_number(&second))), later).await
     else {
         panic!("answered")
     };
@@ -198,13 +185,13 @@ pub async fn a_device_answers_only_its_users_challenge<S: Store>(store: &S, cloc
 
     // No number typed: not a match.
     let third = create(store, sample_challenge(&t, &u, later, None), later).await;
-    let Answered::Done { resolution, .. } = run(&answer(&phone, &third.id, None), later).await else { panic!("answered") };
+    let Answered::Done { resolution, .. } = run(&answer!(&phone, &third.id, None), later).await else { panic!("answered") };
     assert_eq!(resolution.deny_reason, Some(DenyReason::WrongNumber));
 
-    // A removed device answers nothing, and does not spend its proof.
+    // A removed device answers nothing.
     let fourth = create(store, sample_challenge(&t, &u, later, None), later).await;
     assert!(store.remove_device(&t, &tablet.id).await.expect("remove"));
-    let gone = answer(&tablet, &fourth.id, Some(fourth.number));
+    let gone = answer!(&tablet, &fourth.id, Some(fourth.number));
     assert_eq!(run(&gone, later).await, Answered::DeviceGone);
     assert_eq!(store.get_challenge(&t, &fourth.id, later).await.expect("get").expect("there").state, ChallengeState::Pending);
 }
@@ -219,18 +206,7 @@ pub async fn a_device_answer_meets_blocks_and_expiry<S: Store>(store: &S, clock:
     let blocked = create(store, sample_challenge(&t, &u, now, None), now).await;
     let late = create(store, sample_challenge(&t, &u, now, None), now).await;
     let answer = async |challenge: &Challenge, at: Millis| {
-        let (on_match, otherwise) = Decision::Approve.resolutions(device.id.clone());
-        let mut proof = [0u8; 32];
-        os_random(&mut proof).expect("random");
-        let answer = DeviceAnswer {
-            device: &device,
-            proof: ProofUse(proof),
-            proof_keep_until: at.plus(Duration::from_secs(300)),
-            challenge: &challenge.id,
-            typed: Some(challenge.number),
-            on_match,
-            otherwise,
-        };
+        let answer = device_answer(&device, &challenge.id, Decision::Approve, Some(challenge.number), at);
         store.answer_challenge(&answer, at).await.expect("answer")
     };
 

@@ -198,6 +198,29 @@ pub async fn enrolled_device<S: Store>(store: &S, tenant: &TenantId, user: &User
     device
 }
 
+/// A device's answer as the broker makes one: `decision` with `typed`, signed
+/// by a fresh proof (kept 5 minutes from `now`).
+pub fn device_answer<'a>(
+    device: &'a Device,
+    challenge: &'a ChallengeId,
+    decision: crate::domain::challenge::Decision,
+    typed: Option<ChallengeNumber>,
+    now: Millis,
+) -> crate::store::DeviceAnswer<'a> {
+    let (on_match, otherwise) = decision.resolutions(device.id.clone());
+    let mut proof = [0u8; 32];
+    os_random(&mut proof).expect("random");
+    crate::store::DeviceAnswer {
+        device,
+        proof: crate::domain::device::ProofUse(proof),
+        proof_keep_until: now.plus(Duration::from_secs(300)),
+        challenge,
+        typed,
+        on_match,
+        otherwise,
+    }
+}
+
 /// The block in force for the user, read the way the broker meets it: a create
 /// refused as Blocked (a create that is not refused makes a challenge).
 pub(super) async fn block_in_force<S: Store>(store: &S, tenant: &TenantId, user: &UserId, now: Millis) -> Option<UserBlock> {

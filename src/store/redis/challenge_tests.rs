@@ -16,10 +16,11 @@ use super::tests::store_on;
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution};
 use crate::domain::device::Device;
 use crate::domain::device::ProofUse;
-use crate::domain::ids::os_random;
 use crate::domain::ids::{ChallengeNumber, DeviceId, UserId};
 use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
-use crate::store::conformance::{Scope, enrolled_device, policy, sample_challenge, sample_delivery, sample_device};
+use crate::store::conformance::{
+    Scope, device_answer, enrolled_device, policy, sample_challenge, sample_delivery, sample_device,
+};
 use crate::store::{Answered, CreateOutcome, DeviceAnswer};
 
 async fn created(store: &RedisStore, challenge: Challenge, now: Millis) -> Challenge {
@@ -228,19 +229,8 @@ async fn a_slow_clock_cannot_answer_after_expiry(urls: Vec<String>) {
 
     // The phone's way in (`answer.lua`, one call) holds to Redis's clock as well.
     let phone = enrolled_device(&store, &tenant, &user, behind.now()).await;
-    let device_answer = async |challenge: &Challenge| {
-        let (on_match, otherwise) = Decision::Approve.resolutions(phone.id.clone());
-        let mut proof = [0u8; 32];
-        os_random(&mut proof).expect("random");
-        let answer = DeviceAnswer {
-            device: &phone,
-            proof: ProofUse(proof),
-            proof_keep_until: behind.now().plus(Duration::from_secs(300)),
-            challenge: &challenge.id,
-            typed: Some(challenge.number),
-            on_match,
-            otherwise,
-        };
+    let answer_by_phone = async |challenge: &Challenge| {
+        let answer = device_answer(&phone, &challenge.id, Decision::Approve, Some(challenge.number), behind.now());
         match store.answer_challenge(&answer, behind.now()).await.expect("answer") {
             Answered::Done { outcome, devices, .. } => (outcome, devices),
             other => panic!("expected an answer, got {other:?}"),
@@ -249,13 +239,13 @@ async fn a_slow_clock_cannot_answer_after_expiry(urls: Vec<String>) {
     let mut late = sample_challenge(&tenant, &user, behind.now(), None);
     late.expires_at = behind.now().plus(Duration::from_secs(30));
     let late = created(&store, late, behind.now()).await;
-    let (outcome, _) = device_answer(&late).await;
+    let (outcome, _) = answer_by_phone(&late).await;
     assert!(!outcome.accepted, "a phone's answer after the real expiry is refused");
     assert_eq!(outcome.challenge.state, ChallengeState::Expired);
     let mut fresh = sample_challenge(&tenant, &user, behind.now(), None);
     fresh.expires_at = behind.now().plus(Duration::from_secs(120));
     let fresh = created(&store, fresh, behind.now()).await;
-    let (outcome, devices) = device_answer(&fresh).await;
+    let (outcome, devices) = answer_by_phone(&fresh).await;
     assert!(outcome.accepted);
     assert_eq!(outcome.challenge.state, ChallengeState::Approved);
     // Read by the script with the answer: the one-call path, not the fallback.

@@ -10,13 +10,12 @@ mod devices;
 use super::rules::{self, CreateExpected, Model};
 use super::{Answer, BlockKind, Op, USERS};
 use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution, SignInContext};
-use crate::domain::device::{Device, ProofUse};
-use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId, os_random};
+use crate::domain::device::Device;
+use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
 use crate::domain::time::{Clock, ManualClock, Millis};
-use crate::store::conformance::{Fixture, Scope};
+use crate::store::conformance::{Fixture, Scope, device_answer};
 use crate::store::{
-    Answered, BlockReason, ChallengeWatch, CreateOutcome, DeviceAnswer, Refusal, ResolveOutcome, Store, StoreError, TotpAttempt,
-    UserBlock,
+    Answered, BlockReason, ChallengeWatch, CreateOutcome, Refusal, ResolveOutcome, Store, StoreError, TotpAttempt, UserBlock,
 };
 
 macro_rules! ensure {
@@ -381,18 +380,7 @@ impl<X: Fixture + Send + Sync + 'static> Driver<'_, X> {
             by_device += usize::from(phone.is_some());
             calls.push(match phone {
                 Some(phone) => Box::pin(async move {
-                    let (on_match, otherwise) = decision.resolutions(phone.id.clone());
-                    let mut proof = [0u8; 32];
-                    os_random(&mut proof).expect("random");
-                    let answer = DeviceAnswer {
-                        device: &phone,
-                        proof: ProofUse(proof),
-                        proof_keep_until: now.plus(Duration::from_secs(300)),
-                        challenge: &id,
-                        typed,
-                        on_match,
-                        otherwise,
-                    };
+                    let answer = device_answer(&phone, &id, decision, typed, now);
                     match fixture.store().answer_challenge(&answer, now).await? {
                         Answered::Done { outcome, .. } => Ok(Some(outcome)),
                         Answered::Unknown => Ok(None),
