@@ -55,17 +55,19 @@ pub struct Tally {
 
 /// The connection died under the call (the process is gone): tonic reports it as
 /// UNKNOWN "transport error" or "h2 protocol error: ..." for a call under way,
-/// UNAVAILABLE for one that cannot connect. It is the client's word, not a status
-/// the broker sent.
+/// CANCELLED "operation was canceled" (hyper's word) for one queued on the
+/// connection as it died, UNAVAILABLE for one that cannot connect. It is the
+/// client's word, not a status the broker sent.
 pub const CONNECTION_LOST: &str = "Unknown(connection lost)";
 
 fn code_name(status: &tonic::Status) -> String {
     let message = status.message();
-    if status.code() == Code::Unknown && (message == "transport error" || message.starts_with("h2 protocol error")) {
-        CONNECTION_LOST.to_owned()
-    } else {
-        format!("{:?}", status.code())
-    }
+    let cut = match status.code() {
+        Code::Unknown => message == "transport error" || message.starts_with("h2 protocol error"),
+        Code::Cancelled => message == "operation was canceled",
+        _ => false,
+    };
+    if cut { CONNECTION_LOST.to_owned() } else { format!("{:?}", status.code()) }
 }
 
 impl Tally {
