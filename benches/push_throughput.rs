@@ -147,7 +147,7 @@ async fn run(platform: Platform, latency: Duration, connections: u32, pushes: us
     let settings = DispatcherSettings { queue_capacity: pushes + 1_000, ..DispatcherSettings::default() };
     let dispatcher = Dispatcher::start(senders, finished.clone(), Arc::clone(&clock), settings, Arc::default(), shutdown.clone());
     let job = || PushJob {
-        kind: PushKind::Challenge { challenge_id: ChallengeId::generate().expect("id") },
+        kind: PushKind::Challenge { challenge_id: ChallengeId::generate().expect("id"), pushes: 1 },
         tenant: TenantId("bench".into()),
         device_id: DeviceId::generate().expect("id"),
         platform,

@@ -220,3 +220,83 @@ async fn creates_past_the_in_flight_cap_are_shed_at_once() {
     // The slot is free again.
     server.create_challenge("jan").await;
 }
+
+/// The device ids a new challenge of `user` on `server` is pushed to; the
+/// challenge is cancelled again (a user holds at most 3 pending).
+async fn pushed_to(server: &TestServer, user: &str) -> Vec<String> {
+    let challenge = server.create_challenge(user).await;
+    server
+        .challenges(KEY_A)
+        .cancel_challenge(pb::CancelChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .await
+        .expect("cancel");
+    let mut ids: Vec<String> = challenge.deliveries.iter().map(|d| d.device_id.clone()).collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_remembers_a_users_devices_sees_every_change_made_on_the_other() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    // A reads jan's one phone for its first challenge and remembers it.
+    let first = a.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Fcm).await;
+    assert_eq!(pushed_to(&a, "jan").await, vec![first.device_id().to_owned()]);
+    // A second phone, enrolled on B, is pushed to by A's next challenge.
+    let enrollment = b.begin_enrollment("jan").await;
+    let mut second = b.phone(PhoneKey::ed25519(), pb::Platform::Apns);
+    second.enroll(&enrollment.uri, "second phone").await.expect("enroll on B");
+    let mut both = vec![first.device_id().to_owned(), second.device_id().to_owned()];
+    both.sort();
+    assert_eq!(pushed_to(&a, "jan").await, both);
+    // An answer (on B) records the phone's last use: that changes nothing A must
+    // choose its pushes by, and its next challenge still goes to both.
+    let challenge = a.create_challenge("jan").await;
+    second.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("answer");
+    assert_eq!(pushed_to(&a, "jan").await, both);
+    // The first phone removed on B: A pushes to the second only.
+    b.enrollments(KEY_A)
+        .remove_device(pb::RemoveDeviceRequest { device_id: first.device_id().into() })
+        .await
+        .expect("remove on B");
+    assert_eq!(pushed_to(&a, "jan").await, vec![second.device_id().to_owned()]);
+    // The last one removed on B: A refuses, naming the field.
+    b.enrollments(KEY_A)
+        .remove_device(pb::RemoveDeviceRequest { device_id: second.device_id().into() })
+        .await
+        .expect("remove on B");
+    let refused = a
+        .challenges(KEY_A)
+        .create_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() })
+        .await
+        .expect_err("no device left");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().starts_with("user_id:"), "{}", refused.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_removed_on_one_replica_cannot_answer_on_the_other_that_remembers_it() {
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&redis).await;
+    let enrollment = a.begin_enrollment("jan").await;
+    let mut phone = b.phone(PhoneKey::ed25519(), pb::Platform::Fcm);
+    phone.enroll(&enrollment.uri, "phone").await.expect("enroll on B");
+    a.enrolled_phone("jan", PhoneKey::ed25519(), pb::Platform::Apns).await;
+    // The phone answers on B, which remembers it.
+    let challenge = a.create_challenge("jan").await;
+    phone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("answer on B");
+    // Removed on A (a stolen phone), it cannot answer on B.
+    let challenge = a.create_challenge("jan").await;
+    a.enrollments(KEY_A).remove_device(pb::RemoveDeviceRequest { device_id: phone.device_id().into() }).await.expect("remove");
+    let refused =
+        phone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect_err("a removed phone");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(refused.message().starts_with("proof.device_id:"), "{}", refused.message());
+    let still = a
+        .challenges(KEY_A)
+        .get_challenge(pb::GetChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert_eq!(still.state(), pb::ChallengeState::Pending);
+}

@@ -8,9 +8,13 @@ use crate::domain::challenge::{Challenge, ChallengeState, Delivery, DeliveryStat
 use crate::domain::device::Device;
 use crate::domain::error::DomainError;
 use crate::domain::ids::{ChallengeId, ChallengeNumber, TenantId};
-use crate::domain::ports::{BlockReason, ChallengeWatch, CreateOutcome, Refusal, UserBlock};
+use crate::domain::ports::{BlockReason, ChallengeWatch, CreateFor, CreateOutcome, Refusal, StoreError, UserBlock};
 use crate::domain::time::Millis;
 use crate::telemetry::metrics::{challenge_resolved, names};
+
+/// How many times a create chooses its pushes again when the user's devices
+/// changed in between (each time, the store hands back the devices as they stand).
+const MAX_DEVICE_CHANGES: u32 = 3;
 
 impl Broker {
     /// Creates a challenge for the user and pushes it to every device that takes
@@ -51,41 +55,64 @@ impl Broker {
                 ),
             ));
         };
-        let devices = self.store.list_devices(tenant, &request.user_id).await?;
-        if !devices.iter().any(Device::answers_challenges) {
-            return Err(DomainError::FailedPrecondition(
-                "user_id: the user has no enrolled device that can answer a challenge".into(),
-            ));
-        }
-        let targets: Vec<&Device> = devices.iter().filter(|d| d.takes_pushes()).collect();
-        if let Err(full) = self.dispatcher.room_for(tenant, targets.iter().filter_map(|d| d.platform)) {
-            return Err(shed(tenant, full.setting(), format!("{full}; retry shortly")));
-        }
-
-        let now = self.clock.now();
-        let challenge = new_challenge(tenant, request, &targets, now, ttl)?;
-        let context = challenge.context.clone();
-        let created = match self.store.create_challenge(challenge, &limits.admission, now).await? {
-            CreateOutcome::Created(created) => created,
-            // The same request_id is a retry of the same sign-in only if it carries the
-            // same context: otherwise a caller (or an attacker replaying an id) would be
-            // handed a challenge, perhaps APPROVED already, of another sign-in.
-            CreateOutcome::Existing(existing) if existing.context == context => {
-                tracing::debug!(challenge_id = %existing.id, "request_id seen before: returning its challenge");
-                return Ok(existing);
-            }
-            CreateOutcome::Existing(existing) => {
-                tracing::warn!(challenge_id = %existing.id, "request_id seen before with another sign-in context: refused");
-                return Err(DomainError::AlreadyExists(
-                    "request_id: used already for a sign-in with another context; use a new request_id for each sign-in".into(),
+        let mut devices = self.store.challenge_devices(tenant, &request.user_id).await?;
+        // The store may answer the devices from what it read lately; its create
+        // checks them in the same step as the insert and, if they changed (a phone
+        // enrolled, removed or given a new token meanwhile), writes nothing and
+        // hands them back to choose the pushes again.
+        let mut attempts = 0;
+        let (created, targets) = loop {
+            attempts += 1;
+            if !devices.devices.iter().any(Device::answers_challenges) {
+                return Err(DomainError::FailedPrecondition(
+                    "user_id: the user has no enrolled device that can answer a challenge".into(),
                 ));
             }
-            CreateOutcome::Refused(refusal) => return Err(refusal_error(refusal)),
+            let targets: Vec<&Device> = devices.devices.iter().filter(|d| d.takes_pushes()).collect();
+            if let Err(full) = self.dispatcher.room_for(tenant, targets.iter().filter_map(|d| d.platform)) {
+                return Err(shed(tenant, full.setting(), format!("{full}; retry shortly")));
+            }
+            let now = self.clock.now();
+            let challenge = new_challenge(tenant, request.clone(), &targets, now, ttl)?;
+            let context = challenge.context.clone();
+            let outcome =
+                match self.store.create_challenge_for(challenge, &limits.admission, now, devices.seen.as_deref()).await? {
+                    CreateFor::Done(outcome) => outcome,
+                    CreateFor::DevicesChanged(now_enrolled) if attempts < MAX_DEVICE_CHANGES => {
+                        devices = now_enrolled;
+                        continue;
+                    }
+                    CreateFor::DevicesChanged(_) => {
+                        return Err(DomainError::StoreUnavailable(StoreError::unavailable(
+                            self.store.backend(),
+                            "the user's devices kept changing while the challenge was created; retry",
+                        )));
+                    }
+                };
+            match outcome {
+                CreateOutcome::Created(created) => break (created, targets),
+                // The same request_id is a retry of the same sign-in only if it carries the
+                // same context: otherwise a caller (or an attacker replaying an id) would be
+                // handed a challenge, perhaps APPROVED already, of another sign-in.
+                CreateOutcome::Existing(existing) if existing.context == context => {
+                    tracing::debug!(challenge_id = %existing.id, "request_id seen before: returning its challenge");
+                    return Ok(existing);
+                }
+                CreateOutcome::Existing(existing) => {
+                    tracing::warn!(challenge_id = %existing.id, "request_id seen before with another sign-in context: refused");
+                    return Err(DomainError::AlreadyExists(
+                        "request_id: used already for a sign-in with another context; use a new request_id for each sign-in"
+                            .into(),
+                    ));
+                }
+                CreateOutcome::Refused(refusal) => return Err(refusal_error(refusal)),
+            }
         };
+        let pushes = u32::try_from(created.deliveries.len()).unwrap_or(u32::MAX);
         for device in targets {
             let Some(platform) = device.platform else { continue };
             self.push(PushJob {
-                kind: PushKind::Challenge { challenge_id: created.id.clone() },
+                kind: PushKind::Challenge { challenge_id: created.id.clone(), pushes },
                 tenant: tenant.clone(),
                 device_id: device.id.clone(),
                 platform,

@@ -52,7 +52,19 @@ impl Broker {
     /// [`Broker::authenticate_device`] but for spending the proof, which the
     /// caller does (RespondToChallenge: with the answer, in one store operation).
     async fn check_proof(&self, proof: &DeviceProof, rpc: &str, fields: &[&str]) -> Result<Device, DomainError> {
-        let device = self.store.get_device(&proof.device_id).await?.ok_or_else(unknown_device)?;
+        let device = self.store.get_device(&proof.device_id).await?;
+        self.check_proof_of(device, proof, rpc, fields)
+    }
+
+    /// [`Broker::check_proof`] against `device` as the caller read it.
+    fn check_proof_of(
+        &self,
+        device: Option<Device>,
+        proof: &DeviceProof,
+        rpc: &str,
+        fields: &[&str],
+    ) -> Result<Device, DomainError> {
+        let device = device.ok_or_else(unknown_device)?;
         proof.verify(&device, rpc, fields, self.clock.now(), self.settings.max_clock_skew)?;
         // A tenant removed from the configuration: its devices' calls are refused
         // like its API keys (its data stays until an operator purges it).
@@ -124,7 +136,10 @@ impl Broker {
         typed_number: &str,
     ) -> Result<AnswerOutcome, DomainError> {
         let (rpc, fields) = ("RespondToChallenge", [challenge_id.as_str(), decision.proto_name(), typed_number]);
-        let device = self.check_proof(proof, rpc, &fields).await?;
+        // The device as the store may remember it: its key and owner never change,
+        // and the answer's own step refuses a device removed since (DeviceGone).
+        let device = self.store.answering_device(&proof.device_id).await?;
+        let device = self.check_proof_of(device, proof, rpc, &fields)?;
         let now = self.clock.now();
         let (on_match, otherwise) = decision.resolutions(device.id.clone());
         let answer = DeviceAnswer {

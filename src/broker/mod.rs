@@ -231,7 +231,7 @@ impl Broker {
     async fn push(&self, job: PushJob) {
         if let Err(full) = self.dispatcher.enqueue(job.clone()) {
             tracing::warn!(kind = job.kind.label(), challenge_id = job.challenge_id().map(tracing::field::display), "{full}");
-            if let PushKind::Challenge { challenge_id } = &job.kind {
+            if let PushKind::Challenge { challenge_id, .. } = &job.kind {
                 let delivery = Delivery {
                     device_id: job.device_id.clone(),
                     platform: job.platform,

@@ -342,7 +342,7 @@ async fn a_challenge_is_pushed_to_each_device_and_its_delivery_recorded() {
         let job = jobs.iter().find(|job| job.device_id == device.id).expect("a push to each device");
         assert_eq!(
             (job.kind.clone(), job.expires_at),
-            (PushKind::Challenge { challenge_id: challenge.id.clone() }, challenge.expires_at)
+            (PushKind::Challenge { challenge_id: challenge.id.clone(), pushes: 2 }, challenge.expires_at)
         );
     }
 
@@ -354,6 +354,79 @@ async fn a_challenge_is_pushed_to_each_device_and_its_delivery_recorded() {
         .expect("deliveries recorded")
         .clone();
     assert!(sent.deliveries.iter().all(|d| d.attempts == 1));
+}
+
+/// The push of `challenge` to `device`, as the broker hands it to the dispatcher.
+fn push_of(challenge: &Challenge, device: &Device) -> PushJob {
+    PushJob {
+        kind: PushKind::Challenge { challenge_id: challenge.id.clone(), pushes: 2 },
+        tenant: challenge.tenant.clone(),
+        device_id: device.id.clone(),
+        platform: Platform::Fcm,
+        push_token: device.push_token.clone(),
+        expires_at: challenge.expires_at,
+    }
+}
+
+/// The states of the challenge's deliveries to `devices`, as the store holds them.
+async fn delivery_states(f: &Fixture, challenge: &Challenge, devices: [&Device; 2]) -> [DeliveryState; 2] {
+    let stored = f.broker.get_challenge(&f.tenant, &challenge.id).await.expect("read");
+    devices.map(|device| stored.deliveries.iter().find(|d| d.device_id == device.id).expect("delivery").state)
+}
+
+/// A challenge pushed to two phones has its two reports recorded together, once
+/// both came (one store write, one wake-up of its watchers); a retry's note goes
+/// out at once, with what waited.
+#[tokio::test]
+async fn the_reports_of_a_challenges_pushes_are_recorded_together() {
+    let f = fixture().await;
+    let jan = user("jan");
+    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
+    // The dispatcher's own pushes wait: only the reports below are made.
+    f.fcm.hold();
+    let recorder = DeliveryRecorder::holding(Arc::clone(&f.store), Duration::from_secs(3_600));
+
+    let challenge = f.create(&jan, 0).await.expect("created");
+    recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
+    assert_eq!(delivery_states(&f, &challenge, [&first, &second]).await, [DeliveryState::Queued; 2], "waits");
+    recorder.report(&push_of(&challenge, &second), DeliveryState::Unregistered, 1, "UNREGISTERED").await;
+    assert_eq!(
+        delivery_states(&f, &challenge, [&first, &second]).await,
+        [DeliveryState::Sent, DeliveryState::Unregistered],
+        "both reports, recorded together"
+    );
+
+    let challenge = f.create(&jan, 0).await.expect("created");
+    recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
+    recorder.report(&push_of(&challenge, &second), DeliveryState::Queued, 1, "HTTP 503").await;
+    let stored = f.broker.get_challenge(&f.tenant, &challenge.id).await.expect("read");
+    let retried = stored.deliveries.iter().find(|d| d.device_id == second.id).expect("delivery");
+    assert_eq!((retried.attempts, retried.error.as_str()), (1, "HTTP 503"), "a retry's note at once");
+    assert_eq!(delivery_states(&f, &challenge, [&first, &second]).await[0], DeliveryState::Sent, "with what waited");
+}
+
+/// A report waits for the other pushes of its challenge only so long: a slow
+/// provider does not keep the watchers from the push that went out.
+#[tokio::test]
+async fn a_report_waits_for_a_slow_sibling_only_so_long() {
+    let f = fixture().await;
+    let jan = user("jan");
+    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
+    f.fcm.hold();
+    let recorder = DeliveryRecorder::holding(Arc::clone(&f.store), Duration::from_millis(50));
+    let challenge = f.create(&jan, 0).await.expect("created");
+    let mut watch = f.broker.watch_challenge(&f.tenant, &challenge.id).await.expect("watch");
+    recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
+    let seen = tokio::time::timeout(
+        Duration::from_secs(10),
+        watch.wait_for(|c| c.deliveries.iter().any(|d| d.device_id == first.id && d.state == DeliveryState::Sent)),
+    )
+    .await
+    .expect("recorded once the hold is over")
+    .expect("watch open")
+    .clone();
+    let other = seen.deliveries.iter().find(|d| d.device_id == second.id).expect("delivery");
+    assert_eq!(other.state, DeliveryState::Queued, "the slow push has not reported");
 }
 
 #[tokio::test]

@@ -145,6 +145,28 @@ pub enum CreateOutcome {
     Refused(Refusal),
 }
 
+/// A user's devices as read for a new challenge, with what lets the store check,
+/// in the create's own step, that they are still the devices its pushes were
+/// chosen from ([`Store::create_challenge_for`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChallengeDevices {
+    pub devices: Vec<Device>,
+    /// The store's fingerprint of the devices as read; `None`: nothing to check
+    /// (the store read them fresh and its create needs no check).
+    pub seen: Option<String>,
+}
+
+/// What [`Store::create_challenge_for`] did. (Returned once per create and taken
+/// apart at once: boxing the larger variant would only add an allocation.)
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateFor {
+    Done(CreateOutcome),
+    /// The user's devices are not the ones the challenge was made for: nothing was
+    /// written; here they are as they stand, to choose the pushes again.
+    DevicesChanged(ChallengeDevices),
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Refusal {
     Blocked(UserBlock),
@@ -268,6 +290,35 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<CreateOutcome, StoreError>;
 
+    /// The user's devices for a new challenge. A backend may answer from what it
+    /// read lately (Redis: each replica remembers a user's devices) when its
+    /// [`Store::create_challenge_for`] checks them in the same step as the insert.
+    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
+        Ok(ChallengeDevices { devices: self.list_devices(tenant, user).await?, seen: None })
+    }
+
+    /// [`Store::create_challenge`] for a challenge whose pushes were chosen from the
+    /// devices of [`Store::challenge_devices`] (`seen`, their fingerprint): if the
+    /// user's devices changed since, nothing is written and they are returned.
+    async fn create_challenge_for(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+        seen: Option<&str>,
+    ) -> Result<CreateFor, StoreError> {
+        let _ = seen;
+        Ok(CreateFor::Done(self.create_challenge(challenge, policy, now).await?))
+    }
+
+    /// The device whose proof an answer carries. A backend may answer from what it
+    /// read lately (Redis: each replica remembers the devices that answered): a
+    /// device's id, owner and key never change, and [`Store::answer_challenge`]
+    /// checks in its own step that the device is still enrolled. Only for that.
+    async fn answering_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        self.get_device(id).await
+    }
+
     /// The challenge, expired first if its time is up. Another tenant's is `None`.
     async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError>;
 
@@ -320,7 +371,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records a delivery's latest state on the challenge and wakes its watchers.
     /// A challenge that is gone already is no error.
-    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError>;
+    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+        self.record_deliveries(id, vec![delivery]).await
+    }
+
+    /// [`Store::record_delivery`] for several deliveries of one challenge, as one
+    /// change: one version, one wake-up of its watchers.
+    async fn record_deliveries(&self, id: &ChallengeId, deliveries: Vec<Delivery>) -> Result<(), StoreError>;
 
     /// The user's PENDING challenges, newest first.
     async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError>;

@@ -84,7 +84,7 @@ impl ApnsSender {
 
     fn request(&self, job: &PushJob, authorization: HeaderValue) -> Result<Request<Full<Bytes>>, String> {
         let (push_type, priority, collapse_id, body) = match &job.kind {
-            PushKind::Challenge { challenge_id } => (
+            PushKind::Challenge { challenge_id, .. } => (
                 "alert",
                 "10",
                 challenge_id.as_str(),

@@ -291,7 +291,7 @@ impl FcmSender {
         let expires_at = job.expires_at.as_unix_seconds().to_string();
         let enrolled_at;
         let (data, priority, collapse_key) = match &job.kind {
-            PushKind::Challenge { challenge_id } => {
+            PushKind::Challenge { challenge_id, .. } => {
                 let challenge_id = challenge_id.as_str();
                 (Data::Challenge { challenge_id, expires_at: &expires_at }, "HIGH", challenge_id)
             }

@@ -48,7 +48,12 @@ pub const NOTICE_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PushKind {
     /// "Someone is signing in": the app shows the prompt.
-    Challenge { challenge_id: ChallengeId },
+    Challenge {
+        challenge_id: ChallengeId,
+        /// How many devices the challenge is pushed to: their reports are recorded
+        /// as one change ([`crate::broker::DeliveryRecorder`]).
+        pushes: u32,
+    },
     /// The challenge resolved elsewhere: the app takes its prompt down.
     Clear { challenge_id: ChallengeId, state: ChallengeState },
     /// A notice, "a new sign-in method was added to your account", to the user's
@@ -111,7 +116,7 @@ impl PushJob {
     /// The challenge the push is about; `None` for a notice.
     pub fn challenge_id(&self) -> Option<&ChallengeId> {
         match &self.kind {
-            PushKind::Challenge { challenge_id } | PushKind::Clear { challenge_id, .. } => Some(challenge_id),
+            PushKind::Challenge { challenge_id, .. } | PushKind::Clear { challenge_id, .. } => Some(challenge_id),
             PushKind::NewDevice { .. } => None,
         }
     }

@@ -16,8 +16,9 @@ use crate::domain::enrollment::Enrollment;
 use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{
-    AdmissionPolicy, Answered, ChallengeWatch, CompleteOutcome, CreateOutcome, DeviceAnswer, EnrollmentLimits, InsertOutcome,
-    ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, Answered, ChallengeDevices, ChallengeWatch, CompleteOutcome, CreateFor, CreateOutcome, DeviceAnswer,
+    EnrollmentLimits, InsertOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy,
+    UserBlock,
 };
 use crate::telemetry::metrics::names;
 
@@ -57,6 +58,9 @@ impl MeteredStore {
 pub const OPERATIONS: &[&str] = &[
     "health",
     "create_challenge",
+    "challenge_devices",
+    "create_challenge",
+    "answering_device",
     "get_challenge",
     "watch_challenge",
     "resolve_challenge",
@@ -117,6 +121,24 @@ impl Store for MeteredStore {
         self.timed("create_challenge", self.inner.create_challenge(challenge, policy, now)).await
     }
 
+    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
+        self.timed("challenge_devices", self.inner.challenge_devices(tenant, user)).await
+    }
+
+    async fn create_challenge_for(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+        seen: Option<&str>,
+    ) -> Result<CreateFor, StoreError> {
+        self.timed("create_challenge", self.inner.create_challenge_for(challenge, policy, now, seen)).await
+    }
+
+    async fn answering_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        self.timed("answering_device", self.inner.answering_device(id)).await
+    }
+
     async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError> {
         self.timed("get_challenge", self.inner.get_challenge(tenant, id, now)).await
     }
@@ -144,8 +166,8 @@ impl Store for MeteredStore {
         self.timed("answer_challenge", self.inner.answer_challenge(answer, now)).await
     }
 
-    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
-        self.timed("record_delivery", self.inner.record_delivery(id, delivery)).await
+    async fn record_deliveries(&self, id: &ChallengeId, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
+        self.timed("record_delivery", self.inner.record_deliveries(id, deliveries)).await
     }
 
     async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {

@@ -8,8 +8,9 @@
 //! The conformance suite in `conformance` runs against every backend.
 
 pub use crate::domain::ports::{
-    AdmissionPolicy, Answered, BlockReason, ChallengeWatch, CompleteOutcome, CreateOutcome, DeviceAnswer, EnrollmentLimits,
-    InsertOutcome, Refusal, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, Answered, BlockReason, ChallengeDevices, ChallengeWatch, CompleteOutcome, CreateFor, CreateOutcome,
+    DeviceAnswer, EnrollmentLimits, InsertOutcome, Refusal, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge,
+    TotpAttempt, TotpPolicy, UserBlock,
 };
 
 pub mod embedded;

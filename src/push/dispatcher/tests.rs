@@ -47,7 +47,7 @@ fn job(platform: Platform, clock: &ManualClock) -> PushJob {
 
 fn job_of(tenant: &str, platform: Platform, clock: &ManualClock) -> PushJob {
     PushJob {
-        kind: PushKind::Challenge { challenge_id: ChallengeId::generate().expect("id") },
+        kind: PushKind::Challenge { challenge_id: ChallengeId::generate().expect("id"), pushes: 1 },
         tenant: TenantId(tenant.into()),
         device_id: DeviceId::generate().expect("id"),
         platform,

@@ -138,7 +138,7 @@ impl WebPushSender {
     fn request(&self, job: &PushJob, subscription: &Subscription) -> Result<Request<Full<Bytes>>, &'static str> {
         let now = self.clock.now();
         let (message, urgency, topic) = match &job.kind {
-            PushKind::Challenge { challenge_id } => (
+            PushKind::Challenge { challenge_id, .. } => (
                 Message::Challenge { challenge_id: challenge_id.as_str(), expires_at: job.expires_at.as_unix_seconds() },
                 "high",
                 Some(challenge_id.bits()),

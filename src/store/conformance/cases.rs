@@ -282,7 +282,22 @@ pub async fn deliveries_reach_watchers<S: Store>(store: &S, clock: &ManualClock,
     let delivery = sample_delivery();
     store.record_delivery(&challenge.id, delivery.clone()).await.expect("record");
     tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("woken").expect("open");
-    assert_eq!(watch.borrow().deliveries, vec![delivery]);
+    assert_eq!(watch.borrow_and_update().deliveries, vec![delivery.clone()]);
+    // Two at once (the reports of a challenge's pushes, recorded together): the
+    // watcher's next state holds both, the first updated in place.
+    let first = Delivery { state: DeliveryState::Unregistered, error: "Unregistered".into(), ..delivery };
+    let second = Delivery { platform: Platform::Fcm, ..sample_delivery() };
+    store.record_deliveries(&challenge.id, vec![first.clone(), second.clone()]).await.expect("record both");
+    tokio::time::timeout(Duration::from_secs(5), watch.changed()).await.expect("woken").expect("open");
+    // (Deliveries the record was not created with come in no set order.)
+    let by_device = |mut deliveries: Vec<Delivery>| {
+        deliveries.sort_by(|a, b| a.device_id.as_str().cmp(b.device_id.as_str()));
+        deliveries
+    };
+    let both = by_device(vec![first, second]);
+    assert_eq!(by_device(watch.borrow().deliveries.clone()), both);
+    let read = store.get_challenge(&challenge.tenant, &challenge.id, now).await.expect("get").expect("found");
+    assert_eq!(by_device(read.deliveries), both);
     // An unknown challenge is no error.
     store
         .record_delivery(&ChallengeId::generate().expect("id"), watch.borrow().deliveries[0].clone())

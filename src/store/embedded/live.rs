@@ -468,9 +468,10 @@ impl Shared {
         Ok(Some(ResolveOutcome { accepted: changed && !refused, challenge }))
     }
 
-    pub(super) fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+    pub(super) fn record_deliveries(&self, id: &ChallengeId, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
         if let Some(entry) = self.challenges().entries.get_mut(&id.bits()) {
-            entry.update(|challenge| challenge.record_delivery(delivery))?;
+            // One change for all of them: one wake-up of the watchers.
+            entry.update(|challenge| deliveries.into_iter().fold(false, |changed, d| challenge.record_delivery(d) | changed))?;
         }
         Ok(())
     }

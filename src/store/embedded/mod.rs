@@ -286,8 +286,8 @@ impl Store for EmbeddedStore {
         self.shared.resolve_challenge(tenant, id, resolution, now)
     }
 
-    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
-        self.shared.record_delivery(id, delivery)
+    async fn record_deliveries(&self, id: &ChallengeId, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
+        self.shared.record_deliveries(id, deliveries)
     }
 
     async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {

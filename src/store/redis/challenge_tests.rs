@@ -21,7 +21,7 @@ use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
 use crate::store::conformance::{
     Scope, device_answer, enrolled_device, policy, sample_challenge, sample_delivery, sample_device,
 };
-use crate::store::{Answered, CreateOutcome, DeviceAnswer};
+use crate::store::{Answered, CreateFor, CreateOutcome, DeviceAnswer, Store as _};
 
 async fn created(store: &RedisStore, challenge: Challenge, now: Millis) -> Challenge {
     match store.create_challenge(challenge, &policy(), now).await.expect("create") {
@@ -398,4 +398,50 @@ fn answer_text_rewrites_as_serde_writes() {
 fn wrong(number: ChallengeNumber) -> ChallengeNumber {
     let shown = number.value();
     ChallengeNumber::parse_typed(&(if shown == 99 { 10 } else { shown + 1 }).to_string()).expect("two digits")
+}
+
+/// A new challenge's pushes are chosen from the user's devices as a replica read
+/// them, perhaps a while ago; the create checks their fingerprint in its own
+/// step. A device's last use and TOTP step leave the fingerprint as it was (a
+/// replica's memory of the devices outlives every sign-in), a new push token
+/// changes it, and a create for the devices as they were writes nothing and
+/// hands back the devices as they are.
+#[tokio::test]
+async fn the_create_checks_the_devices_its_pushes_were_chosen_from() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let store = store_on(vec![url.to_owned()], clock.clone()).await;
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let now = clock.now();
+    let device = enrolled_device(&store, &tenant, &user, now).await;
+    let read = store.challenge_devices(&tenant, &user).await.expect("devices");
+    assert_eq!(read.devices, vec![device.clone()]);
+
+    store.touch_device(&device.id, now.plus(Duration::from_secs(1))).await.expect("touch");
+    assert!(store.spend_totp_step(&device.id, 7).await.expect("step"));
+    let used = store.list_devices(&tenant, &user).await.expect("devices");
+    assert_ne!(used, read.devices, "the record changed");
+    let challenge = sample_challenge(&tenant, &user, now, None);
+    match store.create_for(challenge, &policy(), now, read.seen.as_deref()).await.expect("create") {
+        CreateFor::Done(CreateOutcome::Created(_)) => {}
+        other => panic!("a last use changes nothing a push depends on, got {other:?}"),
+    }
+
+    assert!(store.set_push_token(&device.id, "a-new-token").await.expect("token"));
+    let challenge = sample_challenge(&tenant, &user, now, None);
+    let id = challenge.id.clone();
+    let now_enrolled = match store.create_for(challenge, &policy(), now, read.seen.as_deref()).await.expect("create") {
+        CreateFor::DevicesChanged(devices) => devices,
+        other => panic!("a new token changes the pushes, got {other:?}"),
+    };
+    assert!(store.get_challenge(&tenant, &id, now).await.expect("get").is_none(), "nothing was written");
+    assert_eq!(now_enrolled.devices.iter().map(|d| d.push_token.as_str()).collect::<Vec<_>>(), ["a-new-token"]);
+    assert_ne!(now_enrolled.seen, read.seen);
+    // The replica remembers the devices as handed back.
+    assert_eq!(store.challenge_devices(&tenant, &user).await.expect("devices"), now_enrolled);
+    let challenge = sample_challenge(&tenant, &user, now, None);
+    match store.create_for(challenge, &policy(), now, now_enrolled.seen.as_deref()).await.expect("create") {
+        CreateFor::Done(CreateOutcome::Created(_)) => {}
+        other => panic!("expected Created for the devices as they are, got {other:?}"),
+    }
 }

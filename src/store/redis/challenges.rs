@@ -18,7 +18,9 @@ use super::watch::WatchRegistry;
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::ids::{ChallengeId, DeviceId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{AdmissionPolicy, Answered, ChallengeWatch, CreateOutcome, DeviceAnswer, Refusal, ResolveOutcome, StoreError};
+use crate::store::{
+    AdmissionPolicy, Answered, ChallengeWatch, CreateFor, CreateOutcome, DeviceAnswer, Refusal, ResolveOutcome, StoreError,
+};
 
 /// How a resolution is decided from the challenge as read.
 type Decide<'a> = dyn Fn(&Challenge) -> Resolution + Send + Sync + 'a;
@@ -83,8 +85,9 @@ impl Reader {
         }
         let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(challenge_index(id))).await?;
         Ok(tag.map(|tag| {
-            self.tags.put(id, &tag);
-            Arc::from(tag)
+            let tag = Arc::<str>::from(tag);
+            self.tags.put(id, Arc::clone(&tag));
+            tag
         }))
     }
 
@@ -232,12 +235,15 @@ impl Reader {
 
 /// The challenge half of [`crate::store::Store`] (the trait impl in `mod.rs` calls these).
 impl RedisStore {
-    pub(super) async fn create_challenge(
+    /// `seen`: the fingerprint of the user's devices the challenge's pushes were
+    /// chosen from (`user_devices.lua`), checked in the script; `None` skips it.
+    pub(super) async fn create_for(
         &self,
         challenge: Challenge,
         policy: &AdmissionPolicy,
         now: Millis,
-    ) -> Result<CreateOutcome, StoreError> {
+        seen: Option<&str>,
+    ) -> Result<CreateFor, StoreError> {
         let tag = user_tag(&challenge.tenant, &challenge.user_id);
         let keys = Keys(&tag);
         let (settled_purge_at, purge_at) = policy.purge_times(challenge.expires_at);
@@ -271,7 +277,10 @@ impl RedisStore {
             .arg(keys.challenge_prefix())
             .arg(purge_at.0)
             .arg(&tag)
-            .arg(settled_purge_at.0);
+            .arg(settled_purge_at.0)
+            .arg(seen.unwrap_or(""))
+            .arg(keys.device_prefix())
+            .key(keys.devices());
         if !cluster {
             invocation.key(&index);
         }
@@ -284,9 +293,16 @@ impl RedisStore {
         let refused = |refusal| CreateOutcome::Refused(refusal);
         let result = match outcome.first().map(String::as_str) {
             Some("created") => {
-                self.tags.put(&challenge.id, &tag);
+                self.tags.put(&challenge.id, Arc::from(tag.as_str()));
                 interest.keep();
-                return Ok(CreateOutcome::Created(challenge));
+                return Ok(CreateFor::Done(CreateOutcome::Created(challenge)));
+            }
+            Some("devices_changed") => {
+                let devices = self.remember_devices(&tag, &challenge.tenant, &challenge.user_id, &outcome[1..])?;
+                if cluster {
+                    let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
+                }
+                return Ok(CreateFor::DevicesChanged(devices));
             }
             Some("existing") => {
                 let existing = outcome.get(1).map(|id| ChallengeId::parse(id)).transpose().map_err(corrupt)?;
@@ -307,7 +323,7 @@ impl RedisStore {
         if cluster {
             let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
         }
-        Ok(result)
+        Ok(CreateFor::Done(result))
     }
 
     pub(super) async fn get_challenge(
@@ -391,7 +407,10 @@ impl RedisStore {
         let (word, matched) = (reply.first().map(String::as_str), reply.get(1).is_some_and(|m| m == "m"));
         let resolution = if matched { &answer.on_match } else { &answer.otherwise };
         match word {
-            Some("device_gone") => Ok(Answered::DeviceGone),
+            Some("device_gone") => {
+                self.answering.forget(&device.id);
+                Ok(Answered::DeviceGone)
+            }
             Some("replayed") => Ok(Answered::Replayed),
             Some("unknown") => Ok(Answered::Unknown),
             Some(word @ ("final" | "answered")) => {
@@ -480,24 +499,16 @@ impl RedisStore {
     /// needs no read first and races with no other change. Watchers elsewhere hear
     /// of it as of any change; those here get it at once, without a read, when
     /// they saw the version before it.
-    pub(super) async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
+    pub(super) async fn record_deliveries(&self, id: &ChallengeId, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
         let Some(tag) = self.reader().locate(id).await? else { return Ok(()) };
-        let field = format!("d:{}", delivery.device_id);
-        let json = encode(&delivery)?;
+        let mut invocation = self.scripts.delivery.prepare_invoke();
+        invocation.key(Keys(&tag).challenge(id.as_str())).arg(shard_channel(id)).arg(id.as_str());
+        for delivery in &deliveries {
+            invocation.arg(format!("d:{}", delivery.device_id)).arg(encode(delivery)?);
+        }
         let mut writing = super::watch::Writing::begin(self.reader(), Arc::clone(&self.clock), id.clone());
-        let recorded: Result<u64, StoreError> = self
-            .connection
-            .invoke(
-                self.scripts
-                    .delivery
-                    .key(Keys(&tag).challenge(id.as_str()))
-                    .arg(field)
-                    .arg(json)
-                    .arg(shard_channel(id))
-                    .arg(id.as_str()),
-            )
-            .await;
-        writing.recorded = recorded.as_ref().ok().filter(|version| **version > 0).map(|version| (*version, delivery));
+        let recorded: Result<u64, StoreError> = self.connection.invoke(&invocation).await;
+        writing.recorded = recorded.as_ref().ok().filter(|version| **version > 0).map(|version| (*version, deliveries));
         drop(writing);
         recorded.map(drop)
     }
@@ -515,7 +526,7 @@ impl RedisStore {
         for id in ids {
             let Ok(id) = ChallengeId::parse(&id) else { continue };
             // The user's pending set names challenges in the user's slot.
-            self.tags.put(&id, &tag);
+            self.tags.put(&id, Arc::from(tag.as_str()));
             // The tag is a hash of the tenant and user: the record itself must be
             // the user's too, or it is not listed.
             if let Some(record) = reader.current(tenant, &id, now).await?

@@ -32,7 +32,7 @@
 //! | `pm:{tu}:en:<enrollment id>` | string | JSON `Enrollment` | expiry + 7 days (from its creation) |
 //! | `pm:{tu}:ens` | zset | ids of the user's open enrollments, scored by expiry; completed and expired ones are pruned by `insert_enrollment.lua` and `enroll.lua` | the latest expiry + 1 min |
 //! | `pm:cidx:<challenge id>` | string | the owner's `tu` (set by `create.lua` with the record on one Redis; before it, on a cluster) | as the challenge's record |
-//! | `pm:didx:<device id>` | string | the owner's `tu` | none: durable |
+//! | `pm:didx:<device id>` | string | the owner's `tu` (on one Redis, `device.lua` reads it and the record in one call) | none: durable |
 //! | `pm:enidx:<enrollment id>` | string | the owner's `tu` | as the enrollment |
 //! | `pm:code:<code digest>` | string | `<tu> <enrollment id>` | as the enrollment |
 //! | `pm:pubkey:<key fingerprint hex>` | string | the id of the device that holds the public key (a key enrolls once, for any user) | none: until the device is removed |
@@ -90,35 +90,46 @@ pub(super) fn user_tag(tenant: &TenantId, user: &UserId) -> String {
 /// Which user's slot holds a record, by the record's id (a challenge's, a
 /// device's), as far as this replica has seen: a record's owner never changes, so
 /// a hit saves the read of its global index (`pm:cidx:`, `pm:didx:`). A stale entry
-/// (the record gone) only finds no record, as the index would have. Two generations
-/// of at most [`TagCache::GENERATION`] entries each bound its memory.
-pub(super) struct TagCache<K> {
+/// (the record gone) only finds no record, as the index would have.
+pub(super) type TagCache<K> = Recent<K, Arc<str>>;
+
+/// What this replica read lately, by key, for the reads a later step in Redis
+/// checks anyway (a tag: the record is found there or not; a device: the answer
+/// script checks it is still enrolled; a user's devices: the create script checks
+/// their fingerprint). Two generations of at most [`Recent::GENERATION`] entries
+/// each bound its memory: when the current one is full it becomes the old one and
+/// the one before it is dropped.
+pub(super) struct Recent<K, V> {
     /// The current generation and the one before it.
-    generations: Mutex<(Tags<K>, Tags<K>)>,
+    generations: Mutex<(HashMap<K, V>, HashMap<K, V>)>,
 }
 
-type Tags<K> = HashMap<K, Arc<str>>;
-
-impl<K> Default for TagCache<K> {
+impl<K, V> Default for Recent<K, V> {
     fn default() -> Self {
         Self { generations: Mutex::new((HashMap::new(), HashMap::new())) }
     }
 }
 
-impl<K: Clone + Eq + Hash> TagCache<K> {
+impl<K: Clone + Eq + Hash, V: Clone> Recent<K, V> {
     const GENERATION: usize = 20_000;
 
-    pub(super) fn get(&self, id: &K) -> Option<Arc<str>> {
+    pub(super) fn get(&self, id: &K) -> Option<V> {
         let generations = self.generations.lock();
         generations.0.get(id).or_else(|| generations.1.get(id)).cloned()
     }
 
-    pub(super) fn put(&self, id: &K, tag: &str) {
+    pub(super) fn put(&self, id: &K, value: V) {
         let mut generations = self.generations.lock();
         if generations.0.len() >= Self::GENERATION {
             generations.1 = std::mem::take(&mut generations.0);
         }
-        generations.0.insert(id.clone(), Arc::from(tag));
+        generations.0.insert(id.clone(), value);
+    }
+
+    pub(super) fn forget(&self, id: &K) {
+        let mut generations = self.generations.lock();
+        generations.0.remove(id);
+        generations.1.remove(id);
     }
 }
 

@@ -22,7 +22,20 @@
 //!
 //! A device's answer is one call (`answer.lua`): the proof spent (its key in the
 //! user's slot), the number compared, the challenge resolved, the device touched,
-//! the user's devices read for the clears.
+//! the user's devices read for the clears. The device whose proof is checked
+//! before it may be the one this replica remembers (`answering`): a device's id,
+//! owner and key never change, and `answer.lua` refuses a device removed since.
+//!
+//! A create is one call when the replica remembers the user's devices
+//! (`user_devices`, kept only for a user with a device that can answer): the
+//! pushes are chosen from them, and `create.lua` compares their fingerprint
+//! (`user_devices.lua`: the records, sorted, without the last use and TOTP step)
+//! with the records as they are, in the same step as the insert. If the devices
+//! changed it writes nothing and answers them, and the broker chooses again. So a
+//! replica's memory can make a create cost a second call, never push to the wrong
+//! phones; and since the fingerprint is taken from the records, not from a counter
+//! each writer must bump, a replica of an older version writing devices cannot
+//! leave it stale.
 //!
 //! Every change to a challenge is announced, as its id and version and nothing
 //! else, on one of [`SHARDS`] channels (by challenge id), so each replica holds one
@@ -52,8 +65,9 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    AdmissionPolicy, Answered, ChallengeWatch, CompleteOutcome, CreateOutcome, DeviceAnswer, EnrollmentLimits, InsertOutcome,
-    ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
+    AdmissionPolicy, Answered, ChallengeDevices, ChallengeWatch, CompleteOutcome, CreateFor, CreateOutcome, DeviceAnswer,
+    EnrollmentLimits, InsertOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy,
+    UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::{Device, ProofUse};
@@ -74,7 +88,7 @@ mod watch;
 use challenges::Reader;
 use connection::{Connection, unavailable};
 pub use keys::SHARDS;
-use keys::TagCache;
+use keys::{Recent, TagCache};
 use scripts::Scripts;
 use watch::WatchRegistry;
 
@@ -138,6 +152,13 @@ pub struct RedisStore {
     tags: Arc<TagCache<ChallengeId>>,
     /// Which user's slot holds a device, for the devices this replica has seen.
     device_tags: TagCache<DeviceId>,
+    /// A user's devices (one that can answer among them) and their fingerprint, by
+    /// the user's tag, as this replica read them last: a new challenge's pushes
+    /// are chosen from them and `create.lua` checks the fingerprint.
+    user_devices: Recent<String, (Arc<str>, Arc<Vec<Device>>)>,
+    /// The devices that answered here lately, as read: an answer's proof is
+    /// checked against the key and `answer.lua` checks the device is still there.
+    answering: Recent<DeviceId, Arc<Device>>,
     /// The store's clock, for the calls that get no `now` (`spend_proof`).
     clock: Arc<dyn Clock>,
     /// Stops the pub/sub and deadline tasks when the store is dropped.
@@ -161,6 +182,8 @@ impl RedisStore {
             watchers: Arc::new(WatchRegistry::default()),
             tags: Arc::new(TagCache::default()),
             device_tags: TagCache::default(),
+            user_devices: Recent::default(),
+            answering: Recent::default(),
             clock: Arc::clone(&clock),
             closing: CancellationToken::new(),
         };
@@ -207,7 +230,28 @@ impl Store for RedisStore {
         policy: &AdmissionPolicy,
         now: Millis,
     ) -> Result<CreateOutcome, StoreError> {
-        RedisStore::create_challenge(self, challenge, policy, now).await
+        match RedisStore::create_for(self, challenge, policy, now, None).await? {
+            CreateFor::Done(outcome) => Ok(outcome),
+            CreateFor::DevicesChanged(_) => Err(connection::corrupt("a create without a device check answered devices_changed")),
+        }
+    }
+
+    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
+        RedisStore::challenge_devices(self, tenant, user).await
+    }
+
+    async fn create_challenge_for(
+        &self,
+        challenge: Challenge,
+        policy: &AdmissionPolicy,
+        now: Millis,
+        seen: Option<&str>,
+    ) -> Result<CreateFor, StoreError> {
+        RedisStore::create_for(self, challenge, policy, now, seen).await
+    }
+
+    async fn answering_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        RedisStore::answering_device(self, id).await
     }
 
     async fn get_challenge(&self, tenant: &TenantId, id: &ChallengeId, now: Millis) -> Result<Option<Challenge>, StoreError> {
@@ -237,8 +281,8 @@ impl Store for RedisStore {
         RedisStore::answer_challenge(self, answer, now).await
     }
 
-    async fn record_delivery(&self, id: &ChallengeId, delivery: Delivery) -> Result<(), StoreError> {
-        RedisStore::record_delivery(self, id, delivery).await
+    async fn record_deliveries(&self, id: &ChallengeId, deliveries: Vec<Delivery>) -> Result<(), StoreError> {
+        RedisStore::record_deliveries(self, id, deliveries).await
     }
 
     async fn pending_challenges(&self, tenant: &TenantId, user: &UserId, now: Millis) -> Result<Vec<Challenge>, StoreError> {

@@ -2,6 +2,8 @@
 //! enrollments, devices per user) and the claim that lets a public key enroll once.
 //! Records change by compare-and-set on their whole value.
 
+use std::sync::Arc;
+
 use super::RedisStore;
 use super::connection::{corrupt, decode, encode};
 use super::keys::{ENROLLMENT_KEEP, Keys, TTL_MARGIN, code_index, device_index, enrollment_index, public_key, ttl_ms, user_tag};
@@ -9,7 +11,7 @@ use crate::domain::device::Device;
 use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError};
+use crate::store::{ChallengeDevices, CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError};
 
 /// The devices among `records` (JSON, as the user's slot holds them) that are
 /// `tenant`'s `user`'s, oldest first: a tag shared by two users would not show one
@@ -33,10 +35,19 @@ impl RedisStore {
     async fn load_device(&self, id: &DeviceId) -> Result<Option<(String, String, Device)>, StoreError> {
         let tag = match self.device_tags.get(id) {
             Some(tag) => tag.to_string(),
+            // On one Redis the index and the record are read in one call.
+            None if !self.connection.is_cluster() => {
+                let reply: Vec<String> =
+                    self.connection.invoke(self.scripts.device.key(device_index(id)).arg(id.as_str())).await?;
+                let Some(tag) = reply.first() else { return Ok(None) };
+                self.device_tags.put(id, Arc::from(tag.as_str()));
+                let Some(text) = reply.get(1) else { return Ok(None) };
+                return Ok(Some((Keys(tag).device(id.as_str()), text.clone(), decode(text)?)));
+            }
             None => {
                 let tag: Option<String> = self.connection.query(redis::cmd("GET").arg(device_index(id))).await?;
                 let Some(tag) = tag else { return Ok(None) };
-                self.device_tags.put(id, &tag);
+                self.device_tags.put(id, Arc::from(tag.as_str()));
                 tag
             }
         };
@@ -263,11 +274,65 @@ impl RedisStore {
     }
 
     pub(super) async fn list_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
+        Ok(self.read_user_devices(tenant, user).await?.devices)
+    }
+
+    /// The user's devices and their fingerprint, as Redis holds them now.
+    async fn read_user_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
         let tag = user_tag(tenant, user);
         let keys = Keys(&tag);
-        let records: Vec<String> =
+        let reply: Vec<String> =
             self.connection.invoke(self.scripts.devices.key(keys.devices()).arg(keys.device_prefix())).await?;
-        user_devices(&records, tenant, user)
+        self.remember_devices(&tag, tenant, user, &reply)
+    }
+
+    /// The user's devices from `reply` (their fingerprint, then their records, as
+    /// `devices.lua` and `create.lua` answer), remembered for the next challenge
+    /// when one of them can answer. A user without one is never answered from
+    /// memory: the refusal that follows is always read fresh.
+    pub(super) fn remember_devices(
+        &self,
+        tag: &str,
+        tenant: &TenantId,
+        user: &UserId,
+        reply: &[String],
+    ) -> Result<ChallengeDevices, StoreError> {
+        let (seen, records) = reply.split_first().ok_or_else(|| corrupt("devices without their fingerprint"))?;
+        let devices = user_devices(records, tenant, user)?;
+        let tag = tag.to_owned();
+        if devices.iter().any(Device::answers_challenges) {
+            self.user_devices.put(&tag, (Arc::from(seen.as_str()), Arc::new(devices.clone())));
+        } else {
+            self.user_devices.forget(&tag);
+        }
+        Ok(ChallengeDevices { devices, seen: Some(seen.clone()) })
+    }
+
+    /// The user's devices for a new challenge: as this replica read them last, if
+    /// it did; `create.lua` checks their fingerprint in the same step as the insert.
+    pub(super) async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
+        let tag = user_tag(tenant, user);
+        if let Some((seen, devices)) = self.user_devices.get(&tag)
+            // The tag is a digest of the tenant and user; a list is only ever theirs.
+            && devices.iter().all(|device| device.tenant == *tenant && device.user_id == *user)
+        {
+            return Ok(ChallengeDevices { devices: devices.as_ref().clone(), seen: Some(seen.to_string()) });
+        }
+        self.read_user_devices(tenant, user).await
+    }
+
+    /// The device whose proof an answer carries: as this replica read it last, if
+    /// it did. Its id, owner and key never change; `answer.lua` checks that it is
+    /// still enrolled, and a removal forgets it here.
+    pub(super) async fn answering_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {
+        if let Some(device) = self.answering.get(id) {
+            return Ok(Some(device.as_ref().clone()));
+        }
+        let device = self.get_device(id).await?;
+        if let Some(device) = &device {
+            self.answering.put(id, Arc::new(device.clone()));
+        }
+        Ok(device)
     }
 
     pub(super) async fn remove_device(&self, tenant: &TenantId, id: &DeviceId) -> Result<bool, StoreError> {
@@ -275,6 +340,7 @@ impl RedisStore {
         if device.tenant != *tenant {
             return Ok(false);
         }
+        self.answering.forget(id);
         let tag = user_tag(&device.tenant, &device.user_id);
         let _: () = self.connection.query(redis::cmd("DEL").arg(&key)).await?;
         let _: () = self.connection.query(redis::cmd("SREM").arg(Keys(&tag).devices()).arg(id.as_str())).await?;

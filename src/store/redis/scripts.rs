@@ -7,17 +7,20 @@ use std::sync::Arc;
 use redis::Script;
 
 pub(super) struct Scripts {
-    /// Creates a challenge within the user's block and limits (`create.lua`).
+    /// Creates a challenge within the user's block and limits, for the devices its
+    /// pushes were chosen from (`create.lua`).
     pub(super) create: Script,
     /// The compare-and-set that every challenge change goes through, shared with
     /// the background tasks (`challenge_cas.lua`).
     pub(super) challenge_cas: Arc<Script>,
     /// A device's answer in one call (`answer.lua`).
     pub(super) answer: Script,
-    /// Records a delivery in its own field of the challenge (`delivery.lua`).
+    /// Records deliveries, each in its own field of the challenge (`delivery.lua`).
     pub(super) delivery: Script,
-    /// A user's device records (`devices.lua`).
+    /// A user's device records and their fingerprint (`devices.lua`).
     pub(super) devices: Script,
+    /// A device by its id alone, index and record in one call; one Redis only (`device.lua`).
+    pub(super) device: Script,
     /// Compare-and-set of a device record or a user's block (`value_cas.lua`).
     pub(super) value_cas: Script,
     /// Compare-and-delete of a claim: a public key's (`release.lua`).
@@ -37,11 +40,12 @@ pub(super) struct Scripts {
 impl Scripts {
     pub(super) fn new() -> Self {
         Self {
-            create: Script::new(include_str!("scripts/create.lua")),
+            create: with_user_devices(include_str!("scripts/create.lua")),
             challenge_cas: Arc::new(with_common(include_str!("scripts/challenge_cas.lua"))),
             answer: with_common(include_str!("scripts/answer.lua")),
             delivery: Script::new(include_str!("scripts/delivery.lua")),
-            devices: Script::new(include_str!("scripts/devices.lua")),
+            devices: with_user_devices(include_str!("scripts/devices.lua")),
+            device: Script::new(include_str!("scripts/device.lua")),
             value_cas: Script::new(include_str!("scripts/value_cas.lua")),
             release: Script::new(include_str!("scripts/release.lua")),
             insert_enrollment: Script::new(include_str!("scripts/insert_enrollment.lua")),
@@ -57,4 +61,10 @@ impl Scripts {
 /// expiry by both clocks, the block, the commit and its announcement) before it.
 fn with_common(script: &str) -> Script {
     Script::new(&format!("{}\n{script}", include_str!("scripts/challenge_common.lua")))
+}
+
+/// A script that reads a user's devices, with `user_devices.lua` (the records and
+/// their fingerprint) before it.
+fn with_user_devices(script: &str) -> Script {
+    Script::new(&format!("{}\n{script}", include_str!("scripts/user_devices.lua")))
 }

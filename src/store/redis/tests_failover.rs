@@ -26,7 +26,7 @@ use crate::domain::challenge::Decision;
 use crate::domain::ids::{ChallengeId, DeviceId, TenantId, UserId};
 use crate::domain::time::{Clock, ManualClock};
 use crate::store::conformance::{policy, sample_challenge};
-use crate::store::{CreateOutcome, StoreError};
+use crate::store::{CreateOutcome, Store as _, StoreError};
 
 const TENANT: &str = "failover";
 

@@ -18,7 +18,7 @@ use crate::domain::challenge::{ChallengeState, Decision};
 use crate::domain::ids::{DeviceId, TenantId, UserId};
 use crate::domain::time::{Clock, ManualClock};
 use crate::store::conformance::{policy, sample_challenge};
-use crate::store::{CreateOutcome, StoreError};
+use crate::store::{CreateOutcome, Store as _, StoreError};
 
 const PASSWORD: &str = "s3cret-acl-password";
 const WRONG_PASSWORD: &str = "wr0ng-acl-password";

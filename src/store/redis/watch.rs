@@ -172,22 +172,24 @@ impl WatchRegistry {
         }
     }
 
-    /// Ends [`WatchRegistry::begin_write`]. The delivery recorded as `version` (none
+    /// Ends [`WatchRegistry::begin_write`]. The deliveries recorded as `version` (none
     /// when the write failed or changed nothing) is applied without a read when
     /// the watchers here saw the version just before it: the record at `version` is
-    /// then exactly that one with this delivery. Returns whether to read the
+    /// then exactly that one with these deliveries. Returns whether to read the
     /// challenge now: something newer than what the watchers saw was announced
     /// meanwhile (the caller reads, then [`WatchRegistry::end_read`]).
-    pub(super) fn end_write(&self, id: &ChallengeId, recorded: Option<(u64, Delivery)>) -> bool {
+    pub(super) fn end_write(&self, id: &ChallengeId, recorded: Option<(u64, Vec<Delivery>)>) -> bool {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(id) else { return false };
         entry.writing = entry.writing.saturating_sub(1);
-        if let Some((version, delivery)) = recorded
+        if let Some((version, deliveries)) = recorded
             && let Some((seen, challenge)) = entry.latest.as_mut()
             && seen.checked_add(1) == Some(version)
         {
             *seen = version;
-            challenge.record_delivery(delivery);
+            for delivery in deliveries {
+                challenge.record_delivery(delivery);
+            }
             if let Some(sender) = &entry.sender {
                 sender.send_replace(challenge.clone());
             }
@@ -307,7 +309,7 @@ pub(super) struct Writing {
     clock: Arc<dyn Clock>,
     id: ChallengeId,
     /// What the write recorded, set when it answered.
-    pub(super) recorded: Option<(u64, Delivery)>,
+    pub(super) recorded: Option<(u64, Vec<Delivery>)>,
 }
 
 impl Writing {
@@ -467,7 +469,7 @@ mod tests {
         let delivery = sample_delivery();
         registry.begin_write(&id);
         assert!(!registry.start_read(&id, 4), "its own announcement, first: waits for the write");
-        assert!(!registry.end_write(&id, Some((4, delivery.clone()))), "covered by the write: no read");
+        assert!(!registry.end_write(&id, Some((4, vec![delivery.clone()]))), "covered by the write: no read");
         assert_eq!(watch.borrow().deliveries, vec![delivery.clone()]);
         assert!(!registry.start_read(&id, 4), "a late copy of the announcement: no read");
 
@@ -475,7 +477,7 @@ mod tests {
         sent.attempts = 2;
         registry.begin_write(&id);
         assert!(!registry.start_read(&id, 5), "someone else's change, announced during the write");
-        assert!(registry.end_write(&id, Some((6, sent))), "version 5 was not seen: read");
+        assert!(registry.end_write(&id, Some((6, vec![sent]))), "version 5 was not seen: read");
         assert_eq!(watch.borrow().deliveries, vec![delivery.clone()], "and 6 not applied over the gap");
         assert!(!registry.start_read(&id, 7), "a read is under way");
         assert!(registry.end_read(&id), "announced meanwhile: once more");

@@ -19,11 +19,17 @@
 -- ARGV[10] the prefix of the user's challenge keys, pm:{tu}:ch:
 -- ARGV[11] purge_at (ms): readable until then
 -- ARGV[13] purge_at once APPROVED or FRAUD_REPORTED (ms; see challenge_cas.lua)
--- KEYS[6]  optional, on a single Redis only: the challenge's index pm:cidx:<id>,
+-- ARGV[14] the fingerprint of the user's devices the pushes were chosen from
+--          (user_devices.lua), or '' to skip the check
+-- ARGV[15] the prefix of the user's device keys, pm:{tu}:dev:
+-- KEYS[6]  the user's device ids (set)           pm:{tu}:devs
+-- KEYS[7]  optional, on a single Redis only: the challenge's index pm:cidx:<id>,
 --          set to ARGV[12] (the user's tag) with the record, so creating is one
 --          call (on a cluster it is another slot: the caller sets it first)
 -- Returns {'created'}, {'existing', <id>}, {'blocked', <UserBlock JSON>},
--- {'too_many_pending'} or {'rate_limited'}.
+-- {'too_many_pending'}, {'rate_limited'} or, when the user's devices are not
+-- the ones the pushes were chosen from, {'devices_changed', <fingerprint>,
+-- <device records>...} and nothing is written.
 local now = tonumber(ARGV[3])
 if ARGV[9] == '1' then
   local existing = redis.call('GET', KEYS[4])
@@ -58,6 +64,14 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
   return {'rate_limited'}
 end
+if ARGV[14] ~= '' then
+  local records, seen = user_devices(KEYS[6], ARGV[15])
+  if seen ~= ARGV[14] then
+    table.insert(records, 1, seen)
+    table.insert(records, 1, 'devices_changed')
+    return records
+  end
+end
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11],
   'purge_settled', ARGV[13])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
@@ -68,7 +82,7 @@ redis.call('PEXPIRE', KEYS[3], ARGV[8])
 if ARGV[9] == '1' then
   redis.call('SET', KEYS[4], ARGV[2], 'PX', math.max(1, tonumber(ARGV[4]) - now))
 end
-if KEYS[6] then
-  redis.call('SET', KEYS[6], ARGV[12], 'PX', ARGV[5])
+if KEYS[7] then
+  redis.call('SET', KEYS[7], ARGV[12], 'PX', ARGV[5])
 end
 return {'created'}

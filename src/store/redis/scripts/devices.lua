@@ -3,12 +3,8 @@
 --
 -- KEYS[1]  the user's device ids (set)           pm:{tu}:devs
 -- ARGV[1]  the prefix of the user's device keys, pm:{tu}:dev:
--- Returns the records (JSON) of the ids whose record exists, in no set order.
-local records = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local record = redis.call('GET', ARGV[1] .. id)
-  if record then
-    records[#records + 1] = record
-  end
-end
+-- Returns the records' fingerprint (user_devices.lua), then the records (JSON) of
+-- the ids whose record exists, in no set order.
+local records, seen = user_devices(KEYS[1], ARGV[1])
+table.insert(records, 1, seen)
 return records
