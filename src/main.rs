@@ -9,7 +9,9 @@ use pushmatch::config::{CONFIG_FILE_VAR, Config, DEVELOPMENT_TENANT};
 
 /// jemalloc rather than the system's malloc: over an hour of steady sign-ins it held
 /// the broker's RSS some 45 MB lower than glibc's malloc did, and its creep after
-/// the first 20 minutes went from 5 % to 2 % (BENCHMARKS.md, issue 19). Its counters
+/// the first 20 minutes went from 5 % to 2 %; built with a background thread that
+/// returns freed pages (`.cargo/config.toml`), the RSS stays flat once the store is
+/// full (BENCHMARKS.md, issue 19). Its counters
 /// give `/metrics` the heap's own figures (`pushmatch_heap_allocated_bytes`,
 /// `pushmatch_heap_resident_bytes`), which tell a growing heap from an allocator
 /// that keeps freed pages.

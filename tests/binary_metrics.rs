@@ -55,3 +55,19 @@ async fn the_binary_reports_its_heap_within_its_rss() {
         assert!(allocated > rss / 100.0, "heap {allocated} B is not this process's (RSS {rss} B)");
     }
 }
+
+/// The binary's allocator returns freed memory by itself: jemalloc is built with a
+/// background thread (`.cargo/config.toml`), which keeps the broker's RSS flat
+/// under a steady load (BENCHMARKS.md, issue 19).
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binarys_allocator_purges_in_the_background() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let broker = BrokerProcess::start(dir.path(), &config(&dir.path().join("data"), "")).await;
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
+        .expect("the process's threads")
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_owned())
+        .collect();
+    assert!(threads.iter().any(|name| name == "jemalloc_bg_thd"), "no jemalloc background thread among {threads:?}");
+}
