@@ -99,8 +99,12 @@ struct ChallengeEntry {
     /// reported against it any more, so it need not wait out the fraud window).
     settled_purge_at: Millis,
     /// Carries every change to the watchers while there are any. Most challenges are
-    /// not watched for most of their life and a channel costs several hundred bytes,
-    /// so it is made by the first watcher and dropped once none is left.
+    /// not watched for most of their life and a channel costs several hundred bytes
+    /// (it holds the whole challenge), so it is made by the first watcher and
+    /// dropped once none is left, or once it has carried the final state: nothing a
+    /// watcher follows comes after it (a watch ends on the final state), and a
+    /// resolved challenge waits out its retention, the fraud window for some, long
+    /// after its watchers have gone.
     watch: Option<watch::Sender<Challenge>>,
 }
 
@@ -145,10 +149,13 @@ impl ChallengeEntry {
             self.purge_at = self.purge_at.min(self.settled_purge_at);
         }
         if let Some(sender) = &self.watch {
-            if sender.receiver_count() == 0 {
-                self.watch = None;
-            } else {
+            if sender.receiver_count() > 0 {
                 sender.send_replace(challenge.clone());
+            }
+            // A receiver still reads the final state (a watch's `changed` sees the
+            // new version before it sees the channel closed).
+            if sender.receiver_count() == 0 || self.state.is_final() {
+                self.watch = None;
             }
         }
         Ok((true, challenge))
@@ -156,6 +163,11 @@ impl ChallengeEntry {
 
     /// A watch of the challenge; `current` is what it holds now.
     fn subscribe(&mut self, current: Challenge) -> ChallengeWatch {
+        if current.state.is_final() {
+            // Nothing will follow: the receiver holds the final state, and the
+            // entry keeps no channel for it.
+            return watch::Sender::new(current).subscribe();
+        }
         match &self.watch {
             Some(sender) => sender.subscribe(),
             None => {
@@ -501,6 +513,30 @@ mod tests {
     use crate::domain::time::{Clock, ManualClock};
     use crate::store::Store;
     use crate::store::embedded::EmbeddedStore;
+
+    /// A resolved challenge waits out its retention (the fraud window, for some)
+    /// without the channel its watchers had, which holds a whole challenge: the
+    /// watcher still reads the final state, and a watch opened after it gets that
+    /// state without the entry keeping a channel.
+    #[tokio::test]
+    async fn a_resolved_challenge_keeps_no_channel_for_its_watchers() {
+        let now = Millis(1_700_000_000_000);
+        let challenge =
+            crate::store::conformance::sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user id"), now, None);
+        let mut entry = ChallengeEntry::new(&challenge, &crate::store::conformance::policy()).expect("entry");
+        let mut watcher = entry.subscribe(challenge.clone());
+        assert!(entry.watch.is_some(), "a pending challenge's watcher is followed");
+        let (changed, resolved) = entry.update(|c| c.apply(&Resolution::cancelled(), now)).expect("update");
+        assert!(changed);
+        assert!(entry.watch.is_none(), "no channel kept once the final state went out");
+        // As the API's watch stream reads it: the change, then the state.
+        assert!(watcher.changed().await.is_ok(), "the final state is there to read");
+        assert_eq!(watcher.borrow_and_update().state, ChallengeState::Cancelled);
+        assert!(watcher.changed().await.is_err(), "and then the channel is closed");
+        let late = entry.subscribe(resolved);
+        assert_eq!(late.borrow().state, ChallengeState::Cancelled);
+        assert!(entry.watch.is_none(), "a watch of a resolved challenge keeps no channel");
+    }
 
     /// A steady stream of challenges in and out keeps the slab at the most held at
     /// once: freed slots are reused, and each key finds its own entry.
