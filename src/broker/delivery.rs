@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use tracing::Instrument as _;
 
 use crate::domain::challenge::{Delivery, DeliveryState};
 use crate::domain::ids::ChallengeId;
@@ -24,7 +25,9 @@ pub const HOLD: Duration = Duration::from_millis(300);
 /// once each push has reported: one store write (one Redis call) and one wake-up of
 /// the watchers, where one per push would cost as many. A report waits at most
 /// [`HOLD`] for the others; a retry's note (QUEUED with the provider's reason) is
-/// recorded at once, with whatever waited.
+/// recorded at once, with whatever waited, and the reports still to come keep
+/// waiting for each other. At shutdown the server records whatever waits
+/// ([`DeliveryRecorder::flush`]).
 pub struct DeliveryRecorder {
     store: Arc<dyn Store>,
     waiting: Arc<Mutex<HashMap<ChallengeId, Waiting>>>,
@@ -61,20 +64,34 @@ impl DeliveryRecorder {
         if last_word {
             entry.awaited = entry.awaited.saturating_sub(1);
         }
-        if entry.awaited == 0 || !last_word {
+        if entry.awaited == 0 {
             return waiting.remove(id).map(|entry| entry.deliveries);
         }
+        // A retry's note goes out now, with what waited; the entry stays, so the
+        // reports still to come wait for each other as before.
+        let now = (!last_word).then(|| std::mem::take(&mut entry.deliveries));
         if first {
             let (store, waiting, id, hold) = (Arc::clone(&self.store), Arc::clone(&self.waiting), id.clone(), self.hold);
-            tokio::spawn(async move {
+            // In the push's span, so a failed write logs which push it was.
+            let recording = async move {
                 tokio::time::sleep(hold).await;
                 let held = waiting.lock().remove(&id);
-                if let Some(held) = held {
+                if let Some(held) = held.filter(|held| !held.deliveries.is_empty()) {
                     record(store.as_ref(), &id, held.deliveries).await;
                 }
-            });
+            };
+            tokio::spawn(recording.instrument(tracing::Span::current()));
         }
-        None
+        now
+    }
+
+    /// Records every report that waits now, without waiting for the others: the
+    /// server calls it once it has stopped serving, before the process ends.
+    pub async fn flush(&self) {
+        let held: Vec<(ChallengeId, Waiting)> = self.waiting.lock().drain().collect();
+        for (id, held) in held.into_iter().filter(|(_, held)| !held.deliveries.is_empty()) {
+            record(self.store.as_ref(), &id, held.deliveries).await;
+        }
     }
 }
 

@@ -403,6 +403,34 @@ async fn the_reports_of_a_challenges_pushes_are_recorded_together() {
     let retried = stored.deliveries.iter().find(|d| d.device_id == second.id).expect("delivery");
     assert_eq!((retried.attempts, retried.error.as_str()), (1, "HTTP 503"), "a retry's note at once");
     assert_eq!(delivery_states(&f, &challenge, [&first, &second]).await[0], DeliveryState::Sent, "with what waited");
+    // The retried push's last word is the last one awaited: recorded at once, not
+    // held as the first report of a new wait.
+    recorder.report(&push_of(&challenge, &second), DeliveryState::Sent, 2, "").await;
+    assert_eq!(
+        delivery_states(&f, &challenge, [&first, &second]).await,
+        [DeliveryState::Sent; 2],
+        "the retried push's report, once it came"
+    );
+}
+
+/// What waits for a sibling's report when the server stops is recorded by the
+/// flush it makes on the way out, not lost with the process.
+#[tokio::test]
+async fn a_flush_records_the_reports_that_wait() {
+    let f = fixture().await;
+    let jan = user("jan");
+    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
+    f.fcm.hold();
+    let recorder = DeliveryRecorder::holding(Arc::clone(&f.store), Duration::from_secs(3_600));
+    let challenge = f.create(&jan, 0).await.expect("created");
+    recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
+    assert_eq!(delivery_states(&f, &challenge, [&first, &second]).await, [DeliveryState::Queued; 2], "waits");
+    recorder.flush().await;
+    assert_eq!(
+        delivery_states(&f, &challenge, [&first, &second]).await,
+        [DeliveryState::Sent, DeliveryState::Queued],
+        "recorded by the flush"
+    );
 }
 
 /// A report waits for the other pushes of its challenge only so long: a slow

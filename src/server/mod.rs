@@ -150,9 +150,10 @@ pub async fn run_with(
 
     let store = open_store(&config, Arc::clone(&clock)).await?;
     let metered = MeteredStore::wrap(Arc::clone(&store));
+    let recorder = Arc::new(DeliveryRecorder::new(Arc::clone(&metered)));
     let dispatcher = Dispatcher::start(
         push_senders,
-        Arc::new(DeliveryRecorder::new(Arc::clone(&metered))),
+        Arc::clone(&recorder) as Arc<dyn crate::push::DeliveryReporter>,
         Arc::clone(&clock),
         config.dispatcher_settings(),
         push_counters,
@@ -190,6 +191,11 @@ pub async fn run_with(
     tokio::select! {
         result = serve => result?,
         () = grace_elapsed => tracing::warn!(grace_seconds = grace.as_secs(), "calls still open after the grace period; closing"),
+    }
+    // The push reports that wait for their challenge's other pushes are written
+    // now: watchers elsewhere (other replicas, GetChallenge) would read QUEUED.
+    if tokio::time::timeout(Duration::from_secs(2), recorder.flush()).await.is_err() {
+        tracing::warn!("the waiting push reports were not all recorded within 2 s");
     }
     // /healthz answered 503 throughout the drain; now the metrics port closes too.
     metrics_stop.cancel();
