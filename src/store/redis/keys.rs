@@ -96,17 +96,35 @@ pub(super) type TagCache<K> = Recent<K, Arc<str>>;
 /// What this replica read lately, by key, for the reads a later step in Redis
 /// checks anyway (a tag: the record is found there or not; a device: the answer
 /// script checks it is still enrolled; a user's devices: the create script checks
-/// their fingerprint). Two generations of at most [`Recent::GENERATION`] entries
-/// each bound its memory: when the current one is full it becomes the old one and
-/// the one before it is dropped.
+/// their fingerprint). Two generations bound its memory: when the current one holds
+/// [`Recent::GENERATION`] entries, or its values the bytes it may hold, it becomes
+/// the old one and the one before it is dropped. The bytes are what the caller
+/// says a value weighs ([`Recent::put_sized`]): a user may have many devices with
+/// long push tokens, so a count alone would not bound the memory.
 pub(super) struct Recent<K, V> {
-    /// The current generation and the one before it.
-    generations: Mutex<(HashMap<K, V>, HashMap<K, V>)>,
+    generations: Mutex<Generations<K, V>>,
+    /// The most bytes of values one generation holds.
+    budget: usize,
+}
+
+struct Generations<K, V> {
+    current: HashMap<K, V>,
+    old: HashMap<K, V>,
+    /// What the values of `current` weigh.
+    bytes: usize,
+}
+
+impl<K, V> Recent<K, V> {
+    /// A cache whose generations hold at most `budget` bytes of values each.
+    pub(super) fn with_budget(budget: usize) -> Self {
+        Self { generations: Mutex::new(Generations { current: HashMap::new(), old: HashMap::new(), bytes: 0 }), budget }
+    }
 }
 
 impl<K, V> Default for Recent<K, V> {
+    /// Bounded by the count alone: for values of a fixed, small size (tags).
     fn default() -> Self {
-        Self { generations: Mutex::new((HashMap::new(), HashMap::new())) }
+        Self::with_budget(usize::MAX)
     }
 }
 
@@ -115,21 +133,39 @@ impl<K: Clone + Eq + Hash, V: Clone> Recent<K, V> {
 
     pub(super) fn get(&self, id: &K) -> Option<V> {
         let generations = self.generations.lock();
-        generations.0.get(id).or_else(|| generations.1.get(id)).cloned()
+        generations.current.get(id).or_else(|| generations.old.get(id)).cloned()
     }
 
     pub(super) fn put(&self, id: &K, value: V) {
-        let mut generations = self.generations.lock();
-        if generations.0.len() >= Self::GENERATION {
-            generations.1 = std::mem::take(&mut generations.0);
+        self.put_sized(id, value, 0);
+    }
+
+    /// Keeps `value`, which weighs `bytes`; one heavier than a whole generation's
+    /// budget is not kept.
+    pub(super) fn put_sized(&self, id: &K, value: V, bytes: usize) {
+        if bytes > self.budget {
+            return;
         }
-        generations.0.insert(id.clone(), value);
+        let mut generations = self.generations.lock();
+        if generations.current.len() >= Self::GENERATION || generations.bytes.saturating_add(bytes) > self.budget {
+            generations.old = std::mem::take(&mut generations.current);
+            generations.bytes = 0;
+        }
+        generations.current.insert(id.clone(), value);
+        generations.bytes = generations.bytes.saturating_add(bytes);
     }
 
     pub(super) fn forget(&self, id: &K) {
         let mut generations = self.generations.lock();
-        generations.0.remove(id);
-        generations.1.remove(id);
+        generations.current.remove(id);
+        generations.old.remove(id);
+    }
+
+    /// Entries held, in both generations.
+    #[cfg(test)]
+    pub(super) fn len(&self) -> usize {
+        let generations = self.generations.lock();
+        generations.current.len() + generations.old.len()
     }
 }
 
@@ -269,5 +305,29 @@ mod tests {
         assert_eq!(tag.len(), 32, "128 bits, in hex");
         assert!(tag.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_ne!(tag, user_tag(&TenantId("t".into()), &UserId::parse("piet").expect("user")));
+    }
+
+    /// The bytes a generation may hold bound the cache whatever its values weigh:
+    /// heavy values turn the generations over long before the count would, and one
+    /// heavier than a generation is not kept at all.
+    #[test]
+    fn recent_holds_at_most_two_generations_of_its_budget() {
+        let cache: Recent<u32, u32> = Recent::with_budget(1_000);
+        for key in 0..100 {
+            cache.put_sized(&key, key, 300);
+        }
+        // 3 values of 300 bytes fit a generation of 1,000: the last two generations.
+        assert_eq!(cache.len(), 4, "two generations: 3 + the current 1");
+        assert_eq!(cache.get(&99), Some(99));
+        assert_eq!(cache.get(&96), Some(96), "the old generation still answers");
+        assert_eq!(cache.get(&95), None, "older ones are gone");
+        cache.put_sized(&1_000, 1_000, 1_001);
+        assert_eq!(cache.get(&1_000), None, "heavier than a generation: not kept");
+        let counted: Recent<u32, u32> = Recent::default();
+        for key in 0..50_000 {
+            counted.put(&key, key);
+        }
+        assert!(counted.len() <= 2 * 20_000, "the count bounds a cache without a budget");
+        assert_eq!(counted.get(&49_999), Some(49_999));
     }
 }

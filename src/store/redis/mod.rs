@@ -165,6 +165,13 @@ pub struct RedisStore {
     closing: CancellationToken,
 }
 
+/// The device data one generation of [`RedisStore::user_devices`] holds at most
+/// (by the records' size, see `records::weight`); with the generation before it,
+/// 32 MiB however many devices the users have and however long their tokens.
+const USER_DEVICES_BUDGET: usize = 16 << 20;
+/// The same for [`RedisStore::answering`]: 16 MiB with both generations.
+const ANSWERING_BUDGET: usize = 8 << 20;
+
 impl Drop for RedisStore {
     fn drop(&mut self) {
         self.closing.cancel();
@@ -182,8 +189,8 @@ impl RedisStore {
             watchers: Arc::new(WatchRegistry::default()),
             tags: Arc::new(TagCache::default()),
             device_tags: TagCache::default(),
-            user_devices: Recent::default(),
-            answering: Recent::default(),
+            user_devices: Recent::with_budget(USER_DEVICES_BUDGET),
+            answering: Recent::with_budget(ANSWERING_BUDGET),
             clock: Arc::clone(&clock),
             closing: CancellationToken::new(),
         };

@@ -16,6 +16,13 @@ use crate::store::{ChallengeDevices, CompleteOutcome, EnrollmentLimits, InsertOu
 /// The devices among `records` (JSON, as the user's slot holds them) that are
 /// `tenant`'s `user`'s, oldest first: a tag shared by two users would not show one
 /// user's devices to the other.
+/// What a device kept in memory weighs, from the size of its JSON record: its
+/// strings (ids, names, token, key, sealed secret) take about as many bytes as
+/// their text there, beside the struct itself.
+fn weight(record_len: usize) -> usize {
+    record_len + std::mem::size_of::<Device>()
+}
+
 pub(super) fn user_devices(records: &[String], tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
     let mut devices: Vec<Device> = Vec::new();
     for record in records {
@@ -301,7 +308,8 @@ impl RedisStore {
         let devices = user_devices(records, tenant, user)?;
         let tag = tag.to_owned();
         if devices.iter().any(Device::answers_challenges) {
-            self.user_devices.put(&tag, (Arc::from(seen.as_str()), Arc::new(devices.clone())));
+            let bytes = records.iter().map(|record| weight(record.len())).sum();
+            self.user_devices.put_sized(&tag, (Arc::from(seen.as_str()), Arc::new(devices.clone())), bytes);
         } else {
             self.user_devices.forget(&tag);
         }
@@ -330,7 +338,9 @@ impl RedisStore {
         }
         let device = self.get_device(id).await?;
         if let Some(device) = &device {
-            self.answering.put(id, Arc::new(device.clone()));
+            // A device that does not encode again is not kept (it weighs too much).
+            let bytes = encode(device).map_or(usize::MAX, |json| weight(json.len()));
+            self.answering.put_sized(id, Arc::new(device.clone()), bytes);
         }
         Ok(device)
     }
