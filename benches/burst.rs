@@ -1008,7 +1008,7 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         context: Some(pb::SignInContext { application: "Citrix Workspace".into(), ..Default::default() }),
         // Those who never answer expire on a short TTL.
         ttl_seconds: if intent == Intent::NeverAnswer { 2 } else { 60 },
-        // Fixed width, as real request ids are (UUIDs): an id one digit longer from
+        // Fixed width, as an IdP's ids mostly are (a UUID, say): an id one digit longer from
         // sign-in 1,000,000 on moved every record into jemalloc's next size class,
         // a step of 9 MB in the soak's minutes 42 to 48 (BENCHMARKS.md, issue 19).
         request_id: format!("signin-{i:010}"),

@@ -26,8 +26,10 @@ pub const HOLD: Duration = Duration::from_millis(300);
 /// the watchers, where one per push would cost as many. A report waits at most
 /// [`HOLD`] for the others; a retry's note (QUEUED with the provider's reason) is
 /// recorded at once, with whatever waited, and the reports still to come keep
-/// waiting for each other. At shutdown the server records whatever waits
-/// ([`DeliveryRecorder::flush`]).
+/// waiting for each other until the first report's hold is over (one that comes
+/// later waits at most one hold more). When the server stops serving it records
+/// the reports that wait at that moment ([`DeliveryRecorder::flush`]); a push still
+/// being sent then is not waited for, as before.
 pub struct DeliveryRecorder {
     store: Arc<dyn Store>,
     waiting: Arc<Mutex<HashMap<ChallengeId, Waiting>>>,

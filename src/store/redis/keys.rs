@@ -141,12 +141,14 @@ impl<K: Clone + Eq + Hash, V: Clone> Recent<K, V> {
     }
 
     /// Keeps `value`, which weighs `bytes`; one heavier than a whole generation's
-    /// budget is not kept.
+    /// budget is not kept, and what was kept for `id` before goes.
     pub(super) fn put_sized(&self, id: &K, value: V, bytes: usize) {
+        let mut generations = self.generations.lock();
         if bytes > self.budget {
+            generations.current.remove(id);
+            generations.old.remove(id);
             return;
         }
-        let mut generations = self.generations.lock();
         if generations.current.len() >= Self::GENERATION || generations.bytes.saturating_add(bytes) > self.budget {
             generations.old = std::mem::take(&mut generations.current);
             generations.bytes = 0;
@@ -323,6 +325,8 @@ mod tests {
         assert_eq!(cache.get(&95), None, "older ones are gone");
         cache.put_sized(&1_000, 1_000, 1_001);
         assert_eq!(cache.get(&1_000), None, "heavier than a generation: not kept");
+        cache.put_sized(&99, 0, 1_001);
+        assert_eq!(cache.get(&99), None, "nor what was kept for it before");
         let counted: Recent<u32, u32> = Recent::default();
         for key in 0..50_000 {
             counted.put(&key, key);

@@ -13,9 +13,6 @@ use crate::domain::ids::{CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
 use crate::domain::time::Millis;
 use crate::store::{ChallengeDevices, CompleteOutcome, EnrollmentLimits, InsertOutcome, StoreError};
 
-/// The devices among `records` (JSON, as the user's slot holds them) that are
-/// `tenant`'s `user`'s, oldest first: a tag shared by two users would not show one
-/// user's devices to the other.
 /// What a device kept in memory weighs, from the size of its JSON record: its
 /// strings (ids, names, token, key, sealed secret) take about as many bytes as
 /// their text there, beside the struct itself.
@@ -23,6 +20,9 @@ fn weight(record_len: usize) -> usize {
     record_len + std::mem::size_of::<Device>()
 }
 
+/// The devices among `records` (JSON, as the user's slot holds them) that are
+/// `tenant`'s `user`'s, oldest first: a tag shared by two users would not show one
+/// user's devices to the other.
 pub(super) fn user_devices(records: &[String], tenant: &TenantId, user: &UserId) -> Result<Vec<Device>, StoreError> {
     let mut devices: Vec<Device> = Vec::new();
     for record in records {
