@@ -374,6 +374,14 @@ async fn delivery_states(f: &Fixture, challenge: &Challenge, devices: [&Device; 
     devices.map(|device| stored.deliveries.iter().find(|d| d.device_id == device.id).expect("delivery").state)
 }
 
+/// Two phones of `user` and a recorder whose reports wait at most `hold`; the
+/// dispatcher's own pushes wait, so only the reports a test makes are recorded.
+async fn two_phones_reporting(f: &Fixture, user: &UserId, hold: Duration) -> (Device, Device, DeliveryRecorder) {
+    let (first, second) = (f.enroll(user).await, f.enroll(user).await);
+    f.fcm.hold();
+    (first, second, DeliveryRecorder::holding(Arc::clone(&f.store), hold))
+}
+
 /// A challenge pushed to two phones has its two reports recorded together, once
 /// both came (one store write, one wake-up of its watchers); a retry's note goes
 /// out at once, with what waited.
@@ -381,10 +389,7 @@ async fn delivery_states(f: &Fixture, challenge: &Challenge, devices: [&Device; 
 async fn the_reports_of_a_challenges_pushes_are_recorded_together() {
     let f = fixture().await;
     let jan = user("jan");
-    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
-    // The dispatcher's own pushes wait: only the reports below are made.
-    f.fcm.hold();
-    let recorder = DeliveryRecorder::holding(Arc::clone(&f.store), Duration::from_secs(3_600));
+    let (first, second, recorder) = two_phones_reporting(&f, &jan, Duration::from_secs(3_600)).await;
 
     let challenge = f.create(&jan, 0).await.expect("created");
     recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
@@ -419,9 +424,7 @@ async fn the_reports_of_a_challenges_pushes_are_recorded_together() {
 async fn a_flush_records_the_reports_that_wait() {
     let f = fixture().await;
     let jan = user("jan");
-    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
-    f.fcm.hold();
-    let recorder = DeliveryRecorder::holding(Arc::clone(&f.store), Duration::from_secs(3_600));
+    let (first, second, recorder) = two_phones_reporting(&f, &jan, Duration::from_secs(3_600)).await;
     let challenge = f.create(&jan, 0).await.expect("created");
     recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
     assert_eq!(delivery_states(&f, &challenge, [&first, &second]).await, [DeliveryState::Queued; 2], "waits");
@@ -439,9 +442,7 @@ async fn a_flush_records_the_reports_that_wait() {
 async fn a_report_waits_for_a_slow_sibling_only_so_long() {
     let f = fixture().await;
     let jan = user("jan");
-    let (first, second) = (f.enroll(&jan).await, f.enroll(&jan).await);
-    f.fcm.hold();
-    let recorder = DeliveryRecorder::holding(Arc::clone(&f.store), Duration::from_millis(50));
+    let (first, second, recorder) = two_phones_reporting(&f, &jan, Duration::from_millis(50)).await;
     let challenge = f.create(&jan, 0).await.expect("created");
     let mut watch = f.broker.watch_challenge(&f.tenant, &challenge.id).await.expect("watch");
     recorder.report(&push_of(&challenge, &first), DeliveryState::Sent, 1, "").await;
