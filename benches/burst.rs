@@ -135,9 +135,10 @@ struct Args {
     /// 2,000 users and 6,000 sign-ins (under a minute); fails unless lost, double, errors and wrong outcomes are 0. CI runs it.
     #[arg(long)]
     quick: bool,
-    /// Tokio worker threads of each broker (TOKIO_WORKER_THREADS; 0 = tokio's default, one per CPU).
+    /// Each broker's server.worker_threads: 0 = tokio's default, one worker per CPU;
+    /// 1 = the current-thread scheduler; N = N workers.
     #[arg(long, value_name = "N", default_value_t = 0)]
-    broker_threads: usize,
+    broker_threads: u16,
     /// The broker on CPU 0 and this process (IdPs, phones, mock providers, Redis) on CPU 1, with taskset; needs 2 CPUs.
     #[arg(long)]
     pin: bool,
@@ -1120,7 +1121,7 @@ async fn main() {
         None => Vec::new(),
     };
     if args.broker_threads > 0 {
-        broker_env.push(("TOKIO_WORKER_THREADS".into(), args.broker_threads.to_string()));
+        broker_env.push(("PUSHMATCH_SERVER__WORKER_THREADS".into(), args.broker_threads.to_string()));
     }
     let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers, &broker_env).await];
     if args.store == "redis" {

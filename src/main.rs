@@ -154,7 +154,7 @@ fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
     let env: Vec<(String, String)> = std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")).collect();
     let loaded = Config::load(file.as_deref(), env.clone())?;
     // The runtime comes first: the OTLP exporter's channel (feature `otlp`) lives on it.
-    let runtime = tokio::runtime::Runtime::new().context("cannot start the tokio runtime")?;
+    let runtime = pushmatch::server::runtime(&loaded.config.server).context("cannot start the tokio runtime")?;
     #[cfg(not(target_env = "msvc"))]
     pushmatch::telemetry::metrics::set_heap_probe(heap_stats);
     let _traces = {

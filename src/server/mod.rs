@@ -121,6 +121,23 @@ impl Dependencies {
     }
 }
 
+/// The runtime `pushmatch serve` runs on, as `server.worker_threads` says: 0, the
+/// multi-threaded scheduler with tokio's default worker count; 1, the
+/// current-thread scheduler (no other thread to wake for each message: about a
+/// sixth less CPU per sign-in in BENCHMARKS.md, on one core at most); N, N workers.
+/// Blocking work (the embedded store's disk reads) goes to tokio's blocking pool in
+/// every case.
+pub fn runtime(config: &crate::config::ServerConfig) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match config.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if config.worker_threads > 1 {
+        builder.worker_threads(usize::from(config.worker_threads));
+    }
+    builder.enable_all().build()
+}
+
 /// Serves until `shutdown` resolves, with the real clock and the configured providers.
 pub async fn run(
     listener: TcpListener,
@@ -446,5 +463,29 @@ async fn follow_store_health(store: Arc<dyn Store>, health: HealthReporter, drai
             tracing::info!("store reachable again: health SERVING");
         }
         set_health(&health, status).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use crate::config::ServerConfig;
+
+    fn shape(worker_threads: u16) -> (RuntimeFlavor, usize) {
+        let runtime = super::runtime(&ServerConfig { worker_threads, ..ServerConfig::default() }).expect("a runtime");
+        // A task spawned on it runs (the current-thread runtime drives it in block_on).
+        let ran = runtime.block_on(async { tokio::spawn(async { 7 }).await.expect("the task ran") });
+        assert_eq!(ran, 7);
+        (runtime.handle().runtime_flavor(), runtime.metrics().num_workers())
+    }
+
+    #[test]
+    fn worker_threads_chooses_the_scheduler_and_its_threads() {
+        assert_eq!(shape(1), (RuntimeFlavor::CurrentThread, 1));
+        assert_eq!(shape(3), (RuntimeFlavor::MultiThread, 3));
+        let (flavor, workers) = shape(0);
+        assert_eq!(flavor, RuntimeFlavor::MultiThread);
+        assert!(workers >= 1, "{workers}");
     }
 }
