@@ -17,6 +17,7 @@ use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution};
 use crate::domain::device::Device;
 use crate::domain::device::ProofUse;
 use crate::domain::ids::{ChallengeNumber, DeviceId, UserId};
+use crate::domain::ports::{BlockReason, Refusal, UserBlock};
 use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
 use crate::store::conformance::{
     Scope, device_answer, enrolled_device, policy, sample_challenge, sample_delivery, sample_device,
@@ -439,6 +440,22 @@ async fn the_create_checks_the_devices_its_pushes_were_chosen_from() {
     assert_ne!(now_enrolled.seen, read.seen);
     // The replica remembers the devices as handed back.
     assert_eq!(store.challenge_devices(&tenant, &user).await.expect("devices"), now_enrolled);
+
+    // The devices are compared before the block (and every other limit): the
+    // broker decides on the devices as they are first, as on a fresh read.
+    let block = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: None };
+    store.block_user(&tenant, &user, block, now).await.expect("block");
+    let challenge = sample_challenge(&tenant, &user, now, None);
+    match store.create_for(challenge, &policy(), now, read.seen.as_deref()).await.expect("create") {
+        CreateFor::DevicesChanged(devices) => assert_eq!(devices, now_enrolled),
+        other => panic!("stale devices are handed back before the block is read, got {other:?}"),
+    }
+    let challenge = sample_challenge(&tenant, &user, now, None);
+    match store.create_for(challenge, &policy(), now, now_enrolled.seen.as_deref()).await.expect("create") {
+        CreateFor::Done(CreateOutcome::Refused(Refusal::Blocked(found))) => assert_eq!(found.reason, BlockReason::WrongNumbers),
+        other => panic!("the block refuses a create chosen from the devices as they are, got {other:?}"),
+    }
+    store.unblock_user(&tenant, &user).await.expect("unblock");
     let challenge = sample_challenge(&tenant, &user, now, None);
     match store.create_for(challenge, &policy(), now, now_enrolled.seen.as_deref()).await.expect("create") {
         CreateFor::Done(CreateOutcome::Created(_)) => {}

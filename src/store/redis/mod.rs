@@ -30,8 +30,10 @@
 //! (`user_devices`, kept only for a user with a device that can answer): the
 //! pushes are chosen from them, and `create.lua` compares their fingerprint
 //! (`user_devices.lua`: the records, sorted, without the last use and TOTP step)
-//! with the records as they are, in the same step as the insert. If the devices
-//! changed it writes nothing and answers them, and the broker chooses again. So a
+//! with the records as they are, in the same step as the insert and before any
+//! limit or block is read. If the devices changed it writes nothing and answers
+//! them, and the broker chooses again (or refuses a user left without a device
+//! that can answer, as on a fresh read). So a
 //! replica's memory can make a create cost a second call, never push to the wrong
 //! phones; and since the fingerprint is taken from the records, not from a counter
 //! each writer must bump, a replica of an older version writing devices cannot

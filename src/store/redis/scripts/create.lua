@@ -1,4 +1,5 @@
--- Creates a challenge: idempotency key, block, pending and window limits, insert.
+-- Creates a challenge: the devices its pushes were chosen from, idempotency key,
+-- block, pending and window limits, insert.
 -- All keys are one user's (one hash slot); other challenges of the user are read
 -- as ARGV[10] .. <id>.
 --
@@ -31,6 +32,18 @@
 -- the ones the pushes were chosen from, {'devices_changed', <fingerprint>,
 -- <device records>...} and nothing is written.
 local now = tonumber(ARGV[3])
+-- The devices first: a create chosen from devices that are no longer the user's
+-- must end as one chosen from a fresh read would (the broker checks that some
+-- device can answer before anything else), not on a limit or a block it reached
+-- with the old list.
+if ARGV[14] ~= '' then
+  local records, seen = user_devices(KEYS[6], ARGV[15])
+  if seen ~= ARGV[14] then
+    table.insert(records, 1, seen)
+    table.insert(records, 1, 'devices_changed')
+    return records
+  end
+end
 if ARGV[9] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then
@@ -63,14 +76,6 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
   return {'rate_limited'}
-end
-if ARGV[14] ~= '' then
-  local records, seen = user_devices(KEYS[6], ARGV[15])
-  if seen ~= ARGV[14] then
-    table.insert(records, 1, seen)
-    table.insert(records, 1, 'devices_changed')
-    return records
-  end
 end
 redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11],
   'purge_settled', ARGV[13])
