@@ -462,3 +462,23 @@ async fn the_create_checks_the_devices_its_pushes_were_chosen_from() {
         other => panic!("expected Created for the devices as they are, got {other:?}"),
     }
 }
+
+/// The replica that enrolls a phone remembers it for the phone's first answer,
+/// as if it had read it: the proof is checked without a read. It remembers only
+/// what it wrote; another replica reads the device (a removal made elsewhere is
+/// refused by `answer.lua` all the same: `tests/replicas.rs`,
+/// `a_phone_removed_on_one_replica_cannot_answer_on_the_other_that_remembers_it`).
+#[tokio::test]
+async fn the_enrolling_replica_remembers_the_phone_it_enrolled() {
+    let url = RedisServer::shared().await;
+    let clock = ManualClock::starting_now();
+    let enrolling = store_on(vec![url.to_owned()], clock.clone()).await;
+    let other = store_on(vec![url.to_owned()], clock.clone()).await;
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let device = enrolled_device(&enrolling, &tenant, &user, clock.now()).await;
+    // The record goes behind both replicas' backs: only a replica's memory has it now.
+    let key = Keys(&user_tag(&tenant, &user)).device(device.id.as_str());
+    let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut raw(url).await).await.expect("del");
+    assert_eq!(enrolling.answering_device(&device.id).await.expect("device"), Some(device.clone()));
+    assert_eq!(other.answering_device(&device.id).await.expect("device"), None, "another replica reads it");
+}

@@ -23,7 +23,8 @@
 //! A device's answer is one call (`answer.lua`): the proof spent (its key in the
 //! user's slot), the number compared, the challenge resolved, the device touched,
 //! the user's devices read for the clears. The device whose proof is checked
-//! before it may be the one this replica remembers (`answering`): a device's id,
+//! before it may be the one this replica remembers (`answering`: read before, or
+//! enrolled here): a device's id,
 //! owner and key never change, and `answer.lua` refuses a device removed since.
 //!
 //! A create is one call when the replica remembers the user's devices

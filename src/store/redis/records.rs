@@ -152,6 +152,7 @@ impl RedisStore {
                 let _: () = self.connection.query(redis::cmd("SET").arg(device_index(&device.id)).arg(&tag)).await?;
                 indexed = true;
             }
+            let record = encode(&device)?;
             let answer: String = self
                 .connection
                 .invoke(
@@ -163,7 +164,7 @@ impl RedisStore {
                         .key(keys.open_enrollments())
                         .arg(&current)
                         .arg(encode(&completed)?)
-                        .arg(encode(&device)?)
+                        .arg(&record)
                         .arg(device.id.as_str())
                         .arg(id.as_str())
                         .arg(limits.max_devices)
@@ -172,7 +173,15 @@ impl RedisStore {
                 )
                 .await?;
             match answer.as_str() {
-                "completed" => return Ok(CompleteOutcome::Completed(Box::new(completed))),
+                "completed" => {
+                    // The phone's first answer (often the IdP's test sign-in right
+                    // after setup, on the same connection) finds it here without a
+                    // read: this is the record just written, and a device's id, owner
+                    // and key never change (`answering_device`).
+                    let id = device.id.clone();
+                    self.answering.put_sized(&id, Arc::new(device), weight(record.len()));
+                    return Ok(CompleteOutcome::Completed(Box::new(completed)));
+                }
                 "changed" => continue,
                 "too_many_devices" => break CompleteOutcome::TooManyDevices { limit: limits.max_devices },
                 "key_in_use" => break CompleteOutcome::KeyInUse,
