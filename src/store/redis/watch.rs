@@ -223,8 +223,9 @@ impl WatchRegistry {
     }
 
     /// Ends a read of [`WatchRegistry::start_read`]; true when it is to be read
-    /// again (announced meanwhile, and no write of this replica under way, whose
-    /// end decides instead).
+    /// again: announced meanwhile past what the read found (the announcement of
+    /// the version it read, arriving while it ran, needs none), and no write of
+    /// this replica under way, whose end decides instead.
     pub(super) fn end_read(&self, id: &ChallengeId) -> bool {
         let mut entries = self.lock();
         let Some(entry) = entries.get_mut(id) else { return false };
@@ -232,7 +233,7 @@ impl WatchRegistry {
             entry.reading = false;
             return false;
         }
-        entry.reading = std::mem::take(&mut entry.read_again);
+        entry.reading = std::mem::take(&mut entry.read_again) && entry.announced > entry.seen();
         entry.reading
     }
 
@@ -453,6 +454,28 @@ mod tests {
         assert!(registry.end_read(&id), "announced meanwhile: once more");
         assert!(!registry.end_read(&id), "and then done");
         assert!(registry.start_read(&id, 1_000));
+        assert!(!registry.end_read(&id));
+    }
+
+    /// A read that found the version announced while it ran is not repeated:
+    /// announced at 3 and again at 4 (say, another replica's answer, then this
+    /// replica's delivery, whose own write could not be applied over the gap), the
+    /// read finds 4 and is done; a version past what it found is read again.
+    #[test]
+    fn a_read_that_found_what_was_announced_meanwhile_is_not_repeated() {
+        let registry = WatchRegistry::default();
+        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
+        let id = challenge.id.clone();
+        let _watch = registry.subscribe(&id, 2, &challenge);
+        assert!(registry.start_read(&id, 3));
+        assert!(!registry.start_read(&id, 4), "a read is under way");
+        registry.apply(4, &challenge);
+        assert!(!registry.end_read(&id), "the read found version 4");
+        assert!(registry.start_read(&id, 5));
+        assert!(!registry.start_read(&id, 6));
+        registry.apply(5, &challenge);
+        assert!(registry.end_read(&id), "6 is past what the read found");
+        registry.apply(6, &challenge);
         assert!(!registry.end_read(&id));
     }
 
