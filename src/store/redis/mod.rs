@@ -24,8 +24,8 @@
 //! user's slot), the number compared, the challenge resolved, the device touched,
 //! the user's devices read for the clears. The device whose proof is checked
 //! before it may be the one this replica remembers (`answering`: read before, or
-//! enrolled here): a device's id,
-//! owner and key never change, and `answer.lua` refuses a device removed since.
+//! enrolled here): a device's id, owner and key never change, and `answer.lua`
+//! refuses a device removed since.
 //!
 //! A create is one call when the replica remembers the user's devices
 //! (`user_devices`, kept only for a user with a device that can answer): the
