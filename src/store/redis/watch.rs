@@ -432,18 +432,24 @@ mod tests {
     #![allow(clippy::expect_used)]
 
     use super::WatchRegistry;
-    use crate::domain::ids::{TenantId, UserId};
+    use crate::domain::challenge::Challenge;
+    use crate::domain::ids::{ChallengeId, TenantId, UserId};
     use crate::domain::time::Millis;
     use crate::store::conformance::{sample_challenge, sample_delivery};
+
+    /// An empty registry and a challenge it does not know yet.
+    fn a_registry_and_a_challenge() -> (WatchRegistry, Challenge, ChallengeId) {
+        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
+        let id = challenge.id.clone();
+        (WatchRegistry::default(), challenge, id)
+    }
 
     /// Announcements start a read only for a watched challenge, only past the
     /// version its watchers saw, and one at a time: a flood while a read is under
     /// way comes to one more read, not one per message.
     #[test]
     fn announcements_start_one_read_at_a_time() {
-        let registry = WatchRegistry::default();
-        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
-        let id = challenge.id.clone();
+        let (registry, challenge, id) = a_registry_and_a_challenge();
         assert!(!registry.start_read(&id, 5), "not watched here");
         let _watch = registry.subscribe(&id, 2, &challenge);
         assert!(!registry.start_read(&id, 2), "seen already");
@@ -463,9 +469,7 @@ mod tests {
     /// read finds 4 and is done; a version past what it found is read again.
     #[test]
     fn a_read_that_found_what_was_announced_meanwhile_is_not_repeated() {
-        let registry = WatchRegistry::default();
-        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
-        let id = challenge.id.clone();
+        let (registry, challenge, id) = a_registry_and_a_challenge();
         let _watch = registry.subscribe(&id, 2, &challenge);
         assert!(registry.start_read(&id, 3));
         assert!(!registry.start_read(&id, 4), "a read is under way");
@@ -485,9 +489,7 @@ mod tests {
     /// read.
     #[test]
     fn a_delivery_recorded_here_needs_no_read_when_it_follows_what_was_seen() {
-        let registry = WatchRegistry::default();
-        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
-        let id = challenge.id.clone();
+        let (registry, challenge, id) = a_registry_and_a_challenge();
         let watch = registry.subscribe(&id, 3, &challenge);
         let delivery = sample_delivery();
         registry.begin_write(&id);
@@ -544,9 +546,7 @@ mod tests {
     /// `expect` and its subscription) leaves no entry behind; a kept one stays.
     #[test]
     fn an_interest_not_kept_is_forgotten() {
-        let registry = WatchRegistry::default();
-        let challenge = sample_challenge(&TenantId("t".into()), &UserId::parse("u").expect("user"), Millis(1_000), None);
-        let id = challenge.id.clone();
+        let (registry, challenge, id) = a_registry_and_a_challenge();
         registry.expect(&id);
         drop(super::Interest::new(&registry, &id));
         assert!(!registry.start_read(&id, 2), "forgotten: not read");
