@@ -4,8 +4,9 @@
 //! - `kill -9` mid-burst, then a restart on the same data: every acknowledged
 //!   device, block and spent TOTP step is there; live challenges are gone (the
 //!   documented loss); no watcher ever read a wrong final state.
-//! - SIGTERM mid-burst: the answers in flight finish and their watchers read the
-//!   final state before the process exits; new calls read UNAVAILABLE.
+//! - SIGTERM mid-burst (on the default runtime and on one thread): the answers in
+//!   flight finish and their watchers read the final state before the process
+//!   exits; new calls read UNAVAILABLE.
 //!
 //! Each ends with lost = 0 and double = 0 (see `faults/load.rs`).
 //!
@@ -122,9 +123,21 @@ async fn kill_9_mid_burst_keeps_every_acknowledged_device_block_and_totp_step() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_mid_burst_finishes_the_answers_in_flight_and_tells_their_watchers() {
+    sigterm_mid_burst("").await;
+}
+
+/// The same drain with the broker on one thread (`server.worker_threads = 1`,
+/// tokio's current-thread scheduler): nothing of the drain needs a second worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_mid_burst_drains_the_same_on_one_thread() {
+    sigterm_mid_burst("worker_threads = 1").await;
+}
+
+async fn sigterm_mid_burst(server_extra: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let mut broker = BrokerProcess::start(dir.path(), &config(&data, "shutdown_grace_seconds = 3")).await;
+    let server = format!("shutdown_grace_seconds = 3\n{server_extra}");
+    let mut broker = BrokerProcess::start(dir.path(), &config(&data, &server)).await;
     let workers = enroll_many(&broker.channel, &broker.connection(), API_KEY, "burst", 24).await;
     // A health watch stays open through the drain (it ends with the grace period),
     // so the drain lasts long enough to call the broker while it drains.

@@ -2,8 +2,10 @@
 //!
 //! 1. [`Drain::start`]: new calls are refused with UNAVAILABLE by [`DrainLayer`]
 //!    (health stays open, to read NOT_SERVING), and the listener closes
-//!    ([`accept_until`]); the connections already open stay open, so a call sent
-//!    on one reads that UNAVAILABLE, never a connection closing under it.
+//!    ([`accept_until`]); only once it has closed does health turn NOT_SERVING, so
+//!    a client told NOT_SERVING that connects anew is refused by the kernel, never
+//!    accepted and then reset. The connections already open stay open, so a call
+//!    sent on one reads that UNAVAILABLE, never a connection closing under it.
 //! 2. [`Drain::finish`] waits until every call already admitted has returned (up
 //!    to the grace period): an answer in flight lands in the store.
 //! 3. Then the watch streams close ([`Drain::watches_closing`]): each reads its
@@ -128,21 +130,23 @@ impl Drain {
 
 /// The accepted connections of `incoming` until `stop` fires; then `incoming` is
 /// dropped at once (which closes the listening socket: new clients are refused by
-/// the kernel) and the stream stays pending without ending, because tonic reads the
-/// end of its incoming stream as the signal to close every open connection.
-pub fn accept_until<S>(incoming: S, stop: CancellationToken) -> impl Stream<Item = S::Item> + Send
+/// the kernel), `closed` fires, and the stream stays pending without ending,
+/// because tonic reads the end of its incoming stream as the signal to close every
+/// open connection.
+pub fn accept_until<S>(incoming: S, stop: CancellationToken, closed: CancellationToken) -> impl Stream<Item = S::Item> + Send
 where
     S: Stream + Send + 'static,
     S::Item: Send,
 {
     futures::stream::unfold(Some(Box::pin(incoming)), move |incoming| {
-        let stop = stop.clone();
+        let (stop, closed) = (stop.clone(), closed.clone());
         async move {
             let mut incoming = incoming?;
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
                     drop(incoming);
+                    closed.cancel();
                     std::future::pending::<Option<(S::Item, _)>>().await
                 }
                 item = incoming.next() => item.map(|item| (item, Some(incoming))),
@@ -284,14 +288,17 @@ mod tests {
     async fn the_listener_closes_at_the_stop_and_the_stream_does_not_end() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let stop = CancellationToken::new();
-        let mut incoming = Box::pin(accept_until(tokio_stream::wrappers::TcpListenerStream::new(listener), stop.clone()));
+        let (stop, closed) = (CancellationToken::new(), CancellationToken::new());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let mut incoming = Box::pin(accept_until(incoming, stop.clone(), closed.clone()));
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connects before the stop");
         let accepted = tokio::time::timeout(Duration::from_secs(10), incoming.next()).await.expect("accepted");
         assert!(matches!(accepted, Some(Ok(_))));
         stop.cancel();
+        assert!(!closed.is_cancelled(), "not before the stop is seen");
         // The stop is seen on the next poll, which must neither end nor yield.
         assert!(futures::poll!(incoming.next()).is_pending(), "pending, not ended");
+        assert!(closed.is_cancelled(), "told once the listener is gone");
         let refused = tokio::net::TcpStream::connect(addr).await;
         assert!(refused.is_err(), "the port is closed: {refused:?}");
     }

@@ -199,8 +199,10 @@ pub async fn run_with(
 
     let grace = Duration::from_secs(u64::from(config.server.shutdown_grace_seconds));
     let drain = Drain::default();
-    let signal = drain_on(shutdown, health.clone(), draining.clone(), drain.clone(), grace);
-    let serve = serve_grpc(listener, &config, tls, auth, health, broker, drain, draining.clone(), signal)?;
+    let listener_closed = CancellationToken::new();
+    let signal = drain_on(shutdown, health.clone(), draining.clone(), listener_closed.clone(), drain.clone(), grace);
+    let accepting = (draining.clone(), listener_closed);
+    let serve = serve_grpc(listener, &config, tls, auth, health, broker, drain, accepting, signal)?;
     let grace_elapsed = async {
         draining.cancelled().await;
         tokio::time::sleep(grace).await;
@@ -293,14 +295,21 @@ async fn drain_on(
     shutdown: impl Future<Output = ()>,
     health: HealthReporter,
     draining: CancellationToken,
+    listener_closed: CancellationToken,
     drain: Drain,
     grace: Duration,
 ) {
     shutdown.await;
     tracing::info!("shutting down: draining calls");
     drain.start();
-    set_health(&health, ServingStatus::NotServing).await;
     draining.cancel();
+    // Health says NOT_SERVING once the listener is gone (`accept_until`): a client
+    // that reads it and connects anew is refused, not accepted and then reset (on
+    // one worker thread the health update used to go out first).
+    if tokio::time::timeout(Duration::from_secs(1), listener_closed.cancelled()).await.is_err() {
+        tracing::warn!("the listener did not close within 1 s of the drain");
+    }
+    set_health(&health, ServingStatus::NotServing).await;
     if !drain.finish(grace).await {
         tracing::warn!(grace_seconds = grace.as_secs(), "calls still running after the grace period");
     }
@@ -317,7 +326,7 @@ fn serve_grpc(
     health: HealthReporter,
     broker: Arc<Broker>,
     drain: Drain,
-    stop_accepting: CancellationToken,
+    (stop_accepting, listener_closed): (CancellationToken, CancellationToken),
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServerError> {
     let reflection = tonic_reflection::server::Builder::configure()
@@ -356,7 +365,7 @@ fn serve_grpc(
     Ok(async move {
         match tls {
             Some(tls) => {
-                let incoming = drain::accept_until(crate::tls::incoming(listener, tls), stop_accepting);
+                let incoming = drain::accept_until(crate::tls::incoming(listener, tls), stop_accepting, listener_closed);
                 router.serve_with_incoming_shutdown(incoming, signal).await
             }
             None => {
@@ -370,7 +379,7 @@ fn serve_grpc(
                         }
                     })
                 });
-                router.serve_with_incoming_shutdown(drain::accept_until(incoming, stop_accepting), signal).await
+                router.serve_with_incoming_shutdown(drain::accept_until(incoming, stop_accepting, listener_closed), signal).await
             }
         }
     })
