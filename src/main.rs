@@ -157,7 +157,7 @@ fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
     let runtime = pushmatch::server::runtime(&loaded.config.server).context("cannot start the tokio runtime")?;
     #[cfg(not(target_env = "msvc"))]
     pushmatch::telemetry::metrics::set_heap_probe(heap_stats);
-    let _traces = {
+    let traces = {
         let _inside = runtime.enter();
         pushmatch::telemetry::init_with_traces(&loaded.config.log, &loaded.config.tracing)?
     };
@@ -178,15 +178,24 @@ fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
             );
         }
     }
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let addr = loaded.config.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let mut dependencies = pushmatch::server::Dependencies::from_config(&loaded.config).await?;
         // The tenants in the file are reloaded on SIGHUP and when it changes.
         dependencies.config_source = file.map(|file| pushmatch::server::ConfigSource { file, env });
         pushmatch::server::run_with(listener, loaded.config, dependencies, shutdown_signal()).await?;
-        Ok(())
-    })
+        anyhow::Ok(())
+    });
+    // The last spans go out through the exporter's channel, whose tasks run on the
+    // runtime: on one thread (`server.worker_threads = 1`) only inside block_on, so
+    // the flush (which blocks) is made from there.
+    runtime.block_on(async move {
+        if tokio::task::spawn_blocking(move || drop(traces)).await.is_err() {
+            eprintln!("the span exporter's flush panicked");
+        }
+    });
+    served
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
