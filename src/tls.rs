@@ -299,13 +299,24 @@ impl AsyncWrite for TlsConnection {
 
 /// Accepts TCP connections on `listener` and completes their TLS handshakes
 /// concurrently (one slow client does not hold up the others); yields the finished
-/// ones. It stops accepting when the server drops the stream (at shutdown).
-pub fn incoming(listener: TcpListener, tls: Arc<ReloadingTls>) -> ReceiverStream<Result<TlsConnection, std::io::Error>> {
+/// ones. It stops accepting when the server drops the stream (at shutdown): the
+/// listener is closed first, then `closed` fires.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadingTls>,
+    closed: CancellationToken,
+) -> ReceiverStream<Result<TlsConnection, std::io::Error>> {
     let (ready, connections) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
             let accepted = tokio::select! {
-                () = ready.closed() => return,
+                // The stop first: no connection is accepted once the stream is gone.
+                biased;
+                () = ready.closed() => {
+                    drop(listener);
+                    closed.cancel();
+                    return;
+                }
                 accepted = listener.accept() => accepted,
             };
             let (tcp, remote_addr) = match accepted {
@@ -346,4 +357,40 @@ pub fn incoming(listener: TcpListener, tls: Arc<ReloadingTls>) -> ReceiverStream
         }
     });
     ReceiverStream::new(connections)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use futures::StreamExt as _;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{ReloadingTls, TlsFiles};
+
+    /// At shutdown the server drops the stream: the accept task closes the
+    /// listener before it says so, so a client told the server is going (health
+    /// NOT_SERVING follows `closed`) is refused, never accepted and then reset.
+    #[tokio::test]
+    async fn dropping_the_stream_closes_the_listener_then_says_so() {
+        let dir = tempfile::tempdir().expect("dir");
+        let certified = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("certificate");
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, certified.cert.pem()).expect("cert");
+        std::fs::write(&key, certified.signing_key.serialize_pem()).expect("key");
+        let files = TlsFiles { cert, key, client_ca: None, reload_interval: Duration::ZERO };
+        let tls = ReloadingTls::load(files).await.expect("tls");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let closed = CancellationToken::new();
+        let mut incoming = super::incoming(listener, tls, closed.clone());
+        assert!(futures::poll!(incoming.next()).is_pending(), "nothing accepted yet");
+        assert!(!closed.is_cancelled());
+        drop(incoming);
+        tokio::time::timeout(Duration::from_secs(10), closed.cancelled()).await.expect("the accept task says so");
+        let refused = tokio::net::TcpStream::connect(addr).await;
+        assert!(refused.is_err(), "the port is closed once it is said: {refused:?}");
+    }
 }

@@ -365,7 +365,10 @@ fn serve_grpc(
     Ok(async move {
         match tls {
             Some(tls) => {
-                let incoming = drain::accept_until(crate::tls::incoming(listener, tls), stop_accepting, listener_closed);
+                // The accept task closes the listener and tells `listener_closed`;
+                // `accept_until` only drops the stream that stops it.
+                let incoming = crate::tls::incoming(listener, tls, listener_closed);
+                let incoming = drain::accept_until(incoming, stop_accepting, CancellationToken::new());
                 router.serve_with_incoming_shutdown(incoming, signal).await
             }
             None => {
