@@ -482,3 +482,16 @@ async fn the_enrolling_replica_remembers_the_phone_it_enrolled() {
     assert_eq!(enrolling.answering_device(&device.id).await.expect("device"), Some(device.clone()));
     assert_eq!(other.answering_device(&device.id).await.expect("device"), None, "another replica reads it");
 }
+
+/// A replica loads every script when it connects: the first calls of a burst
+/// find them, instead of each getting NOSCRIPT, loading and calling again.
+#[tokio::test]
+async fn a_replica_loads_its_scripts_when_it_connects() {
+    let server = RedisServer::start().await;
+    let store = store_on(vec![server.url()], ManualClock::starting_now()).await;
+    let hashes: Vec<&str> = store.scripts.all().iter().map(|script| script.get_hash()).collect();
+    let mut exists = redis::cmd("SCRIPT");
+    exists.arg("EXISTS").arg(&hashes);
+    let loaded: Vec<i64> = exists.query_async(&mut raw(&server.url()).await).await.expect("script exists");
+    assert_eq!(loaded, vec![1; hashes.len()], "every script is loaded, before any call");
+}

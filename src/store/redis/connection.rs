@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use redis::cluster_routing::{AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Cmd, FromRedisValue, Pipeline, ScriptInvocation};
+use redis::{Cmd, FromRedisValue, Pipeline, Script, ScriptInvocation};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -65,6 +65,14 @@ impl Connection {
         counted(1);
         let mut link = self.link.clone();
         bounded(self.timeout, "timed out", invocation.invoke_async(&mut link)).await
+    }
+
+    /// Loads `script` (SCRIPT LOAD; on a cluster, the `redis` crate sends it to
+    /// every primary), so that calls find it without the NOSCRIPT round trip.
+    pub(super) async fn load(&self, script: &Script) -> Result<(), StoreError> {
+        counted(1);
+        let mut link = self.link.clone();
+        bounded(self.timeout, "timed out", script.load_async(&mut link)).await.map(drop)
     }
 
     /// The integer answers of `cmd` (DBSIZE) from every primary, summed: the one

@@ -57,6 +57,27 @@ impl Scripts {
     }
 }
 
+impl Scripts {
+    /// Every script, to load when a replica connects.
+    pub(super) fn all(&self) -> [&Script; 13] {
+        [
+            &self.create,
+            self.challenge_cas.as_ref(),
+            &self.answer,
+            &self.delivery,
+            &self.devices,
+            &self.device,
+            &self.value_cas,
+            &self.release,
+            &self.insert_enrollment,
+            &self.enroll,
+            &self.strike,
+            &self.reserve_totp,
+            &self.totp_succeeded,
+        ]
+    }
+}
+
 /// A challenge script with `challenge_common.lua` (the rules every change obeys:
 /// expiry by both clocks, the block, the commit and its announcement) before it.
 fn with_common(script: &str) -> Script {
