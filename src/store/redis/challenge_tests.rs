@@ -495,3 +495,43 @@ async fn a_replica_loads_its_scripts_when_it_connects() {
     let loaded: Vec<i64> = exists.query_async(&mut raw(&server.url()).await).await.expect("script exists");
     assert_eq!(loaded, vec![1; hashes.len()], "every script is loaded, before any call");
 }
+
+/// A watcher's read that Redis refuses once (here an ACL that takes HGETALL away
+/// for a moment; in production a timeout or a blip) is tried again: the change
+/// reaches the watcher without another announcement, not at the deadline.
+#[tokio::test]
+async fn a_failed_read_after_an_announcement_is_tried_again() {
+    let server = RedisServer::start().await;
+    let clock = ManualClock::starting_now();
+    let (watching, changing) =
+        (store_on(vec![server.url()], clock.clone()).await, store_on(vec![server.url()], clock.clone()).await);
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let challenge = created(&changing, sample_challenge(&tenant, &user, clock.now(), None), clock.now()).await;
+    let mut watch = watching.watch_challenge(&tenant, &challenge.id, clock.now()).await.expect("watch").expect("found");
+    assert!(watch.borrow_and_update().deliveries.is_empty());
+
+    let mut admin = raw(&server.url()).await;
+    let _: () = redis::cmd("ACL").arg(&["SETUSER", "default", "-hgetall"][..]).query_async(&mut admin).await.expect("deny");
+    let delivery = sample_delivery();
+    changing.record_delivery(&challenge.id, delivery.clone()).await.expect("record");
+    // Wait for the watching replica's read to be refused, then allow it again.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut admin).await.expect("info");
+            if stats.lines().any(|line| line.starts_with("cmdstat_hgetall:") && !line.contains("rejected_calls=0")) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the read was refused");
+    let _: () = redis::cmd("ACL").arg(&["SETUSER", "default", "+hgetall"][..]).query_async(&mut admin).await.expect("allow");
+
+    let seen = tokio::time::timeout(Duration::from_secs(10), watch.wait_for(|c| !c.deliveries.is_empty()))
+        .await
+        .expect("the change reaches the watcher after the refused read")
+        .expect("open")
+        .clone();
+    assert_eq!(seen.deliveries, vec![delivery]);
+}

@@ -6,8 +6,9 @@
 //! when their version is newer: no change slips through the gap. What crosses
 //! pub/sub is a challenge id and a version, which anyone who can PUBLISH could
 //! forge: a message only makes this replica read the record (when the version is
-//! newer than what its watchers saw), and the watchers get what Redis holds. After
-//! a pub/sub reconnect every watched challenge is read again. Each replica expires the
+//! newer than what its watchers saw), and the watchers get what Redis holds. A
+//! read that fails is tried again for about 3 s; after a pub/sub reconnect every
+//! watched challenge is read again. Each replica expires the
 //! challenges it watches at their deadline (a compare-and-set, so one replica wins
 //! and publishes), which is how expiry reaches watchers everywhere.
 
@@ -334,8 +335,20 @@ impl Drop for Writing {
 pub(super) fn spawn_reads(reader: Reader, clock: Arc<dyn Clock>, id: ChallengeId) {
     tokio::spawn(async move {
         loop {
-            if let Err(error) = reader.refresh(&id, clock.now()).await {
-                tracing::debug!(%error, "could not read a changed challenge");
+            // A read that fails is tried again a few times: no other announcement
+            // may come (an answer is the last change), and the watchers would
+            // otherwise wait for the deadline. A longer outage drops pub/sub too,
+            // and its reconnect reads every watched challenge.
+            for retry in READ_RETRIES {
+                match reader.refresh(&id, clock.now()).await {
+                    Ok(()) => break,
+                    Err(error) => tracing::debug!(%error, "could not read a changed challenge"),
+                }
+                let Some(pause) = retry else {
+                    tracing::warn!(challenge_id = %id, "a changed challenge could not be read; its watchers here wait");
+                    break;
+                };
+                tokio::time::sleep(pause).await;
             }
             if !reader.watchers.end_read(&id) {
                 break;
@@ -343,6 +356,18 @@ pub(super) fn spawn_reads(reader: Reader, clock: Arc<dyn Clock>, id: ChallengeId
         }
     });
 }
+
+/// The pauses before each new try of a failed read (about 3 s in all); `None`
+/// ends the tries.
+const READ_RETRIES: [Option<Duration>; 7] = [
+    Some(Duration::from_millis(50)),
+    Some(Duration::from_millis(100)),
+    Some(Duration::from_millis(200)),
+    Some(Duration::from_millis(400)),
+    Some(Duration::from_millis(800)),
+    Some(Duration::from_millis(1_600)),
+    None,
+];
 
 /// Follows the change channels and applies what arrives to local watchers.
 /// Reconnects by itself; after each (re)subscription, reads every watched
