@@ -192,7 +192,7 @@ fn serve(file: Option<PathBuf>) -> anyhow::Result<()> {
     // the flush (which blocks) is made from there.
     runtime.block_on(async move {
         if tokio::task::spawn_blocking(move || drop(traces)).await.is_err() {
-            eprintln!("the span exporter's flush panicked");
+            tracing::error!("the span exporter's flush panicked");
         }
     });
     served

@@ -117,7 +117,7 @@ pub struct ServerConfig {
     /// multi-threaded scheduler with one worker per CPU (`TOKIO_WORKER_THREADS`
     /// overrides the count); 1: everything on one thread (tokio's current-thread
     /// scheduler), which spends less CPU per sign-in by not waking other threads
-    /// but uses one core at most; N: N worker threads.
+    /// but uses one core at most; N: N worker threads (at most 1,024).
     pub worker_threads: u16,
 }
 

@@ -140,6 +140,7 @@ fn mistakes_are_named() {
         (TENANT.replace("6b86", "zz86"), vec![], "tenants.api_key_sha256"),
         (TENANT.into(), env(&[("PUSHMATCH_LIMITS__MAX_PENDING_PER_USER", "0")]), "limits.max_pending_per_user"),
         (TENANT.into(), env(&[("PUSHMATCH_SERVER__MAX_CREATES_IN_FLIGHT", "0")]), "server.max_creates_in_flight"),
+        (TENANT.into(), env(&[("PUSHMATCH_SERVER__WORKER_THREADS", "1025")]), "server.worker_threads"),
         (TENANT.into(), env(&[("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "0")]), "server.creates_share_per_tenant"),
         (TENANT.into(), env(&[("PUSHMATCH_SERVER__CREATES_SHARE_PER_TENANT", "nan")]), "server.creates_share_per_tenant"),
         (TENANT.into(), env(&[("PUSHMATCH_PUSH__QUEUE_SHARE_PER_TENANT", "1.5")]), "push.queue_share_per_tenant"),

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 
 use super::{Config, ConfigError, StoreBackend, invalid};
 
+/// The most worker threads `server.worker_threads` asks for: far past any CPU count
+/// the broker meets, and short of an operator's typo spawning tens of thousands.
+const MAX_WORKER_THREADS: u16 = 1_024;
+
 impl Config {
     /// Checks every section; the error names the first key at fault.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -44,6 +48,9 @@ impl Config {
         check_share("server.creates_share_per_tenant", self.server.creates_share_per_tenant, "server.max_creates_in_flight")?;
         if self.server.request_timeout_seconds == 0 {
             return Err(invalid("server.request_timeout_seconds", "must be at least 1"));
+        }
+        if self.server.worker_threads > MAX_WORKER_THREADS {
+            return Err(invalid("server.worker_threads", format!("must be at most {MAX_WORKER_THREADS} (0: one per CPU)")));
         }
         Ok(())
     }

@@ -178,8 +178,11 @@ impl RedisStore {
                     // after setup, on the same connection) finds it here without a
                     // read: this is the record just written, and a device's id, owner
                     // and key never change (`answering_device`).
-                    let id = device.id.clone();
-                    self.answering.put_sized(&id, Arc::new(device), weight(record.len()));
+                    // A TOTP-only device signs nothing, so it is not kept.
+                    if device.public_key.is_some() {
+                        let id = device.id.clone();
+                        self.answering.put_sized(&id, Arc::new(device), weight(record.len()));
+                    }
                     return Ok(CompleteOutcome::Completed(Box::new(completed)));
                 }
                 "changed" => continue,

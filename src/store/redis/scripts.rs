@@ -55,9 +55,7 @@ impl Scripts {
             totp_succeeded: Script::new(include_str!("scripts/totp_succeeded.lua")),
         }
     }
-}
 
-impl Scripts {
     /// Every script, to load when a replica connects.
     pub(super) fn all(&self) -> [&Script; 13] {
         [
