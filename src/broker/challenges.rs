@@ -4,11 +4,11 @@
 use std::time::Duration;
 
 use super::{Broker, ChallengeRequest, PushJob, PushKind, TenantLimits};
-use crate::domain::challenge::{Challenge, ChallengeState, Delivery, DeliveryState, Resolution};
+use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Platform, Resolution};
 use crate::domain::device::Device;
 use crate::domain::error::DomainError;
-use crate::domain::ids::{ChallengeId, ChallengeNumber, TenantId};
-use crate::domain::ports::{BlockReason, ChallengeWatch, CreateFor, CreateOutcome, Refusal, StoreError, UserBlock};
+use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId};
+use crate::domain::ports::{BlockReason, ChallengeWatch, CreateFor, CreateOutcome, PushesFrom, Refusal, StoreError, UserBlock};
 use crate::domain::time::Millis;
 use crate::telemetry::metrics::{challenge_resolved, names};
 
@@ -55,40 +55,60 @@ impl Broker {
                 ),
             ));
         };
-        let mut devices = self.store.challenge_devices(tenant, &request.user_id).await?;
         // The store may answer the devices from what it read lately; its create
         // checks them in the same step as the insert and, if they changed (a phone
         // enrolled, removed or given a new token meanwhile), writes nothing and
-        // hands them back to choose the pushes again.
+        // hands them back to choose the pushes again. When it does not remember
+        // them (`None`), its create chooses the pushes itself, within the room the
+        // push queues have now, or hands the devices back when it cannot.
+        let mut devices = self.store.challenge_devices(tenant, &request.user_id).await?;
         let mut attempts = 0;
         let (created, targets) = loop {
             attempts += 1;
-            if !devices.devices.iter().any(Device::answers_challenges) {
-                return Err(DomainError::FailedPrecondition(
-                    "user_id: the user has no enrolled device that can answer a challenge".into(),
-                ));
-            }
-            let targets: Vec<&Device> = devices.devices.iter().filter(|d| d.takes_pushes()).collect();
-            if let Err(full) = self.dispatcher.room_for(tenant, targets.iter().filter_map(|d| d.platform)) {
-                return Err(shed(tenant, full.setting(), format!("{full}; retry shortly")));
-            }
             let now = self.clock.now();
-            let challenge = new_challenge(tenant, request.clone(), &targets, now, ttl)?;
+            let (challenge, pushes, targets) = match &devices {
+                Some(devices) => {
+                    if !devices.devices.iter().any(Device::answers_challenges) {
+                        return Err(DomainError::FailedPrecondition(
+                            "user_id: the user has no enrolled device that can answer a challenge".into(),
+                        ));
+                    }
+                    let targets: Vec<&Device> = devices.devices.iter().filter(|d| d.takes_pushes()).collect();
+                    if let Err(full) = self.dispatcher.room_for(tenant, targets.iter().filter_map(|d| d.platform)) {
+                        return Err(shed(tenant, full.setting(), format!("{full}; retry shortly")));
+                    }
+                    let challenge = new_challenge(tenant, request.clone(), &targets, now, ttl)?;
+                    let targets: Vec<PushTarget> = targets.into_iter().filter_map(PushTarget::of).collect();
+                    (challenge, PushesFrom::Devices(devices.seen.as_deref()), targets)
+                }
+                None => {
+                    let challenge = new_challenge(tenant, request.clone(), &[], now, ttl)?;
+                    (challenge, PushesFrom::Store(self.dispatcher.room(tenant)), Vec::new())
+                }
+            };
             let context = challenge.context.clone();
-            let outcome =
-                match self.store.create_challenge_for(challenge, &limits.admission, now, devices.seen.as_deref()).await? {
-                    CreateFor::Done(outcome) => outcome,
-                    CreateFor::DevicesChanged(now_enrolled) if attempts < MAX_DEVICE_CHANGES => {
-                        devices = now_enrolled;
-                        continue;
-                    }
-                    CreateFor::DevicesChanged(_) => {
-                        return Err(DomainError::StoreUnavailable(StoreError::unavailable(
-                            self.store.backend(),
-                            "the user's devices kept changing while the challenge was created; retry",
-                        )));
-                    }
-                };
+            let outcome = match self.store.create_challenge_for(challenge, &limits.admission, now, pushes).await? {
+                CreateFor::Done(outcome) => outcome,
+                CreateFor::Chose(created, from) => {
+                    let targets = created
+                        .deliveries
+                        .iter()
+                        .filter_map(|delivery| from.devices.iter().find(|device| device.id == delivery.device_id))
+                        .filter_map(PushTarget::of)
+                        .collect();
+                    break (created, targets);
+                }
+                CreateFor::DevicesChanged(now_enrolled) if attempts < MAX_DEVICE_CHANGES => {
+                    devices = Some(now_enrolled);
+                    continue;
+                }
+                CreateFor::DevicesChanged(_) => {
+                    return Err(DomainError::StoreUnavailable(StoreError::unavailable(
+                        self.store.backend(),
+                        "the user's devices kept changing while the challenge was created; retry",
+                    )));
+                }
+            };
             match outcome {
                 CreateOutcome::Created(created) => break (created, targets),
                 // The same request_id is a retry of the same sign-in only if it carries the
@@ -109,14 +129,13 @@ impl Broker {
             }
         };
         let pushes = u32::try_from(created.deliveries.len()).unwrap_or(u32::MAX);
-        for device in targets {
-            let Some(platform) = device.platform else { continue };
+        for target in targets {
             self.push(PushJob {
                 kind: PushKind::Challenge { challenge_id: created.id.clone(), pushes },
                 tenant: tenant.clone(),
-                device_id: device.id.clone(),
-                platform,
-                push_token: device.push_token.clone(),
+                device_id: target.device_id,
+                platform: target.platform,
+                push_token: target.push_token,
                 expires_at: created.expires_at,
             })
             .await;
@@ -150,6 +169,19 @@ impl Broker {
     }
 }
 
+/// Where one push of a new challenge goes.
+struct PushTarget {
+    device_id: DeviceId,
+    platform: Platform,
+    push_token: String,
+}
+
+impl PushTarget {
+    fn of(device: &Device) -> Option<Self> {
+        Some(Self { device_id: device.id.clone(), platform: device.platform?, push_token: device.push_token.clone() })
+    }
+}
+
 /// A new PENDING challenge with a fresh id and number, and a QUEUED delivery for
 /// each device it will be pushed to.
 fn new_challenge(
@@ -159,18 +191,6 @@ fn new_challenge(
     now: Millis,
     ttl: Duration,
 ) -> Result<Challenge, DomainError> {
-    let deliveries = targets
-        .iter()
-        .filter_map(|device| {
-            Some(Delivery {
-                device_id: device.id.clone(),
-                platform: device.platform?,
-                state: DeliveryState::Queued,
-                attempts: 0,
-                error: String::new(),
-            })
-        })
-        .collect();
     Ok(Challenge {
         id: ChallengeId::generate()?,
         tenant: tenant.clone(),
@@ -183,7 +203,7 @@ fn new_challenge(
         expires_at: now.plus(ttl),
         resolved_at: None,
         resolved_by: None,
-        deliveries,
+        deliveries: targets.iter().filter_map(|device| Delivery::queued(device)).collect(),
         request_id: request.request_id,
     })
 }

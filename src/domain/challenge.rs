@@ -2,6 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::device::Device;
 use super::error::DomainError;
 use super::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId, check_text};
 use super::time::Millis;
@@ -91,6 +92,45 @@ pub struct Delivery {
     pub attempts: u32,
     /// The provider's reason, e.g. "Unregistered"; empty when there is none.
     pub error: String,
+}
+
+impl Delivery {
+    /// A new challenge's delivery to `device`, QUEUED; `None` for a device without
+    /// a platform (TOTP only), which takes no pushes.
+    pub fn queued(device: &Device) -> Option<Self> {
+        Some(Self {
+            device_id: device.id.clone(),
+            platform: device.platform?,
+            state: DeliveryState::Queued,
+            attempts: 0,
+            error: String::new(),
+        })
+    }
+}
+
+/// How many more pushes each platform's queue takes now, by [`Platform::index`]
+/// (the tenant's share and the queue's own room, the smaller): what lets a store
+/// choose a new challenge's pushes in its create's own step
+/// ([`crate::domain::ports::PushesFrom::Store`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PushRoom(pub [usize; Platform::ALL.len()]);
+
+impl PushRoom {
+    /// The deliveries of a new challenge to `devices` (in their order): one QUEUED
+    /// for each that takes pushes. `None` when none of them can answer a challenge
+    /// or the pushes do not fit: the caller then decides from the devices, which
+    /// names the reason.
+    pub fn choose(&self, devices: &[Device]) -> Option<Vec<Delivery>> {
+        if !devices.iter().any(Device::answers_challenges) {
+            return None;
+        }
+        let deliveries: Vec<Delivery> =
+            devices.iter().filter(|device| device.takes_pushes()).filter_map(Delivery::queued).collect();
+        let fits = Platform::ALL.iter().all(|platform| {
+            deliveries.iter().filter(|delivery| delivery.platform == *platform).count() <= self.0[platform.index()]
+        });
+        fits.then_some(deliveries)
+    }
 }
 
 /// What the app shows beside the number prompt. Each field at most 256 bytes of

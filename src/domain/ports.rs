@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::challenge::{Challenge, Delivery, Resolution};
+use super::challenge::{Challenge, Delivery, PushRoom, Resolution};
 use super::device::{Device, ProofUse};
 use super::enrollment::Enrollment;
 use super::ids::{ChallengeId, ChallengeNumber, CodeDigest, DeviceId, EnrollmentId, TenantId, UserId};
@@ -162,9 +162,26 @@ pub struct ChallengeDevices {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateFor {
     Done(CreateOutcome),
-    /// The user's devices are not the ones the challenge was made for: nothing was
-    /// written; here they are as they stand, to choose the pushes again.
+    /// [`PushesFrom::Store`]: created, with the deliveries the store chose from
+    /// these devices (the user's in the create's own step).
+    Chose(Challenge, ChallengeDevices),
+    /// The user's devices are not the ones the challenge was made for, or (with
+    /// [`PushesFrom::Store`]) the store could not choose its pushes: nothing was
+    /// written; here they are as they stand, to choose the pushes from.
     DevicesChanged(ChallengeDevices),
+}
+
+/// Who chooses a new challenge's pushes ([`Store::create_challenge_for`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushesFrom<'a> {
+    /// The caller did, from the devices of [`Store::challenge_devices`]: their
+    /// fingerprint (`seen`), checked in the create's step; `None` checks nothing.
+    Devices(Option<&'a str>),
+    /// The store does, in the create's own step, from the user's devices as they
+    /// stand ([`PushRoom::choose`]; the challenge comes without deliveries): what
+    /// [`Store::challenge_devices`] asks for when it does not remember them, so
+    /// that a first sign-in is one step, not a read and then a create.
+    Store(PushRoom),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -292,23 +309,36 @@ pub trait Store: Send + Sync + 'static {
 
     /// The user's devices for a new challenge. A backend may answer from what it
     /// read lately (Redis: each replica remembers a user's devices) when its
-    /// [`Store::create_challenge_for`] checks them in the same step as the insert.
-    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
-        Ok(ChallengeDevices { devices: self.list_devices(tenant, user).await?, seen: None })
+    /// [`Store::create_challenge_for`] checks them in the same step as the insert;
+    /// `None` when it does not remember them: the create then chooses the pushes
+    /// itself ([`PushesFrom::Store`]), which saves a read.
+    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Option<ChallengeDevices>, StoreError> {
+        Ok(Some(ChallengeDevices { devices: self.list_devices(tenant, user).await?, seen: None }))
     }
 
     /// [`Store::create_challenge`] for a challenge whose pushes were chosen from the
     /// devices of [`Store::challenge_devices`] (`seen`, their fingerprint): if the
-    /// user's devices changed since, nothing is written and they are returned.
+    /// user's devices changed since, nothing is written and they are returned. With
+    /// [`PushesFrom::Store`], the store chooses them from the user's devices in the
+    /// same step ([`PushRoom::choose`]); when it cannot (no device answers, no room),
+    /// nothing is written and the devices are returned.
     async fn create_challenge_for(
         &self,
-        challenge: Challenge,
+        mut challenge: Challenge,
         policy: &AdmissionPolicy,
         now: Millis,
-        seen: Option<&str>,
+        pushes: PushesFrom<'_>,
     ) -> Result<CreateFor, StoreError> {
-        let _ = seen;
-        Ok(CreateFor::Done(self.create_challenge(challenge, policy, now).await?))
+        let PushesFrom::Store(room) = pushes else {
+            return Ok(CreateFor::Done(self.create_challenge(challenge, policy, now).await?));
+        };
+        let devices = ChallengeDevices { devices: self.list_devices(&challenge.tenant, &challenge.user_id).await?, seen: None };
+        let Some(deliveries) = room.choose(&devices.devices) else { return Ok(CreateFor::DevicesChanged(devices)) };
+        challenge.deliveries = deliveries;
+        Ok(match self.create_challenge(challenge, policy, now).await? {
+            CreateOutcome::Created(created) => CreateFor::Chose(created, devices),
+            other => CreateFor::Done(other),
+        })
     }
 
     /// The device whose proof an answer carries. A backend may answer from what it

@@ -55,10 +55,16 @@ impl TenantShares {
 
     /// Whether `count` more jobs of `tenant` fit in its share now.
     pub(super) fn has_room(&self, tenant: &TenantId, count: usize) -> bool {
+        count <= self.room(tenant)
+    }
+
+    /// How many more jobs of `tenant` fit in its share now (`usize::MAX`: the
+    /// tenant is not counted).
+    pub(super) fn room(&self, tenant: &TenantId) -> usize {
         self.queued
             .load()
             .get(tenant)
-            .is_none_or(|counter| counter.queued.load(Ordering::Acquire).saturating_add(count) <= counter.limit)
+            .map_or(usize::MAX, |counter| counter.limit.saturating_sub(counter.queued.load(Ordering::Acquire)))
     }
 
     /// Counts one more job of `tenant`, or refuses it past the tenant's share.

@@ -17,8 +17,8 @@ use crate::domain::ids::{ChallengeId, CodeDigest, DeviceId, EnrollmentId, Tenant
 use crate::domain::time::Millis;
 use crate::store::{
     AdmissionPolicy, Answered, ChallengeDevices, ChallengeWatch, CompleteOutcome, CreateFor, CreateOutcome, DeviceAnswer,
-    EnrollmentLimits, InsertOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy,
-    UserBlock,
+    EnrollmentLimits, InsertOutcome, PushesFrom, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt,
+    TotpPolicy, UserBlock,
 };
 use crate::telemetry::metrics::names;
 
@@ -121,7 +121,7 @@ impl Store for MeteredStore {
         self.timed("create_challenge", self.inner.create_challenge(challenge, policy, now)).await
     }
 
-    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
+    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Option<ChallengeDevices>, StoreError> {
         self.timed("challenge_devices", self.inner.challenge_devices(tenant, user)).await
     }
 
@@ -130,9 +130,9 @@ impl Store for MeteredStore {
         challenge: Challenge,
         policy: &AdmissionPolicy,
         now: Millis,
-        seen: Option<&str>,
+        pushes: PushesFrom<'_>,
     ) -> Result<CreateFor, StoreError> {
-        self.timed("create_challenge", self.inner.create_challenge_for(challenge, policy, now, seen)).await
+        self.timed("create_challenge", self.inner.create_challenge_for(challenge, policy, now, pushes)).await
     }
 
     async fn answering_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {

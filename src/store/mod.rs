@@ -9,8 +9,8 @@
 
 pub use crate::domain::ports::{
     AdmissionPolicy, Answered, BlockReason, ChallengeDevices, ChallengeWatch, CompleteOutcome, CreateFor, CreateOutcome,
-    DeviceAnswer, EnrollmentLimits, InsertOutcome, Refusal, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge,
-    TotpAttempt, TotpPolicy, UserBlock,
+    DeviceAnswer, EnrollmentLimits, InsertOutcome, PushesFrom, Refusal, ResolveOutcome, Store, StoreError, StrikePolicy,
+    TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
 };
 
 pub mod embedded;

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::shares::{ShareSlot, TenantShares};
 use super::{DeliveryReporter, PushJob, PushKind, PushSender, SendOutcome};
-use crate::domain::challenge::{DeliveryState, Platform};
+use crate::domain::challenge::{DeliveryState, Platform, PushRoom};
 use crate::domain::ids::TenantId;
 use crate::domain::time::Clock;
 use crate::telemetry::TraceOrigin;
@@ -191,6 +191,15 @@ impl Dispatcher {
             return Err(QueueFull::Queue);
         }
         Ok(())
+    }
+
+    /// How many more pushes of `tenant` each queue takes now: what
+    /// [`Dispatcher::room_for`] checks, for a store that chooses the pushes itself.
+    pub fn room(&self, tenant: &TenantId) -> PushRoom {
+        PushRoom(Platform::ALL.map(|platform| {
+            let queue = self.queues.of(platform);
+            queue.shares.room(tenant).min(queue.jobs.capacity())
+        }))
     }
 
     /// Jobs waiting in `platform`'s queue now (the metrics endpoint samples it).

@@ -391,8 +391,10 @@ async fn a_tenant_past_its_share_of_the_queue_is_refused_while_another_still_enq
     };
     assert_eq!(refused, QueueFull::TenantShare);
     assert_eq!(dispatcher.room_for(&tenant("a"), [Platform::Fcm]), Err(QueueFull::TenantShare));
+    assert_eq!(dispatcher.room(&tenant("a")).0[Platform::Fcm.index()], 0, "a's share is full");
     // a's share is half the queue: b's jobs still fit.
     dispatcher.room_for(&tenant("b"), [Platform::Fcm; 2]).expect("room for b");
+    assert!(dispatcher.room(&tenant("b")).0[Platform::Fcm.index()] >= 2, "room says what room_for does");
     dispatcher.enqueue(job_of("b", Platform::Fcm, &clock)).expect("b enqueues past a's burst");
     dispatcher.enqueue(job_of("b", Platform::Fcm, &clock)).expect("b enqueues its share");
 
@@ -431,6 +433,7 @@ async fn a_job_the_queue_refuses_gives_its_place_in_the_tenants_share_back() {
         );
     }
     dispatcher.room_for(&tenant("a"), [Platform::Fcm]).expect("a's share is empty");
+    assert_eq!(dispatcher.room(&tenant("a")).0[Platform::Fcm.index()], 1, "a's whole share of one");
 }
 
 fn notice(clock: &ManualClock) -> PushJob {

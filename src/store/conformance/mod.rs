@@ -48,6 +48,7 @@ use crate::domain::enrollment::{Enrollment, EnrollmentKind};
 use crate::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, EnrollmentCode, EnrollmentId, TenantId, UserId, os_random};
 
 mod cases;
+mod choosing;
 mod guards;
 #[cfg(test)]
 pub mod model;
@@ -55,6 +56,7 @@ mod operators;
 
 use crate::domain::time::{Clock, ManualClock, Millis};
 pub use cases::*;
+pub use choosing::*;
 pub use guards::*;
 pub use operators::*;
 
@@ -279,7 +281,8 @@ macro_rules! conformance_suite {
             a_device_proof_is_spent_once,
             no_approval_lands_after_a_block,
             a_challenge_past_its_retention_is_gone_at_once,
-            purging_a_tenant_removes_its_records_and_nothing_else
+            purging_a_tenant_removes_its_records_and_nothing_else,
+            a_create_chooses_its_pushes_from_the_devices_as_they_stand
         );
     };
     (@tests $factory:expr; $($case:ident),+) => {

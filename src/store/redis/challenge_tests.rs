@@ -13,7 +13,7 @@ use super::challenges::AnswerText;
 use super::keys::{Keys, shard_channel, user_tag};
 use super::testing::{RedisCluster, RedisServer};
 use super::tests::store_on;
-use crate::domain::challenge::{Challenge, ChallengeState, Decision, Resolution};
+use crate::domain::challenge::{Challenge, ChallengeState, Decision, PushRoom, Resolution};
 use crate::domain::device::Device;
 use crate::domain::device::ProofUse;
 use crate::domain::ids::{ChallengeNumber, DeviceId, UserId};
@@ -22,7 +22,7 @@ use crate::domain::time::{Clock, ManualClock, Millis, SystemClock};
 use crate::store::conformance::{
     Scope, device_answer, enrolled_device, policy, sample_challenge, sample_delivery, sample_device,
 };
-use crate::store::{Answered, CreateFor, CreateOutcome, DeviceAnswer, Store as _};
+use crate::store::{Answered, CreateFor, CreateOutcome, DeviceAnswer, PushesFrom, Store as _};
 
 async fn created(store: &RedisStore, challenge: Challenge, now: Millis) -> Challenge {
     match store.create_challenge(challenge, &policy(), now).await.expect("create") {
@@ -415,7 +415,7 @@ async fn the_create_checks_the_devices_its_pushes_were_chosen_from() {
     let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
     let now = clock.now();
     let device = enrolled_device(&store, &tenant, &user, now).await;
-    let read = store.challenge_devices(&tenant, &user).await.expect("devices");
+    let read = store.read_user_devices(&tenant, &user).await.expect("devices");
     assert_eq!(read.devices, vec![device.clone()]);
 
     store.touch_device(&device.id, now.plus(Duration::from_secs(1))).await.expect("touch");
@@ -423,7 +423,7 @@ async fn the_create_checks_the_devices_its_pushes_were_chosen_from() {
     let used = store.list_devices(&tenant, &user).await.expect("devices");
     assert_ne!(used, read.devices, "the record changed");
     let challenge = sample_challenge(&tenant, &user, now, None);
-    match store.create_for(challenge, &policy(), now, read.seen.as_deref()).await.expect("create") {
+    match store.create_for(challenge, &policy(), now, PushesFrom::Devices(read.seen.as_deref())).await.expect("create") {
         CreateFor::Done(CreateOutcome::Created(_)) => {}
         other => panic!("a last use changes nothing a push depends on, got {other:?}"),
     }
@@ -431,33 +431,34 @@ async fn the_create_checks_the_devices_its_pushes_were_chosen_from() {
     assert!(store.set_push_token(&device.id, "a-new-token").await.expect("token"));
     let challenge = sample_challenge(&tenant, &user, now, None);
     let id = challenge.id.clone();
-    let now_enrolled = match store.create_for(challenge, &policy(), now, read.seen.as_deref()).await.expect("create") {
-        CreateFor::DevicesChanged(devices) => devices,
-        other => panic!("a new token changes the pushes, got {other:?}"),
-    };
+    let now_enrolled =
+        match store.create_for(challenge, &policy(), now, PushesFrom::Devices(read.seen.as_deref())).await.expect("create") {
+            CreateFor::DevicesChanged(devices) => devices,
+            other => panic!("a new token changes the pushes, got {other:?}"),
+        };
     assert!(store.get_challenge(&tenant, &id, now).await.expect("get").is_none(), "nothing was written");
     assert_eq!(now_enrolled.devices.iter().map(|d| d.push_token.as_str()).collect::<Vec<_>>(), ["a-new-token"]);
     assert_ne!(now_enrolled.seen, read.seen);
     // The replica remembers the devices as handed back.
-    assert_eq!(store.challenge_devices(&tenant, &user).await.expect("devices"), now_enrolled);
+    assert_eq!(store.challenge_devices(&tenant, &user), Some(now_enrolled.clone()));
 
     // The devices are compared before the block (and every other limit): the
     // broker decides on the devices as they are first, as on a fresh read.
     let block = UserBlock { reason: BlockReason::WrongNumbers, since: now, until: None };
     store.block_user(&tenant, &user, block, now).await.expect("block");
     let challenge = sample_challenge(&tenant, &user, now, None);
-    match store.create_for(challenge, &policy(), now, read.seen.as_deref()).await.expect("create") {
+    match store.create_for(challenge, &policy(), now, PushesFrom::Devices(read.seen.as_deref())).await.expect("create") {
         CreateFor::DevicesChanged(devices) => assert_eq!(devices, now_enrolled),
         other => panic!("stale devices are handed back before the block is read, got {other:?}"),
     }
     let challenge = sample_challenge(&tenant, &user, now, None);
-    match store.create_for(challenge, &policy(), now, now_enrolled.seen.as_deref()).await.expect("create") {
+    match store.create_for(challenge, &policy(), now, PushesFrom::Devices(now_enrolled.seen.as_deref())).await.expect("create") {
         CreateFor::Done(CreateOutcome::Refused(Refusal::Blocked(found))) => assert_eq!(found.reason, BlockReason::WrongNumbers),
         other => panic!("the block refuses a create chosen from the devices as they are, got {other:?}"),
     }
     store.unblock_user(&tenant, &user).await.expect("unblock");
     let challenge = sample_challenge(&tenant, &user, now, None);
-    match store.create_for(challenge, &policy(), now, now_enrolled.seen.as_deref()).await.expect("create") {
+    match store.create_for(challenge, &policy(), now, PushesFrom::Devices(now_enrolled.seen.as_deref())).await.expect("create") {
         CreateFor::Done(CreateOutcome::Created(_)) => {}
         other => panic!("expected Created for the devices as they are, got {other:?}"),
     }
@@ -534,4 +535,55 @@ async fn a_failed_read_after_an_announcement_is_tried_again() {
         .expect("open")
         .clone();
     assert_eq!(seen.deliveries, vec![delivery]);
+}
+
+/// A replica that does not remember the user's devices (the IdP's replica, on
+/// the user's first sign-in since it started) creates in one call: `create.lua`
+/// chooses the pushes from the devices as they stand, and the replica remembers
+/// them for the next sign-in, which is one call too. Its watchers meet the
+/// challenge as written, deliveries and all.
+#[tokio::test]
+async fn a_first_sign_in_on_a_replica_is_one_call() {
+    let server = RedisServer::start().await;
+    let clock = ManualClock::starting_now();
+    let (enrolling, idp) = (store_on(vec![server.url()], clock.clone()).await, store_on(vec![server.url()], clock.clone()).await);
+    let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+    let now = clock.now();
+    let device = enrolled_device(&enrolling, &tenant, &user, now).await;
+    assert_eq!(idp.challenge_devices(&tenant, &user), None, "never read here");
+    let mut admin = raw(&server.url()).await;
+    let room = PushRoom([10; 3]);
+
+    let before = evalsha_calls(&mut admin).await;
+    let challenge = sample_challenge(&tenant, &user, now, None);
+    let (created, from) = match idp.create_for(challenge, &policy(), now, PushesFrom::Store(room)).await.expect("create") {
+        CreateFor::Chose(created, from) => (created, from),
+        other => panic!("expected the script to choose, got {other:?}"),
+    };
+    assert_eq!(evalsha_calls(&mut admin).await - before, 1, "one script call, no read before it");
+    assert_eq!(created.deliveries.iter().map(|d| &d.device_id).collect::<Vec<_>>(), [&device.id]);
+    assert_eq!(from.devices, vec![device.clone()]);
+    let watch = idp.watch_challenge(&tenant, &created.id, now).await.expect("watch").expect("found");
+    assert_eq!(*watch.borrow(), created, "the watchers start from the challenge as written");
+
+    // Remembered: the next sign-in's pushes are chosen here, and checked there.
+    let remembered = idp.challenge_devices(&tenant, &user).expect("remembered");
+    assert_eq!(remembered, from);
+    let before = evalsha_calls(&mut admin).await;
+    let next = sample_challenge(&tenant, &user, now, None);
+    let pushes = PushesFrom::Devices(remembered.seen.as_deref());
+    assert!(matches!(
+        idp.create_for(next, &policy(), now, pushes).await.expect("create"),
+        CreateFor::Done(CreateOutcome::Created(_))
+    ));
+    assert_eq!(evalsha_calls(&mut admin).await - before, 1);
+}
+
+async fn evalsha_calls(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await.expect("info");
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count"))
 }

@@ -18,9 +18,7 @@ use super::watch::WatchRegistry;
 use crate::domain::challenge::{Challenge, ChallengeState, Delivery, Resolution};
 use crate::domain::ids::{ChallengeId, DeviceId, TenantId, UserId};
 use crate::domain::time::Millis;
-use crate::store::{
-    AdmissionPolicy, Answered, ChallengeWatch, CreateFor, CreateOutcome, DeviceAnswer, Refusal, ResolveOutcome, StoreError,
-};
+use crate::store::{Answered, ChallengeWatch, DeviceAnswer, ResolveOutcome, StoreError};
 
 /// How a resolution is decided from the challenge as read.
 type Decide<'a> = dyn Fn(&Challenge) -> Resolution + Send + Sync + 'a;
@@ -30,7 +28,7 @@ pub(super) struct ChallengeRecord {
     tag: String,
     version: u64,
     purge_at: Millis,
-    challenge: Challenge,
+    pub(super) challenge: Challenge,
 }
 
 /// What a compare-and-set of a challenge came to.
@@ -235,97 +233,6 @@ impl Reader {
 
 /// The challenge half of [`crate::store::Store`] (the trait impl in `mod.rs` calls these).
 impl RedisStore {
-    /// `seen`: the fingerprint of the user's devices the challenge's pushes were
-    /// chosen from (`user_devices.lua`), checked in the script; `None` skips it.
-    pub(super) async fn create_for(
-        &self,
-        challenge: Challenge,
-        policy: &AdmissionPolicy,
-        now: Millis,
-        seen: Option<&str>,
-    ) -> Result<CreateFor, StoreError> {
-        let tag = user_tag(&challenge.tenant, &challenge.user_id);
-        let keys = Keys(&tag);
-        let (settled_purge_at, purge_at) = policy.purge_times(challenge.expires_at);
-        let key_ttl = ttl_ms(now, purge_at.plus(TTL_MARGIN));
-        let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
-        let request_key = keys.request(challenge.request_id.as_deref().unwrap_or(""));
-        let index = challenge_index(&challenge.id);
-        // On a cluster the index is another slot's key: set before the record (so a
-        // record never lacks it) and removed again on a refusal. On one Redis the
-        // script sets it with the record: one call.
-        let cluster = self.connection.is_cluster();
-        if cluster {
-            let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
-        }
-        let mut invocation = self.scripts.create.prepare_invoke();
-        invocation
-            .key(keys.challenge(challenge.id.as_str()))
-            .key(keys.pending())
-            .key(keys.created())
-            .key(request_key)
-            .key(keys.block())
-            .arg(encode(&challenge)?)
-            .arg(challenge.id.as_str())
-            .arg(now.0)
-            .arg(challenge.expires_at.0)
-            .arg(key_ttl)
-            .arg(policy.max_pending)
-            .arg(policy.max_per_window)
-            .arg(window.max(1))
-            .arg(if challenge.request_id.is_some() { "1" } else { "0" })
-            .arg(keys.challenge_prefix())
-            .arg(purge_at.0)
-            .arg(&tag)
-            .arg(settled_purge_at.0)
-            .arg(seen.unwrap_or(""))
-            .arg(keys.device_prefix())
-            .key(keys.devices());
-        if !cluster {
-            invocation.key(&index);
-        }
-        // Noted as version 1 (`create.lua`) before the script: a change another
-        // replica makes the moment the record exists (a block's cancel) is announced
-        // to an entry already here. Forgotten unless the script creates it.
-        self.watchers.created(1, &challenge);
-        let interest = super::watch::Interest::new(&self.watchers, &challenge.id);
-        let outcome: Vec<String> = self.connection.invoke(&invocation).await?;
-        let refused = |refusal| CreateOutcome::Refused(refusal);
-        let result = match outcome.first().map(String::as_str) {
-            Some("created") => {
-                self.tags.put(&challenge.id, Arc::from(tag.as_str()));
-                interest.keep();
-                return Ok(CreateFor::Done(CreateOutcome::Created(challenge)));
-            }
-            Some("devices_changed") => {
-                let devices = self.remember_devices(&tag, &challenge.tenant, &challenge.user_id, &outcome[1..])?;
-                if cluster {
-                    let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
-                }
-                return Ok(CreateFor::DevicesChanged(devices));
-            }
-            Some("existing") => {
-                let existing = outcome.get(1).map(|id| ChallengeId::parse(id)).transpose().map_err(corrupt)?;
-                let reader = self.reader();
-                match existing {
-                    Some(id) => match reader.current(&challenge.tenant, &id, now).await? {
-                        Some(record) => CreateOutcome::Existing(record.challenge),
-                        None => return Err(corrupt("idempotency key without its challenge")),
-                    },
-                    None => return Err(corrupt("idempotency answer without an id")),
-                }
-            }
-            Some("blocked") => refused(Refusal::Blocked(decode(outcome.get(1).map_or("", String::as_str))?)),
-            Some("too_many_pending") => refused(Refusal::TooManyPending { limit: policy.max_pending }),
-            Some("rate_limited") => refused(Refusal::RateLimited { limit: policy.max_per_window, window: policy.window }),
-            other => return Err(corrupt(format!("unexpected create answer {other:?}"))),
-        };
-        if cluster {
-            let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
-        }
-        Ok(CreateFor::Done(result))
-    }
-
     pub(super) async fn get_challenge(
         &self,
         tenant: &TenantId,

@@ -38,7 +38,15 @@
 //! replica's memory can make a create cost a second call, never push to the wrong
 //! phones; and since the fingerprint is taken from the records, not from a counter
 //! each writer must bump, a replica of an older version writing devices cannot
-//! leave it stale.
+//! leave it stale. A replica that does not remember them (the IdP's replica meets
+//! each user once after it starts) is one call as well: the broker passes the room
+//! its push queues have ([`crate::domain::challenge::PushRoom`]) and `create.lua`
+//! chooses the pushes from the records it reads (`choose_pushes`, the same choice
+//! as `PushRoom::choose`, held to it by the stores' shared conformance case),
+//! splices the deliveries into the challenge's JSON, and answers the records for
+//! the replica to remember. When no device can answer or the pushes do not fit, it
+//! writes nothing and answers the records, and the broker decides from them as
+//! above (the refusal names the reason).
 //!
 //! Every change to a challenge is announced, as its id and version and nothing
 //! else, on one of [`SHARDS`] channels (by challenge id), so each replica holds one
@@ -54,6 +62,7 @@
 //! | `scripts` | the Lua scripts (`scripts/*.lua`, each documents its KEYS and ARGV) |
 //! | `connection` | the connection: call deadline and the mapping to [`StoreError`] |
 //! | `link` | reaching Redis: one node, a cluster or Sentinel; TLS, ACL credentials, WAIT for replicas |
+//! | `create` | a new challenge: `create.lua`, with the pushes chosen here or in the script |
 //! | `challenges` | challenge reads and compare-and-sets, the challenge half of [`Store`] |
 //! | `records` | enrollments and devices, their caps and the public-key claims: the durable half |
 //! | `limits` | blocks, wrong numbers, VerifyTotp attempts and locks, used device proofs; the key count |
@@ -69,8 +78,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AdmissionPolicy, Answered, ChallengeDevices, ChallengeWatch, CompleteOutcome, CreateFor, CreateOutcome, DeviceAnswer,
-    EnrollmentLimits, InsertOutcome, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy,
-    UserBlock,
+    EnrollmentLimits, InsertOutcome, PushesFrom, ResolveOutcome, Store, StoreError, StrikePolicy, TenantPurge, TotpAttempt,
+    TotpPolicy, UserBlock,
 };
 use crate::domain::challenge::{Challenge, Delivery, Resolution};
 use crate::domain::device::{Device, ProofUse};
@@ -80,6 +89,7 @@ use crate::domain::time::{Clock, Millis};
 
 mod challenges;
 mod connection;
+mod create;
 mod keys;
 mod limits;
 mod link;
@@ -249,14 +259,16 @@ impl Store for RedisStore {
         policy: &AdmissionPolicy,
         now: Millis,
     ) -> Result<CreateOutcome, StoreError> {
-        match RedisStore::create_for(self, challenge, policy, now, None).await? {
+        match RedisStore::create_for(self, challenge, policy, now, PushesFrom::Devices(None)).await? {
             CreateFor::Done(outcome) => Ok(outcome),
-            CreateFor::DevicesChanged(_) => Err(connection::corrupt("a create without a device check answered devices_changed")),
+            CreateFor::Chose(..) | CreateFor::DevicesChanged(_) => {
+                Err(connection::corrupt("a create without a device check answered as one with it"))
+            }
         }
     }
 
-    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
-        RedisStore::challenge_devices(self, tenant, user).await
+    async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<Option<ChallengeDevices>, StoreError> {
+        Ok(RedisStore::challenge_devices(self, tenant, user))
     }
 
     async fn create_challenge_for(
@@ -264,9 +276,9 @@ impl Store for RedisStore {
         challenge: Challenge,
         policy: &AdmissionPolicy,
         now: Millis,
-        seen: Option<&str>,
+        pushes: PushesFrom<'_>,
     ) -> Result<CreateFor, StoreError> {
-        RedisStore::create_for(self, challenge, policy, now, seen).await
+        RedisStore::create_for(self, challenge, policy, now, pushes).await
     }
 
     async fn answering_device(&self, id: &DeviceId) -> Result<Option<Device>, StoreError> {

@@ -297,7 +297,7 @@ impl RedisStore {
     }
 
     /// The user's devices and their fingerprint, as Redis holds them now.
-    async fn read_user_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
+    pub(super) async fn read_user_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
         let tag = user_tag(tenant, user);
         let keys = Keys(&tag);
         let reply: Vec<String> =
@@ -329,16 +329,16 @@ impl RedisStore {
     }
 
     /// The user's devices for a new challenge: as this replica read them last, if
-    /// it did; `create.lua` checks their fingerprint in the same step as the insert.
-    pub(super) async fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Result<ChallengeDevices, StoreError> {
-        let tag = user_tag(tenant, user);
-        if let Some((seen, devices)) = self.user_devices.get(&tag)
-            // The tag is a digest of the tenant and user; a list is only ever theirs.
-            && devices.iter().all(|device| device.tenant == *tenant && device.user_id == *user)
-        {
-            return Ok(ChallengeDevices { devices: devices.as_ref().clone(), seen: Some(seen.to_string()) });
-        }
-        self.read_user_devices(tenant, user).await
+    /// it did (`create.lua` checks their fingerprint in the same step as the
+    /// insert); else `None`, and `create.lua` chooses the pushes from the devices
+    /// as it reads them: one call, not a read and then a create.
+    pub(super) fn challenge_devices(&self, tenant: &TenantId, user: &UserId) -> Option<ChallengeDevices> {
+        let (seen, devices) = self.user_devices.get(&user_tag(tenant, user))?;
+        // The tag is a digest of the tenant and user; a list is only ever theirs.
+        devices
+            .iter()
+            .all(|device| device.tenant == *tenant && device.user_id == *user)
+            .then(|| ChallengeDevices { devices: devices.as_ref().clone(), seen: Some(seen.to_string()) })
     }
 
     /// The device whose proof an answer carries: as this replica read it last, if

@@ -105,6 +105,17 @@ impl WatchRegistry {
         self.changed.notify_one();
     }
 
+    /// The challenge as `create.lua` wrote it, with the deliveries it chose, over
+    /// what [`WatchRegistry::created`] noted before it knew them (a later version
+    /// read meanwhile stays).
+    pub(super) fn chosen(&self, challenge: &Challenge) {
+        if let Some(entry) = self.lock().get_mut(&challenge.id)
+            && let Some((1, latest)) = &mut entry.latest
+        {
+            *latest = challenge.clone();
+        }
+    }
+
     /// The newest version of challenge `id` that this replica holds for its
     /// watchers, when it is `tenant`'s and still PENDING before its expiry at
     /// `now`: what a read would give, as every change since is announced here

@@ -27,16 +27,44 @@
 -- KEYS[7]  optional, on a single Redis only: the challenge's index pm:cidx:<id>,
 --          set to ARGV[12] (the user's tag) with the record, so creating is one
 --          call (on a cluster it is another slot: the caller sets it first)
--- Returns {'created'}, {'existing', <id>}, {'blocked', <UserBlock JSON>},
--- {'too_many_pending'}, {'rate_limited'} or, when the user's devices are not
--- the ones the pushes were chosen from, {'devices_changed', <fingerprint>,
--- <device records>...} and nothing is written.
+--
+-- With ARGV[14] = '*' the pushes are chosen here, from the user's devices as
+-- they stand (the replica did not remember them: one call instead of a read and
+-- a create). Then ARGV[1] is the challenge's JSON up to and including
+-- '"deliveries":[' and:
+-- ARGV[16] the rest of it, from the ']' that closes the deliveries
+-- ARGV[17], ARGV[18], ARGV[19]  how many more pushes the APNs, FCM and Web Push
+--          queues take now (PushRoom)
+-- ARGV[20], ARGV[21]  the tenant and the user id: a record that is not theirs
+--          is passed over, as the replica's read does
+--
+-- Returns {'created'} ({'created', <deliveries JSON>, <fingerprint>, <device
+-- records>...} when chosen here), {'existing', <id>}, {'blocked', <UserBlock
+-- JSON>}, {'too_many_pending'}, {'rate_limited'} or, when the user's devices are
+-- not the ones the pushes were chosen from (or, chosen here, none can answer or
+-- the pushes do not fit), {'devices_changed', <fingerprint>, <device
+-- records>...} and nothing is written.
 local now = tonumber(ARGV[3])
+local json = ARGV[1]
+local chosen
 -- The devices first: a create chosen from devices that are no longer the user's
 -- must end as one chosen from a fresh read would (the broker checks that some
 -- device can answer before anything else), not on a limit or a block it reached
 -- with the old list.
-if ARGV[14] ~= '' then
+if ARGV[14] == '*' then
+  local records, seen = user_devices(KEYS[6], ARGV[15])
+  local deliveries = choose_pushes(records, ARGV[20], ARGV[21],
+    {Apns = tonumber(ARGV[17]), Fcm = tonumber(ARGV[18]), WebPush = tonumber(ARGV[19])})
+  table.insert(records, 1, seen)
+  if not deliveries then
+    table.insert(records, 1, 'devices_changed')
+    return records
+  end
+  json = ARGV[1] .. deliveries .. ARGV[16]
+  table.insert(records, 1, '[' .. deliveries .. ']')
+  table.insert(records, 1, 'created')
+  chosen = records
+elseif ARGV[14] ~= '' then
   local records, seen = user_devices(KEYS[6], ARGV[15])
   if seen ~= ARGV[14] then
     table.insert(records, 1, seen)
@@ -77,7 +105,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[8]))
 if redis.call('ZCARD', KEYS[3]) >= tonumber(ARGV[7]) then
   return {'rate_limited'}
 end
-redis.call('HSET', KEYS[1], 'json', ARGV[1], 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11],
+redis.call('HSET', KEYS[1], 'json', json, 'v', 1, 'state', 'Pending', 'expires_at', ARGV[4], 'purge_at', ARGV[11],
   'purge_settled', ARGV[13])
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 redis.call('ZADD', KEYS[2], now, ARGV[2])
@@ -90,4 +118,4 @@ end
 if KEYS[7] then
   redis.call('SET', KEYS[7], ARGV[12], 'PX', ARGV[5])
 end
-return {'created'}
+return chosen or {'created'}

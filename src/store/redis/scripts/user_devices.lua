@@ -21,3 +21,46 @@ local function user_devices(set_key, prefix)
   table.sort(bare)
   return records, redis.sha1hex(table.concat(bare, '\n'))
 end
+
+-- The deliveries of a new challenge, chosen from the user's device `records`
+-- as PushRoom::choose does in Rust (a test holds the two to the same choice):
+-- one QUEUED for each device of `tenant` and `user` that takes pushes (a key,
+-- a platform, pushes enabled, a token), in the order of enrollment, then id.
+-- Returns them as JSON without the brackets, or nil when no device can answer
+-- or a platform's pushes are more than `room` (by platform) takes.
+local function choose_pushes(records, tenant, user, room)
+  local function present(value)
+    return value ~= nil and value ~= cjson.null
+  end
+  local answers, targets = false, {}
+  for _, record in ipairs(records) do
+    local device = cjson.decode(record)
+    if device.tenant == tenant and device.user_id == user and present(device.public_key)
+        and present(device.platform) then
+      answers = true
+      if device.push_enabled == true and device.push_token ~= '' then
+        targets[#targets + 1] = device
+      end
+    end
+  end
+  if not answers then
+    return nil
+  end
+  table.sort(targets, function(a, b)
+    if a.enrolled_at ~= b.enrolled_at then
+      return a.enrolled_at < b.enrolled_at
+    end
+    return a.id < b.id
+  end)
+  local deliveries = {}
+  for _, device in ipairs(targets) do
+    local left = room[device.platform]
+    if not left or left < 1 then
+      return nil
+    end
+    room[device.platform] = left - 1
+    deliveries[#deliveries + 1] = '{"device_id":' .. cjson.encode(device.id) .. ',"platform":'
+      .. cjson.encode(device.platform) .. ',"state":"Queued","attempts":0,"error":""}'
+  end
+  return table.concat(deliveries, ',')
+end
