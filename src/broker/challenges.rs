@@ -64,10 +64,12 @@ impl Broker {
         let mut devices = self.store.challenge_devices(tenant, &request.user_id).await?;
         let mut attempts = 0;
         let (created, targets) = loop {
-            attempts += 1;
             let now = self.clock.now();
             let (challenge, pushes, targets) = match &devices {
                 Some(devices) => {
+                    // Counted here only: the store's own choice, when it could
+                    // not make it, leaves the three tries whole.
+                    attempts += 1;
                     if !devices.devices.iter().any(Device::answers_challenges) {
                         return Err(DomainError::FailedPrecondition(
                             "user_id: the user has no enrolled device that can answer a challenge".into(),

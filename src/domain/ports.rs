@@ -319,9 +319,11 @@ pub trait Store: Send + Sync + 'static {
     /// [`Store::create_challenge`] for a challenge whose pushes were chosen from the
     /// devices of [`Store::challenge_devices`] (`seen`, their fingerprint): if the
     /// user's devices changed since, nothing is written and they are returned. With
-    /// [`PushesFrom::Store`], the store chooses them from the user's devices in the
-    /// same step ([`PushRoom::choose`]); when it cannot (no device answers, no room),
-    /// nothing is written and the devices are returned.
+    /// [`PushesFrom::Store`], the store chooses them from the user's devices
+    /// ([`PushRoom::choose`]; Redis in the insert's own step, this default from a
+    /// read just before it, as the default [`Store::challenge_devices`] does); when
+    /// it cannot (no device answers, no room), nothing is written and the devices
+    /// are returned.
     async fn create_challenge_for(
         &self,
         mut challenge: Challenge,

@@ -33,10 +33,11 @@ pub async fn a_create_chooses_its_pushes_from_the_devices_as_they_stand<S: Store
     let muted = Device { enrolled_at: at(3), ..sample_device(&tenant, &u, now) };
     let totp_only = Device { platform: None, public_key: None, enrolled_at: at(4), ..sample_device(&tenant, &u, now) };
     let tokenless = Device { push_token: String::new(), enrolled_at: at(5), ..sample_device(&tenant, &u, now) };
+    // Enrolled in the same millisecond as another: the two go by their ids.
     let pushed_web = Device {
         platform: Some(Platform::WebPush),
         push_token: "https://push.example/endpoint".into(),
-        enrolled_at: at(6),
+        enrolled_at: at(5),
         ..sample_device(&tenant, &u, now)
     };
     for device in [&pushed_fcm, &pushed_apns, &muted, &totp_only, &tokenless, &pushed_web] {
@@ -44,8 +45,9 @@ pub async fn a_create_chooses_its_pushes_from_the_devices_as_they_stand<S: Store
     }
     store.disable_push(&muted.id, &muted.push_token).await.expect("disable");
     let devices = store.list_devices(&tenant, &u).await.expect("list");
-    let expected: Vec<(DeviceId, Platform)> =
-        [&pushed_fcm, &pushed_apns, &pushed_web].iter().map(|d| (d.id.clone(), d.platform.expect("platform"))).collect();
+    let mut pushed = [&pushed_fcm, &pushed_apns, &pushed_web];
+    pushed.sort_by(|a, b| a.enrolled_at.cmp(&b.enrolled_at).then_with(|| a.id.as_str().cmp(b.id.as_str())));
+    let expected: Vec<(DeviceId, Platform)> = pushed.iter().map(|d| (d.id.clone(), d.platform.expect("platform"))).collect();
     let rust_choice = ROOM.choose(&devices).expect("a choice");
     assert_eq!(rust_choice.iter().map(|d| (d.device_id.clone(), d.platform)).collect::<Vec<_>>(), expected);
 

@@ -117,10 +117,10 @@ impl RedisStore {
                 return Ok(CreateFor::Chose(challenge, devices));
             }
             Some("devices_changed") => {
-                let devices = self.remember_devices(&tag, &challenge.tenant, &challenge.user_id, &outcome[1..])?;
                 if cluster {
                     let _: () = self.connection.query(redis::cmd("DEL").arg(&index)).await?;
                 }
+                let devices = self.remember_devices(&tag, &challenge.tenant, &challenge.user_id, &outcome[1..])?;
                 return Ok(CreateFor::DevicesChanged(devices));
             }
             Some("existing") => {
@@ -148,7 +148,46 @@ impl RedisStore {
 
 #[cfg(test)]
 mod tests {
+    use super::super::keys::{Keys, user_tag};
+    use super::super::testing::RedisServer;
+    use super::super::tests::store_on;
     use super::split_at_deliveries;
+    use crate::domain::challenge::PushRoom;
+    use crate::domain::ids::UserId;
+    use crate::domain::time::{Clock as _, ManualClock};
+    use crate::store::PushesFrom;
+    use crate::store::conformance::{Scope, enrolled_device, policy, sample_challenge};
+
+    /// A device of a platform this replica does not know (a newer replica wrote
+    /// it) stops the script's choice before anything is written: the replica,
+    /// which cannot read the record, fails the create instead of leaving a
+    /// challenge it never pushed.
+    #[tokio::test]
+    async fn a_device_of_an_unknown_platform_stops_the_choice_before_the_write() {
+        let url = RedisServer::shared().await;
+        let clock = ManualClock::starting_now();
+        let store = store_on(vec![url.to_owned()], clock.clone()).await;
+        let (tenant, user) = (Scope::unique().tenant("a"), UserId::parse("u").expect("user"));
+        let now = clock.now();
+        let device = enrolled_device(&store, &tenant, &user, now).await;
+        let key = Keys(&user_tag(&tenant, &user)).device(device.id.as_str());
+        let client = redis::Client::open(url).expect("url");
+        let mut raw = client.get_multiplexed_async_connection().await.expect("connect");
+        let record: String = redis::cmd("GET").arg(&key).query_async(&mut raw).await.expect("get");
+        // Not pushed (pushes off), but a device that answers: the choice writes
+        // for it unless the platform stops it.
+        let newer = record
+            .replace(r#""platform":"Fcm""#, r#""platform":"Pager""#)
+            .replace(r#""push_enabled":true"#, r#""push_enabled":false"#);
+        assert!(newer.contains("Pager") && newer.contains(r#""push_enabled":false"#), "{newer}");
+        let _: () = redis::cmd("SET").arg(&key).arg(&newer).query_async(&mut raw).await.expect("set");
+
+        let challenge = sample_challenge(&tenant, &user, now, None);
+        let id = challenge.id.clone();
+        let created = store.create_for(challenge, &policy(), now, PushesFrom::Store(PushRoom([10; 3]))).await;
+        assert!(created.is_err(), "{created:?}");
+        assert_eq!(store.get_challenge(&tenant, &id, now).await.expect("get"), None, "nothing was written");
+    }
 
     #[test]
     fn a_challenge_is_cut_where_its_deliveries_go() {

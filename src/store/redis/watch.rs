@@ -113,6 +113,9 @@ impl WatchRegistry {
             && let Some((1, latest)) = &mut entry.latest
         {
             *latest = challenge.clone();
+            if let Some(sender) = &entry.sender {
+                sender.send_replace(challenge.clone());
+            }
         }
     }
 

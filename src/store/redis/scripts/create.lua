@@ -19,9 +19,11 @@
 -- ARGV[9]  '1' when the challenge has a request_id (KEYS[4] applies), else '0'
 -- ARGV[10] the prefix of the user's challenge keys, pm:{tu}:ch:
 -- ARGV[11] purge_at (ms): readable until then
+-- ARGV[12] the user's tag, for the index (KEYS[7])
 -- ARGV[13] purge_at once APPROVED or FRAUD_REPORTED (ms; see challenge_cas.lua)
 -- ARGV[14] the fingerprint of the user's devices the pushes were chosen from
---          (user_devices.lua), or '' to skip the check
+--          (user_devices.lua), '' to skip the check, or '*' to choose the
+--          pushes here (below)
 -- ARGV[15] the prefix of the user's device keys, pm:{tu}:dev:
 -- KEYS[6]  the user's device ids (set)           pm:{tu}:devs
 -- KEYS[7]  optional, on a single Redis only: the challenge's index pm:cidx:<id>,

@@ -26,8 +26,10 @@ end
 -- as PushRoom::choose does in Rust (a test holds the two to the same choice):
 -- one QUEUED for each device of `tenant` and `user` that takes pushes (a key,
 -- a platform, pushes enabled, a token), in the order of enrollment, then id.
--- Returns them as JSON without the brackets, or nil when no device can answer
--- or a platform's pushes are more than `room` (by platform) takes.
+-- Returns them as JSON without the brackets, or nil when no device can answer,
+-- a platform's pushes are more than `room` (by platform) takes, or a device
+-- names a platform `room` does not (a newer replica's: the caller, which could
+-- not read that record, must fail before anything is written, not after).
 local function choose_pushes(records, tenant, user, room)
   local function present(value)
     return value ~= nil and value ~= cjson.null
@@ -37,6 +39,9 @@ local function choose_pushes(records, tenant, user, room)
     local device = cjson.decode(record)
     if device.tenant == tenant and device.user_id == user and present(device.public_key)
         and present(device.platform) then
+      if room[device.platform] == nil then
+        return nil
+      end
       answers = true
       if device.push_enabled == true and device.push_token ~= '' then
         targets[#targets + 1] = device
@@ -46,6 +51,8 @@ local function choose_pushes(records, tenant, user, room)
   if not answers then
     return nil
   end
+  -- Ids are 'dv_' and lowercase hex, so Lua's `<` (strcoll: Redis takes the
+  -- collation from its locale) orders them as Rust's byte order does.
   table.sort(targets, function(a, b)
     if a.enrolled_at ~= b.enrolled_at then
       return a.enrolled_at < b.enrolled_at
@@ -55,7 +62,7 @@ local function choose_pushes(records, tenant, user, room)
   local deliveries = {}
   for _, device in ipairs(targets) do
     local left = room[device.platform]
-    if not left or left < 1 then
+    if left < 1 then
       return nil
     end
     room[device.platform] = left - 1
