@@ -300,3 +300,50 @@ async fn a_phone_removed_on_one_replica_cannot_answer_on_the_other_that_remember
         .into_inner();
     assert_eq!(still.state(), pb::ChallengeState::Pending);
 }
+
+/// A replica that never met the user lets `create.lua` choose the pushes within
+/// the room its queue has. With the provider stalled and its queue full, a first
+/// create is shed naming the setting and writes nothing, as a create from devices
+/// read first would be; a user without a device that can answer is refused
+/// naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_create_on_a_replica_is_refused_as_one_from_devices_read_first() {
+    let redis = RedisServer::start().await;
+    let clock = ManualClock::starting_now();
+    let server = TestServer::start_on(Arc::new(tempfile::tempdir().expect("dir")), clock.clone(), |config| {
+        on_redis(redis.url())(config);
+        config.push.queue_capacity = 2;
+        config.push.max_in_flight = 1;
+        config.push.queue_share_per_tenant = 1.0;
+    })
+    .await;
+    // The phones enroll on another replica: this one never read their users' devices.
+    let enrolling = TestServer::start_on(Arc::new(tempfile::tempdir().expect("dir")), clock, on_redis(redis.url())).await;
+    let refused = server
+        .challenges(KEY_A)
+        .create_challenge(pb::CreateChallengeRequest { user_id: "nobody".into(), ..Default::default() })
+        .await
+        .expect_err("no device");
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+    assert!(refused.message().starts_with("user_id:"), "{}", refused.message());
+
+    server.fcm.hold();
+    let mut shed = None;
+    for i in 0..8 {
+        let user = format!("user-{i}");
+        let mut phone = enrolling.enrolled_phone(&user, PhoneKey::ed25519(), pb::Platform::Fcm).await;
+        let request = pb::CreateChallengeRequest { user_id: user.clone(), ..Default::default() };
+        match server.challenges(KEY_A).create_challenge(request).await {
+            Ok(created) => assert_eq!(created.into_inner().deliveries.len(), 1, "pushed to the phone"),
+            Err(status) => {
+                shed = Some((status, phone.pending().await.expect("pending")));
+                break;
+            }
+        }
+    }
+    let (status, pending) = shed.expect("the held provider's queue fills within eight creates");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains("push.queue_capacity"), "{status:?}");
+    assert!(pending.is_empty(), "nothing was written for the shed create: {pending:?}");
+    server.fcm.release();
+}
