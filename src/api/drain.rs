@@ -12,8 +12,8 @@
 //!    challenge once more and sends the final state when there is one, else ends
 //!    with UNAVAILABLE (the IdP watches again elsewhere). So a watcher whose
 //!    challenge an in-flight answer resolved is told before the process exits.
-//! 4. When the last watch stream has ended and no call (but health) has arrived
-//!    for [`QUIET`], [`Drain::finish`] returns, and only then does the HTTP/2
+//! 4. When the last watch stream has ended and neither it nor any call (but
+//!    health) has come for [`QUIET`], [`Drain::finish`] returns, and only then does the HTTP/2
 //!    server send GOAWAY and close its connections. A client that was just told a
 //!    final state sends its next call at once: it reads the refusal instead of
 //!    racing the close. Sending GOAWAY at step 1 raced those calls: one handed to
@@ -92,6 +92,11 @@ impl Drain {
         let calls_done = tokio::time::timeout_at(deadline, self.admitted.write()).await.is_ok();
         self.watches.cancel();
         let streams_done = tokio::time::timeout_at(deadline, self.streams.write()).await.is_ok();
+        // The last stream just ended (or the last admitted call returned): its
+        // client, told a final state, calls again at once. The quiet counts from
+        // here too, so that call reads the refusal instead of racing the close (on
+        // one worker thread, under load, the close won: CI saw "connection lost").
+        self.saw_call();
         // Step 4's quiet: wait until QUIET has passed since the last call arrived.
         loop {
             let quiet_at = self.epoch + Duration::from_millis(self.last_call_ms.load(Ordering::Relaxed)) + QUIET;
@@ -274,6 +279,26 @@ mod tests {
         assert!(drain.finish(Duration::from_secs(10)).await);
         assert!(called.elapsed() >= QUIET, "closed {:?} after the last call", called.elapsed());
         assert!(called.elapsed() < QUIET * 2, "then at once: {:?}", called.elapsed());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_connections_stay_open_for_the_quiet_period_after_the_last_stream_ends() {
+        let drain = Drain::default();
+        let stream = drain.open_stream().await;
+        drain.start();
+        let finishing = tokio::spawn({
+            let drain = drain.clone();
+            async move { drain.finish(Duration::from_secs(10)).await }
+        });
+        tokio::time::timeout(Duration::from_secs(10), drain.watches_closing().cancelled()).await.expect("watches told");
+        // The stream sends its final state a while after the last refused call...
+        tokio::time::advance(QUIET * 4).await;
+        drop(stream);
+        let ended = Instant::now();
+        // ...and its client's next call, sent at once, must still find the
+        // connection open: the quiet counts from the stream's end.
+        assert!(finishing.await.expect("joins"), "finished within the grace");
+        assert!(ended.elapsed() >= QUIET, "closed {:?} after the last stream ended", ended.elapsed());
     }
 
     #[tokio::test]
