@@ -136,6 +136,11 @@ impl BrokerProcess {
         assert!(status.success(), "kill -HUP");
     }
 
+    /// The log's warnings and errors so far (for a failed assertion's message).
+    pub fn warnings(&self) -> Vec<serde_json::Value> {
+        self.logs.borrow().iter().filter(|e| e["level"] == "WARN" || e["level"] == "ERROR").cloned().collect()
+    }
+
     /// How many log lines with `message` there are so far.
     pub fn count_logs(&self, message: &str) -> usize {
         self.logs.borrow().iter().filter(|e| e["message"] == message).count()
