@@ -45,13 +45,7 @@ impl RedisStore {
         let window = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
         let request_key = keys.request(challenge.request_id.as_deref().unwrap_or(""));
         let index = challenge_index(&challenge.id);
-        // On a cluster the index is another slot's key: set before the record (so a
-        // record never lacks it) and removed again on a refusal. On one Redis the
-        // script sets it with the record: one call.
-        let cluster = self.connection.is_cluster();
-        if cluster {
-            let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
-        }
+        // Before anything is written (the cluster's index below).
         let json = encode(&challenge)?;
         let (json, seen, rest) = match pushes {
             PushesFrom::Devices(seen) => (json.as_str(), seen.unwrap_or(""), ""),
@@ -60,6 +54,13 @@ impl RedisStore {
                 None => return Err(corrupt("a new challenge's JSON without its one empty deliveries list")),
             },
         };
+        // On a cluster the index is another slot's key: set before the record (so a
+        // record never lacks it) and removed again on a refusal. On one Redis the
+        // script sets it with the record: one call.
+        let cluster = self.connection.is_cluster();
+        if cluster {
+            let _: () = self.connection.query(redis::cmd("SET").arg(&index).arg(&tag).arg("PX").arg(key_ttl)).await?;
+        }
         let mut invocation = self.scripts.create.prepare_invoke();
         invocation
             .key(keys.challenge(challenge.id.as_str()))
@@ -104,12 +105,14 @@ impl RedisStore {
         let result = match outcome.first().map(String::as_str) {
             Some("created") => {
                 self.tags.put(&challenge.id, Arc::from(tag.as_str()));
-                let Some((deliveries, devices)) = outcome.get(1..).and_then(<[String]>::split_first) else {
+                if let PushesFrom::Devices(_) = pushes {
                     interest.keep();
                     return Ok(CreateFor::Done(CreateOutcome::Created(challenge)));
-                };
+                }
                 // Chosen by the script: the challenge as it wrote it, and the
                 // devices it chose from, remembered for the user's next sign-in.
+                let (deliveries, devices) =
+                    outcome[1..].split_first().ok_or_else(|| corrupt("a chosen create without its deliveries"))?;
                 challenge.deliveries = decode(deliveries)?;
                 self.watchers.chosen(&challenge);
                 interest.keep();
