@@ -68,14 +68,26 @@ async fn counters_move_through_a_sign_in() {
     let challenge = server.create_challenge("jan").await;
     let mut watch = server.watch(&challenge.challenge_id).await;
     let during = scrape(metrics).await;
-    assert!(
-        sample(&during, "pushmatch_watch_streams_open", &[]) >= 1.0,
-        "an open watch shows: {}",
-        sample(&during, "pushmatch_watch_streams_open", &[])
-    );
+    // No other test in this binary opens a challenge watch, so the gauge is exact.
+    let open_watches = |text: &str| sample(text, "pushmatch_watch_streams_open", &[]);
+    assert_eq!(open_watches(&during), 1.0, "an open watch shows");
     let answer = phone.respond(&challenge.challenge_id, pb::Decision::Approve, &challenge.number).await.expect("respond");
     assert!(answer.accepted);
     follow_to_final(&mut watch).await;
+    assert_eq!(open_watches(&scrape(metrics).await), 0.0, "a watch that ended leaves the gauge");
+    // CreateAndWatchChallenge's stream is a watch stream as well.
+    let mut created_and_watched = server
+        .challenges(KEY_A)
+        .create_and_watch_challenge(pb::CreateChallengeRequest { user_id: "jan".into(), ..Default::default() })
+        .await
+        .expect("create and watch")
+        .into_inner();
+    let created = created_and_watched.message().await.expect("first message").expect("the challenge");
+    assert_eq!(open_watches(&scrape(metrics).await), 1.0, "an open CreateAndWatchChallenge stream shows");
+    let answer = phone.respond(&created.challenge_id, pb::Decision::Approve, &created.number).await.expect("respond");
+    assert!(answer.accepted);
+    follow_to_final(&mut created_and_watched).await;
+    assert_eq!(open_watches(&scrape(metrics).await), 0.0, "and leaves when it ends");
     let refused = server
         .challenges(KEY_A)
         .create_challenge(pb::CreateChallengeRequest { user_id: "nobody".into(), ..Default::default() })

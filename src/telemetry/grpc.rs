@@ -38,6 +38,7 @@ struct Method {
 
 const UNKNOWN: Method = Method { service: "unknown", method: "unknown", kind: "unknown" };
 const WATCH_PATH: &str = "/pushmatch.v1.ChallengeService/WatchChallenge";
+const CREATE_AND_WATCH_PATH: &str = "/pushmatch.v1.ChallengeService/CreateAndWatchChallenge";
 
 /// Every RPC this server serves, by path, from the descriptor sets of the protos.
 /// Built once per process; its strings live as long as the process.
@@ -160,7 +161,9 @@ where
             rpc.grpc.status_code = tracing::field::Empty,
         );
         super::set_remote_parent(&span, request.headers());
-        let tracker = CallTracker::start(method, path == WATCH_PATH, span.clone());
+        // Both calls hold a watch stream open until the challenge's final state.
+        let watch_stream = path == WATCH_PATH || path == CREATE_AND_WATCH_PATH;
+        let tracker = CallTracker::start(method, watch_stream, span.clone());
         let inner = {
             let _entered = span.enter();
             self.inner.call(request)

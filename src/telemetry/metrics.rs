@@ -54,7 +54,7 @@ pub mod names {
     /// in the file for the embedded store, keys for Redis), sampled at each scrape.
     /// What memory grows with; the burst bench's `--soak` reads it each minute.
     pub const STORE_RECORDS: &str = "pushmatch_store_records";
-    /// Gauge: open WatchChallenge streams on this replica.
+    /// Gauge: open WatchChallenge and CreateAndWatchChallenge streams on this replica.
     pub const WATCH_STREAMS_OPEN: &str = "pushmatch_watch_streams_open";
     /// Gauge {provider}: push jobs waiting in that provider's queue, sampled at each scrape.
     pub const PUSH_QUEUE_DEPTH: &str = "pushmatch_push_queue_depth";
@@ -196,7 +196,7 @@ const DESCRIPTIONS: &[(&str, Kind, &str)] = &[
     (names::CHALLENGES_RESOLVED, Kind::Counter, "challenges that reached a final state, by tenant and outcome"),
     (names::CHALLENGES_LIVE, Kind::Gauge, "PENDING challenges in the store"),
     (names::STORE_RECORDS, Kind::Gauge, "records the store holds, sampled at each scrape"),
-    (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge streams on this replica"),
+    (names::WATCH_STREAMS_OPEN, Kind::Gauge, "open WatchChallenge and CreateAndWatchChallenge streams on this replica"),
     (names::PUSH_QUEUE_DEPTH, Kind::Gauge, "push jobs waiting in each provider's queue"),
     (names::PUSH_QUEUE_CAPACITY, Kind::Gauge, "capacity of each provider's push queue"),
     (names::STORE_OPERATION_SECONDS, Kind::Seconds, "store call latency"),
