@@ -101,3 +101,61 @@ async fn touching_devices_for_hours_does_not_grow_the_file() {
     assert!(touched.is_some());
     assert_eq!(last.last_used_at, touched, "the touches reached the file");
 }
+
+/// A touch flush writes the device's last use to `DEVICE_LAST_USED`, not its whole
+/// record again; loading takes the later of the two, and a removed device leaves no
+/// row behind, whether it was removed before or after its touch was flushed.
+#[tokio::test]
+async fn a_touch_writes_the_last_use_alone_and_a_removal_takes_it_away() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let clock = ManualClock::starting_now();
+    let tenant = TenantId("t".into());
+    let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
+    let mut devices = Vec::new();
+    let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
+    for n in 0..3 {
+        let user = UserId::parse(&format!("user{n}")).expect("user");
+        let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
+        let code = enrollment.code_digest.clone().expect("push enrollment");
+        store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert");
+        let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
+        store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete");
+        devices.push(device.id);
+    }
+    let [kept, removed_after, removed_before] = [&devices[0], &devices[1], &devices[2]];
+    clock.advance(Duration::from_secs(60));
+    let used_at = clock.now();
+    for id in &devices {
+        store.touch_device(id, used_at).await.expect("touch");
+    }
+    store.shared.write_touches().await.expect("flush");
+    assert!(store.remove_device(&tenant, removed_after).await.expect("remove"));
+    clock.advance(Duration::from_secs(60));
+    store.touch_device(removed_before, clock.now()).await.expect("touch");
+    assert!(store.remove_device(&tenant, removed_before).await.expect("remove"));
+    store.shared.write_touches().await.expect("flush");
+    drop(store);
+
+    let db = redb::Database::open(dir.path().join("pushmatch.redb")).expect("open the file");
+    let txn = db.begin_read().expect("read");
+    let record: Device =
+        decode(txn.open_table(DEVICES).expect("devices").get(kept.to_string().as_str()).expect("get").expect("row").value())
+            .expect("decode");
+    assert_eq!(record.last_used_at, None, "the flush left the device's record as it was enrolled");
+    let last_used = txn.open_table(DEVICE_LAST_USED).expect("last used");
+    let rows: Vec<(String, i64)> = last_used
+        .iter()
+        .expect("iter")
+        .map(|row| {
+            let (id, at) = row.expect("row");
+            (id.value().to_owned(), at.value())
+        })
+        .collect();
+    assert_eq!(rows, vec![(kept.to_string(), used_at.0)], "one row, of the device still enrolled");
+    drop((last_used, txn, db));
+
+    let reopened = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("reopen");
+    assert_eq!(reopened.get_device(kept).await.expect("get").expect("device").last_used_at, Some(used_at));
+    assert_eq!(reopened.get_device(removed_after).await.expect("get"), None);
+    assert_eq!(reopened.get_device(removed_before).await.expect("get"), None);
+}
