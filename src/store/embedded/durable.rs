@@ -1,17 +1,16 @@
 //! The durable half of the embedded store: devices, enrollments and user blocks in
 //! redb tables, mirrored in memory ([`DurableMirror`]). Every change is a
 //! [`DurableWrite`], committed to the file before the mirror shows it; a device's
-//! `last_used_at` alone reaches the file later, in batches (`flush_touches`), into
+//! `last_used_at` alone reaches the file later, in batches (`touches.rs`), into
 //! a table of its own (`DEVICE_LAST_USED`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
-use tokio_util::sync::CancellationToken;
 
 use super::writer::EnrollmentOp;
 use super::{BACKEND, Shared, UserKey, io_error};
@@ -391,57 +390,6 @@ fn user_key(key: &str) -> Result<UserKey, StoreError> {
     };
     let user = UserId::parse(user).map_err(|e| StoreError::corrupt(BACKEND, e))?;
     Ok((TenantId(tenant.to_owned()), user))
-}
-
-/// Writes batched `last_used_at` changes every few seconds, one transaction each
-/// time (see [`Shared::write_touches`]).
-pub(super) async fn flush_touches(shared: Weak<Shared>, closing: CancellationToken) {
-    const EVERY: std::time::Duration = std::time::Duration::from_secs(2);
-    loop {
-        tokio::select! {
-            () = closing.cancelled() => return,
-            () = tokio::time::sleep(EVERY) => {}
-        }
-        let Some(shared) = shared.upgrade() else { return };
-        if let Err(error) = shared.write_touches().await {
-            tracing::warn!(%error, "could not write devices' last use; retrying");
-        }
-    }
-}
-
-impl Shared {
-    /// Writes the devices touched since the last call in one durable commit; on an
-    /// error they stay marked for the next call.
-    ///
-    /// Durable, not `Durability::None`, although a lost `last_used_at` would be
-    /// harmless: redb frees the pages a commit replaces only at a durable commit,
-    /// so when touches were the only writes (a steady stream of sign-ins, nobody
-    /// enrolling) the file, and the allocator state redb keeps in memory for it,
-    /// grew with every flush for as long as the broker ran (issue 19's soak). One
-    /// fsync every two seconds is the price.
-    pub(super) async fn write_touches(&self) -> Result<(), StoreError> {
-        let touched: Vec<DeviceId> = self.touched.lock().drain().collect();
-        if touched.is_empty() {
-            return Ok(());
-        }
-        let _gate = self.write_gate.lock().await;
-        // Removals hold `write_gate` too: a device removed since its touch is
-        // left out here, and none goes between this read and the commit.
-        let writes: Vec<DurableWrite> = {
-            let mirror = self.durable();
-            touched
-                .iter()
-                .filter_map(|id| {
-                    mirror.device(id).and_then(|device| device.last_used_at).map(|at| DurableWrite::DeviceUsed(id.clone(), at))
-                })
-                .collect()
-        };
-        let written = self.commit(writes, Durability::Immediate).await;
-        if written.is_err() {
-            self.touched.lock().extend(touched);
-        }
-        written
-    }
 }
 
 /// The `Store` operations on devices, enrollments and blocks.

@@ -49,6 +49,7 @@ mod finished;
 mod limits;
 mod live;
 mod purge;
+mod touches;
 mod writer;
 
 use std::path::Path;
@@ -60,8 +61,9 @@ use redb::Database;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use self::durable::{DurableMirror, flush_touches, load_mirror};
+use self::durable::{DurableMirror, load_mirror};
 use self::live::ChallengeTable;
+use self::touches::flush_touches;
 use super::{
     AdmissionPolicy, ChallengeWatch, CompleteOutcome, CreateOutcome, EnrollmentLimits, InsertOutcome, ResolveOutcome, Store,
     StoreError, StrikePolicy, TenantPurge, TotpAttempt, TotpPolicy, UserBlock,
