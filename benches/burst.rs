@@ -126,6 +126,10 @@ struct Args {
     /// CreateChallenge followed by WatchChallenge.
     #[arg(long = "create-and-watch")]
     create_and_watch: bool,
+    /// The IdP's watch asks for the final state only (`final_state_only`): no
+    /// delivery updates on its stream.
+    #[arg(long = "final-state-only")]
+    final_state_only: bool,
     /// Fire N CreateChallenge calls within one second instead of the burst.
     #[arg(long, value_name = "N")]
     herd: Option<usize>,
@@ -907,6 +911,8 @@ struct World {
     human_delay: Duration,
     /// `--create-and-watch`.
     create_and_watch: bool,
+    /// `--final-state-only`.
+    final_state_only: bool,
     start: Instant,
 }
 
@@ -1013,8 +1019,10 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         // sign-in 1,000,000 on moved every record into jemalloc's next size class,
         // a step of 9 MB in the soak's minutes 42 to 48 (BENCHMARKS.md, issue 19).
         request_id: format!("signin-{i:010}"),
+        final_state_only: false,
     };
     let (challenge, mut watch, create_latency) = if world.create_and_watch {
+        let request = pb::CreateChallengeRequest { final_state_only: world.final_state_only, ..request };
         let mut stream = match challenges.create_and_watch_challenge(request).await {
             Ok(response) => response.into_inner(),
             Err(status) => return world.recorder.error("create", &status),
@@ -1035,11 +1043,16 @@ async fn sign_in(world: Arc<World>, i: usize, scheduled: Instant) {
         };
         world.recorder.messages(2);
         let create_latency = scheduled.elapsed();
-        let watch =
-            match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() }).await {
-                Ok(response) => response.into_inner(),
-                Err(status) => return world.recorder.error("watch", &status),
-            };
+        let watch = match challenges
+            .watch_challenge(pb::WatchChallengeRequest {
+                challenge_id: challenge.challenge_id.clone(),
+                final_state_only: world.final_state_only,
+            })
+            .await
+        {
+            Ok(response) => response.into_inner(),
+            Err(status) => return world.recorder.error("watch", &status),
+        };
         world.recorder.messages(1);
         (challenge, watch, create_latency)
     };
@@ -1166,6 +1179,7 @@ async fn main() {
         recorder: Recorder::new(),
         human_delay: args.human_delay,
         create_and_watch: args.create_and_watch,
+        final_state_only: args.final_state_only,
         start: Instant::now(),
     });
 
@@ -1235,6 +1249,7 @@ async fn main() {
     json.insert("rate".into(), args.rate.into());
     json.insert("webpush_share".into(), args.webpush_share.into());
     json.insert("create_and_watch".into(), args.create_and_watch.into());
+    json.insert("final_state_only".into(), args.final_state_only.into());
     let summary = serde_json::Value::Object(json);
     let failed = args.quick
         && (summary["lost"].as_u64() != Some(0)

@@ -257,7 +257,7 @@ async fn sign_in(
         .into_inner();
     println!("4. Jan signs in to Citrix Workspace. The sign-in page shows:   [ {} ]", challenge.number);
     let mut watch = challenges
-        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone(), ..Default::default() })
         .await
         .map_err(call_failed(step))?
         .into_inner();

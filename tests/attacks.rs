@@ -315,7 +315,7 @@ async fn one_tenants_herd_is_shed_while_another_tenants_sign_ins_go_through() {
     let request = pb::CreateChallengeRequest { user_id: "piet".into(), ..Default::default() };
     let challenge = challenges.create_challenge(request).await.expect("tenant b is not shed").into_inner();
     let mut watch = challenges
-        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone(), ..Default::default() })
         .await
         .expect("watch")
         .into_inner();

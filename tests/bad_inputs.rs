@@ -128,7 +128,10 @@ async fn every_idp_call(
         (
             "WatchChallenge",
             challenges
-                .watch_challenge(with_auth(pb::WatchChallengeRequest { challenge_id: challenge_id.into() }, auth))
+                .watch_challenge(with_auth(
+                    pb::WatchChallengeRequest { challenge_id: challenge_id.into(), ..Default::default() },
+                    auth,
+                ))
                 .await
                 .map(drop),
         ),
@@ -277,7 +280,7 @@ async fn another_tenants_ids_are_not_found() {
     let mut foreign_enrollments = server.enrollments(KEY_B);
     assert_code(foreign_challenges.get_challenge(pb::GetChallengeRequest { challenge_id: id.clone() }).await, Code::NotFound, "");
     assert_code(
-        foreign_challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id.clone() }).await,
+        foreign_challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id.clone(), ..Default::default() }).await,
         Code::NotFound,
         "",
     );
@@ -313,7 +316,7 @@ async fn another_tenants_ids_are_not_found() {
     let mut enrollments = server.enrollments(KEY_A);
     assert_code(challenges.get_challenge(pb::GetChallengeRequest { challenge_id: unknown_id("ch_") }).await, Code::NotFound, "");
     assert_code(
-        challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: unknown_id("ch_") }).await,
+        challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: unknown_id("ch_"), ..Default::default() }).await,
         Code::NotFound,
         "",
     );
@@ -805,6 +808,7 @@ async fn create_challenge_fields_are_checked_by_name() {
             context: Some(at_the_limits.clone()),
             ttl_seconds: 300,
             request_id: "r".repeat(128),
+            final_state_only: false,
         })
         .await
         .expect("a request at every limit")
@@ -911,7 +915,8 @@ async fn malformed_challenge_ids_are_invalid_argument() {
         let described = format!("challenge_id {id:?}");
         let result = challenges.get_challenge(pb::GetChallengeRequest { challenge_id: id.clone() }).await;
         assert_code(result, Code::InvalidArgument, "challenge_id");
-        let result = challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id.clone() }).await;
+        let result =
+            challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id.clone(), ..Default::default() }).await;
         assert_code(result.map(drop), Code::InvalidArgument, "challenge_id");
         let result = challenges.cancel_challenge(pb::CancelChallengeRequest { challenge_id: id.clone() }).await;
         let status = result.expect_err(&described);

@@ -259,7 +259,7 @@ async fn the_command_line_phone_talks_tls_with_its_own_ca() {
         .expect("create challenge")
         .into_inner();
     let mut watch = challenges
-        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone(), ..Default::default() })
         .await
         .expect("watch")
         .into_inner();

@@ -609,3 +609,49 @@ async fn serve_refuses_unreadable_or_malformed_key_files_and_names_them() {
         assert!(!error.contains("bm90IGEga2V5"), "the key's contents stay out of the message");
     }
 }
+
+/// `final_state_only`, on CreateAndWatchChallenge and on WatchChallenge: the
+/// current state, then the final state alone. A push's result that lands between
+/// the two goes to the other watchers, not to these streams; CreateChallenge, which
+/// has no stream, refuses the field.
+#[tokio::test]
+async fn a_final_state_only_watch_leaves_out_the_delivery_updates() {
+    let providers = Providers::start().await;
+    let server = providers.server(|_| {}).await;
+    let mut phone = phone_with_token(&server, "jan", pb::Platform::Apns, APNS_TOKEN).await;
+    providers.apns.answer_with(Reply::ok().held());
+
+    let request = pb::CreateChallengeRequest { user_id: "jan".into(), final_state_only: true, ..Default::default() };
+    let mut created_and_watched =
+        server.challenges(KEY_A).create_and_watch_challenge(request.clone()).await.expect("create and watch").into_inner();
+    let first =
+        tokio::time::timeout(DEADLINE, created_and_watched.message()).await.expect("in time").expect("ok").expect("first");
+    assert_eq!(first.deliveries[0].state(), pb::DeliveryState::Queued, "APNs holds its answer");
+    let mut every = server.watch(&first.challenge_id).await;
+    let mut final_only = server
+        .challenges(KEY_A)
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: first.challenge_id.clone(), final_state_only: true })
+        .await
+        .expect("watch")
+        .into_inner();
+    for stream in [&mut every, &mut final_only] {
+        let current = tokio::time::timeout(DEADLINE, stream.message()).await.expect("in time").expect("ok").expect("current");
+        assert_eq!(current.deliveries[0].state(), pb::DeliveryState::Queued);
+    }
+
+    // The push's result lands while the challenge is pending: the plain watch says so.
+    providers.apns.release();
+    let sent = tokio::time::timeout(DEADLINE, every.message()).await.expect("in time").expect("ok").expect("update");
+    assert_eq!((sent.state(), sent.deliveries[0].state()), (pb::ChallengeState::Pending, pb::DeliveryState::Sent));
+
+    assert!(phone.respond(&first.challenge_id, pb::Decision::Approve, &first.number).await.expect("respond").accepted);
+    assert_eq!(follow_to_final(&mut every).await.last().expect("final").state(), pb::ChallengeState::Approved);
+    for stream in [&mut created_and_watched, &mut final_only] {
+        let rest = follow_to_final(stream).await;
+        assert_eq!(rest.len(), 1, "the final state alone: {rest:?}");
+        assert_eq!((rest[0].state(), rest[0].deliveries[0].state()), (pb::ChallengeState::Approved, pb::DeliveryState::Sent));
+    }
+
+    let refused = server.challenges(KEY_A).create_challenge(request).await;
+    assert_code(refused, Code::InvalidArgument, "final_state_only");
+}

@@ -50,7 +50,7 @@ async fn sign_in(server: &TestServer, key: &str, user: &str) -> pb::Challenge {
     // Watched with the tenant's own key: every delivery final means every push was answered.
     let mut stream = server
         .challenges(key)
-        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone(), ..Default::default() })
         .await
         .expect("watch")
         .into_inner();

@@ -167,7 +167,7 @@ async fn sign_in(idp_channel: &Channel, phone_channel: &Channel, user: &str) -> 
         .expect("create")
         .into_inner();
     let mut watch = idp
-        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() })
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone(), ..Default::default() })
         .await
         .expect("watch")
         .into_inner();

@@ -36,6 +36,11 @@ pub type ChallengeStream = Pin<Box<dyn Stream<Item = Result<pb::Challenge, Statu
 impl ChallengeService for ChallengeApi {
     async fn create_challenge(&self, request: Request<pb::CreateChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
         let tenant = tenant_of(&request)?;
+        if request.get_ref().final_state_only {
+            return Err(Status::invalid_argument(
+                "final_state_only: CreateChallenge has no stream; set it on CreateAndWatchChallenge or WatchChallenge",
+            ));
+        }
         let request = ChallengeRequest::try_from(request.into_inner())?;
         let challenge = self.broker.create_challenge(&tenant, request).await?;
         Ok(Response::new(challenge_to_pb(&challenge)))
@@ -53,10 +58,11 @@ impl ChallengeService for ChallengeApi {
     async fn watch_challenge(&self, request: Request<pb::WatchChallengeRequest>) -> Result<Response<ChallengeStream>, Status> {
         let tenant = tenant_of(&request)?;
         let id = ChallengeId::parse(&request.get_ref().challenge_id)?;
+        let updates = Updates::asked(request.get_ref().final_state_only);
         let watch = self.broker.watch_challenge(&tenant, &id).await?;
         let last_word = LastWord { broker: Arc::clone(&self.broker), tenant, id };
         let open = self.drain.open_stream().await;
-        Ok(Response::new(watch_stream(watch, &self.drain, open, last_word)))
+        Ok(Response::new(watch_stream(watch, updates, &self.drain, open, last_word)))
     }
 
     type CreateAndWatchChallengeStream = ChallengeStream;
@@ -70,12 +76,13 @@ impl ChallengeService for ChallengeApi {
         request: Request<pb::CreateChallengeRequest>,
     ) -> Result<Response<ChallengeStream>, Status> {
         let tenant = tenant_of(&request)?;
+        let updates = Updates::asked(request.get_ref().final_state_only);
         let request = ChallengeRequest::try_from(request.into_inner())?;
         let challenge = self.broker.create_challenge(&tenant, request).await?;
         let watch = self.broker.watch_challenge(&tenant, &challenge.id).await?;
         let last_word = LastWord { broker: Arc::clone(&self.broker), tenant, id: challenge.id };
         let open = self.drain.open_stream().await;
-        Ok(Response::new(watch_stream(watch, &self.drain, open, last_word)))
+        Ok(Response::new(watch_stream(watch, updates, &self.drain, open, last_word)))
     }
 
     async fn cancel_challenge(&self, request: Request<pb::CancelChallengeRequest>) -> Result<Response<pb::Challenge>, Status> {
@@ -94,6 +101,21 @@ impl ChallengeService for ChallengeApi {
             valid: verdict.valid,
             device_id: verdict.device_id.map(|id| id.to_string()).unwrap_or_default(),
         }))
+    }
+}
+
+/// What a watch stream sends after the current state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Updates {
+    /// Every change, delivery updates included.
+    Every,
+    /// The final state alone (`final_state_only`).
+    FinalOnly,
+}
+
+impl Updates {
+    fn asked(final_state_only: bool) -> Self {
+        if final_state_only { Self::FinalOnly } else { Self::Every }
     }
 }
 
@@ -122,12 +144,19 @@ impl LastWord {
     }
 }
 
-/// The current state at once, then every change; ends after the first final state.
-/// A slow reader may skip intermediate delivery updates (each message is the latest
-/// state), never the final one. When the server drains, the stream's last message
-/// is the final state if the challenge has one by then, else UNAVAILABLE; `open`
-/// lives as long as the stream, so the drain knows when it has ended.
-fn watch_stream(watch: ChallengeWatch, drain: &Drain, open: OpenStream, last_word: LastWord) -> ChallengeStream {
+/// The current state at once, then every change (or, with [`Updates::FinalOnly`],
+/// only the final state); ends after the first final state. A slow reader may skip
+/// intermediate delivery updates (each message is the latest state), never the
+/// final one. When the server drains, the stream's last message is the final state
+/// if the challenge has one by then, else UNAVAILABLE; `open` lives as long as the
+/// stream, so the drain knows when it has ended.
+fn watch_stream(
+    watch: ChallengeWatch,
+    updates: Updates,
+    drain: &Drain,
+    open: OpenStream,
+    last_word: LastWord,
+) -> ChallengeStream {
     let shutdown = drain.watches_closing();
     Box::pin(futures::stream::unfold(WatchState::First(watch), move |state| {
         let _open = &open;
@@ -143,17 +172,26 @@ fn watch_stream(watch: ChallengeWatch, drain: &Drain, open: OpenStream, last_wor
                 }
                 WatchState::Following(watch) => watch,
             };
-            tokio::select! {
-                // A change that is there already goes out before the drain's last word.
-                biased;
-                changed = watch.changed() => {
-                    // The challenge left the store (purged): its final state was sent already.
-                    changed.ok()?;
-                    let current = watch.borrow_and_update().clone();
-                    let next = if current.state.is_final() { WatchState::Done } else { WatchState::Following(watch) };
-                    Some((Ok(challenge_to_pb(&current)), next))
+            loop {
+                tokio::select! {
+                    // A change that is there already goes out before the drain's last word.
+                    biased;
+                    changed = watch.changed() => {
+                        // The challenge left the store (purged): its final state was sent already.
+                        changed.ok()?;
+                        let current = watch.borrow_and_update();
+                        if current.state.is_final() {
+                            let last = challenge_to_pb(&current);
+                            return Some((Ok(last), WatchState::Done));
+                        }
+                        if updates == Updates::Every {
+                            let update = challenge_to_pb(&current);
+                            drop(current);
+                            return Some((Ok(update), WatchState::Following(watch)));
+                        }
+                    }
+                    () = shutdown.cancelled() => return Some((last_word.say().await, WatchState::Done)),
                 }
-                () = shutdown.cancelled() => Some((last_word.say().await, WatchState::Done)),
             }
         }
     }))

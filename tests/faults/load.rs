@@ -150,7 +150,10 @@ pub async fn sign_in(worker: &Worker, api_key: &str, tally: &Mutex<Tally>, retry
             return false;
         }
     };
-    let watch = match idp.watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone() }).await {
+    let watch = match idp
+        .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge.challenge_id.clone(), ..Default::default() })
+        .await
+    {
         Ok(stream) => stream.into_inner(),
         Err(status) => {
             tally.lock().error(&status);

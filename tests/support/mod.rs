@@ -251,7 +251,7 @@ impl TestServer {
     /// Opens a watch on a challenge of tenant "a".
     pub async fn watch(&self, challenge_id: &str) -> tonic::Streaming<pb::Challenge> {
         self.challenges(KEY_A)
-            .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge_id.into() })
+            .watch_challenge(pb::WatchChallengeRequest { challenge_id: challenge_id.into(), ..Default::default() })
             .await
             .expect("watch")
             .into_inner()

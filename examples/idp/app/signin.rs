@@ -111,7 +111,7 @@ pub async fn challenge(State(idp): State<Idp>, lang: Lang, Path(id): Path<String
 /// last one final; the stream ends with the challenge.
 pub async fn challenge_events(State(idp): State<Idp>, lang: Lang, Path(id): Path<String>) -> Response {
     let mut challenges = idp.challenges.clone();
-    let stream = match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id }).await {
+    let stream = match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id, ..Default::default() }).await {
         Ok(response) => response.into_inner(),
         Err(status) => return call_failed(lang, &status),
     };
