@@ -107,11 +107,12 @@ pub async fn challenge(State(idp): State<Idp>, lang: Lang, Path(id): Path<String
     )
 }
 
-/// WatchChallenge as server-sent events: one `state` event per change, the
-/// last one final; the stream ends with the challenge.
+/// WatchChallenge as server-sent events: a `state` event for the current state,
+/// then one for the final state; the stream ends with the challenge. The page
+/// shows no delivery status, so the watch asks for the final state only.
 pub async fn challenge_events(State(idp): State<Idp>, lang: Lang, Path(id): Path<String>) -> Response {
     let mut challenges = idp.challenges.clone();
-    let stream = match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id, ..Default::default() }).await {
+    let stream = match challenges.watch_challenge(pb::WatchChallengeRequest { challenge_id: id, final_state_only: true }).await {
         Ok(response) => response.into_inner(),
         Err(status) => return call_failed(lang, &status),
     };
