@@ -56,6 +56,23 @@ fn bytes_in(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir).expect("read dir").map(|entry| entry.expect("entry").metadata().expect("metadata").len()).sum()
 }
 
+/// `count` users ("user0", "user1", ...) with one phone each, enrolled through the
+/// store; their device ids in that order.
+async fn enroll_users(store: &EmbeddedStore, tenant: &TenantId, count: usize, clock: &ManualClock) -> Vec<DeviceId> {
+    let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
+    let mut devices = Vec::new();
+    for n in 0..count {
+        let user = UserId::parse(&format!("user{n}")).expect("user");
+        let enrollment = crate::store::conformance::sample_enrollment(tenant, &user, clock.now());
+        let code = enrollment.code_digest.clone().expect("push enrollment");
+        store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert");
+        let device = crate::store::conformance::sample_device(tenant, &user, clock.now());
+        store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete");
+        devices.push(device.id);
+    }
+    devices
+}
+
 /// Sign-ins only touch devices; with nobody enrolling, those touch flushes are the
 /// only commits. redb frees replaced pages only at a durable commit, so flushes
 /// without one grew the file for as long as the broker ran.
@@ -65,17 +82,7 @@ async fn touching_devices_for_hours_does_not_grow_the_file() {
     let clock = ManualClock::starting_now();
     let tenant = TenantId("t".into());
     let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
-    let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
-    let mut devices = Vec::new();
-    for n in 0..200 {
-        let user = UserId::parse(&format!("user{n}")).expect("user");
-        let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
-        let code = enrollment.code_digest.clone().expect("push enrollment");
-        store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert");
-        let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
-        store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete");
-        devices.push(device.id);
-    }
+    let devices = enroll_users(&store, &tenant, 200, &clock).await;
     // Each flush writes the 20 devices touched since the last one, as 400 sign-ins
     // a second over a population do.
     let flush = |round: usize| {
@@ -110,18 +117,8 @@ async fn a_touch_writes_the_last_use_alone_and_a_removal_takes_it_away() {
     let dir = tempfile::tempdir().expect("tempdir");
     let clock = ManualClock::starting_now();
     let tenant = TenantId("t".into());
-    let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
-    let mut devices = Vec::new();
     let store = EmbeddedStore::open(dir.path(), Arc::new(clock.clone())).await.expect("open");
-    for n in 0..3 {
-        let user = UserId::parse(&format!("user{n}")).expect("user");
-        let enrollment = crate::store::conformance::sample_enrollment(&tenant, &user, clock.now());
-        let code = enrollment.code_digest.clone().expect("push enrollment");
-        store.insert_enrollment(enrollment, &limits, clock.now()).await.expect("insert");
-        let device = crate::store::conformance::sample_device(&tenant, &user, clock.now());
-        store.complete_enrollment(&code, device.clone(), &limits, clock.now()).await.expect("complete");
-        devices.push(device.id);
-    }
+    let devices = enroll_users(&store, &tenant, 3, &clock).await;
     let [kept, removed_after, removed_before] = [&devices[0], &devices[1], &devices[2]];
     clock.advance(Duration::from_secs(60));
     let used_at = clock.now();
