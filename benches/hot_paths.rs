@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths of a sign-in: number and id
 //! generation, the device signature checks, the APNs provider token, and the
-//! embedded store's create and resolve, the enrollment QR code. `cargo bench --bench hot_paths`.
+//! embedded store's create and resolve and a device's touch, the enrollment QR code. `cargo bench --bench hot_paths`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -15,9 +15,9 @@ use pushmatch::domain::device::{DevicePublicKey, KeyAlgorithm};
 use pushmatch::domain::ids::{ChallengeId, ChallengeNumber, DeviceId, TenantId, UserId};
 use pushmatch::domain::time::{Clock as _, ManualClock, Millis};
 use pushmatch::push::apns::ProviderTokens;
-use pushmatch::store::conformance::sample_challenge;
+use pushmatch::store::conformance::{sample_challenge, sample_device, sample_enrollment};
 use pushmatch::store::embedded::EmbeddedStore;
-use pushmatch::store::{AdmissionPolicy, Store};
+use pushmatch::store::{AdmissionPolicy, EnrollmentLimits, Store};
 
 fn ids_and_numbers(c: &mut Criterion) {
     c.bench_function("challenge number (OS random, rejection sampled)", |b| b.iter(ChallengeNumber::generate));
@@ -101,6 +101,25 @@ fn store(c: &mut Criterion) {
             });
         });
     });
+
+    // An answer's last use: a device enrolled through the store, touched.
+    let user_id = UserId::parse("touched").unwrap();
+    let enrolled = sample_device(&tenant, &user_id, clock.now());
+    let enrollment = sample_enrollment(&tenant, &user_id, clock.now());
+    let code = enrollment.code_digest.clone().unwrap();
+    let limits = EnrollmentLimits { max_devices: 10, max_open_enrollments: 5 };
+    runtime.block_on(async {
+        store.insert_enrollment(enrollment, &limits, clock.now()).await.unwrap();
+        store.complete_enrollment(&code, enrolled.clone(), &limits, clock.now()).await.unwrap();
+    });
+    let mut at = clock.now();
+    c.bench_function("embedded store: touch a device (an answer's last use)", |b| {
+        b.iter(|| {
+            at = at.plus(Duration::from_millis(1));
+            runtime.block_on(store.touch_device(&enrolled.id, at)).unwrap();
+        });
+    });
+    assert_eq!(runtime.block_on(store.get_device(&enrolled.id)).unwrap().unwrap().last_used_at, Some(at));
 }
 
 /// The enrollment QR code of a typical URI: the `qrcode` crate choosing its mask,

@@ -12,6 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::oneshot;
 
+use super::device_record::DeviceRecord;
 use super::writer::EnrollmentOp;
 use super::{BACKEND, Shared, UserKey, io_error};
 use crate::domain::device::{Device, KeyFingerprint};
@@ -56,10 +57,11 @@ pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
 /// The durable records, mirrored in memory.
 #[derive(Default)]
 pub(super) struct DurableMirror {
-    /// Each device as one postcard record (about 350 bytes, against some 700 as a
-    /// struct whose dozen strings and vectors are each an allocation of their own):
-    /// memory per enrolled phone is what a rollout to a whole company grows with.
-    devices: HashMap<DeviceId, Box<[u8]>>,
+    /// Each device as one record, its last use and then postcard ([`DeviceRecord`]:
+    /// about 360 bytes, against some 700 as a struct whose dozen strings and vectors
+    /// are each an allocation of their own): memory per enrolled phone is what a
+    /// rollout to a whole company grows with.
+    devices: HashMap<DeviceId, DeviceRecord>,
     user_devices: HashMap<UserKey, Vec<DeviceId>>,
     pub(super) enrollments: HashMap<EnrollmentId, Enrollment>,
     /// Each user's enrollments, so that counting a user's open ones (every
@@ -72,40 +74,37 @@ pub(super) struct DurableMirror {
     pub(super) totp_locks: HashMap<UserKey, Millis>,
 }
 
-/// A device as kept in the mirror.
-fn pack_device(device: &Device) -> Result<Box<[u8]>, StoreError> {
-    postcard::to_stdvec(device).map(Vec::into_boxed_slice).map_err(|e| StoreError::corrupt(BACKEND, e))
-}
-
-fn unpack_device(record: &[u8]) -> Option<Device> {
-    match postcard::from_bytes(record) {
-        Ok(device) => Some(device),
-        Err(error) => {
-            tracing::error!(%error, "a device in the mirror does not decode");
-            None
-        }
-    }
-}
-
 impl DurableMirror {
     /// The device `id`, decoded.
     pub(super) fn device(&self, id: &DeviceId) -> Option<Device> {
-        self.devices.get(id).and_then(|record| unpack_device(record))
+        self.devices.get(id).and_then(DeviceRecord::unpack)
+    }
+
+    /// The device's last use, without decoding the rest of it.
+    pub(super) fn last_used(&self, id: &DeviceId) -> Option<Millis> {
+        self.devices.get(id).and_then(DeviceRecord::last_used)
     }
 
     /// Every device, decoded (operators' commands).
     pub(super) fn all_devices(&self) -> impl Iterator<Item = Device> + '_ {
-        self.devices.values().filter_map(|record| unpack_device(record))
+        self.devices.values().filter_map(DeviceRecord::unpack)
     }
 
     fn put_device(&mut self, device: Device) {
-        let record = match pack_device(&device) {
+        let mut record = match DeviceRecord::pack(&device) {
             Ok(record) => record,
             Err(error) => {
                 tracing::error!(%error, "a device could not be encoded for the mirror");
                 return;
             }
         };
+        // A device read before an answer touched it and written after (a token
+        // update, say) keeps the answer's last use.
+        if let Some(known) = self.last_used(&device.id)
+            && device.last_used_at.is_none_or(|at| at < known)
+        {
+            record.set_last_used(known);
+        }
         let ids = self.user_devices.entry((device.tenant.clone(), device.user_id.clone())).or_default();
         if !ids.contains(&device.id) {
             ids.push(device.id.clone());
@@ -119,14 +118,8 @@ impl DurableMirror {
     /// Takes a last use from `DEVICE_LAST_USED` when it is later than the record's.
     fn used(&mut self, id: &DeviceId, at: Millis) {
         let Some(record) = self.devices.get_mut(id) else { return };
-        let Some(mut device) = unpack_device(record) else { return };
-        if device.last_used_at.is_some_and(|known| known >= at) {
-            return;
-        }
-        device.last_used_at = Some(at);
-        match pack_device(&device) {
-            Ok(packed) => *record = packed,
-            Err(error) => tracing::error!(%error, "a device could not be encoded for the mirror"),
+        if record.last_used().is_none_or(|known| known < at) {
+            record.set_last_used(at);
         }
     }
 
@@ -179,7 +172,7 @@ impl DurableMirror {
     }
 
     fn remove_device(&mut self, id: &DeviceId) {
-        if let Some(device) = self.devices.remove(id).and_then(|record| unpack_device(&record)) {
+        if let Some(device) = self.devices.remove(id).and_then(|record| record.unpack()) {
             if let Some(fingerprint) = device.public_key.as_ref().and_then(|key| key.fingerprint().ok()) {
                 self.keys.remove(&fingerprint);
             }
@@ -516,11 +509,8 @@ impl Shared {
     /// disk write for it. A crash can lose the last few seconds of `last_used_at`.
     pub(super) fn touch_device(&self, id: &DeviceId, now: Millis) -> Result<(), StoreError> {
         let mut mirror = self.durable_mut();
-        if let Some(record) = mirror.devices.get_mut(id)
-            && let Some(mut device) = unpack_device(record)
-        {
-            device.last_used_at = Some(now);
-            *record = pack_device(&device)?;
+        if let Some(record) = mirror.devices.get_mut(id) {
+            record.set_last_used(now);
             self.touched.lock().insert(id.clone());
         }
         Ok(())

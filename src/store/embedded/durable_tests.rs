@@ -156,3 +156,24 @@ async fn a_touch_writes_the_last_use_alone_and_a_removal_takes_it_away() {
     assert_eq!(reopened.get_device(removed_after).await.expect("get"), None);
     assert_eq!(reopened.get_device(removed_before).await.expect("get"), None);
 }
+
+#[test]
+fn a_device_written_after_an_answer_touched_it_keeps_the_answer_s_last_use() {
+    let tenant = TenantId("t".into());
+    let user = UserId::parse("jan").expect("user");
+    let mut device = crate::store::conformance::sample_device(&tenant, &user, Millis(1_000));
+    device.last_used_at = Some(Millis(2_000));
+    let mut mirror = DurableMirror::default();
+    mirror.put_device(device.clone());
+    // An answer touches the device while a token update, which read it before,
+    // waits for its commit; then the update's copy is applied.
+    mirror.devices.get_mut(&device.id).expect("record").set_last_used(Millis(5_000));
+    device.push_token = "a-new-token".into();
+    mirror.put_device(device.clone());
+    let stored = mirror.device(&device.id).expect("device");
+    assert_eq!((stored.last_used_at, stored.push_token.as_str()), (Some(Millis(5_000)), "a-new-token"));
+    // A write that carries a later use than the mirror's keeps its own.
+    device.last_used_at = Some(Millis(9_000));
+    mirror.put_device(device.clone());
+    assert_eq!(mirror.last_used(&device.id), Some(Millis(9_000)));
+}

@@ -44,6 +44,7 @@
 //! (enrollments decided and committed in groups by `writer.rs`), `purge_tenant` in
 //! `purge.rs`.
 
+mod device_record;
 mod durable;
 mod finished;
 mod limits;

@@ -49,12 +49,7 @@ impl Shared {
         // left out here, and none goes between this read and the commit.
         let writes: Vec<DurableWrite> = {
             let mirror = self.durable();
-            touched
-                .iter()
-                .filter_map(|id| {
-                    mirror.device(id).and_then(|device| device.last_used_at).map(|at| DurableWrite::DeviceUsed(id.clone(), at))
-                })
-                .collect()
+            touched.iter().filter_map(|id| mirror.last_used(id).map(|at| DurableWrite::DeviceUsed(id.clone(), at))).collect()
         };
         let written = self.commit(writes, Durability::Immediate).await;
         if written.is_err() {
