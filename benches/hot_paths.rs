@@ -1,6 +1,6 @@
 //! Criterion micro-benchmarks of the hot paths of a sign-in: number and id
 //! generation, the device signature checks, the APNs provider token, and the
-//! embedded store's create and resolve and a device's touch, the enrollment QR code. `cargo bench --bench hot_paths`.
+//! embedded store's create and resolve and a device's touch and read, the enrollment QR code. `cargo bench --bench hot_paths`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -120,6 +120,9 @@ fn store(c: &mut Criterion) {
         });
     });
     assert_eq!(runtime.block_on(store.get_device(&enrolled.id)).unwrap().unwrap().last_used_at, Some(at));
+    c.bench_function("embedded store: read a device (each answer and each create does)", |b| {
+        b.iter(|| runtime.block_on(store.get_device(&enrolled.id)).unwrap().unwrap());
+    });
 }
 
 /// The enrollment QR code of a typical URI: the `qrcode` crate choosing its mask,

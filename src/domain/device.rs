@@ -239,17 +239,46 @@ impl DeviceProof {
     }
 }
 
-/// Serde helper: byte strings as hex in the stores' JSON.
+/// Serde helper: byte strings as hex in the stores' JSON, as bytes in a compact
+/// format (the embedded store's in-memory postcard records, rebuilt from the file
+/// at each start), where hex took twice the room and a string to decode on every
+/// read of a device.
 mod hex_bytes {
+    use serde::de::{Error, Visitor};
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&hex::encode(bytes))
+        if serializer.is_human_readable() {
+            serializer.serialize_str(&hex::encode(bytes))
+        } else {
+            serializer.serialize_bytes(bytes)
+        }
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        hex::decode(text).map_err(serde::de::Error::custom)
+        if !deserializer.is_human_readable() {
+            return deserializer.deserialize_byte_buf(Bytes);
+        }
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        hex::decode(text.as_bytes()).map_err(Error::custom)
+    }
+
+    struct Bytes;
+
+    impl Visitor<'_> for Bytes {
+        type Value = Vec<u8>;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+            formatter.write_str("a byte string")
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Vec<u8>, E> {
+            Ok(bytes.to_vec())
+        }
+
+        fn visit_byte_buf<E: Error>(self, bytes: Vec<u8>) -> Result<Vec<u8>, E> {
+            Ok(bytes)
+        }
     }
 }
 
@@ -281,6 +310,22 @@ mod tests {
 
     const NOW: Millis = Millis(1_700_000_000_000);
     const SKEW: Duration = Duration::from_secs(300);
+
+    #[test]
+    fn a_key_is_hex_in_json_and_bytes_in_postcard_and_comes_back_from_both() {
+        let signing = ed25519_dalek::SigningKey::generate(&mut OsRng);
+        let raw = signing.verifying_key().to_bytes().to_vec();
+        let device = device_with(DevicePublicKey::new(KeyAlgorithm::Ed25519, raw.clone()).expect("key"));
+
+        let json = serde_json::to_value(&device).expect("json");
+        assert_eq!(json["public_key"]["bytes"], hex::encode(&raw), "the stores' JSON keeps hex");
+        assert_eq!(serde_json::from_value::<Device>(json).expect("from json"), device);
+
+        let packed = postcard::to_stdvec(&device).expect("postcard");
+        assert!(packed.windows(raw.len()).any(|w| w == raw.as_slice()), "postcard holds the raw bytes");
+        assert!(!packed.windows(8).any(|w| w == &hex::encode(&raw).as_bytes()[..8]), "and not their hex");
+        assert_eq!(postcard::from_bytes::<Device>(&packed).expect("from postcard"), device);
+    }
 
     #[test]
     fn p256_keys_in_every_encoding_and_both_signature_forms_verify() {

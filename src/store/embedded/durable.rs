@@ -58,7 +58,7 @@ pub(super) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError>
 #[derive(Default)]
 pub(super) struct DurableMirror {
     /// Each device as one record, its last use and then postcard ([`DeviceRecord`]:
-    /// about 360 bytes, against some 700 as a struct whose dozen strings and vectors
+    /// a few hundred bytes, against some 700 as a struct whose dozen strings and vectors
     /// are each an allocation of their own): memory per enrolled phone is what a
     /// rollout to a whole company grows with.
     devices: HashMap<DeviceId, DeviceRecord>,
