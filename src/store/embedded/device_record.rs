@@ -54,6 +54,13 @@ impl DeviceRecord {
             *front = at.0.to_le_bytes();
         }
     }
+
+    /// Sets the last use to `at` unless the record holds a later one.
+    pub(super) fn keep_later(&mut self, at: Millis) {
+        if self.last_used().is_none_or(|known| known < at) {
+            self.set_last_used(at);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -100,10 +100,8 @@ impl DurableMirror {
         };
         // A device read before an answer touched it and written after (a token
         // update, say) keeps the answer's last use.
-        if let Some(known) = self.last_used(&device.id)
-            && device.last_used_at.is_none_or(|at| at < known)
-        {
-            record.set_last_used(known);
+        if let Some(known) = self.last_used(&device.id) {
+            record.keep_later(known);
         }
         let ids = self.user_devices.entry((device.tenant.clone(), device.user_id.clone())).or_default();
         if !ids.contains(&device.id) {
@@ -117,9 +115,8 @@ impl DurableMirror {
 
     /// Takes a last use from `DEVICE_LAST_USED` when it is later than the record's.
     fn used(&mut self, id: &DeviceId, at: Millis) {
-        let Some(record) = self.devices.get_mut(id) else { return };
-        if record.last_used().is_none_or(|known| known < at) {
-            record.set_last_used(at);
+        if let Some(record) = self.devices.get_mut(id) {
+            record.keep_later(at);
         }
     }
 
