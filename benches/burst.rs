@@ -143,6 +143,15 @@ struct Args {
     /// 1 = the current-thread scheduler; N = N workers.
     #[arg(long, value_name = "N", default_value_t = 0)]
     broker_threads: u16,
+    /// HTTP/2 connections the IdPs open to the broker, and as many again for the
+    /// phones: fewer connections carry more streams each, whose frames can then
+    /// share a write.
+    #[arg(long, value_name = "N", default_value_t = 32)]
+    connections: usize,
+    /// The brokers' `[log] level` (default "error": nothing per call; "info" is the
+    /// shipped default, under which every call opens its spans).
+    #[arg(long = "broker-log-level", value_name = "FILTER")]
+    broker_log_level: Option<String>,
     /// The broker on CPU 0 and this process (IdPs, phones, mock providers, Redis) on CPU 1, with taskset; needs 2 CPUs.
     #[arg(long)]
     pin: bool,
@@ -1136,13 +1145,16 @@ async fn main() {
     if args.broker_threads > 0 {
         broker_env.push(("PUSHMATCH_SERVER__WORKER_THREADS".into(), args.broker_threads.to_string()));
     }
+    if let Some(level) = &args.broker_log_level {
+        broker_env.push(("PUSHMATCH_LOG__LEVEL".into(), level.clone()));
+    }
     let mut brokers = vec![start_broker(dir.path(), 0, &args.store, &redis_url, &providers, &broker_env).await];
     if args.store == "redis" {
         brokers.push(start_broker(dir.path(), 1, &args.store, &redis_url, &providers, &broker_env).await);
     }
     // The IdP talks to the first replica; phones to the last (the other one with Redis).
-    let idp = channels(&brokers[0].addr, 32).await;
-    let phones = channels(&brokers[brokers.len() - 1].addr, 32).await;
+    let idp = channels(&brokers[0].addr, args.connections.max(1)).await;
+    let phones = channels(&brokers[brokers.len() - 1].addr, args.connections.max(1)).await;
 
     // The enrolling broker's RSS and CPU before and after: the cost of an enrolled phone.
     let rss_kb = |broker: &Broker| proc_status_kb(broker.child.id().unwrap_or(0), "VmRSS");
@@ -1242,6 +1254,7 @@ async fn main() {
     };
     cost.write(&mut json);
     json.insert("pinned".into(), args.pin.into());
+    json.insert("connections".into(), args.connections.into());
     json.insert("store".into(), args.store.clone().into());
     json.insert("replicas".into(), brokers.len().into());
     json.insert("users".into(), args.users.into());

@@ -112,14 +112,17 @@ fn store(c: &mut Criterion) {
         store.insert_enrollment(enrollment, &limits, clock.now()).await.unwrap();
         store.complete_enrollment(&code, enrolled.clone(), &limits, clock.now()).await.unwrap();
     });
-    let mut at = clock.now();
+    // The touch the bench repeats lands (checked before it, so that a filter that
+    // skips the bench skips nothing else).
+    let mut at = clock.now().plus(Duration::from_millis(1));
+    runtime.block_on(store.touch_device(&enrolled.id, at)).unwrap();
+    assert_eq!(runtime.block_on(store.get_device(&enrolled.id)).unwrap().unwrap().last_used_at, Some(at));
     c.bench_function("embedded store: touch a device (an answer's last use)", |b| {
         b.iter(|| {
             at = at.plus(Duration::from_millis(1));
             runtime.block_on(store.touch_device(&enrolled.id, at)).unwrap();
         });
     });
-    assert_eq!(runtime.block_on(store.get_device(&enrolled.id)).unwrap().unwrap().last_used_at, Some(at));
     c.bench_function("embedded store: read a device (each answer and each create does)", |b| {
         b.iter(|| runtime.block_on(store.get_device(&enrolled.id)).unwrap().unwrap());
     });
