@@ -1,6 +1,8 @@
 //! Criterion micro-benchmarks of the hot paths of a sign-in: number and id
 //! generation, the device signature checks, the APNs provider token, and the
-//! embedded store's create and resolve and a device's touch and read, the enrollment QR code. `cargo bench --bench hot_paths`.
+//! embedded store's create and resolve and a device's touch and read, the enrollment QR code,
+//! and one call through the gRPC telemetry layer under the shipped `info` log level.
+//! `cargo bench --bench hot_paths`.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
@@ -18,6 +20,7 @@ use pushmatch::push::apns::ProviderTokens;
 use pushmatch::store::conformance::{sample_challenge, sample_device, sample_enrollment};
 use pushmatch::store::embedded::EmbeddedStore;
 use pushmatch::store::{AdmissionPolicy, EnrollmentLimits, Store};
+use pushmatch::telemetry::grpc::GrpcTelemetryLayer;
 
 fn ids_and_numbers(c: &mut Criterion) {
     c.bench_function("challenge number (OS random, rejection sampled)", |b| b.iter(ChallengeNumber::generate));
@@ -145,5 +148,51 @@ fn enrollment_qr(c: &mut Criterion) {
     c.bench_function("enrollment QR: the PNG (qr_png)", |b| b.iter(|| pushmatch::domain::enrollment::qr_png(&uri).expect("png")));
 }
 
-criterion_group!(benches, ids_and_numbers, signatures, apns_token, store, enrollment_qr);
+/// One RespondToChallenge-shaped call through [`GrpcTelemetryLayer`] with the logs at
+/// `info` (written to a sink): the handler opens its span and logs the resolution,
+/// as the broker's does, and the response body ends with its status trailers. With
+/// the call's `grpc` span (as when spans are exported) and without it (the default).
+fn grpc_telemetry(c: &mut Criterion) {
+    use http_body_util::BodyExt as _;
+    use tower::{Layer as _, Service as _};
+
+    let subscriber = tracing_subscriber::fmt().with_writer(std::io::sink).with_max_level(tracing::Level::INFO).finish();
+    tracing::subscriber::with_default(subscriber, || {
+        for (name, spans) in [
+            ("gRPC telemetry: a call, logs at info, with its grpc span (spans exported)", true),
+            ("gRPC telemetry: a call, logs at info, without it (no exporter)", false),
+        ] {
+            let handler = tower::service_fn(|_: http::Request<()>| async {
+                let _span = tracing::info_span!(
+                    "respond",
+                    device_id = "dv_e3a33135949d52dd5d7af4779a2dcc8f",
+                    challenge_id = "ch_ba3e0cb08a9571be75959f72afed49ff"
+                )
+                .entered();
+                tracing::info!(state = "Approved", "challenge resolved");
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let frames = [
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(b"\0\0\0\0\x02\x08\x01"))),
+                    Ok(http_body::Frame::trailers(trailers)),
+                ];
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::StreamBody::new(futures::stream::iter(
+                    frames,
+                ))))
+            });
+            let mut service = GrpcTelemetryLayer::new(spans).layer(handler);
+            c.bench_function(name, |b| {
+                b.iter(|| {
+                    let request =
+                        http::Request::builder().uri("/pushmatch.v1.DeviceService/RespondToChallenge").body(()).unwrap();
+                    futures::executor::block_on(async {
+                        service.call(request).await.unwrap().into_body().collect().await.unwrap()
+                    })
+                })
+            });
+        }
+    });
+}
+
+criterion_group!(benches, ids_and_numbers, signatures, apns_token, store, enrollment_qr, grpc_telemetry);
 criterion_main!(benches);

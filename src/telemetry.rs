@@ -4,15 +4,19 @@
 //! source: handlers log ids and outcomes, never requests; secret types redact their
 //! `Debug`; tokens go through `crate::push::redact_token`.
 //!
-//! Traces: every gRPC call opens a `grpc` span ([`grpc::GrpcTelemetryLayer`]); the
-//! broker's spans (`create_challenge`, `respond`, ...) nest in it, and each push
-//! (`push` in the dispatcher) is a child of the call that created its challenge. With
-//! the `otlp` cargo feature and `[tracing] otlp_endpoint` set, spans are exported over
-//! OTLP/gRPC and the caller's W3C `traceparent` becomes the parent of the call's span.
+//! Traces: the broker's spans (`create_challenge`, `respond`, ...) give log lines
+//! their context, and each push (`push` in the dispatcher) is a child of the call
+//! that created its challenge. With the `otlp` cargo feature and `[tracing]
+//! otlp_endpoint` set, spans are exported over OTLP/gRPC, every gRPC call opens a
+//! `grpc` span ([`grpc::GrpcTelemetryLayer`]) in which the broker's nest, and the
+//! caller's W3C `traceparent` becomes that span's parent. Without an exporter the
+//! `grpc` span is not made ([`spans_exported`]).
 //!
 //! Metrics: [`metrics`] (the catalogue of names and the recorder) and [`grpc`] (per
 //! call); the store's latency and errors are measured by `crate::store::metered`,
 //! and the `/metrics` endpoint is served by `crate::server::ops`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tracing_subscriber::EnvFilter;
 #[cfg(feature = "otlp")]
@@ -73,10 +77,25 @@ pub enum TelemetryError {
     Otlp(String),
 }
 
+/// Set once an OTLP exporter is installed as part of the global subscriber.
+static SPANS_EXPORTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans leave the process (an OTLP exporter is installed): the servers
+/// built after [`init_with_traces`] open a `grpc` span per call only then.
+pub fn spans_exported() -> bool {
+    SPANS_EXPORTED.load(Ordering::Relaxed)
+}
+
+/// Text logs are coloured only on a terminal: a file, a pipe or journald would
+/// otherwise keep the escape codes in every line.
+fn colours() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stderr())
+}
+
 /// Installs the global subscriber; a second call is a no-op.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colours());
     let _already_set = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
@@ -114,12 +133,15 @@ pub fn init_with_traces(log: &LogConfig, traces: &TracingConfig) -> Result<Trace
     {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&log.level));
         let (provider, layer) = otlp::layer(traces)?;
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(colours());
         let registry = tracing_subscriber::registry().with(filter).with(layer);
-        let _already_set = match log.format {
+        let installed = match log.format {
             LogFormat::Json => registry.with(fmt.json().flatten_event(true)).try_init(),
             LogFormat::Text => registry.with(fmt).try_init(),
         };
+        if installed.is_ok() {
+            SPANS_EXPORTED.store(true, Ordering::Relaxed);
+        }
         Ok(TraceGuard { provider: Some(provider) })
     }
     #[cfg(not(feature = "otlp"))]

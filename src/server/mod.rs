@@ -354,7 +354,7 @@ fn serve_grpc(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tcp_nodelay(true)
-        .layer(GrpcTelemetryLayer)
+        .layer(GrpcTelemetryLayer::new(crate::telemetry::spans_exported()))
         .layer(drain.layer())
         .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(health)))
