@@ -52,6 +52,28 @@ api_key_sha256 = ["{key}"]
     )
 }
 
+/// Writes `config` to `dir/pushmatch.toml` and starts `pushmatch serve` on it, its
+/// stderr (the log) piped.
+pub fn serve(dir: &Path, config: &str) -> Child {
+    let path: PathBuf = dir.join("pushmatch.toml");
+    std::fs::write(&path, config).expect("write the config file");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_pushmatch"));
+    // Only the file configures it: none of the caller's PUSHMATCH_* variables (CI
+    // sets PUSHMATCH_BROWSER_TEST, which `serve` refuses as an unknown setting).
+    for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")) {
+        command.env_remove(key);
+    }
+    command
+        .args(["serve", "--config"])
+        .arg(&path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the pushmatch binary")
+}
+
 pub struct BrokerProcess {
     child: Child,
     pub addr: SocketAddr,
@@ -64,23 +86,7 @@ impl BrokerProcess {
     /// Writes `config` to `dir/pushmatch.toml`, starts the binary on it, and waits
     /// for its "serving gRPC" line.
     pub async fn start(dir: &Path, config: &str) -> Self {
-        let path: PathBuf = dir.join("pushmatch.toml");
-        std::fs::write(&path, config).expect("write the config file");
-        let mut command = Command::new(env!("CARGO_BIN_EXE_pushmatch"));
-        // Only the file configures it: none of the caller's PUSHMATCH_* variables (CI
-        // sets PUSHMATCH_BROWSER_TEST, which `serve` refuses as an unknown setting).
-        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("PUSHMATCH_")) {
-            command.env_remove(key);
-        }
-        let mut child = command
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the pushmatch binary");
+        let mut child = serve(dir, config);
         let (record, logs) = watch::channel(Vec::new());
         let mut lines = BufReader::new(child.stderr.take().expect("piped stderr")).lines();
         tokio::spawn(async move {
