@@ -128,7 +128,7 @@ pub fn register_series() {
     metrics::gauge!(names::WATCH_STREAMS_OPEN).increment(0.0);
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct GrpcTelemetryLayer {
     spans: bool,
 }
